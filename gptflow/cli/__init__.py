@@ -1,0 +1,54 @@
+"""The `gptflow` console command: one verb per Prefect flow (litgpt-style).
+
+Each verb lives in a module of this package with a `register(subparsers)` function that adds its
+parser and sets `handler`. Flows are imported inside handlers, so `gptflow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+VERB_MODULES = [
+    "gptflow.cli.data",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptflow",
+        description="Data-to-deployment pipeline for GPT-style language models (Prefect flows).",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in VERB_MODULES:
+        importlib.import_module(name).register(verbs)
+    return parser
+
+
+def _prepare_environment() -> None:
+    """Prefect reads its settings at import: keep its state local and analytics off unless set."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gptflow.errors import GptflowError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _prepare_environment()
+    try:
+        result = args.handler(args)
+    except GptflowError as exc:
+        print(f"gptflow {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Atomic writes, hashing and stage manifests: nothing half-written is ever visible under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def code_version() -> str:
+    """The git commit of the checkout (with a -dirty suffix), or the package version outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from gptflow import __version__
+
+        return __version__
+
+
+def write_manifest(
+    stage_dir: str | Path,
+    *,
+    stage: str,
+    inputs: dict[str, str],
+    config: dict[str, Any],
+    outputs: list[str],
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Record what made a stage folder: input hashes, config, code version, output hashes, metrics."""
+    stage_dir = Path(stage_dir)
+    manifest = {
+        "stage": stage,
+        "inputs": inputs,
+        "config": config,
+        "fingerprint": stage_fingerprint(inputs, config),
+        "code_version": code_version(),
+        "outputs": {name: sha256_file(stage_dir / name) for name in outputs},
+        "metrics": metrics or {},
+    }
+    return write_json_atomic(stage_dir / MANIFEST_NAME, manifest)
+
+
+def stage_fingerprint(inputs: dict[str, str], config: dict[str, Any]) -> str:
+    return sha256_json({"inputs": inputs, "config": config})
+
+
+def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: dict[str, Any]) -> dict | None:
+    """The stage's manifest if it was made from these inputs and config and its outputs are intact."""
+    path = Path(stage_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("fingerprint") != stage_fingerprint(inputs, config):
+        return None
+    for name, digest in manifest.get("outputs", {}).items():
+        out = Path(stage_dir) / name
+        if not out.is_file() or sha256_file(out) != digest:
+            return None
+    return manifest

@@ -1,0 +1,67 @@
+"""Shared fixtures: an isolated outputs root, the offline mirror, the tokenizer and a Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from gptflow.settings import Settings, get_settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def mirror_root() -> Path:
+    """The offline mirror: GPTFLOW_MIRROR, else ../shared/mirror beside the checkout."""
+    configured = os.environ.get("GPTFLOW_MIRROR")
+    path = Path(configured) if configured else REPO_ROOT.parent / "shared" / "mirror"
+    if not path.is_dir():
+        pytest.fail(f"the tests read public inputs from the offline mirror; {path} does not exist "
+                    "(set GPTFLOW_MIRROR)")
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    return mirror_root()
+
+
+@pytest.fixture
+def settings(tmp_path, mirror, monkeypatch) -> Settings:
+    """Settings with a fresh outputs root under tmp_path and the mirror on; also set in the environment."""
+    home = tmp_path / "outputs"
+    monkeypatch.setenv("GPTFLOW_HOME", str(home))
+    monkeypatch.setenv("GPTFLOW_MIRROR", str(mirror))
+    get_settings.cache_clear()
+    yield load_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(mirror):
+    from gptflow.tokenizer import get_tokenizer
+
+    return get_tokenizer(load_settings(mirror=mirror))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any attempt to open a network connection (loopback included)."""
+
+    def refuse(self, address, *args, **kwargs):
+        raise AssertionError(f"network connection attempted to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, a[0] if a else None))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One ephemeral Prefect API for the whole session (its cold start is slow: generous timeout)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
