@@ -1,0 +1,1 @@
+"""Plain Python: metrics, the Ollama judge, reports and plots. Never imports Prefect."""

@@ -1,0 +1,38 @@
+"""Publishing results to the Prefect UI: tables, markdown, plots and links.
+
+Artifact keys must be lowercase letters, digits and dashes; `artifact_key` makes any name fit.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+
+def artifact_key(*parts: str) -> str:
+    key = "-".join(p for p in parts if p)
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", key.lower())).strip("-")[:100]
+
+
+def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    create_table_artifact(table=rows, key=artifact_key(key), description=description)
+
+
+def publish_markdown(markdown: str, key: str, description: str) -> None:
+    create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
+
+
+def publish_link(path: str | Path, key: str, description: str) -> None:
+    path = Path(path).resolve()
+    create_link_artifact(link=path.as_uri(), link_text=str(path), key=artifact_key(key), description=description)
+
+
+def publish_plot(png: str | Path, key: str, description: str) -> None:
+    """A PNG shown inline in the run's artifacts (markdown with an embedded data URL)."""
+    encoded = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    markdown = f"### {description}\n\n![{Path(png).name}](data:image/png;base64,{encoded})\n\n`{png}`\n"
+    create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
