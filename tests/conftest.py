@@ -65,3 +65,12 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture
+def fake_ollama():
+    """A loopback Ollama API with scripted replies and fault modes (tests/fake_ollama.py)."""
+    from fake_ollama import FakeOllama
+
+    with FakeOllama() as server:
+        yield server

@@ -13,6 +13,8 @@ import sys
 
 VERB_MODULES = [
     "gptflow.cli.data",
+    "gptflow.cli.evaluate",
+    "gptflow.cli.model",
 ]
 
 

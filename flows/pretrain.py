@@ -1,0 +1,33 @@
+"""Pretraining flow: make sure the corpus token files exist, then train a preset on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from gptflow.settings import get_settings
+from model.pretrain import PretrainConfig
+from tasks.pretrain import convert_weights, train_model
+
+
+@flow(name="pretrain")
+def pretrain_flow(corpus: str = "tinyshakespeare", config: PretrainConfig = PretrainConfig(),
+                  out_dir: str | None = None, resume: bool = True) -> dict:
+    """`corpus`: a corpus name or text file (tokenized by the data flow first, reused if done) or a folder
+    that already holds train.bin/val.bin. Outputs go to `<home>/pretrain/<corpus>-<preset>` by default."""
+    if (Path(corpus) / "train.bin").is_file():
+        data_dir, name = corpus, Path(corpus).name
+    else:
+        from flows.data import prepare_corpus
+
+        data = prepare_corpus(corpus)
+        data_dir, name = data["out_dir"], data["report"]["name"]
+    out = out_dir or str(get_settings().stage_dir("pretrain") / f"{name}-{config.preset}")
+    return train_model(data_dir, out, config, resume)
+
+
+@flow(name="load-gpt2")
+def load_gpt2_flow(name_or_path: str = "gpt2-small") -> dict:
+    """Public GPT-2 weights (Hugging Face safetensors) -> a gptflow checkpoint under `<home>/models/`."""
+    return convert_weights(name_or_path)

@@ -1,0 +1,140 @@
+"""`gptflow pretrain`, `gptflow load-gpt2 NAME|PATH` and `gptflow generate PROMPT --model PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "pretrain", help="pretrain a GPT preset on a corpus (checkpoints, resume, loss curve)",
+        description="Tokenize the corpus if needed (data stage), then pretrain. Rerunning the same command "
+        "resumes from the last checkpoint; a finished run is reused.",
+    )
+    p.add_argument("--corpus", default="tinyshakespeare",
+                   help="the-verdict, tinyshakespeare, a UTF-8 text file, or a folder with train.bin/val.bin")
+    p.add_argument("--preset", default=None, help="model preset (default mini; see --list-presets)")
+    p.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--sampling", choices=["random", "strided"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="train in fp32")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/pretrain/<corpus>-<preset>)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
+    p.set_defaults(handler=run_pretrain)
+
+    p = verbs.add_parser("load-gpt2", help="convert public GPT-2 weights to a gptflow checkpoint",
+                         description="NAME: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (downloaded from Hugging "
+                         "Face, or read from GPTFLOW_MIRROR); PATH: a model.safetensors or a folder holding one.")
+    p.add_argument("source", metavar="NAME|PATH")
+    p.set_defaults(handler=run_load_gpt2)
+
+    p = verbs.add_parser("generate", help="continue a prompt with a trained model",
+                         description="Greedy by default; --temperature > 0 samples (with --top-k/--top-p).")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--model", required=True,
+                   help="a gptflow checkpoint (.pt, or a folder with model.pt), a GPT-2 preset or a .safetensors")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute without a KV cache")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(handler=run_generate)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from model.config import PRESETS, ModelConfigError
+    from model.pretrain import PretrainConfig, PretrainError
+
+    if args.list_presets:
+        for name, cfg in PRESETS.items():
+            print(f"{name:12s} emb {cfg.emb_dim:5d}  layers {cfg.n_layers:3d}  heads {cfg.n_heads:3d}  "
+                  f"context {cfg.context_length:5d}  params {cfg.n_params() / 1e6:7.1f}M")
+        return 0
+    fields = ["preset", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "context_length", "dropout",
+              "sampling", "seed", "eval_every", "checkpoint_every", "threads", "bf16", "compile"]
+    values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    try:
+        config = PretrainConfig(**values)
+        config.model_config_for()  # unknown preset / bad shape: fail before any flow starts
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise PretrainError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    except ModelConfigError as exc:
+        raise PretrainError(f"--preset: {exc}") from None
+
+    from flows.pretrain import pretrain_flow
+
+    out = pretrain_flow(args.corpus, config, out_dir=args.out, resume=args.resume)
+    m = out["metrics"]
+    print(f"{'reused' if out['reused'] else 'trained'} {config.preset}: {m['steps']} steps, "
+          f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})")
+    print(f"model: {out['model']}")
+    print(f"checkpoint: {out['checkpoint']}")
+    print(f"loss curve: {Path(out['out_dir']) / 'loss_curve.png'}")
+    return 0
+
+
+def run_load_gpt2(args: argparse.Namespace) -> int:
+    from model.weights import resolve_weights
+
+    resolve_weights(args.source)  # bad name/path or missing mirror file: one-line error before the flow
+
+    from flows.pretrain import load_gpt2_flow
+
+    out = load_gpt2_flow(args.source)
+    print(f"{'reused' if out['reused'] else 'converted'} {args.source}")
+    print(f"model: {out['model']}")
+    return 0
+
+
+def load_any_model(spec: str):
+    """A gptflow checkpoint (file or folder with model.pt), else GPT-2 weights (preset or safetensors)."""
+    from model.checkpoint import load_model
+    from model.weights import load_gpt2
+
+    path = Path(spec)
+    if path.is_dir() and (path / "model.pt").is_file():
+        path = path / "model.pt"
+    if path.is_file() and path.suffix != ".safetensors":
+        return load_model(path)[0]
+    return load_gpt2(spec)[0]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
+    from model.generate import generate
+    from model.training import set_threads
+
+    set_threads(args.threads)
+    model = load_any_model(args.model).eval()
+    tok = get_tokenizer()
+    ids = encode(tok, args.prompt) or [EOT_ID]
+    try:
+        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_id=EOT_ID, seed=args.seed, use_cache=args.use_cache)
+    except ValueError as exc:
+        from gptflow.errors import GptflowError
+
+        raise GptflowError(str(exc)) from None
+    new = [t for t in out[0, len(ids):].tolist() if t != EOT_ID]
+    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    return 0

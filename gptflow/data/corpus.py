@@ -1,0 +1,113 @@
+"""A text corpus -> GPT-2 token ids in `uint16` `train.bin` / `val.bin` (nanoGPT layout).
+
+Read them with `numpy.memmap(path, dtype=numpy.uint16, mode="r")`; `meta.json` holds the counts and the
+source hash. The split is by token position: the first 90% train, the rest validation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from gptflow.data.common import DataError, StageResult, floor_count
+from gptflow.data.config import CorpusConfig
+from gptflow.download import fetch_source
+from gptflow.settings import Settings, get_settings
+from gptflow.storage import atomic_path, completed_manifest, sha256_file, write_json_atomic, write_manifest
+from gptflow.tokenizer import VOCAB_SIZE, encode, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+STAGE = "data-corpus"
+NAMED = ("the-verdict", "tinyshakespeare")  # registered download sources
+DTYPE = np.uint16  # 50257 ids fit in 16 bits
+OUTPUTS = ["train.bin", "val.bin", "meta.json"]
+
+
+class CorpusError(DataError):
+    """A corpus name is unknown, or its file is missing, empty or not UTF-8 text."""
+
+
+def resolve_corpus(name_or_path: str, settings: Settings) -> tuple[str, Path]:
+    """(name, file): a registered corpus (fetched) or a text file (named `<stem>-<sha8>`)."""
+    if name_or_path in NAMED:
+        return name_or_path, fetch_source(name_or_path, settings)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise CorpusError(
+            f"{name_or_path}: not a known corpus ({', '.join(NAMED)}) nor an existing text file"
+        )
+    return f"{path.stem}-{sha256_file(path)[:8]}", path
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it to UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+        ) from None
+    if not text.strip():
+        raise CorpusError(f"{path}: the file is empty (expected text to pretrain on)")
+    return text
+
+
+def _write_tokens(tokens: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tokens.tofile(tmp)
+
+
+def prepare_corpus(
+    name_or_path: str, config: CorpusConfig | None = None, settings: Settings | None = None
+) -> StageResult:
+    """Tokenize a corpus into `<home>/data/corpus/<name>/{train,val}.bin` + `meta.json`."""
+    config = config or CorpusConfig()
+    settings = settings or get_settings()
+    name, path = resolve_corpus(name_or_path, settings)
+    out_dir = settings.home / "data" / "corpus" / name
+    digest = sha256_file(path)
+    inputs, config_dict = {path.name: digest}, config.model_dump(mode="json") | {"tokenizer": "gpt2"}
+    if completed_manifest(out_dir, inputs, config_dict):
+        log.info("%s: reusing %s (same inputs and config)", STAGE, out_dir)
+        return StageResult.from_folder(out_dir, "meta.json")
+
+    text = read_text(path)
+    tokens = np.array(encode(get_tokenizer(settings), text), dtype=DTYPE)
+    n_train = floor_count(len(tokens) * (1 - config.val_fraction))
+    if n_train < 1 or n_train == len(tokens):
+        raise CorpusError(
+            f"{path}: {len(tokens)} tokens are too few to split into train and validation "
+            f"at val_fraction {config.val_fraction:g}"
+        )
+    meta = {
+        "stage": STAGE,
+        "name": name,
+        "source": str(path),
+        "source_sha256": digest,
+        "chars": len(text),
+        "tokens": len(tokens),
+        "train_tokens": n_train,
+        "val_tokens": len(tokens) - n_train,
+        "dtype": np.dtype(DTYPE).name,
+        "vocab_size": VOCAB_SIZE,
+        "tokenizer": "gpt2",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_tokens(tokens[:n_train], out_dir / "train.bin")
+    _write_tokens(tokens[n_train:], out_dir / "val.bin")
+    write_json_atomic(out_dir / "meta.json", meta)
+    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=OUTPUTS,
+                   metrics={k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")})
+    return StageResult(out_dir=out_dir, reused=False, report=meta)
+
+
+def summary_rows(meta: dict) -> list[dict]:
+    return [
+        {"split": "train", "file": "train.bin", "tokens": meta["train_tokens"]},
+        {"split": "val", "file": "val.bin", "tokens": meta["val_tokens"]},
+        {"split": "total", "file": meta["source"], "tokens": meta["tokens"]},
+    ]

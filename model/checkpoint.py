@@ -1,0 +1,102 @@
+"""Checkpoints: atomic `torch.save`, and loading with `weights_only=True` only (plain containers and
+tensors; configs are stored as dicts and RNG states as tensors/lists, so nothing arbitrary is unpickled).
+
+Our model checkpoint layout: {"format": FORMAT, "config": GPTConfig dict, "model": state_dict, ...}.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptflow.errors import GptflowError
+from gptflow.storage import atomic_path
+from model.config import GPTConfig
+from model.gpt import GPTModel
+
+FORMAT = "gptflow-gpt/1"
+
+
+class CheckpointError(GptflowError, ValueError):
+    """A checkpoint file is missing, unreadable, or not in the expected layout."""
+
+
+def save_checkpoint(path: str | Path, **state: Any) -> Path:
+    """Write `state` to `path` atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint {path} with weights_only=True (a gptflow checkpoint holds only tensors "
+            f"and plain values): {first_line}"
+        ) from None
+
+
+def save_model(path: str | Path, model: GPTModel, **extra: Any) -> Path:
+    """A model-only checkpoint in our format (what `load-gpt2` writes and `generate` reads)."""
+    return save_checkpoint(path, format=FORMAT, config=model.cfg.to_dict(), model=model.state_dict(), **extra)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPTModel, GPTConfig]:
+    """Rebuild a `GPTModel` from any of our checkpoints (model-only or a training checkpoint)."""
+    state = load_checkpoint(path, map_location)
+    if state.get("format") != FORMAT or "config" not in state or "model" not in state:
+        raise CheckpointError(
+            f"{path} is not a gptflow model checkpoint (expected format {FORMAT!r} with 'config' and 'model'); "
+            "convert Hugging Face weights with `gptflow load-gpt2`"
+        )
+    cfg = GPTConfig.from_dict(state["config"])
+    model = GPTModel(cfg)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the stored config: missing {missing}, unexpected {unexpected}")
+    return model.to(map_location), cfg
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": _to_lists(random.getstate()),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

@@ -1,0 +1,100 @@
+"""Autoregressive generation: greedy or sampled (temperature, top-k, top-p), EOS stop, KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from model.gpt import GPTModel
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.LongTensor:
+    """Return `input_ids` followed by up to `max_new_tokens` new tokens, (B, T + n).
+
+    Greedy when `temperature == 0`. Generation stops once every row has produced `eos_id`; the EOS token is
+    kept and a row that finished early is padded with `eos_id` (see `trim_at_eos`). `attention_mask`
+    (B, T), 1 = real token, supports left-padded batches. Past the context length the window is cropped
+    to the last `context_length` tokens and recomputed each step (positions shift, so a cache cannot help).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    ctx = model.cfg.context_length
+    device = input_ids.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    out, mask = input_ids, attention_mask
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    cache = None
+    try:
+        for _ in range(max_new_tokens):
+            if use_cache and out.shape[1] <= ctx:
+                if cache is None:
+                    cache = model.new_kv_cache(out.shape[0])
+                    logits = model(out, attention_mask=mask, kv_cache=cache)
+                else:
+                    logits = model(out[:, -1:], attention_mask=mask, kv_cache=cache)
+            else:
+                window_mask = mask[:, -ctx:] if mask is not None else None
+                logits = model(out[:, -ctx:], attention_mask=window_mask)
+            next_ids = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)
+            if eos_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+                finished |= next_ids == eos_id
+            out = torch.cat([out, next_ids[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if eos_id is not None and bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+    return out
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of `logits` (B, V)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    """Tokens before the first `eos_id` (the response proper)."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

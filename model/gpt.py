@@ -1,0 +1,162 @@
+"""The GPT-2 architecture: pre-LayerNorm blocks, fused q/k/v attention through
+`F.scaled_dot_product_attention`, tanh-GELU MLP, learned positions, LM head tied to the token embedding.
+
+The no-cache forward has no Python branches on tensor values, so `torch.onnx.export(dynamo=True)` traces it
+with dynamic batch and sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import GPTConfig
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, shape (B, H, max_len, head_dim); `pos` tokens are filled."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.max_len = min(max_len or cfg.context_length, cfg.context_length)
+        shape = (batch_size, cfg.n_heads, self.max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v for `layer` after the filled part; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.keys[layer][:, :, self.pos:end] = k
+        self.values[layer][:, :, self.pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, E = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Without a mask: no past (the kernel's top-left causal mask is exact) or one new token (no mask).
+        is_causal = kv_cache is None or kv_cache.pos == 0
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, E)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, kv_cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+def attention_bias(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (B|1, 1, q_len, past+q_len) mask: causal, aligned bottom-right, and padding keys hidden.
+
+    `attention_mask` is (B, past+q_len), 1 = real token. A query may always see itself, so a padded query
+    row (left padding) is never fully masked, which would make softmax NaN; its output is ignored anyway.
+    Returns None when the fused kernel's own causal mask (or none, for one cached token) is exact.
+    """
+    if attention_mask is None and (past == 0 or q_len == 1):
+        return None
+    q_pos = torch.arange(q_len, device=device).unsqueeze(1) + past  # absolute position of each query
+    k_pos = torch.arange(past + q_len, device=device).unsqueeze(0)
+    allowed = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0)  # (1, 1, Tq, Tk)
+    if attention_mask is not None:
+        real_key = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Tk)
+        allowed = allowed & (real_key | (k_pos == q_pos))
+    return allowed
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layers)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        param = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, max_len, device=param.device, dtype=param.dtype)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states after the final LayerNorm, (B, T, E).
+
+        With `kv_cache`, `input_ids` are the new tokens and `attention_mask` (if any) covers the cached and
+        the new tokens, (B, past+T); the cache advances by T.
+        """
+        T = input_ids.shape[1]
+        past = kv_cache.pos if kv_cache is not None else 0
+        pos = torch.arange(past, past + T, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        mask = attention_bias(attention_mask, T, past, input_ids.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.final_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits, (B, T, vocab_size)."""
+        return self.out_head(self.features(input_ids, attention_mask, kv_cache))
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())

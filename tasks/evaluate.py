@@ -1,0 +1,89 @@
+"""Prefect tasks of the evaluate stage: plan (validate, resume check), judge preflight, judging, publishing.
+
+The tasks use NO_CACHE: what is redone is decided by the stage manifest (a finished evaluation of the same
+file with the same judge is not redone) and by the judge's cache on disk (a judgement is never asked twice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from eval.judge import JudgeConfig, JudgeUnavailable, OllamaJudge
+from eval.report import (REPORT_NAME, SCORES_NAME, SUMMARY_NAME, evaluate_responses, load_responses,
+                         paired_line, report_markdown, skipped_report, summary_rows)
+from gptflow.settings import get_settings
+from gptflow.storage import completed_manifest, read_json, sha256_file, stage_fingerprint, write_manifest
+from tasks.artifacts import publish_markdown, publish_plot, publish_table
+
+STAGE = "evaluate"
+
+
+@task(name="plan-evaluation", cache_policy=NO_CACHE)
+def plan_evaluation(path: str, response_keys: list[str], judge: JudgeConfig, out_dir: str | None) -> dict:
+    """Check the responses file; pick the output folder; return the summary already there if it is done."""
+    entries = load_responses(path, response_keys)
+    inputs = {"responses": sha256_file(path)}
+    config = {"response_keys": list(response_keys), "judge": judge.identity()}
+    out = Path(out_dir) if out_dir else (
+        get_settings().stage_dir(STAGE) / f"{Path(path).stem}-{stage_fingerprint(inputs, config)[:12]}")
+    done = completed_manifest(out, inputs, config) is not None
+    get_run_logger().info("%d entries in %s, scoring %s; outputs in %s%s", len(entries), path,
+                          ", ".join(response_keys), out, " (already evaluated: reusing it)" if done else "")
+    return {"out_dir": str(out), "inputs": inputs, "config": config,
+            "summary": read_json(out / SUMMARY_NAME) if done else None}
+
+
+@task(name="judge-preflight", cache_policy=NO_CACHE)
+def preflight_judge(judge: JudgeConfig) -> dict:
+    """Ask the Ollama server whether it answers and has the judge model (pulling it if allowed)."""
+    logger = get_run_logger()
+    try:
+        info = OllamaJudge(judge).preflight()
+    except JudgeUnavailable as exc:
+        logger.warning("judge unavailable: %s", exc)
+        return {"available": False, "reason": str(exc)}
+    logger.info("judge %s at %s is ready (digest %s)", info["model"], info["host"], info["digest"])
+    return {"available": True, **info}
+
+
+@task(name="judge-responses", cache_policy=NO_CACHE)
+def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, plan: dict, judge_info: dict) -> dict:
+    logger = get_run_logger()
+    entries = load_responses(path, response_keys)
+    summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), plan["out_dir"], source=str(path),
+                                 judge_info=judge_info)
+    fields = summary["fields"]
+    for key, f in fields.items():
+        logger.info("%s: %d scored, %d unscored %s, mean %s, 95%% CI %s", key, f["n_scored"], f["n_unscored"],
+                    f["unscored_reasons"] or "", f["mean"], f["ci95"])
+    if summary["paired"]:
+        logger.info("paired: %s", paired_line(summary["paired"]))
+    failed = sum(f["unscored_reasons"].get("request failed", 0) for f in fields.values())
+    if failed:  # no manifest: the next run asks again for these (every other judgement is cached)
+        logger.warning("%d judge requests failed; rerun to retry them", failed)
+    else:
+        write_manifest(plan["out_dir"], stage=STAGE, inputs=plan["inputs"], config=plan["config"],
+                       outputs=[SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
+                       metrics={key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
+                                for key, f in fields.items()})
+    return summary
+
+
+@task(name="record-skipped-evaluation", cache_policy=NO_CACHE)
+def record_skipped(plan: dict, reason: str, path: str, response_keys: list[str]) -> dict:
+    get_run_logger().warning("evaluation skipped: %s", reason)
+    return skipped_report(plan["out_dir"], reason, source=str(path), response_keys=response_keys)
+
+
+@task(name="publish-evaluation", cache_policy=NO_CACHE)
+def publish_evaluation(summary: dict, out_dir: str) -> None:
+    if summary["status"] == "skipped":
+        publish_markdown(report_markdown(summary), "evaluation-report", "Judge evaluation: skipped")
+        return
+    publish_table(summary_rows(summary), "evaluation-summary", "Judge scores per response field")
+    publish_markdown(report_markdown(summary), "evaluation-report", f"Judge evaluation report ({out_dir})")
+    for key, f in summary["fields"].items():
+        publish_plot(Path(out_dir) / f["histogram"], f"evaluation-histogram-{key}", f"Judge scores: {key}")

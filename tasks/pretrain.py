@@ -1,0 +1,48 @@
+"""Prefect tasks of the model core: pretraining and GPT-2 weight conversion.
+
+The stage folder's manifest is the cache (keyed on token-file hashes and the config), so the tasks run every
+time (NO_CACHE) and return at once when the stage is already complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from gptflow.tokenizer import get_tokenizer
+from model.pretrain import PretrainConfig, pretrain
+from model.weights import convert_gpt2
+from tasks.artifacts import artifact_key, publish_plot, publish_table
+
+
+@task(cache_policy=NO_CACHE)
+def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: bool = True) -> dict[str, Any]:
+    """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
+    logger = get_run_logger()
+
+    def on_log(m: dict[str, Any]) -> None:
+        if m["kind"] == "train":
+            logger.info("step %d  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["loss"], m["lr"], m["tokens_per_s"])
+        else:
+            logger.info("step %d  val loss %.4f  ppl %.1f  sample %r", m["step"], m["val_loss"], m["val_ppl"],
+                        m.get("sample", ""))
+
+    result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
+    key = artifact_key("pretrain", result.out_dir.name)
+    publish_table([{"metric": k, "value": v} for k, v in result.metrics.items()], key,
+                  f"{result.out_dir.name}: final pretraining metrics")
+    if result.plot is not None and result.plot.is_file():
+        publish_plot(result.plot, f"{key}-loss", f"{result.out_dir.name}: training and validation loss")
+    return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
+            "reused": result.reused, "metrics": result.metrics}
+
+
+@task(cache_policy=NO_CACHE)
+def convert_weights(name_or_path: str) -> dict[str, Any]:
+    """GPT-2 safetensors (preset name via the mirror-aware download layer, or a local path) -> our checkpoint."""
+    path, reused = convert_gpt2(name_or_path)
+    get_run_logger().info("%s %s -> %s", "reused" if reused else "converted", name_or_path, path)
+    return {"model": str(path), "reused": reused}

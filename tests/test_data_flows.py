@@ -1,0 +1,58 @@
+"""The data flows under Prefect's test harness, and the `gptflow data` CLI end to end."""
+
+from __future__ import annotations
+
+from flows.data import prepare_corpus, prepare_csv, prepare_instructions, prepare_spam
+from gptflow.cli import main
+from gptflow.data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
+
+
+def test_prepare_spam_flow_and_rerun(prefect_harness, settings):
+    outcome = prepare_spam(SpamDataConfig())
+    assert outcome["out_dir"] == str(settings.home / "data" / "spam") and not outcome["reused"]
+    assert {s: c["total"] for s, c in outcome["report"]["splits"].items()} == {
+        "train": 898, "validation": 128, "test": 258}
+    assert outcome["report"]["cleaning"]["duplicates_dropped"] == 414
+    assert prepare_spam(SpamDataConfig())["reused"]
+
+
+def test_prepare_csv_flow(prefect_harness, settings, tmp_path):
+    path = tmp_path / "mail.csv"
+    path.write_text("body,kind\n" + "".join(f"note {i},{'spam' if i % 3 else 'ham'}\n" for i in range(45)))
+    outcome = prepare_csv(str(path), CsvDataConfig(text_column="body", label_column="kind", balance="none"))
+    assert outcome["report"]["balance"]["before"] == {"ham": 15, "spam": 30}
+    assert outcome["report"]["splits"] == {  # 45 rows -> 31/4/10; the tied extra test row goes to spam
+        "train": {"ham": 11, "spam": 20, "total": 31},
+        "validation": {"ham": 1, "spam": 3, "total": 4},
+        "test": {"ham": 3, "spam": 7, "total": 10},
+    }
+    assert outcome["report"]["labels"] == {"ham": 0, "spam": 1}
+
+
+def test_prepare_instructions_flow(prefect_harness, settings):
+    outcome = prepare_instructions(None, InstructionDataConfig())
+    assert outcome["out_dir"] == str(settings.home / "data" / "instructions")
+    assert outcome["report"]["splits"] == {"train": 935, "validation": 55, "test": 110}
+
+
+def test_prepare_corpus_flow(prefect_harness, settings):
+    outcome = prepare_corpus("the-verdict", CorpusConfig())
+    assert (outcome["report"]["tokens"], outcome["report"]["train_tokens"]) == (5145, 4630)
+
+
+def test_cli_data_spam(prefect_harness, settings, capsys):
+    assert main(["data", "spam"]) == 0
+    out = capsys.readouterr().out
+    assert "duplicates_dropped" in out and "414" in out
+    assert "train       449   449    898" in out
+    assert f"outputs written: {settings.home / 'data' / 'spam'}" in out
+
+
+def test_cli_bad_csv(prefect_harness, settings, tmp_path, capsys):
+    path = tmp_path / "mail.csv"
+    path.write_text("body,kind\nhello,ham\n")
+    code = main(["data", "csv", str(path), "--text-column", "text", "--label-column", "kind"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err == (f"gptflow data: error: {path}: no column 'text' in the header; the columns found "
+                   "(comma-separated) are ['body', 'kind']")

@@ -1,0 +1,61 @@
+"""The model verbs end to end through their Prefect flows: pretrain -> generate, load-gpt2, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from gptflow.cli import main
+from model.checkpoint import load_model
+
+
+def _path(out: str, label: str) -> str:
+    return re.search(rf"^{label}: (.+)$", out, re.M).group(1)
+
+
+def test_pretrain_then_generate(prefect_harness, settings, capsys):
+    args = ["pretrain", "--corpus", "the-verdict", "--preset", "tiny", "--steps", "4", "--batch-size", "2",
+            "--context-length", "32", "--eval-every", "2", "--checkpoint-every", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    model_path = _path(out, "model")
+    assert model_path.startswith(str(settings.home / "pretrain" / "the-verdict-tiny"))
+    assert (settings.home / "data" / "corpus" / "the-verdict" / "train.bin").is_file()  # data stage ran first
+    model, cfg = load_model(model_path)
+    assert cfg.context_length == 32 and cfg.emb_dim == 64
+    assert main(args) == 0 and capsys.readouterr().out.startswith("reused tiny: 4 steps")
+
+    assert main(["generate", "Every effort moves you", "--model", model_path, "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you\n")
+    assert main(["generate", "Hi", "--model", model_path, "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_load_gpt2_converts_safetensors(prefect_harness, settings, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32,
+                                                               n_layer=1, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["load-gpt2", str(tmp_path / "hf")]) == 0
+    model_path = _path(capsys.readouterr().out, "model")
+    model, _ = load_model(model_path)
+    ids = torch.tensor([[15496, 11, 995]])
+    with torch.no_grad():
+        assert (model(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
+    assert main(["generate", "Hello", "--model", str(tmp_path / "hf"), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--preset", "nope"], "--preset: unknown model preset 'nope'"),
+    (["pretrain", "--steps", "0"], "--steps: Input should be greater than 0"),
+    (["load-gpt2", "/no/such/folder"], "neither a GPT-2 preset"),
+    (["generate", "x", "--model", "/no/such.pt"], "neither a GPT-2 preset"),
+])
+def test_bad_input_is_one_line(settings, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

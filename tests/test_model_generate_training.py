@@ -1,0 +1,161 @@
+"""Generation (greedy parity with/without KV cache, sampling controls, EOS), checkpoints and training helpers."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, save_model, set_rng_state
+from model.config import GPTConfig
+from model.generate import generate, sample_next, trim_at_eos
+from model.gpt import GPTModel
+from model.training import (
+    NonFiniteLossError, TrainState, build_optimizer, build_scheduler, check_finite, load_training_checkpoint,
+    save_training_checkpoint, warmup_cosine,
+)
+
+CFG = GPTConfig.from_preset("tiny", context_length=32)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTModel:
+    torch.manual_seed(1)
+    return GPTModel(CFG).eval()
+
+
+def test_greedy_with_and_without_cache_is_identical(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 7))
+    cached = generate(model, prompt, 20, use_cache=True)
+    plain = generate(model, prompt, 20, use_cache=False)
+    assert cached.shape == (2, 27)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached[:, :7], prompt)
+    # Past the context length (32) both crop the window and still agree.
+    long_c, long_p = generate(model, prompt, 40, use_cache=True), generate(model, prompt, 40, use_cache=False)
+    assert long_c.shape == (2, 47) and torch.equal(long_c, long_p)
+
+
+def test_greedy_is_argmax_of_forward(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 5))
+    out = generate(model, prompt, 1)
+    assert out[0, -1].item() == model(prompt)[0, -1].argmax().item()
+
+
+def test_left_padded_batch_matches_single(model):
+    a = torch.randint(0, CFG.vocab_size, (1, 6))
+    b = torch.randint(0, CFG.vocab_size, (1, 4))
+    # Left padding shifts positions, so compare cached vs uncached on the same padded batch instead.
+    batch = torch.cat([a, torch.cat([torch.full((1, 2), 50256), b], 1)])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    cached = generate(model, batch, 8, attention_mask=mask)
+    plain = generate(model, batch, 8, attention_mask=mask, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached[0], generate(model, a, 8)[0])
+
+
+def test_eos_stops_and_pads(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 5))
+    first = generate(model, prompt, 1)[0, -1].item()
+    out = generate(model, prompt, 10, eos_id=first)
+    assert out.shape == (1, 6) and out[0, -1].item() == first
+    assert trim_at_eos(out[0, 5:].tolist(), first) == []
+    assert trim_at_eos([1, 2, 3], 9) == [1, 2, 3]
+
+
+def test_sampling_seeded_topk_topp(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 5))
+    a = generate(model, prompt, 10, temperature=1.0, top_k=50, seed=3)
+    b = generate(model, prompt, 10, temperature=1.0, top_k=50, seed=3)
+    c = generate(model, prompt, 10, temperature=1.0, top_k=50, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    assert {sample_next(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item()
+            for s in range(40)} == {1, 2}
+    # top_p=0.5: token 1 alone holds > 50% of the mass.
+    assert {sample_next(logits, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)).item()
+            for s in range(20)} == {1}
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, temperature=1.0, top_p=0.0)
+
+
+def test_checkpoint_roundtrip_atomic_and_weights_only(tmp_path, model):
+    path = save_model(tmp_path / "m.pt", model)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left
+    loaded, cfg = load_model(path)
+    assert cfg == CFG
+    ids = torch.randint(0, CFG.vocab_size, (1, 4))
+    assert torch.equal(loaded.eval()(ids), model(ids))
+    assert loaded.out_head.weight.data_ptr() == loaded.tok_emb.weight.data_ptr()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "other.pt", format="x", model={})
+    with pytest.raises(CheckpointError, match="not a gptflow model checkpoint"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_rng_state_roundtrip_under_weights_only(tmp_path):
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    save_checkpoint(tmp_path / "rng.pt", rng=rng_state())
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_optimizer_groups_and_schedule(model):
+    model.blocks[0].requires_grad_(False)
+    try:
+        opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    finally:
+        model.requires_grad_(True)
+    decay, no_decay = opt.param_groups
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    n_trainable = sum(1 for n, p in model.named_parameters() if not n.startswith("blocks.0."))
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, min_ratio=0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+    sched = build_scheduler(opt, 10, 100)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_training_checkpoint_resume_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    m = GPTModel(CFG)
+    opt = build_optimizer(m, lr=1e-3)
+    sched = build_scheduler(opt, 2, 10)
+    ids = torch.randint(0, CFG.vocab_size, (2, 8))
+    m(ids).mean().backward()
+    opt.step(), sched.step()
+    save_training_checkpoint(tmp_path / "c.pt", m, opt, sched, TrainState(step=1, tokens_seen=16), data={"pos": 3})
+    m2 = GPTModel(CFG)
+    opt2 = build_optimizer(m2, lr=1e-3)
+    sched2 = build_scheduler(opt2, 2, 10)
+    state, ckpt = load_training_checkpoint(tmp_path / "c.pt", m2, opt2, sched2)
+    assert state.step == 1 and state.tokens_seen == 16 and ckpt["data"] == {"pos": 3}
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert load_model(tmp_path / "c.pt")[1] == CFG
+
+
+def test_check_finite():
+    check_finite(torch.tensor(1.0), 3)
+    with pytest.raises(NonFiniteLossError, match="nan at step 7"):
+        check_finite(torch.tensor(math.nan), 7)

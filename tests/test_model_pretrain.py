@@ -1,0 +1,113 @@
+"""Pretraining loop: exact resume after a kill, NaN stop keeping the last good checkpoint, reuse, outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import model.pretrain as pretrain_mod
+from model.checkpoint import load_checkpoint, load_model
+from model.pretrain import PretrainConfig, PretrainError, TokenWindows, pretrain
+from model.training import NonFiniteLossError
+
+CONFIG = PretrainConfig(preset="tiny", context_length=16, batch_size=4, steps=8, warmup_steps=2, lr=3e-3,
+                        log_every=1, eval_every=4, eval_batches=2, checkpoint_every=4, sample_tokens=5)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A learnable token stream: a repeating 50-token cycle with noise, as the corpus stage writes it."""
+    rng = np.random.default_rng(0)
+    stream = np.tile(np.arange(1000, 1050), 120) + rng.integers(0, 2, 6000) * 7
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    stream[:5000].astype(np.uint16).tofile(folder / "train.bin")
+    stream[5000:].astype(np.uint16).tofile(folder / "val.bin")
+    return folder
+
+
+def params_of(path):
+    return load_model(path)[0].state_dict()
+
+
+def test_resume_after_kill_is_exact(corpus, tmp_path, tokenizer):
+    full = pretrain(corpus, tmp_path / "full", CONFIG, tokenizer=tokenizer, progress=False)
+
+    def kill_at_step_6(metrics):
+        if metrics["kind"] == "train" and metrics["step"] == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(corpus, tmp_path / "split", CONFIG, on_log=kill_at_step_6, progress=False)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["train_state"]["step"] == 4
+    assert not (tmp_path / "split" / "model.pt").exists()
+    seen = []
+    resumed = pretrain(corpus, tmp_path / "split", CONFIG, on_log=seen.append, progress=False)
+    assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6, 7, 8]
+    a, b = params_of(full.model_path), params_of(resumed.model_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+
+    # Outputs: a PNG loss curve, finite decreasing validation loss, text samples, a reusable manifest.
+    assert full.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evals = [h for h in full.history if h["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [4, 8] and isinstance(evals[0]["sample"], str)
+    assert evals[-1]["val_loss"] < math.log(50257) - 1
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    again = pretrain(corpus, tmp_path / "full", CONFIG, progress=False)
+    assert again.reused and again.metrics == full.metrics
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = pretrain_mod.lm_loss
+
+    def poisoned(logits, targets):
+        loss = real_loss(logits, targets)
+        if torch.is_grad_enabled():  # training micro-batches only
+            calls["n"] += 1
+            if calls["n"] >= 6:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(pretrain_mod, "lm_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint: .*last.pt.*loss is nan at step 6"):
+        pretrain(corpus, tmp_path / "run", CONFIG, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["train_state"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_grad_accumulation_and_changed_config(corpus, tmp_path):
+    cfg = CONFIG.model_copy(update={"steps": 2, "grad_accum": 2, "batch_size": 2, "checkpoint_every": 1,
+                                    "sampling": "strided"})
+    result = pretrain(corpus, tmp_path / "run", cfg, progress=False)
+    assert result.metrics["tokens_seen"] == 2 * 2 * 2 * 16
+    (tmp_path / "run" / "manifest.json").unlink()  # unfinished-looking folder, then a different config
+    with pytest.raises(PretrainError, match="different config"):
+        pretrain(corpus, tmp_path / "run", cfg.model_copy(update={"lr": 1e-4}), progress=False)
+
+
+def test_token_windows_and_bad_inputs(tmp_path):
+    tokens = np.arange(50, dtype=np.uint16)
+    strided = TokenWindows(tokens, 10, 3, "strided", seed=0)
+    x, y = strided.batch()
+    assert x[:, 0].tolist() == [0, 10, 20] and torch.equal(y, x + 1)
+    assert strided.batch()[0][:, 0].tolist() == [30, 0, 10]  # 4 windows, wraps around
+    rand = TokenWindows(tokens, 10, 4, "random", seed=1)
+    state = rand.state_dict()
+    first = rand.batch()[0]
+    rand.load_state_dict(state)
+    assert torch.equal(rand.batch()[0], first)
+    with pytest.raises(PretrainError, match="fewer than one window"):
+        TokenWindows(tokens[:5], 10, 1, "random", seed=0)
+    with pytest.raises(PretrainError, match="run `gptflow data corpus NAME` first"):
+        pretrain(tmp_path / "missing", tmp_path / "out", CONFIG, progress=False)
