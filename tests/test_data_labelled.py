@@ -192,8 +192,10 @@ def test_csv_cp1252_fallback_warns(tmp_path, settings, caplog):
         (None, {"classes": {"a": 20, "b": 20, "c": 3}}, r"class 'c' has only 3 row\(s\) after cleaning: too few"
          r".*0\.7/0\.1/0\.2 \(each class needs at least 10 rows\)"),
         (b"text,label\nhello,ham,oops\n", {}, r"line 2 has 3 fields but the header names 2 columns"),
+        (b"text,label\n,ham\nhello,\n", {}, r"no labelled rows \(2 read, none with both a text and a label\)"),
     ],
-    ids=["empty", "binary", "encoding", "missing-column", "one-class", "small-class", "extra-fields"],
+    ids=["empty", "binary", "encoding", "missing-column", "one-class", "small-class", "extra-fields",
+         "no-rows"],
 )
 def test_csv_bad_input(tmp_path, settings, content, kwargs, message):
     path = tmp_path / "empty.csv" if content == b"" else tmp_path / "bad.csv"

@@ -107,7 +107,7 @@ def prepare_corpus(
 
 def summary_rows(meta: dict) -> list[dict]:
     return [
-        {"split": "train", "file": "train.bin", "tokens": meta["train_tokens"]},
-        {"split": "val", "file": "val.bin", "tokens": meta["val_tokens"]},
-        {"split": "total", "file": meta["source"], "tokens": meta["tokens"]},
+        {"split": "train", "tokens": meta["train_tokens"], "file": "train.bin"},
+        {"split": "val", "tokens": meta["val_tokens"], "file": "val.bin"},
+        {"split": "total", "tokens": meta["tokens"], "file": f"{meta['chars']} chars of {meta['name']}"},
     ]

@@ -143,11 +143,13 @@ def build_labelled_dataset(
     raw, read_facts = load()
     cleaned, cleaning = clean(raw)
     ids = label_ids(cleaned["label"])
+    if not ids:
+        raise DataError(f"{source}: no labelled rows ({cleaning['rows_read']} read, none with both a text "
+                        "and a label); expected a header row and at least 2 classes of labelled rows")
     if len(ids) < 2:
-        found = f"only {next(iter(ids))!r}" if ids else "none"
         raise DataError(
-            f"{source}: a classifier needs at least 2 classes; after cleaning the labels hold {found} "
-            f"({cleaning['rows_clean']} rows)"
+            f"{source}: a classifier needs at least 2 classes; after cleaning the labels hold only "
+            f"{next(iter(ids))!r} ({cleaning['rows_clean']} rows)"
         )
     rng = np.random.default_rng(config.seed)
     kept, unused = balance(cleaned, config, rng)
