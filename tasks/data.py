@@ -49,7 +49,7 @@ def build_csv_data(path: str, config: CsvDataConfig) -> dict:
     result = tabular.prepare_csv(path, config)
     if result.report["read"]["encoding"] == "cp1252":
         get_run_logger().warning("%s is not UTF-8: read as cp1252 (Windows latin-1); check accents", path)
-    return _labelled_outcome(result, f"data-csv-{result.out_dir.name}")
+    return _labelled_outcome(result, f"data-{result.out_dir.name}")
 
 
 @task(cache_policy=NO_CACHE)

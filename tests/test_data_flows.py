@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
 from flows.data import prepare_corpus, prepare_csv, prepare_instructions, prepare_spam
 from gptflow.cli import main
 from gptflow.data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
@@ -14,6 +19,14 @@ def test_prepare_spam_flow_and_rerun(prefect_harness, settings):
         "train": 898, "validation": 128, "test": 258}
     assert outcome["report"]["cleaning"]["duplicates_dropped"] == 414
     assert prepare_spam(SpamDataConfig())["reused"]
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-spam-splits"])))
+    assert artifacts and artifacts[0].type == "table"
+    table = artifacts[0].data if isinstance(artifacts[0].data, list) else json.loads(artifacts[0].data)
+    assert table[0] == {"split": "train", "ham": 449, "spam": 449, "total": 898, "tokens_p50": 32.0,
+                        "tokens_p95": 56.0, "tokens_max": 139}
 
 
 def test_prepare_csv_flow(prefect_harness, settings, tmp_path):

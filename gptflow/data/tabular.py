@@ -85,7 +85,7 @@ def detect_delimiter(text: str, wanted: list[str]) -> str:
         first_line = sample.splitlines()[0]
         sniffed = max(DELIMITERS, key=first_line.count)
     for delimiter in [sniffed] + [d for d in DELIMITERS if d != sniffed]:
-        if set(wanted) <= set(_header(text, delimiter)):
+        if set(wanted) <= set(_header(sample, delimiter)):
             return delimiter
     return sniffed
 
