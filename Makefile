@@ -11,6 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM := false
+export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,model,eval
 
 .PHONY: setup run test bench e2e server deploy worker clean
 

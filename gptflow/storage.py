@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST_NAME = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -40,6 +42,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual mode
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -207,34 +206,45 @@ class InstructConfig(BaseModel):
         """Short name of the starting point, for folder names."""
         if self.init == "random":
             return self.preset
-        kind, _, ref = self.init.partition(":")
-        path = Path(ref)
-        return path.parent.name if kind == "checkpoint" and path.name == MODEL else path.stem if kind == "checkpoint" \
-            else path.name.removesuffix(".safetensors")
+        path = Path(self.init.partition(":")[2])
+        if path.name in (MODEL, "model.safetensors"):
+            return path.parent.name
+        return path.stem if path.suffix in (".pt", ".safetensors") else path.name
 
 
-def build_model(config: InstructConfig, settings: Settings | None = None) -> tuple[GPTModel, dict[str, str]]:
-    """The starting model and the hash of what it was made from (for the manifest)."""
+def init_source(config: InstructConfig, settings: Settings | None = None) -> tuple[str, Path | None]:
+    """(kind, local file) of the starting point; GPT-2 weights named by preset are fetched (mirror-aware)."""
     kind, _, ref = config.init.partition(":")
+    if kind == "random":
+        return kind, None
+    if kind == "checkpoint":
+        path = Path(ref).expanduser()
+        path = path / MODEL if path.is_dir() else path
+        if not path.is_file():
+            raise InstructError(f"--init checkpoint:{ref}: no such checkpoint (expected a gptflow .pt file or a "
+                                f"folder with {MODEL}, e.g. a pretraining output)")
+        return kind, path
+    from model.weights import resolve_weights
+
+    return kind, resolve_weights(ref, settings)[0]
+
+
+def build_model(config: InstructConfig, kind: str, path: Path | None) -> GPTModel:
+    """The starting model in training mode, with the config's dropout."""
     if kind == "random":
         overrides: dict[str, Any] = {"dropout": config.dropout}
         if config.context_length is not None:
             overrides["context_length"] = config.context_length
         torch.manual_seed(config.seed)
-        return GPTModel(GPTConfig.from_preset(config.preset, **overrides)), {"init": "random"}
+        return GPTModel(GPTConfig.from_preset(config.preset, **overrides))
     if kind == "checkpoint":
-        path = Path(ref).expanduser()
-        if path.is_dir():
-            path = path / MODEL
         loaded, cfg = load_model(path)
         model = GPTModel(cfg.model_copy(update={"dropout": config.dropout}))
         model.load_state_dict(loaded.state_dict())
-        return model, {"init": sha256_file(path)}
-    from model.weights import load_gpt2, resolve_weights
+        return model
+    from model.weights import load_gpt2
 
-    weights, _ = resolve_weights(ref, settings)
-    model, _ = load_gpt2(ref, settings, dropout=config.dropout)
-    return model.train(), {"init": sha256_file(weights)}
+    return load_gpt2(path, dropout=config.dropout)[0].train()
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -321,14 +331,16 @@ def finetune(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
-    model, init_hash = build_model(config, settings)
-    inputs = {**{n: sha256_file(data_dir / n) for n in ("train.json", "validation.json")}, **init_hash}
+    kind, init_path = init_source(config, settings)
+    inputs = {n: sha256_file(data_dir / n) for n in ("train.json", "validation.json")}
+    inputs["init"] = sha256_file(init_path) if init_path is not None else "random"
     if resume and (done := completed_manifest(out_dir, inputs, config.resume_key())) is not None:
         log.info("instruct: reusing %s (same data, init and config)", out_dir)
         metrics = read_json(out_dir / METRICS)
         return InstructResult(out_dir, out_dir / CHECKPOINT, out_dir / MODEL, out_dir / PLOT, done["metrics"],
                               metrics["history"], reused=True)
 
+    model = build_model(config, kind, init_path)
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:
@@ -468,11 +480,11 @@ def generate_responses(
     model, style = load_instruct_model(model_path)
     set_threads(config.threads)
     key = sha256_json({"inputs": inputs, "generation": gen})
-    done = _read_progress(out_dir / PROGRESS, key)
+    done, fresh = _read_progress(out_dir / PROGRESS, key)
     started = time.perf_counter()
     n_new = 0
     with open(out_dir / PROGRESS, "a", encoding="utf-8") as progress:
-        if not done:
+        if fresh:
             _append(progress, {"key": key})
         for i, entry in enumerate(entries):
             if i in done:
@@ -489,9 +501,9 @@ def generate_responses(
     return ResponsesResult(final, len(entries), n_new, time.perf_counter() - started)
 
 
-def _read_progress(path: Path, key: str) -> dict[int, str]:
-    """Responses saved by an earlier run with the same key; otherwise (or none) start a fresh file. A line
-    cut short by a crash is dropped."""
+def _read_progress(path: Path, key: str) -> tuple[dict[int, str], bool]:
+    """(responses saved by an earlier run with the same key, whether the file was started afresh). A file of
+    another model/test/settings is started over; a line cut short by a crash is dropped."""
     path.parent.mkdir(parents=True, exist_ok=True)
     done: dict[int, str] = {}
     good_bytes = 0
@@ -500,19 +512,19 @@ def _read_progress(path: Path, key: str) -> dict[int, str]:
             for n, raw in enumerate(handle):
                 try:
                     record = json.loads(raw)
-                except json.JSONDecodeError:
+                    if not raw.endswith(b"\n") or (n == 0 and record["key"] != key):
+                        break
+                    if n > 0:
+                        done[int(record["index"])] = str(record[RESPONSE_KEY])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     break
-                if not raw.endswith(b"\n") or (n == 0 and record.get("key") != key):
-                    break
-                if n > 0:
-                    done[int(record["index"])] = record[RESPONSE_KEY]
                 good_bytes += len(raw)
     if good_bytes == 0:
         path.write_bytes(b"")
-        return {}
+        return {}, True
     with open(path, "r+b") as handle:
         handle.truncate(good_bytes)
-    return done
+    return done, False
 
 
 def _append(handle, record: dict[str, Any]) -> None:
@@ -528,7 +540,3 @@ def sample_rows(path: Path, n: int, width: int = 200) -> list[dict[str, str]]:
 
     return [{"instruction": short(e["instruction"]), "input": short(e.get("input", "")),
              "output": short(e["output"]), RESPONSE_KEY: short(e[RESPONSE_KEY])} for e in read_json(path)[:n]]
-
-
-def ppl(loss: float | None) -> float | None:
-    return math.exp(min(loss, 50)) if loss is not None else None

@@ -15,6 +15,7 @@ VERB_MODULES = [
     "gptflow.cli.data",
     "gptflow.cli.evaluate",
     "gptflow.cli.model",
+    "gptflow.cli.instruct",
 ]
 
 
@@ -33,6 +34,8 @@ def _prepare_environment() -> None:
     """Prefect reads its settings at import: keep its state local and analytics off unless set."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Warnings of the plain layers (e.g. an encoding fallback) reach the run logs too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow,model,eval")
 
 
 def main(argv: list[str] | None = None) -> int:

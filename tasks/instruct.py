@@ -1,0 +1,61 @@
+"""Prefect tasks of instruction fine-tuning: train (or resume, or reuse) and answer the test split.
+
+The stage folders' manifests are the cache (keyed on file hashes and the config), so the tasks run every time
+(NO_CACHE) and return at once when their stage is already complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from gptflow.tokenizer import get_tokenizer
+from model.instruct import InstructConfig, finetune, generate_responses, sample_rows
+from tasks.artifacts import artifact_key, publish_link, publish_plot, publish_table
+
+
+@task(cache_policy=NO_CACHE)
+def finetune_model(data_dir: str, out_dir: str, config: InstructConfig, resume: bool = True) -> dict[str, Any]:
+    """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
+    logger = get_run_logger()
+
+    def on_log(m: dict[str, Any]) -> None:
+        if m["kind"] == "train":
+            logger.info("step %d (epoch %.2f)  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["epoch"],
+                        m["loss"], m["lr"], m["tokens_per_s"])
+        else:
+            logger.info("step %d  val loss %.4f", m["step"], m["val_loss"])
+
+    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
+    key = artifact_key("instruct", result.out_dir.name)
+    publish_table([{"metric": k, "value": v} for k, v in result.metrics.items()], key,
+                  f"{result.out_dir.name}: final fine-tuning metrics")
+    if result.plot is not None and result.plot.is_file():
+        publish_plot(result.plot, f"{key}-loss", f"{result.out_dir.name}: training and validation loss")
+    return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
+            "plot": str(result.plot), "reused": result.reused, "metrics": result.metrics}
+
+
+@task(cache_policy=NO_CACHE)
+def answer_test_split(model_path: str, test_path: str, out_dir: str, config: InstructConfig) -> dict[str, Any]:
+    """Generate a response per test entry (resumable); publish a table of sample responses."""
+    logger = get_run_logger()
+
+    def on_response(index: int, entry: dict[str, Any]) -> None:
+        logger.info("test entry %d: %r", index, entry["model_response"][:120])
+
+    result = generate_responses(model_path, test_path, out_dir, config, tokenizer=get_tokenizer(),
+                                on_response=on_response)
+    logger.info("%s %s: %d entries (%d generated now in %.1f s)", "reused" if result.reused else "wrote",
+                result.path, result.n_entries, result.n_generated, result.seconds)
+    key = artifact_key("instruct", Path(out_dir).parent.name, "responses")
+    if config.sample_rows:
+        publish_table(sample_rows(result.path, config.sample_rows), key,
+                      f"{Path(out_dir).parent.name}: first {config.sample_rows} test responses")
+    publish_link(result.path, f"{key}-file", "test entries with model_response (input of `gptflow evaluate`)")
+    return {"responses": str(result.path), "entries": result.n_entries, "generated": result.n_generated,
+            "seconds": result.seconds, "reused": result.reused}

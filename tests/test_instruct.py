@@ -1,0 +1,198 @@
+"""Instruction fine-tuning: prompts, the book's collate, training, exact resume, resumable responses, the
+flow through the CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from gptflow.cli import main
+from model.checkpoint import load_checkpoint, load_model
+from model.instruct import (
+    PROGRESS, InstructConfig, collate, encode_entries, extract_response, finetune, format_example,
+    format_prompt, generate_responses, instruct_loss, respond,
+)
+
+ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "The cat was sitting."}
+NO_INPUT = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
+ENTRIES = [{"instruction": f"What is {i} plus one?", "input": "" if i % 2 else f"Number: {i}",
+            "output": f"The answer is {i + 1}."} for i in range(20)]
+TINY = dict(preset="tiny", batch_size=2, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=4,
+            max_new_tokens=6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, part in {"train": ENTRIES[:8], "validation": ENTRIES[8:12], "test": ENTRIES[12:17]}.items():
+        (folder / f"{name}.json").write_text(json.dumps(part))
+    return folder
+
+
+def test_alpaca_prompt_is_the_books():
+    preamble = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                "the request.")
+    assert format_prompt(ENTRY) == (f"{preamble}\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\n"
+                                    "The cat sat.\n\n### Response:\n")
+    assert format_example(ENTRY) == format_prompt(ENTRY) + "The cat was sitting."
+    assert format_example(NO_INPUT) == (f"{preamble}\n\n### Instruction:\nName a primary color.\n\n"
+                                        "### Response:\nRed.")
+
+
+def test_phi3_prompt():
+    assert format_example(ENTRY, "phi3") == ("<|user|>\nRewrite the sentence.\nThe cat sat.\n<|assistant|>:\n"
+                                             "The cat was sitting.")
+    assert format_example(NO_INPUT, "phi3") == "<|user|>\nName a primary color.\n<|assistant|>:\nRed."
+
+
+def test_prompt_tokens_are_a_prefix_of_the_example(tokenizer):
+    (ids, n_prompt), (ids2, n_prompt2) = encode_entries([ENTRY, NO_INPUT], tokenizer, "phi3")
+    assert n_prompt == len(tokenizer.encode(format_prompt(ENTRY, "phi3"))) == 24
+    assert ids[:n_prompt] == tokenizer.encode(format_prompt(ENTRY, "phi3"))
+    assert tokenizer.decode(ids[n_prompt:]) == "The cat was sitting."
+    assert tokenizer.decode(ids2[n_prompt2:]) == "Red."
+    # A literal end-of-text marker in the data stays text.
+    (ids3, _), = encode_entries([{**NO_INPUT, "output": "<|endoftext|>"}], tokenizer, "alpaca")
+    assert 50256 not in ids3
+
+
+def test_extract_response():
+    assert extract_response(format_prompt(ENTRY) + "  The cat was sitting.\n") == "The cat was sitting."
+    assert extract_response(format_prompt(ENTRY, "phi3") + "Yes.\n", "phi3") == "Yes."
+    assert extract_response("no marker here \n") == "no marker here"
+    assert extract_response("### Response:\nA\n### Response:\nB") == "A\n### Response:\nB"
+
+
+BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
+
+
+def test_collate_is_the_books():
+    inputs, targets = collate(BATCH)
+    assert torch.equal(inputs, torch.tensor([[0, 1, 2, 3, 4],
+                                             [5, 6, 50256, 50256, 50256],
+                                             [7, 8, 9, 50256, 50256]]))
+    assert torch.equal(targets, torch.tensor([[1, 2, 3, 4, 50256],
+                                              [6, 50256, -100, -100, -100],
+                                              [8, 9, 50256, -100, -100]]))
+
+
+def test_collate_masks_prompt_and_truncates():
+    inputs, targets = collate(BATCH, [3, 1, 2])
+    assert torch.equal(targets, torch.tensor([[-100, -100, 3, 4, 50256],
+                                              [6, 50256, -100, -100, -100],
+                                              [-100, 9, 50256, -100, -100]]))
+    inputs, targets = collate(BATCH, [3, 1, 2], max_length=3)
+    assert torch.equal(inputs, torch.tensor([[0, 1, 2], [5, 6, 50256], [7, 8, 9]]))
+    assert torch.equal(targets, torch.tensor([[-100, -100, 3], [6, 50256, -100], [-100, 9, 50256]]))
+    # A genuine 50256 inside a text is a target; only padding after the end of text is ignored.
+    _, targets = collate([[1, 50256, 2], [3]])
+    assert torch.equal(targets, torch.tensor([[50256, 2, 50256], [50256, -100, -100]]))
+
+
+def test_loss_ignores_masked_targets():
+    logits = torch.zeros(1, 3, 5)
+    logits[0, 0, 2] = 10.0
+    assert instruct_loss(logits, torch.tensor([[2, -100, -100]])).item() == pytest.approx(0.0, abs=1e-3)
+    assert instruct_loss(logits, torch.tensor([[-100, -100, -100]])).item() == 0.0  # not NaN
+
+
+def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
+    config = InstructConfig(**{**TINY, "lr": 3e-3, "epochs": 6, "eval_every": 100, "batch_size": 4})
+    result = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
+    losses = [h["loss"] for h in result.history if h["kind"] == "train"]
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
+    assert result.metrics["val_loss"] < losses[0]
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_checkpoint(result.model_path)["style"] == "alpaca"
+    again = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
+    assert again.reused and again.metrics == result.metrics
+
+
+def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
+    config = InstructConfig(**TINY, style="phi3", mask_prompt=True, lr=1e-3)  # 4 steps/epoch, 8 steps
+    full = finetune(data_dir, tmp_path / "full", config, tokenizer=tokenizer)
+
+    def stop_at_6(m):
+        if m["kind"] == "train" and m["step"] == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        finetune(data_dir, tmp_path / "split", config, tokenizer=tokenizer, on_log=stop_at_6)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["train_state"]["step"] == 4
+    seen = []
+    resumed = finetune(data_dir, tmp_path / "split", config, tokenizer=tokenizer, on_log=seen.append)
+    assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6, 7, 8]
+    a, b = load_model(full.model_path)[0].state_dict(), load_model(resumed.model_path)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    assert load_checkpoint(full.model_path)["style"] == "phi3"
+
+
+def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
+    config = InstructConfig(**{**TINY, "style": "phi3", "epochs": 1})
+    model_path = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer).model_path
+    test = data_dir / "test.json"
+    whole = generate_responses(model_path, test, tmp_path / "whole", config, tokenizer=tokenizer)
+    assert (whole.n_entries, whole.n_generated) == (5, 5)
+    written = json.loads(whole.path.read_text())
+    assert [{k: e[k] for k in ("instruction", "input", "output")} for e in written] == ENTRIES[12:17]
+    from model.instruct import load_instruct_model
+
+    model, style = load_instruct_model(model_path)  # the style recorded at training is the one used
+    assert style == "phi3" and written[0]["model_response"] == respond(model, tokenizer, ENTRIES[12], style, config)
+
+    def stop_after_2(index, entry):
+        if index == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer,
+                           on_response=stop_after_2)
+    progress = tmp_path / "split" / PROGRESS
+    assert len(progress.read_text().splitlines()) == 3  # key line + 2 responses
+    with open(progress, "a") as handle:
+        handle.write('{"index": 2, "model_resp')  # a line cut short by a crash
+    seen = []
+    resumed = generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer,
+                                 on_response=lambda i, e: seen.append(i))
+    assert seen == [2, 3, 4] and resumed.n_generated == 3
+    assert resumed.path.read_bytes() == whole.path.read_bytes()
+    assert not progress.exists()
+    assert generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer).reused
+
+
+def test_flow_through_cli(prefect_harness, settings, tmp_path, capsys):
+    data = tmp_path / "mine.json"
+    data.write_text(json.dumps(ENTRIES))
+    args = ["finetune-instructions", "--data", str(data), "--preset", "tiny", "--epochs", "1", "--batch-size", "4",
+            "--max-new-tokens", "4", "--style", "phi3", "--mask-prompt"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.match(r"trained tiny \(phi3\): 4 steps, train loss \d+\.\d+, val loss \d+\.\d+", out)
+    responses = re.search(r"^responses: (.+) \(2 test entries\)$", out, re.M).group(1)
+    assert responses.startswith(str(settings.home / "instruct"))
+    entries = json.loads(open(responses).read())
+    assert len(entries) == 2 and all(isinstance(e["model_response"], str) for e in entries)
+    assert load_checkpoint(re.search(r"^model: (.+)$", out, re.M).group(1))["style"] == "phi3"
+    assert main(args) == 0 and capsys.readouterr().out.startswith("reused tiny (phi3): 4 steps")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "--preset: unknown model preset 'nope'"),
+    (["--init", "bogus"], "--init: Value error, expected checkpoint:<path>, gpt2:<name-or-path> or random"),
+    (["--init", "checkpoint:/no/such.pt"], "--init checkpoint:/no/such.pt: no such checkpoint"),
+    (["--data", "/no/such.json"], "--data /no/such.json: no such file or folder"),
+    (["--epochs", "0"], "--epochs: Input should be greater than 0"),
+])
+def test_bad_input_is_one_line(settings, capsys, argv, message):
+    assert main(["finetune-instructions", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
