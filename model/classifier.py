@@ -160,7 +160,7 @@ def read_split(path: Path, labels: dict[str, int]) -> pd.DataFrame:
         raise ClassifierError(f"{path}: expected columns text,label; found {list(df.columns)}")
     bad = ~df["label"].isin(list(labels.values()))
     if bad.any():
-        raise ClassifierError(f"{path}: label {df['label'][bad].iloc[0]!r} (row {int(bad.idxmax()) + 2}) is not one "
+        raise ClassifierError(f"{path}: label {df['label'][bad].iloc[0]} (row {int(bad.idxmax()) + 2}) is not one "
                               f"of the ids in labels.json {sorted(labels.values())}")
     return df
 
@@ -254,6 +254,7 @@ class LoadedClassifier:
     max_length: int
     source: dict[str, str]
     path: Path
+    data_dir: str | None  # the data stage folder it was fine-tuned on
 
     @property
     def names(self) -> list[str]:
@@ -271,7 +272,8 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
                               "fine-tune one with `gptflow finetune-classifier`")
     model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), len(ckpt["labels"]), ckpt["pooling"])
     model.load_state_dict(ckpt["model"])
-    return LoadedClassifier(model.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), dict(ckpt["source"]), path)
+    return LoadedClassifier(model.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), dict(ckpt["source"]), path,
+                            ckpt.get("data_dir"))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -397,7 +399,8 @@ def finetune(
                 if improved:
                     progress.best_accuracy, progress.best_step, progress.bad_evals = result["accuracy"], state.step, 0
                     state.best_val_loss = result["loss"]
-                    save_classifier(out_dir / BEST, model, labels, max_length, source, step=state.step)
+                    save_classifier(out_dir / BEST, model, labels, max_length, source, step=state.step,
+                                    data_dir=str(data_dir.resolve()))
                 else:
                     progress.bad_evals += 1
                 emit({"step": state.step, "epoch": state.step / steps_per_epoch,
@@ -422,3 +425,32 @@ def finetune(
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config.resume_key(),
                    outputs=[BEST, CHECKPOINT, HISTORY, CURVES], metrics=summary)
     return FinetuneResult(out_dir, out_dir / BEST, state.history, summary)
+
+
+METRICS = "metrics.json"
+CONFUSION = "confusion_test.png"
+
+
+def evaluate_classifier(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, *, tokenizer,
+                        batch_size: int = 32) -> dict[str, Any]:
+    """Train/validation/test reports (accuracy, per-class P/R/F1, confusion matrix, ROC-AUC for 2 classes) of a
+    classifier checkpoint, written to `out_dir/metrics.json`, with the test confusion matrix as a PNG."""
+    from eval.metrics import classification_report
+    from eval.plots import plot_confusion_matrix
+
+    from edge.text import softmax
+
+    loaded = load_classifier(model_path)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    labels = load_labels(data_dir)
+    if labels != loaded.labels:
+        raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
+    reports = {}
+    for split in ("train", "validation", "test"):
+        data = encode_split(read_split(data_dir / f"{split}.csv", labels), tokenizer, loaded.max_length)
+        probs = softmax(predict_logits(loaded.model, data.ids, batch_size))
+        reports[split] = classification_report(data.labels, probs, loaded.names)
+    write_json_atomic(out_dir / METRICS, {"checkpoint": str(loaded.path), "reports": reports})
+    plot_confusion_matrix(reports["test"]["confusion_matrix"]["matrix"], loaded.names, out_dir / CONFUSION,
+                          title=f"test confusion matrix (accuracy {100 * reports['test']['accuracy']:.2f}%)")
+    return reports

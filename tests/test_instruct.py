@@ -105,10 +105,10 @@ def test_loss_ignores_masked_targets():
 
 
 def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
-    config = InstructConfig(**{**TINY, "lr": 3e-3, "epochs": 6, "eval_every": 100, "batch_size": 4})
+    config = InstructConfig(**{**TINY, "lr": 5e-3, "epochs": 4, "eval_every": 100, "batch_size": 4})
     result = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
     losses = [h["loss"] for h in result.history if h["kind"] == "train"]
-    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 2.0  # nats per token
     assert result.metrics["val_loss"] < losses[0]
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_checkpoint(result.model_path)["style"] == "alpaca"
@@ -117,7 +117,7 @@ def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
 
 
 def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
-    config = InstructConfig(**TINY, style="phi3", mask_prompt=True, lr=1e-3)  # 4 steps/epoch, 8 steps
+    config = InstructConfig(**TINY, style="phi3", mask_prompt=True, lr=1e-3, max_steps=6)  # 4 steps/epoch
     full = finetune(data_dir, tmp_path / "full", config, tokenizer=tokenizer)
 
     def stop_at_6(m):
@@ -129,7 +129,7 @@ def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
     assert load_checkpoint(tmp_path / "split" / "last.pt")["train_state"]["step"] == 4
     seen = []
     resumed = finetune(data_dir, tmp_path / "split", config, tokenizer=tokenizer, on_log=seen.append)
-    assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6, 7, 8]
+    assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6]  # the second epoch
     a, b = load_model(full.model_path)[0].state_dict(), load_model(resumed.model_path)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
@@ -137,7 +137,7 @@ def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
 
 
 def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
-    config = InstructConfig(**{**TINY, "style": "phi3", "epochs": 1})
+    config = InstructConfig(**{**TINY, "style": "phi3", "max_steps": 2})
     model_path = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer).model_path
     test = data_dir / "test.json"
     whole = generate_responses(model_path, test, tmp_path / "whole", config, tokenizer=tokenizer)

@@ -15,6 +15,7 @@ VERB_MODULES = [
     "gptflow.cli.data",
     "gptflow.cli.evaluate",
     "gptflow.cli.model",
+    "gptflow.cli.classify",
     "gptflow.cli.instruct",
 ]
 

@@ -1,0 +1,102 @@
+"""Load a verified edge bundle and classify texts with onnxruntime.
+
+A bundle folder holds model.onnx, model.int8.onnx, encoder.json, vocab.bpe, labels.json and manifest.json
+(the sha256 of every other file). Every hash is checked before anything is loaded: a changed, missing or
+unlisted-but-required file refuses the whole bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edge.text import encode_texts, pad_batch, softmax
+from gptflow.errors import GptflowError
+from gptflow.storage import sha256_file
+from gptflow.tokenizer import load_gpt2_encoding
+
+BUNDLE_FORMAT = "gptflow-edge-bundle/1"
+BUNDLE_MANIFEST = "manifest.json"
+ORT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+REQUIRED = (ORT_FILES["fp32"], "encoder.json", "vocab.bpe", "labels.json")  # int8 is optional
+
+
+class BundleError(GptflowError):
+    """The bundle is incomplete, altered since export, or not an edge bundle."""
+
+
+def verify_bundle(bundle: str | Path) -> dict:
+    """The bundle's manifest, after checking the sha256 of every file it lists."""
+    bundle = Path(bundle)
+    manifest_path = bundle / BUNDLE_MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{bundle} is not an edge bundle: no {BUNDLE_MANIFEST} (make one with `gptflow export`)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{manifest_path}: expected format {BUNDLE_FORMAT!r}")
+    files = manifest.get("files", {})
+    unlisted = [name for name in REQUIRED if name not in files]
+    if unlisted:
+        raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")
+    for name, digest in files.items():
+        path = bundle / name
+        if Path(name).name != name or not path.is_file():
+            raise BundleError(f"{bundle}: {name} is missing; refusing the bundle")
+        if sha256_file(path) != digest:
+            raise BundleError(f"{path} does not match its sha256 in {BUNDLE_MANIFEST} (altered after export); "
+                              "refusing the bundle: export it again")
+    return manifest
+
+
+def session(onnx_path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+    """Logits (N, classes) in input order; rows batched by length so that little padding is computed."""
+    order = np.argsort([len(r) for r in ids], kind="stable")
+    out: np.ndarray | None = None
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        input_ids, mask = pad_batch([ids[j] for j in idx])
+        logits = sess.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
+        if out is None:
+            out = np.zeros((len(ids), logits.shape[1]), dtype=np.float32)
+        out[idx] = logits
+    return out
+
+
+class EdgeClassifier:
+    """A verified bundle's tokenizer, labels and ONNX session (fp32, or int8 with `int8=True`)."""
+
+    def __init__(self, bundle: str | Path, *, int8: bool = False, threads: int | None = None) -> None:
+        self.bundle = Path(bundle)
+        self.manifest = verify_bundle(self.bundle)
+        labels = self.manifest["labels"]
+        self.names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+        self.max_length = int(self.manifest["max_length"])
+        self.tokenizer = load_gpt2_encoding(self.bundle / "encoder.json", self.bundle / "vocab.bpe")
+        name = ORT_FILES["int8" if int8 else "fp32"]
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.bundle} holds no int8 model; export it with `gptflow export --int8`")
+        self.session = session(self.bundle / name, threads)
+
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return run_session(self.session, encode_texts(self.tokenizer, texts, self.max_length), batch_size)
+
+    def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """(label, probability of that label) per text."""
+        probs = softmax(self.logits(texts))
+        return [(self.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]

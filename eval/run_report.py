@@ -1,0 +1,72 @@
+"""The pipeline's run report: a model card that traces every artifact to its inputs, config and code.
+
+Built from the stage folders' manifests, so it states what is on disk rather than what a flow believed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gptflow.storage import MANIFEST_NAME
+
+
+def _manifest(stage_dir: str | Path | None) -> dict[str, Any]:
+    if not stage_dir:
+        return {}
+    path = Path(stage_dir) / MANIFEST_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _short(digest: str) -> str:
+    return digest[:12]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)[:120]
+    return str(value)
+
+
+def stage_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per stage: status, where its outputs are, its code version and its headline metrics."""
+    rows = []
+    for name, result in stages.items():
+        manifest = _manifest(result.get("out_dir"))
+        metrics = result.get("metrics") or manifest.get("metrics") or {}
+        rows.append({
+            "stage": name,
+            "status": result.get("status") or ("reused" if result.get("reused") else "done"),
+            "out_dir": str(result.get("out_dir", "")),
+            "code_version": manifest.get("code_version", ""),
+            "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list))),
+        })
+    return rows
+
+
+def render_run_report(run_name: str, params: dict[str, Any], stages: dict[str, dict[str, Any]],
+                      deliverables: dict[str, str]) -> str:
+    """Markdown: summary table, deliverables, data lineage (input and output hashes), and the parameters."""
+    lines = [f"# gptflow run `{run_name}`", "", "## Stages", "",
+             "| stage | status | metrics | outputs |", "|---|---|---|---|"]
+    for row in stage_rows(stages):
+        lines.append(f"| {row['stage']} | {row['status']} | {row['metrics']} | `{row['out_dir']}` |")
+    if deliverables:
+        lines += ["", "## Deliverables", ""]
+        lines += [f"- **{name}**: `{path}`" for name, path in deliverables.items()]
+    lines += ["", "## Lineage", ""]
+    for name, result in stages.items():
+        manifest = _manifest(result.get("out_dir"))
+        if not manifest:
+            reason = result.get("reason")
+            lines.append(f"- **{name}**: no manifest" + (f" ({reason})" if reason else ""))
+            continue
+        inputs = ", ".join(f"{k} `{_short(v)}`" for k, v in manifest.get("inputs", {}).items())
+        outputs = ", ".join(f"{k} `{_short(v)}`" for k, v in manifest.get("outputs", {}).items())
+        lines.append(f"- **{name}** (code `{manifest.get('code_version', '?')}`, fingerprint "
+                     f"`{_short(manifest.get('fingerprint', ''))}`): inputs {inputs or '-'}; outputs {outputs or '-'}")
+    lines += ["", "## Parameters", "", "```json", json.dumps(params, indent=2, default=str), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""Classification fine-tuning flow: data stage (spam or a user's CSV) -> fine-tune -> evaluate every split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from gptflow.data.config import CsvDataConfig, SpamDataConfig
+from gptflow.settings import get_settings
+from model.classifier import ClassifierConfig
+from tasks.classify import evaluate_splits, finetune_classifier
+
+
+@flow(name="finetune-classifier")
+def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = ClassifierConfig(),
+                             text_column: str | None = None, label_column: str | None = None,
+                             out_dir: str | None = None, resume: bool = True) -> dict:
+    """`data`: "spam" or a labelled CSV/TSV (with `text_column`, `label_column`). Outputs go to
+    `<home>/classify/<data>-<init>` by default."""
+    from flows.data import prepare_csv, prepare_spam
+
+    if data == "spam":
+        prepared = prepare_spam(SpamDataConfig())
+    else:
+        prepared = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))
+    data_dir = prepared["out_dir"]
+    init = config.init if config.init != "random" else f"random-{config.preset}"
+    name = f"{Path(data_dir).name}-{Path(init.replace(':', '-')).name}"
+    out = out_dir or str(get_settings().stage_dir("classify") / name)
+    trained = finetune_classifier(data_dir, out, config, resume)
+    metrics = evaluate_splits(trained["best"], data_dir, out)
+    return {**trained, "data_dir": data_dir, "metrics": metrics}

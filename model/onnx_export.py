@@ -1,0 +1,202 @@
+"""ONNX export of a classifier (dynamo exporter, dynamic batch and sequence), parity checks, the edge bundle.
+
+Only what the classifier computes is exported: token and position embeddings, blocks, final norm, gather of
+the last real token, the class head. The LM head is not in the classifier at all (a tied LM head exported
+beside the embedding is a second vocab x emb matrix: see bench/edge.py for the size it costs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, ORT_FILES, run_session, session
+from edge.text import PAD_ID
+from gptflow.errors import GptflowError
+from gptflow.storage import atomic_path, completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest
+from model.classifier import (
+    ClassifierError, SequenceClassifier, encode_split, load_classifier, load_labels, predict_logits, read_split,
+)
+from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 17
+MAX_BATCH = 4096
+PARITY_ATOL = 1e-4  # fp32 ONNX vs torch, max |logit difference|
+MIN_INT8_AGREEMENT = 0.99  # int8 ONNX predictions equal to fp32 ONNX predictions
+STAGE = "export"
+BUNDLE_DIR = "bundle"
+REPORT = "export_report.json"
+
+
+class ExportError(GptflowError):
+    """The exported model is invalid or does not reproduce the PyTorch model."""
+
+
+def export_onnx(model: SequenceClassifier, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write `model` as one self-contained ONNX file (inputs input_ids, attention_mask int64 (batch, seq); output
+    logits (batch, n_classes)); `metadata` goes to metadata_props. Checked with onnx.checker."""
+    path = Path(path)
+    model = model.eval()
+    context = model.cfg.context_length
+    seq = min(8, context)  # example sizes >= 2: the exporter specializes sizes 0 and 1
+    example = (torch.full((2, seq), PAD_ID, dtype=torch.long), torch.ones(2, seq, dtype=torch.long))
+    batch_dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq_dim = torch.export.Dim("seq", min=1, max=context)
+    shapes = {"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: seq_dim}}
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
+        onnx_path = tmp.with_suffix(".onnx")
+        try:
+            torch.onnx.export(model, example, onnx_path, input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamic_shapes=shapes, external_data=False, dynamo=True,
+                              verbose=False)
+            proto = onnx.load(onnx_path)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+        opset = onnx_opset(proto)
+        if opset < MIN_OPSET:
+            raise ExportError(f"the exporter wrote opset {opset}; the edge runtime needs >= {MIN_OPSET}")
+        meta = {**metadata, "opset": str(opset)}
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    return path
+
+
+def onnx_opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def model_metadata(labels: dict[str, int], max_length: int, source_sha256: str, pooling: str) -> dict[str, str]:
+    return {"labels": json.dumps(labels, sort_keys=True), "tokenizer": "gpt2", "max_length": str(max_length),
+            "pad_id": str(PAD_ID), "source_checkpoint_sha256": source_sha256, "pooling": pooling}
+
+
+def onnx_logits(onnx_path: str | Path, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+    """Logits of an ONNX classifier over token rows, batched like `predict_logits` (same padding)."""
+    return run_session(session(onnx_path), ids, batch_size)
+
+
+def check_parity(torch_logits: np.ndarray, fp32_logits: np.ndarray, int8_logits: np.ndarray | None,
+                 what: str) -> dict[str, Any]:
+    """fp32 ONNX must match torch (max |diff| <= 1e-4, same predictions); int8 must agree with fp32 on >= 99%.
+    Returns the measured figures; raises ExportError otherwise."""
+    diff = float(np.abs(torch_logits - fp32_logits).max())
+    same = int((torch_logits.argmax(1) == fp32_logits.argmax(1)).sum())
+    n = len(torch_logits)
+    report: dict[str, Any] = {"n": n, "fp32_max_abs_logit_diff": diff, "fp32_prediction_matches": same}
+    if diff > PARITY_ATOL or same != n:
+        raise ExportError(f"{what}: the fp32 ONNX model does not reproduce PyTorch: max |logit diff| {diff:.3g} "
+                          f"(allowed {PARITY_ATOL:g}), {n - same} of {n} predictions differ")
+    if int8_logits is not None:
+        agreement = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
+        report["int8_agreement"] = agreement
+        if agreement < MIN_INT8_AGREEMENT:
+            raise ExportError(f"{what}: int8 ONNX predictions agree with fp32 on {100 * agreement:.2f}% of "
+                              f"messages (required {100 * MIN_INT8_AGREEMENT:g}%)")
+    return report
+
+
+def write_bundle(out_dir: str | Path, fp32_onnx: Path, int8_onnx: Path | None, tokenizer_files: tuple[Path, Path],
+                 labels: dict[str, int], info: dict[str, Any]) -> Path:
+    """The edge bundle: model files, tokenizer files, labels.json and a manifest with every file's sha256.
+    Built in a temporary folder and renamed into place, so a bundle is never half-written."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    encoder_json, vocab_bpe = tokenizer_files
+    shutil.copyfile(fp32_onnx, tmp / ORT_FILES["fp32"])
+    if int8_onnx is not None:
+        shutil.copyfile(int8_onnx, tmp / ORT_FILES["int8"])
+    shutil.copyfile(encoder_json, tmp / "encoder.json")
+    shutil.copyfile(vocab_bpe, tmp / "vocab.bpe")
+    write_json_atomic(tmp / "labels.json", labels)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    write_json_atomic(tmp / BUNDLE_MANIFEST, {"format": BUNDLE_FORMAT, "files": files, "labels": labels, **info})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+class ExportConfig(BaseModel):
+    """Knobs of the export stage (also the flow's parameters and the manifest's config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    int8: bool = Field(default=True, description="also quantize (torch and ONNX dynamic int8) and gate")
+    max_int8_drop: float = Field(default=1.0, ge=0, description="largest allowed int8 test-accuracy drop, points")
+    onnx_int8_ops: tuple[str, ...] = Field(default=DEFAULT_ONNX_OPS, description="ONNX op types quantized")
+    batch_size: int = Field(default=32, gt=0)
+
+
+def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, config: ExportConfig,
+                      *, tokenizer, tokenizer_files: tuple[Path, Path], resume: bool = True) -> dict[str, Any]:
+    """Classifier checkpoint -> ONNX fp32 (+ int8), parity on the whole test split, int8 gate, edge bundle in
+    `out_dir/bundle`, report and manifest in `out_dir`. Raises ExportError / QuantizationGateError loudly."""
+    loaded = load_classifier(checkpoint)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    labels = load_labels(data_dir)
+    if labels != loaded.labels:
+        raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
+    ckpt_sha = sha256_file(loaded.path)
+    inputs = {"checkpoint": ckpt_sha, "test.csv": sha256_file(data_dir / "test.csv")}
+    config_dict = config.model_dump(mode="json")
+    if resume and completed_manifest(out_dir, inputs, config_dict) is not None:
+        return {**read_json(out_dir / REPORT), "reused": True}
+
+    test = encode_split(read_split(data_dir / "test.csv", labels), tokenizer, loaded.max_length)
+    y = np.asarray(test.labels)
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    fp32_path, int8_path = work / ORT_FILES["fp32"], work / ORT_FILES["int8"]
+    meta = model_metadata(loaded.labels, loaded.max_length, ckpt_sha, loaded.model.pooling)
+    export_onnx(loaded.model, fp32_path, meta)
+
+    torch_fp32 = predict_logits(loaded.model, test.ids, config.batch_size)
+    onnx_fp32 = onnx_logits(fp32_path, test.ids, config.batch_size)
+    onnx_int8 = None
+    accuracy = {"torch_fp32": _acc(torch_fp32, y), "onnx_fp32": _acc(onnx_fp32, y)}
+    if config.int8:
+        quantize_onnx(fp32_path, int8_path, config.onnx_int8_ops)
+        onnx_int8 = onnx_logits(int8_path, test.ids, config.batch_size)
+        torch_int8 = predict_logits(quantize_torch_dynamic(loaded.model), test.ids, config.batch_size)
+        accuracy |= {"torch_int8": _acc(torch_int8, y), "onnx_int8": _acc(onnx_int8, y)}
+    parity = check_parity(torch_fp32, onnx_fp32, onnx_int8, f"export of {loaded.path}")
+    report: dict[str, Any] = {"checkpoint": str(loaded.path), "checkpoint_sha256": ckpt_sha, "test_n": len(y),
+                              "accuracy": accuracy, "parity": parity, "opset": onnx_opset(onnx.load(fp32_path))}
+    if config.int8:
+        report["int8_drop_points"] = check_accuracy_gate(accuracy["onnx_fp32"], accuracy["onnx_int8"],
+                                                         config.max_int8_drop, f"ONNX int8 of {loaded.path}")
+    info = {"max_length": loaded.max_length, "pad_id": PAD_ID, "tokenizer": "gpt2", "pooling": loaded.model.pooling,
+            "source_checkpoint_sha256": ckpt_sha, "opset": report["opset"], "test_accuracy": accuracy}
+    bundle = write_bundle(out_dir / BUNDLE_DIR, fp32_path, int8_path if config.int8 else None, tokenizer_files,
+                          loaded.labels, info)
+    report["bundle"] = str(bundle)
+    report["sizes_bytes"] = {"torch_checkpoint": loaded.path.stat().st_size,
+                             **{name: (bundle / name).stat().st_size for name in ORT_FILES.values()
+                                if (bundle / name).is_file()}}
+    shutil.rmtree(work)
+    write_json_atomic(out_dir / REPORT, report)
+    outputs = [REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())]
+    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=outputs,
+                   metrics={"accuracy": accuracy, **parity})
+    return {**report, "reused": False}
+
+
+def _acc(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean())

@@ -1,0 +1,479 @@
+"""End-to-end check against a real Prefect server, a process worker and the real UI (`make e2e`).
+
+1. `prefect server start` on 127.0.0.1 (free port, throwaway PREFECT_HOME; its scheduler is off so that only
+   the run triggered here executes), outputs under a throwaway GPTFLOW_HOME;
+2. the work pool and every deployment of prefect.yaml (`prefect --no-prompt deploy --all`);
+3. one run of a deployment (default: the nightly pipeline) with tiny parameters, executed by
+   `prefect worker start` until it ends (bounded);
+4. through the Prefect API: the run, all its subflow runs and task runs Completed, the expected artifacts;
+5. in headless Chromium (driven over the DevTools protocol): the flow run page shows the run name and a
+   Completed state badge, its Artifacts tab lists the artifacts, and every plot artifact's page holds an
+   `<img>` whose PNG has actually been decoded (naturalWidth equals the PNG's width), in the V2 (default) and
+   the V1 UI. Screenshots, DOM dumps, logs and summary.json go to `<outputs>/e2e/<timestamp>/`.
+
+Every process it starts (server, worker and the worker's flow-run processes, Chromium) is stopped on the way
+out, failure included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--hide-scrollbars", "--window-size=1400,1100"]
+PNG_DATA_URL = "data:image/png;base64,"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What one deployment's e2e run is given and must produce."""
+
+    parameters: dict[str, Any]
+    subflows: set[str] = field(default_factory=set)  # flow names of subflow runs
+    tasks: set[str] = field(default_factory=set)  # task names (the run name without its "-xyz" suffix)
+    artifacts: set[str] = field(default_factory=set)  # artifact keys
+    min_plots: int = 1
+
+
+TINY_PRETRAIN = {"preset": "tiny", "steps": 20, "batch_size": 4, "log_every": 5, "eval_every": 10,
+                 "eval_batches": 2, "checkpoint_every": 20, "sample_tokens": 10}
+
+EXPECTATIONS: dict[str, Expectation] = {
+    "weekly-pretrain": Expectation(
+        parameters={"corpus": "the-verdict", "config": TINY_PRETRAIN},
+        subflows={"prepare-corpus"},
+        tasks={"build_corpus", "train_model"},
+        artifacts={"data-corpus-the-verdict", "pretrain-the-verdict-tiny", "pretrain-the-verdict-tiny-loss"},
+    ),
+}
+
+
+class E2EError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(stat.parent.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, including those that moved to a session of their own (flow runs do)."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Service:
+    """A command in its own process group, output to a log file; stop() ends it and everything below it."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path):
+        self.name, self.log_path = name, log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 25) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 15) -> None:
+        pids = descendants(self.proc.pid)
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in [self.proc.pid, *pids, *descendants(self.proc.pid)]:
+            _signal(pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_cli(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> None:
+    with open(log_path, "wb") as out:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise E2EError(f"`{' '.join(cmd[1:])}` failed ({rc}); see {log_path}:\n{tail}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(server: Service, api_url: str, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if not server.alive():
+            raise E2EError(f"prefect server exited during start-up:\n{server.tail()}")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(1)
+    raise E2EError(f"prefect server not healthy after {timeout_s:.0f}s:\n{server.tail()}")
+
+
+# ---------------------------------------------------------------------------------------------- chromium
+
+def ensure_chromium() -> str:
+    """The system Chromium; Debian's package is installed (as root) when it is missing."""
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    if os.geteuid() != 0:
+        raise E2EError("chromium is not installed and this is not root: run `sudo apt-get install -y chromium`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    log("chromium missing: apt-get install chromium")
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, timeout=600, check=True)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL, timeout=900, check=True)
+    if path := shutil.which("chromium"):
+        return path
+    raise E2EError("apt-get installed chromium but no `chromium` command is on PATH")
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol: real waiting on the DOM instead of fixed sleeps."""
+
+    def __init__(self, executable: str, profile: Path, log_path: Path, env: dict[str, str]):
+        from websockets.sync.client import connect
+
+        self.service = Service("chromium", [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                            "--remote-debugging-port=0", "about:blank"], env, log_path)
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
+        while not port_file.is_file() or not port_file.read_text().strip():
+            if not self.service.alive() or time.monotonic() > deadline:
+                raise E2EError(f"chromium did not open its DevTools port:\n{self.service.tail()}")
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as reply:
+            page = next(t for t in json.load(reply) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20)
+        self._id = 0
+
+    def call(self, method: str, **params: Any) -> dict:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=60))
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise E2EError(f"chromium {method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def open(self, url: str, ready: str, timeout_s: float = 60) -> Any:
+        """Navigate and wait until the JS expression `ready` is truthy; returns its value."""
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            value = self.evaluate(f"(() => {{ try {{ return {ready}; }} catch (e) {{ return null; }} }})()")
+            if value:
+                return value
+        return None
+
+    def save(self, out: Path, stem: str) -> Path:
+        """Screenshot (PNG) and rendered DOM (HTML) of the current page."""
+        time.sleep(0.5)  # let the last layout settle before the capture
+        png = out / f"{stem}.png"
+        png.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        (out / f"{stem}.html").write_text(self.evaluate("document.documentElement.outerHTML") or "")
+        return png
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            self.service.stop(grace_s=5)
+
+
+def png_size(data_url: str) -> tuple[int, int]:
+    raw = base64.b64decode(data_url[len(PNG_DATA_URL):][:64] + "==", validate=False)
+    if raw[:8] != b"\x89PNG\r\n\x1a\n":
+        raise E2EError("plot artifact holds a data URL that is not a PNG")
+    return struct.unpack(">II", raw[16:24])
+
+
+# ---------------------------------------------------------------------------------------------- prefect API
+
+def deployment_checks(client, pool: str, spec: dict) -> dict[str, Any]:
+    """Every deployment of prefect.yaml exists on the pool with its schedules; returns name -> deployment."""
+    found = {d.name: d for d in client.read_deployments()}
+    problems = []
+    for want in spec["deployments"]:
+        got = found.get(want["name"])
+        if got is None:
+            problems.append(f"deployment {want['name']!r} missing")
+            continue
+        if got.work_pool_name != pool:
+            problems.append(f"{want['name']}: work pool {got.work_pool_name!r}, expected {pool!r}")
+        crons = sorted((s.schedule.cron, s.schedule.timezone) for s in got.schedules)
+        expected = sorted((s["cron"], s.get("timezone", "UTC")) for s in want.get("schedules") or [])
+        if crons != expected:
+            problems.append(f"{want['name']}: schedules {crons}, expected {expected}")
+    if problems:
+        raise E2EError("; ".join(problems))
+    return found
+
+
+def wait_for_run(client, run_id, worker: Service, timeout_s: float):
+    from prefect.states import Cancelling
+
+    start, last = time.monotonic(), None
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state_name != last:
+            log(f"flow run {run.name}: {run.state_name}")
+            last = run.state_name
+        if run.state and run.state.is_final():
+            return run
+        if not worker.alive():
+            raise E2EError(f"the worker exited while the run was {run.state_name}:\n{worker.tail()}")
+        if time.monotonic() - start > timeout_s:
+            client.set_flow_run_state(run_id, Cancelling(), force=True)
+            raise E2EError(f"flow run {run.name} still {run.state_name} after {timeout_s:.0f}s (cancelled); "
+                           f"worker log tail:\n{worker.tail()}")
+        time.sleep(2)
+
+
+def run_checks(client, run, expect: Expectation) -> dict[str, Any]:
+    """The run tree (the run and its subflows) Completed, with the expected subflows, task runs, artifacts."""
+    problems = []
+    if not run.state.is_completed():
+        problems.append(f"flow run {run.name} ended {run.state_name}: {run.state.message}")
+    runs = client.read_flow_runs()  # the throwaway server holds only this run tree
+    flow_names = {f.id: f.name for f in client.read_flows()}
+    tasks = client.read_task_runs()
+    subflows = [r for r in runs if r.id != run.id]
+    for r in runs:
+        if not r.state.is_completed():
+            problems.append(f"flow run {r.name} ({flow_names.get(r.flow_id)}) ended {r.state_name}")
+    for t in tasks:
+        if not t.state.is_completed():
+            problems.append(f"task run {t.name} ended {t.state_name}: {t.state.message}")
+    subflow_names = {flow_names.get(r.flow_id) for r in subflows}
+    task_names = {t.name.rsplit("-", 1)[0] for t in tasks}
+    if missing := expect.subflows - subflow_names:
+        problems.append(f"no subflow runs of {sorted(missing)} (ran: {sorted(n for n in subflow_names if n)})")
+    if missing := expect.tasks - task_names:
+        problems.append(f"no task runs of {sorted(missing)} (ran: {sorted(task_names)})")
+    artifacts = [a for a in client.read_artifacts() if a.key]
+    keys = {a.key for a in artifacts}
+    if missing := expect.artifacts - keys:
+        problems.append(f"artifacts missing: {sorted(missing)} (published: {sorted(keys)})")
+    plots = [a for a in artifacts if a.type == "markdown" and PNG_DATA_URL in str(a.data)]
+    if len(plots) < expect.min_plots:
+        problems.append(f"{len(plots)} plot artifacts, expected at least {expect.min_plots}")
+    if problems:
+        raise E2EError("API checks failed:\n  " + "\n  ".join(problems))
+    return {"flow_runs": len(runs), "subflows": sorted(n for n in subflow_names if n), "task_runs": len(tasks),
+            "artifacts": sorted(keys), "plots": plots, "run_artifacts": [a for a in artifacts
+                                                                         if a.flow_run_id == run.id]}
+
+
+# ---------------------------------------------------------------------------------------------- UI checks
+
+STATE_BADGE = ("[...document.querySelectorAll('[data-slot=badge]')].some(b => /state-completed/.test(b.className)"
+               " && b.innerText.trim() === 'Completed')")
+
+
+def plot_check_js(width: int, height: int) -> str:
+    return (f"[...document.querySelectorAll('img')].filter(i => i.src.startsWith('{PNG_DATA_URL}') && i.complete"
+            f" && i.naturalWidth === {width} && i.naturalHeight === {height})"
+            ".map(i => ({w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width}))"
+            ".filter(i => i.shown > 0)[0]")
+
+
+def ui_checks(browser: Browser, base: str, run, api: dict[str, Any], out: Path) -> dict[str, Any]:
+    problems, shots = [], []
+    page = f"{base}/v2/runs/flow-run/{run.id}"
+    ready = f"document.title.includes({json.dumps(run.name)}) && {STATE_BADGE}"
+    if not browser.open(page, ready):
+        problems.append(f"{page}: no title with {run.name!r} and Completed state badge")
+    shots.append(browser.save(out, "flow-run"))
+
+    listed = [a.key for a in api["run_artifacts"]]
+    js = f"{json.dumps(listed)}.every(k => document.body.innerText.includes(k))"
+    if not browser.open(f"{page}?tab=Artifacts", js):
+        problems.append(f"{page}?tab=Artifacts does not list all of {listed}")
+    shots.append(browser.save(out, "flow-run-artifacts"))
+
+    rendered = []
+    for ui, plots in (("v2", api["plots"]), ("v1", api["plots"][:1])):
+        for plot in plots:
+            width, height = png_size(re.search(r"data:image/png;base64,[A-Za-z0-9+/=]+", plot.data).group(0))
+            url = f"{base}{'/v2' if ui == 'v2' else ''}/artifacts/artifact/{plot.id}"
+            found = browser.open(url, plot_check_js(width, height))
+            if not found:
+                problems.append(f"{url} ({ui}): no decoded {width}x{height} PNG <img> for {plot.key}")
+            else:
+                rendered.append(f"{ui}:{plot.key} {found['w']}x{found['h']} shown {found['shown']:.0f}px wide")
+            shots.append(browser.save(out, f"plot-{ui}-{plot.key}"))
+    if problems:
+        raise E2EError("UI checks failed:\n  " + "\n  ".join(problems))
+    return {"pages": [str(s) for s in shots], "plots_rendered": rendered}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--deployment", default="nightly", choices=sorted(EXPECTATIONS),
+                        help="deployment of prefect.yaml to run (its tiny parameters are in this script)")
+    parser.add_argument("--prefect-file", type=Path, default=REPO / "prefect.yaml", help="deployments to create")
+    parser.add_argument("--run-timeout", type=float, default=900, help="seconds the flow run may take")
+    parser.add_argument("--keep", action="store_true", help="keep the throwaway PREFECT_HOME and GPTFLOW_HOME")
+    args = parser.parse_args(argv)
+    expect = EXPECTATIONS[args.deployment]
+    t0 = time.monotonic()
+
+    from gptflow.settings import load_settings
+
+    report = load_settings().home.resolve() / "e2e" / time.strftime("%Y%m%d-%H%M%S")
+    report.mkdir(parents=True, exist_ok=True)
+    prefect_file = args.prefect_file.resolve()
+    spec = yaml.safe_load(prefect_file.read_text())
+    pool = spec["definitions"]["work_pool"]["name"]
+    chromium = ensure_chromium()
+
+    scratch = Path(tempfile.mkdtemp(prefix="gptflow-e2e-"))
+    port = free_port()
+    base, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
+    env = {**os.environ,
+           "PREFECT_HOME": str(scratch / "prefect"), "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "GPTFLOW_HOME": str(scratch / "outputs"),
+           "GPTFLOW_REPO": str(REPO), "PYTHONUNBUFFERED": "1"}
+    if env.get("GPTFLOW_MIRROR"):
+        env["GPTFLOW_MIRROR"] = str(Path(env["GPTFLOW_MIRROR"]).resolve())
+    os.environ.update(env)  # this process talks to the same API (prefect is imported below, after this)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    services: list[Service] = []
+    summary: dict[str, Any] = {"deployment": args.deployment, "report": str(report), "ok": False}
+    try:
+        server = Service("server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                         env, report / "server.log")
+        services.append(server)
+        log(f"prefect server starting on {base} (PREFECT_HOME {scratch / 'prefect'})")
+        summary["server_start_s"] = round(wait_for_health(server, api_url, 180), 1)
+        log(f"server healthy after {summary['server_start_s']}s")
+
+        run_cli([prefect, "work-pool", "create", pool, "--type", "process"], env, report / "work-pool.log", 120)
+        t = time.monotonic()
+        run_cli([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)], env, report / "deploy.log", 300)
+        log(f"deployed {len(spec['deployments'])} deployments to pool {pool} in {time.monotonic() - t:.0f}s")
+
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            deployments = deployment_checks(client, pool, spec)
+            flow_run = client.create_flow_run_from_deployment(deployments[args.deployment].id,
+                                                              parameters=expect.parameters)
+            log(f"triggered {args.deployment}: flow run {flow_run.name} with {json.dumps(expect.parameters)}")
+            worker = Service("worker", [prefect, "worker", "start", "--pool", pool, "--type", "process",
+                                        "--install-policy", "never", "--limit", "1", "--name", "gptflow-e2e"],
+                             env, report / "worker.log")
+            services.append(worker)
+            t = time.monotonic()
+            run = wait_for_run(client, flow_run.id, worker, args.run_timeout)
+            summary["run_s"] = round(time.monotonic() - t, 1)
+            worker.stop()
+            api = run_checks(client, run, expect)
+        summary.update(run=run.name, state=run.state_name, **{k: v for k, v in api.items()
+                                                              if k not in ("plots", "run_artifacts")})
+        summary["plot_artifacts"] = [p.key for p in api["plots"]]
+        log(f"API: {run.name} {run.state_name}; {api['flow_runs']} flow runs, {api['task_runs']} task runs, "
+            f"{len(api['artifacts'])} artifacts ({len(api['plots'])} plots), all Completed")
+
+        browser = Browser(chromium, scratch / "chromium", report / "chromium.log", env)
+        services.append(browser.service)
+        try:
+            summary.update(ui_checks(browser, base, run, api, report))
+        finally:
+            browser.close()
+        for line in summary["plots_rendered"]:
+            log(f"UI: plot rendered {line}")
+        summary["ok"] = True
+    except E2EError as exc:
+        summary["error"] = str(exc)
+        log(f"FAILED: {exc}")
+    finally:
+        for service in reversed(services):
+            service.stop()
+        summary["total_s"] = round(time.monotonic() - t0, 1)
+        (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    log(f"{'PASSED' if summary['ok'] else 'FAILED'} in {summary['total_s']:.0f}s; screenshots, DOM dumps, logs "
+        f"and summary.json in {report}")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Prefect tasks of classification fine-tuning: train (or resume, or reuse) and evaluate every split.
+
+The stage folder's manifest is the cache (data file hashes + config), so the tasks run every time
+(NO_CACHE) and return at once when the stage is already complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from eval.metrics import report_rows
+from gptflow.tokenizer import get_tokenizer
+from model.classifier import CONFUSION, CURVES, ClassifierConfig, evaluate_classifier, finetune
+from tasks.artifacts import artifact_key, publish_plot, publish_table
+
+
+@task(cache_policy=NO_CACHE)
+def finetune_classifier(data_dir: str, out_dir: str, config: ClassifierConfig, resume: bool = True) -> dict[str, Any]:
+    logger = get_run_logger()
+
+    def on_log(m: dict[str, Any]) -> None:
+        logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s", m["step"],
+                    m["epoch"], m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"],
+                    "  best" if m["best"] else "")
+
+    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
+    key = artifact_key("classify", result.out_dir.name)
+    publish_table(result.history, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")
+    publish_plot(result.out_dir / CURVES, f"{key}-curves", f"{result.out_dir.name}: loss and accuracy")
+    return {"out_dir": str(result.out_dir), "best": str(result.best), "summary": result.summary,
+            "reused": result.reused}
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_splits(model_path: str, data_dir: str, out_dir: str) -> dict[str, Any]:
+    reports = evaluate_classifier(model_path, data_dir, out_dir, tokenizer=get_tokenizer())
+    logger = get_run_logger()
+    for split, report in reports.items():
+        logger.info("%s accuracy %.4f (n=%d)", split, report["accuracy"], report["n"])
+    name = Path(out_dir).name
+    key = artifact_key("classify", name)
+    publish_table([{"split": s, "accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4),
+                    "roc_auc": round(r["roc_auc"], 4) if "roc_auc" in r else None, "n": r["n"]}
+                   for s, r in reports.items()], f"{key}-accuracy", f"{name}: accuracy per split")
+    publish_table(report_rows(reports["test"]), f"{key}-test-metrics", f"{name}: test metrics per class")
+    publish_plot(Path(out_dir) / CONFUSION, f"{key}-confusion", f"{name}: test confusion matrix")
+    return {split: {k: r[k] for k in ("accuracy", "macro_f1", "n", "roc_auc") if k in r} for split, r in reports.items()}
