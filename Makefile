@@ -30,5 +30,31 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A local Prefect server + process worker for the deployments of prefect.yaml (nightly pipeline, weekly
+# pretraining, on-demand evaluation). `make server` in one terminal, then `make deploy` and `make worker`.
+# These targets talk to PREFECT_API_URL when it is set, else to the local server; `make run` is unaffected
+# (no PREFECT_API_URL: an ephemeral API).
+PREFECT_PORT ?= 4200
+LOCAL_API := http://127.0.0.1:$(PREFECT_PORT)/api
+SERVER_API = $(or $(PREFECT_API_URL),$(LOCAL_API))
+# The work pool named in prefect.yaml.
+WORK_POOL := gptflow-process
+
+server: $(STAMP)
+	PREFECT_UI_API_URL=$(LOCAL_API) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(SERVER_API) $(BIN)/prefect work-pool create $(WORK_POOL) --type process --overwrite
+	PREFECT_API_URL=$(SERVER_API) $(BIN)/prefect --no-prompt deploy --all
+
+# GPTFLOW_REPO: the clone the deployments' pull step runs the code from.
+worker: $(STAMP)
+	GPTFLOW_REPO=$(CURDIR) PREFECT_API_URL=$(SERVER_API) $(BIN)/prefect worker start --pool $(WORK_POOL) \
+		--type process --install-policy never
+
+# Throwaway server + worker + headless Chromium: the nightly deployment with configs/tiny.yaml (scripts/e2e.py).
+e2e: $(STAMP)
+	$(BIN)/python scripts/e2e.py $(E2E_ARGS)
+
 clean:
 	rm -rf $(VENV) .prefect .pytest_cache

@@ -156,7 +156,7 @@ def main() -> None:
             print(f"loss curve {name}: {curve_steps} steps in {time.perf_counter() - t:.0f}s")
         marks = sorted({0, *range(24, curve_steps, 25), curve_steps - 1})
         smooth = {k: np.convolve(v, np.ones(10) / 10, mode="valid") for k, v in curves.items()}
-        table([{"step": m + 1, "fp32 loss": f"{curves['fp32'][m]:.3f}", "bf16 loss": f"{curves['bf16'][m]:.3f}"}
+        table([{"step": m + 1, "fp32 loss": f"{curves['fp32'][m]:.4f}", "bf16 loss": f"{curves['bf16'][m]:.4f}"}
                for m in marks], f"Loss curve, config A on tiny Shakespeare (same seed and batches, book lr {LR})")
         diff = np.abs(smooth["fp32"] - smooth["bf16"])
         print(f"max |fp32 - bf16| of the 10-step moving average: {diff.max():.3f} "

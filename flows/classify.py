@@ -16,15 +16,16 @@ from tasks.classify import evaluate_splits, finetune_classifier
 def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = ClassifierConfig(),
                              text_column: str | None = None, label_column: str | None = None,
                              out_dir: str | None = None, resume: bool = True) -> dict:
-    """`data`: "spam" or a labelled CSV/TSV (with `text_column`, `label_column`). Outputs go to
+    """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
     `<home>/classify/<data>-<init>` by default."""
     from flows.data import prepare_csv, prepare_spam
 
-    if data == "spam":
-        prepared = prepare_spam(SpamDataConfig())
+    if (Path(data) / "train.csv").is_file():
+        data_dir = data  # a data stage folder that is already prepared
+    elif data == "spam":
+        data_dir = prepare_spam(SpamDataConfig())["out_dir"]
     else:
-        prepared = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))
-    data_dir = prepared["out_dir"]
+        data_dir = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))["out_dir"]
     init = config.init if config.init != "random" else f"random-{config.preset}"
     name = f"{Path(data_dir).name}-{Path(init.replace(':', '-')).name}"
     out = out_dir or str(get_settings().stage_dir("classify") / name)

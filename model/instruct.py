@@ -91,9 +91,17 @@ def format_example(entry: dict[str, str], style: Style = "alpaca") -> str:
 
 
 def extract_response(text: str, style: Style = "alpaca") -> str:
-    """The text after the first response marker (all of `text` if there is none), stripped."""
+    """The text after the first response marker (all of `text` if there is none): see `clean_response`."""
     _, found, after = text.partition(RESPONSE_MARKERS[style])
-    return (after if found else text).strip()
+    return clean_response(after if found else text, style)
+
+
+def clean_response(generated: str, style: Style = "alpaca") -> str:
+    """Generated text stripped, without response markers the model echoed at its start."""
+    marker, response = RESPONSE_MARKERS[style], generated.strip()
+    while response.startswith(marker):
+        response = response[len(marker):].strip()
+    return response
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -229,7 +237,7 @@ def init_source(config: InstructConfig, settings: Settings | None = None) -> tup
     return kind, resolve_weights(ref, settings)[0]
 
 
-def build_model(config: InstructConfig, kind: str, path: Path | None) -> GPTModel:
+def build_model(config: InstructConfig, kind: str, path: Path | None, settings: Settings | None = None) -> GPTModel:
     """The starting model in training mode, with the config's dropout."""
     if kind == "random":
         overrides: dict[str, Any] = {"dropout": config.dropout}
@@ -244,7 +252,7 @@ def build_model(config: InstructConfig, kind: str, path: Path | None) -> GPTMode
         return model
     from model.weights import load_gpt2
 
-    return load_gpt2(path, dropout=config.dropout)[0].train()
+    return load_gpt2(config.init.partition(":")[2], settings, dropout=config.dropout)[0].train()
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -340,7 +348,7 @@ def finetune(
         return InstructResult(out_dir, out_dir / CHECKPOINT, out_dir / MODEL, out_dir / PLOT, done["metrics"],
                               metrics["history"], reused=True)
 
-    model = build_model(config, kind, init_path)
+    model = build_model(config, kind, init_path, settings)
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:
@@ -443,7 +451,7 @@ def respond(model: GPTModel, tokenizer: Any, entry: dict[str, str], style: Style
     out = generate(model, torch.tensor([ids]), config.max_new_tokens, temperature=config.temperature,
                    top_k=config.top_k, eos_id=EOT_ID, seed=config.seed, use_cache=True)
     new = trim_at_eos(out[0, len(ids):].tolist(), EOT_ID)
-    return extract_response(tokenizer.decode(ids + new), style)
+    return clean_response(tokenizer.decode(new), style)  # the prompt ends with the marker line
 
 
 @dataclass

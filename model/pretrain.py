@@ -51,7 +51,7 @@ class PretrainConfig(BaseModel):
     preset: str = Field(default="mini", description="model preset (see model.config.PRESETS)")
     context_length: int | None = Field(default=None, gt=1, description="override the preset's context")
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    steps: int = Field(default=600, gt=0, description="optimizer steps")
+    steps: int = Field(default=300, gt=0, description="optimizer steps (mini: about 5 minutes on 2 cores)")
     batch_size: int = Field(default=8, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(default=2e-3, gt=0)
@@ -67,9 +67,9 @@ class PretrainConfig(BaseModel):
     compile: bool = Field(default=False, description="torch.compile the model (slow start, small gain on CPU)")
     threads: int | None = Field(default=None, gt=0, description="torch intra-op threads (None: default)")
     log_every: int = Field(default=10, gt=0)
-    eval_every: int = Field(default=100, gt=0)
+    eval_every: int = Field(default=50, gt=0)
     eval_batches: int = Field(default=10, gt=0, description="validation batches per evaluation (at most)")
-    checkpoint_every: int = Field(default=200, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
     sample_prompt: str = "\n"
     sample_tokens: int = Field(default=40, ge=0)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fnmatch
 import json
 import os
 import re
@@ -50,21 +51,34 @@ class Expectation:
     parameters: dict[str, Any]
     subflows: set[str] = field(default_factory=set)  # flow names of subflow runs
     tasks: set[str] = field(default_factory=set)  # task names (the run name without its "-xyz" suffix)
-    artifacts: set[str] = field(default_factory=set)  # artifact keys
+    artifacts: set[str] = field(default_factory=set)  # artifact keys (fnmatch patterns)
     min_plots: int = 1
 
 
-TINY_PRETRAIN = {"preset": "tiny", "steps": 20, "batch_size": 4, "log_every": 5, "eval_every": 10,
-                 "eval_batches": 2, "checkpoint_every": 20, "sample_tokens": 10}
+def expectations() -> dict[str, Expectation]:
+    """Per deployment of prefect.yaml that the e2e can run: tiny parameters and what the run must show."""
+    from flows.params import load_params
 
-EXPECTATIONS: dict[str, Expectation] = {
-    "weekly-pretrain": Expectation(
-        parameters={"corpus": "the-verdict", "config": TINY_PRETRAIN},
-        subflows={"prepare-corpus"},
-        tasks={"build_corpus", "train_model"},
-        artifacts={"data-corpus-the-verdict", "pretrain-the-verdict-tiny", "pretrain-the-verdict-tiny-loss"},
-    ),
-}
+    tiny = load_params(REPO / "configs" / "tiny.yaml")
+    pretrain_artifacts = {"data-corpus-the-verdict", "pretrain-the-verdict-tiny", "pretrain-the-verdict-tiny-loss"}
+    return {
+        "nightly": Expectation(
+            parameters={"params": tiny.model_dump(mode="json")},
+            subflows={"prepare-spam", "prepare-instructions", "prepare-corpus", "pretrain", "finetune-classifier",
+                      "export", "finetune-instructions", "evaluate"},
+            tasks={"train_model", "write_run_report"},
+            artifacts={*pretrain_artifacts, "pipeline-report", "pipeline-stages", "pipeline-report-file",
+                       "evaluation-report", "classify-*-confusion", "classify-*-curves", "export-*-accuracy",
+                       "instruct-*-loss"},
+            min_plots=4,
+        ),
+        "weekly-pretrain": Expectation(
+            parameters={"corpus": "the-verdict", "config": tiny.pretrain.model_dump(mode="json")},
+            subflows={"prepare-corpus"},
+            tasks={"build_corpus", "train_model"},
+            artifacts=pretrain_artifacts,
+        ),
+    }
 
 
 class E2EError(RuntimeError):
@@ -115,6 +129,8 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, grace_s: float = 15) -> None:
+        if self._log.closed:  # already stopped
+            return
         pids = descendants(self.proc.pid)
         if self.alive():
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -238,11 +254,17 @@ class Browser:
                 return value
         return None
 
-    def save(self, out: Path, stem: str) -> Path:
-        """Screenshot (PNG) and rendered DOM (HTML) of the current page."""
-        time.sleep(0.5)  # let the last layout settle before the capture
+    def save(self, out: Path, stem: str, settle_s: float = 15) -> Path:
+        """Screenshot (PNG) and rendered DOM (HTML) of the current page, once it has stopped changing: the
+        run graph is drawn a few seconds after the DOM is ready."""
+        shots, deadline = [], time.monotonic() + settle_s
+        while len(shots) < 3 or len(set(shots[-3:])) > 1:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+            shots.append(self.call("Page.captureScreenshot", format="png")["data"])
         png = out / f"{stem}.png"
-        png.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        png.write_bytes(base64.b64decode(shots[-1]))
         (out / f"{stem}.html").write_text(self.evaluate("document.documentElement.outerHTML") or "")
         return png
 
@@ -325,7 +347,7 @@ def run_checks(client, run, expect: Expectation) -> dict[str, Any]:
         problems.append(f"no task runs of {sorted(missing)} (ran: {sorted(task_names)})")
     artifacts = [a for a in client.read_artifacts() if a.key]
     keys = {a.key for a in artifacts}
-    if missing := expect.artifacts - keys:
+    if missing := {p for p in expect.artifacts if not fnmatch.filter(keys, p)}:
         problems.append(f"artifacts missing: {sorted(missing)} (published: {sorted(keys)})")
     plots = [a for a in artifacts if a.type == "markdown" and PNG_DATA_URL in str(a.data)]
     if len(plots) < expect.min_plots:
@@ -380,18 +402,34 @@ def ui_checks(browser: Browser, base: str, run, api: dict[str, Any], out: Path) 
     return {"pages": [str(s) for s in shots], "plots_rendered": rendered}
 
 
+def save_failed_run_page(chromium: str, scratch: Path, report: Path, env: dict[str, str],
+                         services: list[Service], base: str, run) -> None:
+    """A screenshot of the run page for the failure report (best effort: the API error is what fails)."""
+    try:
+        browser = Browser(chromium, scratch / "chromium", report / "chromium.log", env)
+    except E2EError as exc:
+        log(f"no screenshot of the failed run: {exc}")
+        return
+    services.append(browser.service)
+    try:
+        browser.open(f"{base}/v2/runs/flow-run/{run.id}", f"document.title.includes({json.dumps(run.name)})")
+        log(f"screenshot of the failed run: {browser.save(report, 'flow-run')}")
+    finally:
+        browser.close()
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--deployment", default="nightly", choices=sorted(EXPECTATIONS),
-                        help="deployment of prefect.yaml to run (its tiny parameters are in this script)")
+    parser.add_argument("--deployment", default="nightly", choices=["nightly", "weekly-pretrain"],
+                        help="deployment of prefect.yaml to run, with the tiny parameters of configs/tiny.yaml")
     parser.add_argument("--prefect-file", type=Path, default=REPO / "prefect.yaml", help="deployments to create")
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds the flow run may take")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway PREFECT_HOME and GPTFLOW_HOME")
     args = parser.parse_args(argv)
-    expect = EXPECTATIONS[args.deployment]
     t0 = time.monotonic()
+    expect = expectations()[args.deployment]
 
     from gptflow.settings import load_settings
 
@@ -426,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_cli([prefect, "work-pool", "create", pool, "--type", "process"], env, report / "work-pool.log", 120)
         t = time.monotonic()
-        run_cli([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)], env, report / "deploy.log", 300)
+        run_cli([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)], env,
+                report / "deploy.log", 300)
         log(f"deployed {len(spec['deployments'])} deployments to pool {pool} in {time.monotonic() - t:.0f}s")
 
         from prefect.client.orchestration import get_client
@@ -444,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
             run = wait_for_run(client, flow_run.id, worker, args.run_timeout)
             summary["run_s"] = round(time.monotonic() - t, 1)
             worker.stop()
-            api = run_checks(client, run, expect)
+            try:
+                api = run_checks(client, run, expect)
+            except E2EError:
+                save_failed_run_page(chromium, scratch, report, env, services, base, run)
+                raise
         summary.update(run=run.name, state=run.state_name, **{k: v for k, v in api.items()
                                                               if k not in ("plots", "run_artifacts")})
         summary["plot_artifacts"] = [p.key for p in api["plots"]]

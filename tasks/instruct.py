@@ -58,4 +58,4 @@ def answer_test_split(model_path: str, test_path: str, out_dir: str, config: Ins
                       f"{Path(out_dir).parent.name}: first {config.sample_rows} test responses")
     publish_link(result.path, f"{key}-file", "test entries with model_response (input of `gptflow evaluate`)")
     return {"responses": str(result.path), "entries": result.n_entries, "generated": result.n_generated,
-            "seconds": result.seconds, "reused": result.reused}
+            "generation_seconds": result.seconds, "responses_reused": result.reused}

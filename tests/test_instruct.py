@@ -12,7 +12,7 @@ import torch
 from gptflow.cli import main
 from model.checkpoint import load_checkpoint, load_model
 from model.instruct import (
-    PROGRESS, InstructConfig, collate, encode_entries, extract_response, finetune, format_example,
+    PROGRESS, InstructConfig, clean_response, collate, encode_entries, extract_response, finetune, format_example,
     format_prompt, generate_responses, instruct_loss, respond,
 )
 
@@ -69,6 +69,8 @@ def test_extract_response():
     assert extract_response(format_prompt(ENTRY, "phi3") + "Yes.\n", "phi3") == "Yes."
     assert extract_response("no marker here \n") == "no marker here"
     assert extract_response("### Response:\nA\n### Response:\nB") == "A\n### Response:\nB"
+    assert extract_response(format_prompt(NO_INPUT) + "### Response:\n### Response: Red.") == "Red."  # echoed
+    assert clean_response("  <|assistant|>:\nBlue.\n", "phi3") == "Blue."
 
 
 BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
@@ -182,7 +184,9 @@ def test_flow_through_cli(prefect_harness, settings, tmp_path, capsys):
     entries = json.loads(open(responses).read())
     assert len(entries) == 2 and all(isinstance(e["model_response"], str) for e in entries)
     assert load_checkpoint(re.search(r"^model: (.+)$", out, re.M).group(1))["style"] == "phi3"
-    assert main(args) == 0 and capsys.readouterr().out.startswith("reused tiny (phi3): 4 steps")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("reused tiny (phi3): 4 steps") and "(2 test entries, reused)" in out
 
 
 @pytest.mark.parametrize("argv, message", [

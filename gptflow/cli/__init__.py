@@ -10,8 +10,10 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 VERB_MODULES = [
+    "gptflow.cli.pipeline",
     "gptflow.cli.data",
     "gptflow.cli.evaluate",
     "gptflow.cli.model",
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare_environment() -> None:
     """Prefect reads its settings at import: keep its state local and analytics off unless set."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if os.environ.get("PREFECT_HOME"):  # Prefect does not create missing parents, and then cannot start
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Warnings of the plain layers (e.g. an encoding fallback) reach the run logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow,model,eval")

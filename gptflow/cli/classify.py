@@ -134,7 +134,8 @@ def read_texts(path: str, text_column: str) -> list[str]:
     if file.suffix.lower() in (".csv", ".tsv"):
         import pandas as pd
 
-        df = pd.read_csv(file, sep=None, engine="python", dtype=str, keep_default_na=False)
+        sep = "\t" if file.suffix.lower() == ".tsv" else ","
+        df = pd.read_csv(file, sep=sep, dtype=str, keep_default_na=False)
         if text_column not in df.columns:
             raise GptflowError(f"--file: {path} has no column {text_column!r} (columns: {', '.join(df.columns)}); "
                                "pass --text-column")

@@ -76,5 +76,6 @@ def run_finetune_instructions(args: argparse.Namespace) -> int:
     print(f"model: {out['model']}")
     print(f"checkpoint: {out['checkpoint']}")
     print(f"loss curve: {out['plot']}")
-    print(f"responses: {out['responses']} ({out['entries']} test entries)")
+    print(f"responses: {out['responses']} ({out['entries']} test entries"
+          f"{', reused' if out['responses_reused'] else ''})")
     return 0

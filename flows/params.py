@@ -1,0 +1,109 @@
+"""The pipeline's one parameter model: every stage's config in one validated object.
+
+Prefect validates it before the run starts; `gptflow pipeline --config FILE` reads it from YAML or JSON, and
+`configs/` holds ready-made ones (`tiny.yaml` for tests and the end-to-end check).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from eval.judge import JudgeConfig
+from gptflow.data.config import InstructionDataConfig, SpamDataConfig
+from gptflow.errors import GptflowError
+from model.classifier import ClassifierConfig
+from model.config import PRESETS
+from model.instruct import InstructConfig
+from model.onnx_export import ExportConfig
+from model.pretrain import PretrainConfig
+
+
+class PipelineConfigError(GptflowError, ValueError):
+    """A pipeline config file or parameter is invalid."""
+
+
+class PipelineParams(BaseModel):
+    """Defaults: a `mini` model pretrained from scratch, finishing in under 15 minutes on 2 CPU cores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights: str = Field(default="pretrain", description="pretrain (from scratch on `corpus`) or "
+                         "gpt2:<gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|path to model.safetensors>")
+    corpus: str = Field(default="tinyshakespeare", description="pretraining corpus: name or UTF-8 text file")
+    spam: SpamDataConfig = SpamDataConfig()
+    instructions: InstructionDataConfig = InstructionDataConfig()
+    pretrain: PretrainConfig = PretrainConfig(preset="mini", steps=600)
+    classifier: ClassifierConfig = ClassifierConfig(trainable="all", epochs=3, lr=3e-4, warmup_steps=20)
+    instruct: InstructConfig = InstructConfig(epochs=2, lr=3e-4, max_new_tokens=64)
+    export: ExportConfig = ExportConfig()
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    require_judge: bool = Field(default=False, description="fail (not skip) the run when no judge is reachable")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, value: str) -> str:
+        kind, sep, ref = value.partition(":")
+        if value == "pretrain" or (kind == "gpt2" and sep and ref.strip()):
+            return value
+        raise ValueError(f"expected 'pretrain' or 'gpt2:<name-or-path>', got {value!r}")
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> "PipelineParams":
+        if self.pretrain.preset not in PRESETS:
+            raise ValueError(f"pretrain.preset {self.pretrain.preset!r} is not one of {', '.join(PRESETS)}")
+        return self
+
+    @property
+    def gpt2_source(self) -> str:
+        return self.weights.partition(":")[2]
+
+    def with_preset(self, preset: str) -> "PipelineParams":
+        return self.merged({"pretrain": {"preset": preset}})
+
+    def merged(self, overrides: dict[str, Any]) -> "PipelineParams":
+        """These params with nested fields replaced (`{"pretrain": {"steps": 10}}`), validated."""
+        data = _deep_merge(self.model_dump(mode="json"), overrides)
+        try:
+            return PipelineParams.model_validate(data)
+        except ValidationError as exc:
+            raise PipelineConfigError(_problems(exc)) from None
+
+
+def load_params(path: str | Path | None = None, preset: str | None = None) -> PipelineParams:
+    """Defaults, overridden by a YAML/JSON file (any subset of fields), then by `preset`."""
+    params = PipelineParams()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise PipelineConfigError(f"cannot read pipeline config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise PipelineConfigError(f"{path} is not valid YAML/JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PipelineConfigError(f"{path}: expected a mapping of pipeline parameters, got {type(data).__name__}")
+        try:
+            params = params.merged(data)
+        except PipelineConfigError as exc:
+            raise PipelineConfigError(f"{path}: {exc}") from None
+    if preset is not None:
+        params = params.with_preset(preset)
+    return params
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())

@@ -1,0 +1,169 @@
+"""ONNX export, parity, int8 gate, the edge bundle and its torch-free runtime, and the classify/export CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from classify_data import make_texts, write_splits
+from edge.runtime import BundleError, EdgeClassifier, verify_bundle
+from edge.text import encode_texts, pad_batch, softmax
+from gptflow.settings import load_settings
+from gptflow.storage import sha256_file
+from gptflow.tokenizer import tokenizer_files
+from model.classifier import ClassifierConfig, finetune, load_classifier, predict_logits
+from model.onnx_export import ExportConfig, ExportError, check_parity, export_classifier
+from model.quantize import QuantizationGateError, check_accuracy_gate, quantize_torch_dynamic
+
+from conftest import REPO_ROOT
+
+TEXTS = ["the invoice payment was charged twice", "football match today, great goal", "", "garlic soup recipe"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer, mirror):
+    root = tmp_path_factory.mktemp("export")
+    data = write_splits(root / "data", (20, 5, 34))  # 60 train, 102 test texts
+    config = ClassifierConfig(preset="tiny", trainable="all", lr=2e-3, epochs=3, batch_size=8, patience=None)
+    tuned = finetune(data, root / "clf", config, tokenizer=tokenizer)
+    report = export_classifier(tuned.best, data, root / "export", ExportConfig(), tokenizer=tokenizer,
+                               tokenizer_files=tokenizer_files(load_settings(mirror=mirror)))
+    return {"root": root, "data": data, "best": tuned.best, "report": report, "bundle": root / "export" / "bundle"}
+
+
+def test_export_report_parity_and_int8(exported):
+    report = exported["report"]
+    assert report["parity"]["n"] == 102 and report["parity"]["fp32_prediction_matches"] == 102
+    assert report["parity"]["fp32_max_abs_logit_diff"] <= 1e-4
+    assert report["parity"]["int8_agreement"] >= 0.99
+    assert report["accuracy"]["torch_fp32"] == report["accuracy"]["onnx_fp32"] > 0.9  # the model learned
+    assert report["opset"] >= 17
+    assert report["sizes_bytes"]["model.int8.onnx"] * 3 < report["sizes_bytes"]["model.onnx"]
+
+
+def test_onnx_graph_io_checker_and_metadata(exported):
+    path = exported["bundle"] / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(path)
+    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+    assert list(inputs) == ["input_ids", "attention_mask"]
+    for t in inputs.values():
+        assert t.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_param for d in t.shape.dim] == ["batch", "seq"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["labels"]) == {"billing": 0, "food": 1, "sport": 2}
+    assert (meta["tokenizer"], meta["max_length"], meta["pad_id"]) == ("gpt2", "128", "50256")
+    assert meta["source_checkpoint_sha256"] == sha256_file(exported["best"])
+    assert int(meta["opset"]) >= 17
+
+
+def test_dynamic_axes_match_torch(exported):
+    loaded = load_classifier(exported["best"])
+    edge = EdgeClassifier(exported["bundle"])
+    for rows in ([[42]], [list(range(1, 128))], [[5, 6, 7]] * 3 + [list(range(100, 150))]):
+        ids, mask = pad_batch(rows)
+        ort_logits = edge.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        with torch.no_grad():
+            ref = loaded.model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        assert ort_logits.shape == (len(rows), 3)
+        assert np.abs(ort_logits - ref).max() <= 1e-4
+
+
+def test_bundle_manifest_lists_every_file(exported):
+    bundle = exported["bundle"]
+    manifest = verify_bundle(bundle)
+    names = {"model.onnx", "model.int8.onnx", "encoder.json", "vocab.bpe", "labels.json"}
+    assert set(manifest["files"]) == names
+    assert all(manifest["files"][n] == sha256_file(bundle / n) for n in names)
+
+
+def test_tampered_bundle_is_refused(exported, tmp_path):
+    bundle = shutil.copytree(exported["bundle"], tmp_path / "bundle")
+    with open(bundle / "model.int8.onnx", "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"\x00" * 4)
+    with pytest.raises(BundleError, match="model.int8.onnx does not match its sha256"):
+        EdgeClassifier(bundle, int8=True)
+    proc = subprocess.run([sys.executable, "-m", "edge", str(bundle), "hi"], capture_output=True, text=True,
+                          cwd=REPO_ROOT)
+    assert proc.returncode == 2 and "refusing the bundle" in proc.stderr
+    (bundle / "model.int8.onnx").unlink()
+    with pytest.raises(BundleError, match="model.int8.onnx is missing"):
+        verify_bundle(bundle)
+
+
+NO_TORCH = textwrap.dedent("""
+    import runpy, sys
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this test")
+    sys.meta_path.insert(0, BlockTorch())
+    sys.argv = ["edge", *sys.argv[1:]]
+    runpy.run_module("edge", run_name="__main__")
+""")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_edge_cli_without_torch_matches_pytorch(exported, tokenizer, int8):
+    texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
+    args = [str(exported["bundle"]), *texts] + (["--int8"] if int8 else [])
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    loaded = load_classifier(exported["best"])
+    model = quantize_torch_dynamic(loaded.model) if int8 else loaded.model
+    probs = softmax(predict_logits(model, encode_texts(tokenizer, texts, loaded.max_length)))
+    assert [line[0] for line in lines] == [loaded.names[k] for k in probs.argmax(1)]
+    tol = 0.05 if int8 else 1e-4  # torch int8 and onnxruntime int8 use different kernels
+    assert np.allclose([float(line[1]) for line in lines], probs.max(1), atol=tol)
+    assert [line[2] if len(line) > 2 else "" for line in lines] == texts
+
+
+def test_parity_and_gate_fail_loudly():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    with pytest.raises(ExportError, match="max \\|logit diff\\| 0.001"):
+        check_parity(ref, ref + np.float32(1e-3), None, "t")
+    with pytest.raises(ExportError, match="agree with fp32 on 50.00%"):
+        check_parity(ref, ref, np.array([[1.0, 0.0], [1.0, 0.0]], dtype=np.float32), "t")
+    assert check_accuracy_gate(0.98, 0.975, 1.0, "t") == pytest.approx(0.5)
+    with pytest.raises(QuantizationGateError, match="1.50 points below fp32 98.00%"):
+        check_accuracy_gate(0.98, 0.965, 1.0, "t")
+
+
+def test_classify_cli_checkpoint_and_bundle(exported, settings, capsys):
+    from gptflow.cli import main
+
+    texts_file = exported["root"] / "msgs.csv"
+    texts_file.write_text("text\nfootball match today, great goal\ngarlic soup recipe\n")
+    outputs = []
+    for model, extra in ((exported["best"], []), (exported["bundle"], ["--int8"])):
+        assert main(["classify", TEXTS[0], "--model", str(model), "--file", str(texts_file), *extra]) == 0
+        outputs.append([line.split("\t")[0] for line in capsys.readouterr().out.splitlines()])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["classify", "hi", "--model", "nowhere.pt"], "does not exist"),
+    (["classify", "--model", "x"], "nothing to classify"),
+    (["export", "nowhere.pt"], "does not exist"),
+    (["finetune-classifier", "--data", "missing.csv"], "--data: missing.csv"),
+    (["finetune-classifier", "--data", "spam", "--init", "bogus"], "--init"),
+    (["finetune-classifier", "--preset", "huge"], "unknown model preset"),
+    (["finetune-classifier", "--epochs", "0"], "--epochs"),
+])
+def test_cli_bad_input_exits_2(argv, message, settings, capsys):
+    from gptflow.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
