@@ -31,6 +31,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"test": {"accuracy": 0.98}} -> {"test.accuracy": 0.98}; lists are left out (curves, not headlines)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def stage_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per stage: status, where its outputs are, its code version and its headline metrics."""
     rows = []
@@ -42,7 +53,7 @@ def stage_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "status": result.get("status") or ("reused" if result.get("reused") else "done"),
             "out_dir": str(result.get("out_dir", "")),
             "code_version": manifest.get("code_version", ""),
-            "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list))),
+            "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in _flat(metrics).items()),
         })
     return rows
 

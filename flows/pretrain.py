@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from gptflow.settings import get_settings
+from gptflow.storage import sha256_json
 from model.pretrain import PretrainConfig
 from tasks.pretrain import convert_weights, train_model
 
@@ -15,7 +16,8 @@ from tasks.pretrain import convert_weights, train_model
 def pretrain_flow(corpus: str = "tinyshakespeare", config: PretrainConfig = PretrainConfig(),
                   out_dir: str | None = None, resume: bool = True) -> dict:
     """`corpus`: a corpus name or text file (tokenized by the data flow first, reused if done) or a folder
-    that already holds train.bin/val.bin. Outputs go to `<home>/pretrain/<corpus>-<preset>` by default."""
+    that already holds train.bin/val.bin. Outputs go to `<home>/pretrain/<corpus>-<preset>-<config hash>`
+    by default: the same config resumes or reuses, a changed one trains afresh beside it."""
     if (Path(corpus) / "train.bin").is_file():
         data_dir, name = corpus, Path(corpus).name
     else:
@@ -23,7 +25,8 @@ def pretrain_flow(corpus: str = "tinyshakespeare", config: PretrainConfig = Pret
 
         data = prepare_corpus(corpus)
         data_dir, name = data["out_dir"], data["report"]["name"]
-    out = out_dir or str(get_settings().stage_dir("pretrain") / f"{name}-{config.preset}")
+    out = out_dir or str(get_settings().stage_dir("pretrain") /
+                         f"{name}-{config.preset}-{sha256_json(config.resume_key())[:8]}")
     return train_model(data_dir, out, config, resume)
 
 

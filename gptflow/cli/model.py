@@ -31,7 +31,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="train in fp32")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/pretrain/<corpus>-<preset>)")
+    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/pretrain/<corpus>-<preset>-<config hash>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     p.set_defaults(handler=run_pretrain)
 
