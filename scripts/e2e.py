@@ -386,6 +386,23 @@ def ui_checks(browser: Browser, base: str, run, api: dict[str, Any], out: Path) 
         problems.append(f"{page}?tab=Artifacts does not list all of {listed}")
     shots.append(browser.save(out, "flow-run-artifacts"))
 
+    table = next((a for a in api["run_artifacts"] if a.type == "table"), None)
+    if table is not None:
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        columns = json.dumps(list(rows[0]))
+        js = (f"document.querySelectorAll('table tbody tr').length > 0 && {columns}.every(c => "
+              "[...document.querySelectorAll('table th')].some(th => th.innerText.trim() === c))")
+        if not browser.open(f"{base}/v2/artifacts/artifact/{table.id}", js):
+            problems.append(f"table artifact {table.key}: no rendered table with columns {columns}")
+        shots.append(browser.save(out, f"table-{table.key}"))
+    texts = [a for a in api["run_artifacts"] if a.type == "markdown" and PNG_DATA_URL not in str(a.data)]
+    if texts:
+        doc = max(texts, key=lambda a: len(str(a.data)))
+        js = "document.querySelector('[data-testid=markdown-display] h1, [data-testid=markdown-display] h2')"
+        if not browser.open(f"{base}/v2/artifacts/artifact/{doc.id}", f"!!{js}"):
+            problems.append(f"markdown artifact {doc.key}: no rendered heading")
+        shots.append(browser.save(out, f"markdown-{doc.key}"))
+
     rendered = []
     for ui, plots in (("v2", api["plots"]), ("v1", api["plots"][:1])):
         for plot in plots:

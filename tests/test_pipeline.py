@@ -1,0 +1,88 @@
+"""The end-to-end pipeline: parameter validation, a tiny run, reuse on rerun, and downstream-only reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.params import PipelineConfigError, PipelineParams, load_params
+from gptflow.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def test_defaults_and_overrides():
+    params = load_params(TINY, preset="tiny")
+    assert params.pretrain.preset == "tiny" and params.corpus == "the-verdict"
+    assert params.pretrain.steps == 20 and params.classifier.epochs == 1
+    assert PipelineParams().pretrain.preset == "mini"
+    assert params.merged({"weights": "gpt2:gpt2-small"}).gpt2_source == "gpt2-small"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("weights: gpt3\n", "weights: Value error, expected 'pretrain' or 'gpt2:<name-or-path>', got 'gpt3'"),
+        ("pretrain: {steps: 0}\n", "pretrain.steps: Input should be greater than 0"),
+        ("pretrain: {preset: huge}\n", "pretrain.preset 'huge' is not one of"),
+        ("classifier: {epochz: 3}\n", "classifier.epochz: Extra inputs are not permitted"),
+        ("- 1\n- 2\n", "expected a mapping of pipeline parameters, got list"),
+        ("a: [1\n", "is not valid YAML/JSON"),
+    ],
+)
+def test_bad_config_files_name_the_field(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    with pytest.raises(PipelineConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path, settings, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("export: {max_int8_drop: -1}\n")
+    assert cli_main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gptflow pipeline: error: ") and "export.max_int8_drop" in err[-1]
+    assert not settings.home.exists()  # validated before any stage ran
+
+
+def _stage_status(summary: dict) -> dict[str, str]:
+    return {row["stage"]: row["status"] for row in summary["stages"]}
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harness, settings):
+    from flows.pipeline import pipeline
+
+    params = load_params(TINY).merged({"judge": {"host": "http://127.0.0.1:9", "retries": 0}})
+    first = pipeline(params)
+
+    deliverables = {k: Path(v) for k, v in first["deliverables"].items()}
+    bundle = deliverables["edge bundle"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "encoder.json", "labels.json", "manifest.json", "model.int8.onnx", "model.onnx", "vocab.bpe"]
+    responses = json.loads(deliverables["test responses"].read_text())
+    assert len(responses) == 4 and all("model_response" in r for r in responses)
+    report = Path(first["report"])
+    assert report.parent.parent == settings.home / "runs" and "## Lineage" in report.read_text()
+    status = _stage_status(first)
+    assert status["evaluate"] == "skipped"  # no judge reachable: skipped with the reason, not failed
+    assert all(status[s] == "done" for s in ("data-spam", "base-model", "classifier", "export", "instruct"))
+
+    checkpoint = deliverables["classifier checkpoint"]
+    mtime = checkpoint.stat().st_mtime_ns
+    second = pipeline(params)
+    status = _stage_status(second)
+    assert all(status[s] == "reused" for s in ("data-spam", "data-instructions", "base-model", "classifier",
+                                               "export", "instruct")), status
+    assert checkpoint.stat().st_mtime_ns == mtime
+
+    third = pipeline(params.merged({"instruct": {"max_steps": 12}}))
+    status = _stage_status(third)
+    assert status["instruct"] == "done"
+    assert all(status[s] == "reused" for s in ("data-spam", "base-model", "classifier", "export")), status

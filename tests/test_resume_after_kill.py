@@ -1,0 +1,48 @@
+"""A training run killed with SIGKILL continues from its last checkpoint when started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_pretrain_killed_mid_run_resumes_from_last_checkpoint(tmp_path, mirror):
+    env = {**os.environ, "GPTFLOW_HOME": str(tmp_path / "out"), "GPTFLOW_MIRROR": str(mirror),
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptflow.cli", "pretrain", "--corpus", "the-verdict", "--preset", "tiny",
+           "--steps", "400", "--checkpoint-every", "5", "--eval-every", "1000", "--batch-size", "2",
+           "--out", str(out)]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    checkpoint = out / "last.pt"
+    deadline = time.monotonic() + 400
+    while not checkpoint.is_file():
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it train past the first checkpoint
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    assert not (out / "model.pt").exists()  # the run really was cut short
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert resumed and str(checkpoint) in resumed[0], log[-3000:]
+    step = int(resumed[0].rsplit("at step", 1)[1].split()[0])
+    assert 5 <= step < 400 and step % 5 == 0
+    assert (out / "model.pt").is_file() and (out / "manifest.json").is_file()
