@@ -102,7 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget-s", type=float, default=480, help="domain-adaptive pretraining time budget")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning LR (a small model from scratch needs "
+                        "more than the book's 5e-5 for GPT-2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -120,7 +122,7 @@ def main() -> None:
     pre = pretrain_domain(texts.tolist(), tok, args.budget_s, work / "dapt.pt")
     print(f"  {pre}")
 
-    config = ClassifierConfig(init=f"checkpoint:{work / 'dapt.pt'}", trainable="all", lr=1e-4, epochs=args.epochs,
+    config = ClassifierConfig(init=f"checkpoint:{work / 'dapt.pt'}", trainable="all", lr=args.lr, epochs=args.epochs,
                               batch_size=16, warmup_steps=50, patience=3, seed=123)
     t_ft = time.perf_counter()
     tuned = finetune(data_dir, work / "classifier", config, tokenizer=tok, resume=False,

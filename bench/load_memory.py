@@ -16,10 +16,15 @@ import sys
 from pathlib import Path
 
 MEASURE = r"""
-import resource, sys, json
+import sys, json
 import torch
+
+def hwm_kib():  # VmHWM: peak resident set of this process image (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 mode, path = sys.argv[1], sys.argv[2]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if mode == "ours":
     from model.weights import load_gpt2
     model, _ = load_gpt2(path)
@@ -30,7 +35,7 @@ elif mode == "naive":
     state = load_file(path + "/model.safetensors")
     model = GPTModel(GPTConfig.from_preset("gpt2-small"))
     n = sum(t.numel() for t in state.values())
-print(json.dumps({"base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"peak_kib": hwm_kib()}))
 """
 
 

@@ -60,7 +60,7 @@ def expectations() -> dict[str, Expectation]:
     from flows.params import load_params
 
     tiny = load_params(REPO / "configs" / "tiny.yaml")
-    pretrain_artifacts = {"data-corpus-the-verdict", "pretrain-the-verdict-tiny", "pretrain-the-verdict-tiny-loss"}
+    pretrain_artifacts = {"data-corpus-the-verdict", "pretrain-the-verdict-tiny*", "pretrain-the-verdict-tiny*-loss"}
     return {
         "nightly": Expectation(
             parameters={"params": tiny.model_dump(mode="json")},

@@ -46,9 +46,9 @@ def _prepare_environment() -> None:
 def main(argv: list[str] | None = None) -> int:
     from gptflow.errors import GptflowError
 
+    _prepare_environment()  # before anything imports Prefect
     parser = build_parser()
     args = parser.parse_args(argv)
-    _prepare_environment()
     try:
         result = args.handler(args)
     except GptflowError as exc:
@@ -58,7 +58,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
         return 130
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

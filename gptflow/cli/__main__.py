@@ -1,0 +1,7 @@
+"""`python -m gptflow.cli` == `gptflow`."""
+
+import sys
+
+from gptflow.cli import main
+
+sys.exit(main())
