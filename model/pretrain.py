@@ -204,6 +204,8 @@ def pretrain(
         state, ckpt = load_training_checkpoint(ckpt_path, model, optimizer, scheduler)
         windows.load_state_dict(ckpt["data"])
         log.info("pretrain: resumed from %s at step %d", ckpt_path, state.step)
+        if on_log is not None:
+            on_log({"kind": "resume", "step": state.step, "checkpoint": str(ckpt_path)})
     out_dir.mkdir(parents=True, exist_ok=True)
     train_model = torch.compile(model) if config.compile else model
 

@@ -23,7 +23,9 @@ def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: boo
     logger = get_run_logger()
 
     def on_log(m: dict[str, Any]) -> None:
-        if m["kind"] == "train":
+        if m["kind"] == "resume":
+            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
+        elif m["kind"] == "train":
             logger.info("step %d  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["loss"], m["lr"], m["tokens_per_s"])
         else:
             logger.info("step %d  val loss %.4f  ppl %.1f  sample %r", m["step"], m["val_loss"], m["val_ppl"],
