@@ -23,14 +23,12 @@ import ollama
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
+from gptflow.prompts import format_instruction
 from gptflow.settings import get_settings
 from gptflow.storage import sha256_json
 
 log = logging.getLogger(__name__)
 
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
 JUDGE_PROMPT = (
     "Given the input `{prompt}` and correct output `{output}`, score the model response `{response}`"
     " on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
@@ -85,14 +83,8 @@ class Judgement:
     cached: bool = False
 
 
-def alpaca_input(entry: dict) -> str:
-    """The instruction part of the Alpaca prompt (the book's `format_input`)."""
-    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
-    return text + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else "")
-
-
 def judge_prompt(entry: dict, response_key: str) -> str:
-    return JUDGE_PROMPT.format(prompt=alpaca_input(entry), output=entry["output"], response=entry[response_key])
+    return JUDGE_PROMPT.format(prompt=format_instruction(entry), output=entry["output"], response=entry[response_key])
 
 
 def parse_score(reply: str) -> tuple[int | None, str | None]:

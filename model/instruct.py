@@ -15,13 +15,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gptflow.errors import GptflowError
+from gptflow.prompts import RESPONSE_MARKERS, Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
 from gptflow.storage import (
     completed_manifest, read_json, sha256_file, sha256_json, write_json_atomic, write_manifest,
@@ -51,58 +52,11 @@ PROGRESS = "progress.jsonl"
 IGNORE_INDEX = -100
 RESPONSE_KEY = "model_response"
 
-Style = Literal["alpaca", "phi3"]
-
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-# Text that introduces the response in each style; the response is the text after it.
-RESPONSE_MARKERS: dict[str, str] = {"alpaca": "### Response:", "phi3": "<|assistant|>:"}
-
-
 class InstructError(GptflowError, ValueError):
     """Instruction data, init source or resume state is unusable."""
 
 
-# --- prompts ---------------------------------------------------------------------------------------------
-
-def format_prompt(entry: dict[str, str], style: Style = "alpaca") -> str:
-    """The prompt up to and including the response marker line; the training text is this + the output.
-
-    alpaca (the book): preamble, `### Instruction:`, `### Input:` only when the input is non-empty, then
-    `### Response:`. phi3 (the book's exercise 7.1): `<|user|>`, instruction, input, `<|assistant|>:`.
-    """
-    instruction, text = entry["instruction"], entry.get("input") or ""
-    if style == "alpaca":
-        prompt = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
-        if text:
-            prompt += f"\n\n### Input:\n{text}"
-        return prompt + f"\n\n{RESPONSE_MARKERS['alpaca']}\n"
-    if style == "phi3":
-        prompt = f"<|user|>\n{instruction}"
-        if text:
-            prompt += f"\n{text}"
-        return prompt + f"\n{RESPONSE_MARKERS['phi3']}\n"
-    raise InstructError(f"unknown prompt style {style!r}; styles: {', '.join(RESPONSE_MARKERS)}")
-
-
-def format_example(entry: dict[str, str], style: Style = "alpaca") -> str:
-    """Prompt plus the reference output: the text the model is trained on."""
-    return format_prompt(entry, style) + entry["output"]
-
-
-def extract_response(text: str, style: Style = "alpaca") -> str:
-    """The text after the first response marker (all of `text` if there is none): see `clean_response`."""
-    _, found, after = text.partition(RESPONSE_MARKERS[style])
-    return clean_response(after if found else text, style)
-
-
-def clean_response(generated: str, style: Style = "alpaca") -> str:
-    """Generated text stripped, without response markers the model echoed at its start."""
-    marker, response = RESPONSE_MARKERS[style], generated.strip()
-    while response.startswith(marker):
-        response = response[len(marker):].strip()
-    return response
-
+# --- prompts (formats in gptflow.prompts) -----------------------------------------------------------
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Entry text is data: a literal `<|endoftext|>` in it is encoded as plain text, not as token 50256."""

@@ -11,9 +11,9 @@ import torch
 
 from gptflow.cli import main
 from model.checkpoint import load_checkpoint, load_model
+from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
 from model.instruct import (
-    PROGRESS, InstructConfig, clean_response, collate, encode_entries, extract_response, finetune, format_example,
-    format_prompt, generate_responses, instruct_loss, respond,
+    PROGRESS, InstructConfig, collate, encode_entries, finetune, generate_responses, instruct_loss, respond,
 )
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "The cat was sitting."}
