@@ -158,6 +158,8 @@ def main() -> None:
         smooth = {k: np.convolve(v, np.ones(10) / 10, mode="valid") for k, v in curves.items()}
         table([{"step": m + 1, "fp32 loss": f"{curves['fp32'][m]:.4f}", "bf16 loss": f"{curves['bf16'][m]:.4f}"}
                for m in marks], f"Loss curve, config A on tiny Shakespeare (same seed and batches, book lr {LR})")
+        raw = np.abs(np.array(curves["fp32"]) - np.array(curves["bf16"]))
+        print(f"per-step |fp32 - bf16| loss: max {raw.max():.5f}, mean {raw.mean():.5f}")
         diff = np.abs(smooth["fp32"] - smooth["bf16"])
         print(f"max |fp32 - bf16| of the 10-step moving average: {diff.max():.3f} "
               f"(mean {diff.mean():.3f}); final 10-step averages fp32 {smooth['fp32'][-1]:.3f}, "

@@ -63,9 +63,12 @@ def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def classification_report(y_true: Sequence[int], probs: np.ndarray, names: Sequence[str]) -> dict:
-    """Everything as plain JSON values: accuracy, macro F1, per-class table, confusion matrix, ROC-AUC (2 classes)."""
-    probs = np.asarray(probs, dtype=np.float64)
+def classification_report(y_true: Sequence[int], scores: np.ndarray, names: Sequence[str]) -> dict:
+    """Everything as plain JSON values: accuracy, macro F1, per-class table, confusion matrix, ROC-AUC (2 classes).
+
+    `scores` (N, classes): logits or probabilities. ROC-AUC ranks by scores[:, 1] - scores[:, 0]: with logits
+    that is the log-odds, which never saturates the way float32 probabilities do (many ties at 1.0)."""
+    probs = np.asarray(scores, dtype=np.float64)
     y_true = np.asarray(y_true, dtype=np.int64)
     if probs.ndim != 2 or probs.shape[1] != len(names):
         raise MetricsError(f"probabilities of shape {probs.shape} do not match {len(names)} class names")
@@ -84,7 +87,7 @@ def classification_report(y_true: Sequence[int], probs: np.ndarray, names: Seque
         "confusion_matrix": {"labels": list(names), "matrix": cm.tolist()},
     }
     if len(names) == 2 and 0 < (y_true == 1).sum() < len(y_true):
-        report["roc_auc"] = roc_auc(y_true, probs[:, 1])
+        report["roc_auc"] = roc_auc(y_true, probs[:, 1] - probs[:, 0])
     return report
 
 

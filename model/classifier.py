@@ -438,8 +438,6 @@ def evaluate_classifier(model_path: str | Path, data_dir: str | Path, out_dir: s
     from eval.metrics import classification_report
     from eval.plots import plot_confusion_matrix
 
-    from edge.text import softmax
-
     loaded = load_classifier(model_path)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     labels = load_labels(data_dir)
@@ -448,8 +446,8 @@ def evaluate_classifier(model_path: str | Path, data_dir: str | Path, out_dir: s
     reports = {}
     for split in ("train", "validation", "test"):
         data = encode_split(read_split(data_dir / f"{split}.csv", labels), tokenizer, loaded.max_length)
-        probs = softmax(predict_logits(loaded.model, data.ids, batch_size))
-        reports[split] = classification_report(data.labels, probs, loaded.names)
+        reports[split] = classification_report(data.labels, predict_logits(loaded.model, data.ids, batch_size),
+                                               loaded.names)
     write_json_atomic(out_dir / METRICS, {"checkpoint": str(loaded.path), "reports": reports})
     plot_confusion_matrix(reports["test"]["confusion_matrix"]["matrix"], loaded.names, out_dir / CONFUSION,
                           title=f"test confusion matrix (accuracy {100 * reports['test']['accuracy']:.2f}%)")

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
-from gptflow.storage import completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest
+from gptflow.storage import (
+    atomic_path, completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest,
+)
 from model.checkpoint import load_checkpoint, save_model
 from model.config import GPTConfig
 from model.generate import generate
@@ -300,8 +302,6 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gptflow.storage import atomic_path
 
     trains = [h for h in history if h["kind"] == "train"]
     evals = [h for h in history if h["kind"] == "eval"]
