@@ -8,6 +8,7 @@ from prefect import flow
 
 from gptflow.data.config import CsvDataConfig, SpamDataConfig
 from gptflow.settings import get_settings
+from gptflow.storage import sha256_json
 from model.classifier import ClassifierConfig
 from tasks.classify import evaluate_splits, finetune_classifier
 
@@ -17,7 +18,7 @@ def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = Clas
                              text_column: str | None = None, label_column: str | None = None,
                              out_dir: str | None = None, resume: bool = True) -> dict:
     """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
-    `<home>/classify/<data>-<init>` by default."""
+    `<home>/classify/<data>-<init>-<config hash>` by default."""
     from flows.data import prepare_csv, prepare_spam
 
     if (Path(data) / "train.csv").is_file():
@@ -26,8 +27,7 @@ def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = Clas
         data_dir = prepare_spam(SpamDataConfig())["out_dir"]
     else:
         data_dir = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))["out_dir"]
-    init = config.init if config.init != "random" else f"random-{config.preset}"
-    name = f"{Path(data_dir).name}-{Path(init.replace(':', '-')).name}"
+    name = f"{Path(data_dir).name}-{config.init_label()}-{sha256_json(config.resume_key())[:8]}"
     out = out_dir or str(get_settings().stage_dir("classify") / name)
     trained = finetune_classifier(data_dir, out, config, resume)
     metrics = evaluate_splits(trained["best"], data_dir, out)

@@ -9,7 +9,9 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock, Timeout
 
 MANIFEST_NAME = "manifest.json"
 _UMASK = os.umask(0)
@@ -130,3 +132,22 @@ def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: di
         if not out.is_file() or sha256_file(out) != digest:
             return None
     return manifest
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold `<stage_dir>.lock` while a stage writes its folder: a second run that needs the same stage (same
+    inputs and config, hence the same folder) waits, then finds it complete and reuses it."""
+    stage_dir = Path(stage_dir)
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(stage_dir) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

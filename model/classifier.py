@@ -28,9 +28,10 @@ from torch import nn
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
 from gptflow.storage import completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest
-from model.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import GPTConfig
 from model.gpt import GPTModel
+from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
 from model.training import (
     TrainState, autocast, build_optimizer, build_scheduler, check_finite, eval_mode, load_training_checkpoint,
     save_training_checkpoint, set_threads,
@@ -59,7 +60,7 @@ class ClassifierConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    init: str = Field(default="random", description="random | gpt2:NAME|PATH | checkpoint:PATH (our pretraining)")
+    init: str = Field(default="random", description=INIT_HELP)
     preset: str = Field(default="mini", description="model preset for init=random")
     pooling: Pooling = "last_real"
     trainable: Trainable = Field(default="last_k", description="head | last_k (last k blocks + final norm + "
@@ -84,10 +85,11 @@ class ClassifierConfig(BaseModel):
     @field_validator("init")
     @classmethod
     def _init_spec(cls, value: str) -> str:
-        kind, _, arg = value.partition(":")
-        if value != "random" and (kind not in ("gpt2", "checkpoint") or not arg):
-            raise ValueError(f"init {value!r}: expected random, gpt2:NAME|PATH or checkpoint:PATH")
-        return value
+        return validate_init(value)
+
+    def init_label(self) -> str:
+        """Short name of the starting point, for folder names."""
+        return init_label(self.init, self.preset)
 
     def resume_key(self) -> dict[str, Any]:
         """Fields a resumed run must share with its checkpoint."""
@@ -220,25 +222,13 @@ def evaluate_split(model: SequenceClassifier, data: LabelledTexts, batch_size: i
 
 
 def build_backbone(config: ClassifierConfig, settings=None) -> tuple[GPTModel, dict[str, str]]:
-    """The backbone named by `config.init`, and where it came from ({init, sha256})."""
-    kind, _, arg = config.init.partition(":")
-    if kind == "random":
-        torch.manual_seed(config.seed)
-        cfg = GPTConfig.from_preset(config.preset, dropout=config.dropout)
-        return GPTModel(cfg), {"init": "random", "preset": config.preset}
-    if kind == "gpt2":
-        from model.weights import load_gpt2, resolve_weights
-
-        model, _ = load_gpt2(arg, settings, dropout=config.dropout)
-        path, _ = resolve_weights(arg, settings)
-        return model, {"init": config.init, "sha256": sha256_file(path)}
-    path = Path(arg)
-    if path.is_dir():
-        path = path / "model.pt"
-    loaded, cfg = load_model(path)
-    model = GPTModel(cfg.model_copy(update={"dropout": config.dropout}))
-    model.load_state_dict(loaded.state_dict())
-    return model, {"init": config.init, "sha256": sha256_file(path)}
+    """The backbone named by `config.init`, and where it came from ({init, sha256} or {init, preset})."""
+    model = build_init_model(config.init, config.preset, dropout=config.dropout, seed=config.seed,
+                             settings=settings)
+    path = init_file(config.init, settings)
+    source = {"init": "random", "preset": config.preset} if path is None else {"init": config.init,
+                                                                                "sha256": sha256_file(path)}
+    return model, source
 
 
 def save_classifier(path: str | Path, model: SequenceClassifier, labels: dict[str, int], max_length: int,

@@ -29,9 +29,9 @@ from gptflow.storage import (
 )
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import load_checkpoint, load_model, save_model
-from model.config import GPTConfig
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
+from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
 from model.pretrain import plot_loss_curve
 from model.training import (
     TrainState, autocast, build_optimizer, build_scheduler, check_finite, eval_mode, load_training_checkpoint,
@@ -117,8 +117,7 @@ class InstructConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    init: str = Field(default="random", description="checkpoint:<path> (our pretraining or load-gpt2 output), "
-                      "gpt2:<preset-or-safetensors> (public GPT-2 weights) or random")
+    init: str = Field(default="random", description=INIT_HELP)
     preset: str = Field(default="mini", description="model shape for init=random")
     context_length: int | None = Field(default=None, gt=1, description="override the preset's (random init)")
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -150,10 +149,7 @@ class InstructConfig(BaseModel):
     @field_validator("init")
     @classmethod
     def _init_kind(cls, value: str) -> str:
-        kind, sep, ref = value.partition(":")
-        if value == "random" or (sep and kind in ("checkpoint", "gpt2") and ref.strip()):
-            return value
-        raise ValueError(f"expected checkpoint:<path>, gpt2:<name-or-path> or random, got {value!r}")
+        return validate_init(value)
 
     def resume_key(self) -> dict[str, Any]:
         """Fields that define the trained model (cadence, threads and generation settings may change)."""
@@ -166,47 +162,7 @@ class InstructConfig(BaseModel):
 
     def init_label(self) -> str:
         """Short name of the starting point, for folder names."""
-        if self.init == "random":
-            return self.preset
-        path = Path(self.init.partition(":")[2])
-        if path.name in (MODEL, "model.safetensors"):
-            return path.parent.name
-        return path.stem if path.suffix in (".pt", ".safetensors") else path.name
-
-
-def init_source(config: InstructConfig, settings: Settings | None = None) -> tuple[str, Path | None]:
-    """(kind, local file) of the starting point; GPT-2 weights named by preset are fetched (mirror-aware)."""
-    kind, _, ref = config.init.partition(":")
-    if kind == "random":
-        return kind, None
-    if kind == "checkpoint":
-        path = Path(ref).expanduser()
-        path = path / MODEL if path.is_dir() else path
-        if not path.is_file():
-            raise InstructError(f"--init checkpoint:{ref}: no such checkpoint (expected a gptflow .pt file or a "
-                                f"folder with {MODEL}, e.g. a pretraining output)")
-        return kind, path
-    from model.weights import resolve_weights
-
-    return kind, resolve_weights(ref, settings)[0]
-
-
-def build_model(config: InstructConfig, kind: str, path: Path | None, settings: Settings | None = None) -> GPTModel:
-    """The starting model in training mode, with the config's dropout."""
-    if kind == "random":
-        overrides: dict[str, Any] = {"dropout": config.dropout}
-        if config.context_length is not None:
-            overrides["context_length"] = config.context_length
-        torch.manual_seed(config.seed)
-        return GPTModel(GPTConfig.from_preset(config.preset, **overrides))
-    if kind == "checkpoint":
-        loaded, cfg = load_model(path)
-        model = GPTModel(cfg.model_copy(update={"dropout": config.dropout}))
-        model.load_state_dict(loaded.state_dict())
-        return model
-    from model.weights import load_gpt2
-
-    return load_gpt2(config.init.partition(":")[2], settings, dropout=config.dropout)[0].train()
+        return init_label(self.init, self.preset)
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -293,7 +249,7 @@ def finetune(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
-    kind, init_path = init_source(config, settings)
+    init_path = init_file(config.init, settings)
     inputs = {n: sha256_file(data_dir / n) for n in ("train.json", "validation.json")}
     inputs["init"] = sha256_file(init_path) if init_path is not None else "random"
     if resume and (done := completed_manifest(out_dir, inputs, config.resume_key())) is not None:
@@ -302,7 +258,8 @@ def finetune(
         return InstructResult(out_dir, out_dir / CHECKPOINT, out_dir / MODEL, out_dir / PLOT, done["metrics"],
                               metrics["history"], reused=True)
 
-    model = build_model(config, kind, init_path, settings)
+    model = build_init_model(config.init, config.preset, dropout=config.dropout, seed=config.seed,
+                             context_length=config.context_length, settings=settings).train()
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    update_progress_artifact,
+)
 
 
 def artifact_key(*parts: str) -> str:
@@ -41,3 +45,24 @@ def publish_plot(png: str | Path, key: str, description: str) -> None:
     encoded = base64.b64encode(Path(png).read_bytes()).decode("ascii")
     markdown = f"### {description}\n\n![{Path(png).name}](data:image/png;base64,{encoded})\n\n`{png}`\n"
     create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
+
+
+class TrainingProgress:
+    """A progress artifact (0-100 %) that a training loop's log callback moves forward.
+
+    Updates are throttled (`min_interval_s`) so a fast loop does not flood the API; `finish()` sets 100 %.
+    """
+
+    def __init__(self, key: str, description: str, min_interval_s: float = 5.0) -> None:
+        self._id = create_progress_artifact(0.0, key=artifact_key(key), description=description)
+        self._min_interval_s = min_interval_s
+        self._last = 0.0
+
+    def update(self, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._min_interval_s:
+            update_progress_artifact(self._id, round(100.0 * min(max(fraction, 0.0), 1.0), 1))
+            self._last = now
+
+    def finish(self) -> None:
+        update_progress_artifact(self._id, 100.0)

@@ -15,19 +15,25 @@ from prefect.cache_policies import NO_CACHE
 from eval.metrics import report_rows
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import CONFUSION, CURVES, ClassifierConfig, evaluate_classifier, finetune
-from tasks.artifacts import artifact_key, publish_plot, publish_table
+from gptflow.storage import stage_lock
+from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
 
 
 @task(cache_policy=NO_CACHE)
 def finetune_classifier(data_dir: str, out_dir: str, config: ClassifierConfig, resume: bool = True) -> dict[str, Any]:
     logger = get_run_logger()
+    progress = TrainingProgress(artifact_key("classify", Path(out_dir).name, "progress"),
+                                f"{Path(out_dir).name}: fine-tuning epochs done")
 
     def on_log(m: dict[str, Any]) -> None:
+        progress.update(m["epoch"] / config.epochs)
         logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s", m["step"],
                     m["epoch"], m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"],
                     "  best" if m["best"] else "")
 
-    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+        result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
     key = artifact_key("classify", result.out_dir.name)
     publish_table(result.history, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")

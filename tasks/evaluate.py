@@ -15,7 +15,9 @@ from eval.judge import JudgeConfig, JudgeUnavailable, OllamaJudge
 from eval.report import (REPORT_NAME, SCORES_NAME, SUMMARY_NAME, evaluate_responses, load_responses,
                          paired_line, report_markdown, skipped_report, summary_rows)
 from gptflow.settings import get_settings
-from gptflow.storage import completed_manifest, read_json, sha256_file, stage_fingerprint, write_manifest
+from gptflow.storage import (
+    completed_manifest, read_json, sha256_file, stage_fingerprint, stage_lock, write_manifest,
+)
 from tasks.artifacts import publish_markdown, publish_plot, publish_table
 
 STAGE = "evaluate"
@@ -53,8 +55,10 @@ def preflight_judge(judge: JudgeConfig) -> dict:
 def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, plan: dict, judge_info: dict) -> dict:
     logger = get_run_logger()
     entries = load_responses(path, response_keys)
-    summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), plan["out_dir"], source=str(path),
-                                 judge_info=judge_info)
+    with stage_lock(plan["out_dir"], on_wait=lambda: logger.info("another run is judging into %s; waiting",
+                                                                   plan["out_dir"])):
+        summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), plan["out_dir"],
+                                     source=str(path), judge_info=judge_info)
     fields = summary["fields"]
     for key, f in fields.items():
         logger.info("%s: %d scored, %d unscored %s, mean %s, 95%% CI %s", key, f["n_scored"], f["n_unscored"],

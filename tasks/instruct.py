@@ -14,22 +14,31 @@ from prefect.cache_policies import NO_CACHE
 
 from gptflow.tokenizer import get_tokenizer
 from model.instruct import InstructConfig, finetune, generate_responses, sample_rows
-from tasks.artifacts import artifact_key, publish_link, publish_plot, publish_table
+from gptflow.storage import stage_lock
+from tasks.artifacts import TrainingProgress, artifact_key, publish_link, publish_plot, publish_table
 
 
 @task(cache_policy=NO_CACHE)
 def finetune_model(data_dir: str, out_dir: str, config: InstructConfig, resume: bool = True) -> dict[str, Any]:
     """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
     logger = get_run_logger()
+    progress = TrainingProgress(artifact_key("instruct", Path(out_dir).name, "progress"),
+                                f"{Path(out_dir).name}: fine-tuning done")
 
     def on_log(m: dict[str, Any]) -> None:
+        if config.max_steps:
+            progress.update(m["step"] / config.max_steps)
+        elif "epoch" in m:
+            progress.update(m["epoch"] / config.epochs)
         if m["kind"] == "train":
             logger.info("step %d (epoch %.2f)  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["epoch"],
                         m["loss"], m["lr"], m["tokens_per_s"])
         else:
             logger.info("step %d  val loss %.4f", m["step"], m["val_loss"])
 
-    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+        result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     key = artifact_key("instruct", result.out_dir.name)
     publish_table([{"metric": k, "value": v} for k, v in result.metrics.items()], key,
@@ -48,8 +57,9 @@ def answer_test_split(model_path: str, test_path: str, out_dir: str, config: Ins
     def on_response(index: int, entry: dict[str, Any]) -> None:
         logger.info("test entry %d: %r", index, entry["model_response"][:120])
 
-    result = generate_responses(model_path, test_path, out_dir, config, tokenizer=get_tokenizer(),
-                                on_response=on_response)
+    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+        result = generate_responses(model_path, test_path, out_dir, config, tokenizer=get_tokenizer(),
+                                    on_response=on_response)
     logger.info("%s %s: %d entries (%d generated now in %.1f s)", "reused" if result.reused else "wrote",
                 result.path, result.n_entries, result.n_generated, result.seconds)
     key = artifact_key("instruct", Path(out_dir).parent.name, "responses")

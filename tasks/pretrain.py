@@ -6,6 +6,7 @@ time (NO_CACHE) and return at once when the stage is already complete.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -14,15 +15,19 @@ from prefect.cache_policies import NO_CACHE
 from gptflow.tokenizer import get_tokenizer
 from model.pretrain import PretrainConfig, pretrain
 from model.weights import convert_gpt2
-from tasks.artifacts import artifact_key, publish_plot, publish_table
+from gptflow.storage import stage_lock
+from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
 
 
 @task(cache_policy=NO_CACHE)
 def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: bool = True) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
     logger = get_run_logger()
+    progress = TrainingProgress(artifact_key("pretrain", Path(out_dir).name, "progress"),
+                                f"{Path(out_dir).name}: pretraining steps done")
 
     def on_log(m: dict[str, Any]) -> None:
+        progress.update(m["step"] / config.steps)
         if m["kind"] == "resume":
             logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
         elif m["kind"] == "train":
@@ -31,7 +36,9 @@ def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: boo
             logger.info("step %d  val loss %.4f  ppl %.1f  sample %r", m["step"], m["val_loss"], m["val_ppl"],
                         m.get("sample", ""))
 
-    result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+        result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     key = artifact_key("pretrain", result.out_dir.name)
     publish_table([{"metric": k, "value": v} for k, v in result.metrics.items()], key,

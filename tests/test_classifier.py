@@ -74,7 +74,7 @@ def test_encode_truncates_and_never_returns_empty(tokenizer):
 
 
 def test_bad_config_and_bad_split(tmp_path):
-    with pytest.raises(ValueError, match="expected random, gpt2:NAME"):
+    with pytest.raises(ValueError, match=r"expected random \| gpt2:<preset-or-safetensors> \| checkpoint:<path>"):
         ClassifierConfig(init="huggingface")
     (tmp_path / "test.csv").write_text("text,label\nhello,0\nbye,7\n")
     with pytest.raises(ClassifierError, match=r"test.csv: label 7 \(row 3\)"):

@@ -191,8 +191,8 @@ def test_flow_through_cli(prefect_harness, settings, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "nope"], "--preset: unknown model preset 'nope'"),
-    (["--init", "bogus"], "--init: Value error, expected checkpoint:<path>, gpt2:<name-or-path> or random"),
-    (["--init", "checkpoint:/no/such.pt"], "--init checkpoint:/no/such.pt: no such checkpoint"),
+    (["--init", "bogus"], "--init: Value error, expected random | gpt2:<preset-or-safetensors> | checkpoint:<path>"),
+    (["--init", "checkpoint:/no/such.pt"], "init checkpoint:/no/such.pt: no such checkpoint"),
     (["--data", "/no/such.json"], "--data /no/such.json: no such file or folder"),
     (["--epochs", "0"], "--epochs: Input should be greater than 0"),
 ])

@@ -49,7 +49,8 @@ def run_finetune_instructions(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from model.config import GPTConfig, ModelConfigError
-    from model.instruct import InstructConfig, InstructError, init_source
+    from model.init import init_file
+    from model.instruct import InstructConfig, InstructError
 
     values = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
     try:
@@ -65,7 +66,7 @@ def run_finetune_instructions(args: argparse.Namespace) -> int:
         raise InstructError(f"--data {args.data}: no such file or folder (expected a JSON list of "
                             "{instruction, input, output} or a folder with train/validation/test.json)")
     if config.init.startswith("checkpoint:"):
-        init_source(config)  # a missing checkpoint: one line before any flow starts
+        init_file(config.init)  # a missing checkpoint: one line before any flow starts
 
     from flows.instruct import finetune_instructions
 
