@@ -43,7 +43,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
                           title: str) -> Path:
     cm = np.asarray(matrix)
     size = max(4.0, 0.6 * len(labels) + 2.5)
-    fig = Figure(figsize=(size, size))
+    fig = Figure(figsize=(size + 1.0, size))  # room for the title
     ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -53,5 +53,5 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     threshold = cm.max() / 2 if cm.size else 0
     for (i, j), value in np.ndenumerate(cm):
         ax.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     return _save(fig, Path(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -97,6 +98,7 @@ def write_manifest(
     config: dict[str, Any],
     outputs: list[str],
     metrics: dict[str, Any] | None = None,
+    code: str = "",
 ) -> Path:
     """Record what made a stage folder: input hashes, config, code version, output hashes, metrics."""
     stage_dir = Path(stage_dir)
@@ -104,7 +106,8 @@ def write_manifest(
         "stage": stage,
         "inputs": inputs,
         "config": config,
-        "fingerprint": stage_fingerprint(inputs, config),
+        "fingerprint": stage_fingerprint(inputs, config, code),
+        "code_digest": code,
         "code_version": code_version(),
         "outputs": {name: sha256_file(stage_dir / name) for name in outputs},
         "metrics": metrics or {},
@@ -112,12 +115,26 @@ def write_manifest(
     return write_json_atomic(stage_dir / MANIFEST_NAME, manifest)
 
 
-def stage_fingerprint(inputs: dict[str, str], config: dict[str, Any]) -> str:
-    return sha256_json({"inputs": inputs, "config": config})
+def stage_fingerprint(inputs: dict[str, str], config: dict[str, Any], code: str = "") -> str:
+    """The cache key of a stage: its input hashes, its config and the digest of the code that makes it."""
+    return sha256_json({"inputs": inputs, "config": config, **({"code": code} if code else {})})
 
 
-def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: dict[str, Any]) -> dict | None:
-    """The stage's manifest if it was made from these inputs and config and its outputs are intact."""
+def source_digest(*modules: str) -> str:
+    """sha256 over the source files of the named modules: the code part of a stage's cache key, so editing
+    the code that makes a stage redoes that stage, while edits elsewhere leave it reusable."""
+    digest = hashlib.sha256()
+    for name in sorted(set(modules)):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"no source for module {name!r}")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()
+
+
+def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: dict[str, Any],
+                       code: str = "") -> dict | None:
+    """The stage's manifest if it was made from these inputs, config and code and its outputs are intact."""
     path = Path(stage_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -125,7 +142,7 @@ def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: di
         manifest = read_json(path)
     except (OSError, json.JSONDecodeError):
         return None
-    if manifest.get("fingerprint") != stage_fingerprint(inputs, config):
+    if manifest.get("fingerprint") != stage_fingerprint(inputs, config, code):
         return None
     for name, digest in manifest.get("outputs", {}).items():
         out = Path(stage_dir) / name

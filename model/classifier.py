@@ -27,15 +27,25 @@ from torch import nn
 
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
-from gptflow.storage import completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest
+from gptflow.storage import completed_manifest, read_json, sha256_file, source_digest, write_json_atomic, write_manifest
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import GPTConfig
 from model.gpt import GPTModel
 from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
 from model.training import (
-    TrainState, autocast, build_optimizer, build_scheduler, check_finite, eval_mode, load_training_checkpoint,
-    save_training_checkpoint, set_threads,
+    TrainState,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    eval_mode,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    set_threads,
 )
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "model.gpt", "model.training", "model.init", "edge.text")
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +320,7 @@ def finetune(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     labels = load_labels(data_dir)
     inputs = {name: sha256_file(data_dir / name) for name in SPLIT_FILES if (data_dir / name).is_file()}
-    if resume and (done := completed_manifest(out_dir, inputs, config.resume_key())) is not None:
+    if resume and (done := completed_manifest(out_dir, inputs, config.resume_key(), code=CODE)) is not None:
         log.info("finetune: reusing %s (same data and config)", out_dir)
         return FinetuneResult(out_dir, out_dir / BEST, read_json(out_dir / HISTORY), done["metrics"], reused=True)
 
@@ -413,7 +423,7 @@ def finetune(
 
     plot_training_curves(state.history, out_dir / CURVES, title=f"fine-tuning ({config.init})")
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config.resume_key(),
-                   outputs=[BEST, CHECKPOINT, HISTORY, CURVES], metrics=summary)
+                   outputs=[BEST, CHECKPOINT, HISTORY, CURVES], metrics=summary, code=CODE)
     return FinetuneResult(out_dir, out_dir / BEST, state.history, summary)
 
 

@@ -25,7 +25,13 @@ from gptflow.errors import GptflowError
 from gptflow.prompts import RESPONSE_MARKERS, Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
 from gptflow.storage import (
-    completed_manifest, read_json, sha256_file, sha256_json, write_json_atomic, write_manifest,
+    completed_manifest,
+    read_json,
+    sha256_file,
+    sha256_json,
+    source_digest,
+    write_json_atomic,
+    write_manifest,
 )
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import load_checkpoint, load_model, save_model
@@ -34,9 +40,19 @@ from model.gpt import GPTModel
 from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
 from model.pretrain import plot_loss_curve
 from model.training import (
-    TrainState, autocast, build_optimizer, build_scheduler, check_finite, eval_mode, load_training_checkpoint,
-    save_training_checkpoint, set_threads,
+    TrainState,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    eval_mode,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    set_threads,
 )
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "model.gpt", "model.training", "model.init", "model.generate", "gptflow.prompts")
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +268,7 @@ def finetune(
     init_path = init_file(config.init, settings)
     inputs = {n: sha256_file(data_dir / n) for n in ("train.json", "validation.json")}
     inputs["init"] = sha256_file(init_path) if init_path is not None else "random"
-    if resume and (done := completed_manifest(out_dir, inputs, config.resume_key())) is not None:
+    if resume and (done := completed_manifest(out_dir, inputs, config.resume_key(), code=CODE)) is not None:
         log.info("instruct: reusing %s (same data, init and config)", out_dir)
         metrics = read_json(out_dir / METRICS)
         return InstructResult(out_dir, out_dir / CHECKPOINT, out_dir / MODEL, out_dir / PLOT, done["metrics"],
@@ -339,7 +355,7 @@ def finetune(
                            f"{config.init_label()})")
     write_json_atomic(out_dir / METRICS, {"final": final, "history": state.history})
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config.resume_key(),
-                   outputs=[CHECKPOINT, MODEL, PLOT, METRICS], metrics=final)
+                   outputs=[CHECKPOINT, MODEL, PLOT, METRICS], metrics=final, code=CODE)
     return InstructResult(out_dir, ckpt_path, out_dir / MODEL, plot, final, state.history)
 
 
@@ -394,7 +410,7 @@ def generate_responses(
     inputs = {"model.pt": sha256_file(model_path), "test.json": sha256_file(test_path)}
     gen = config.generation_key()
     final = out_dir / RESPONSES
-    if completed_manifest(out_dir, inputs, gen) is not None:
+    if completed_manifest(out_dir, inputs, gen, code=CODE) is not None:
         return ResponsesResult(final, len(entries), 0, 0.0, reused=True)
     model, style = load_instruct_model(model_path)
     set_threads(config.threads)
@@ -415,7 +431,7 @@ def generate_responses(
                 on_response(i, {**entry, RESPONSE_KEY: done[i]})
     write_json_atomic(final, [{**e, RESPONSE_KEY: done[i]} for i, e in enumerate(entries)])
     write_manifest(out_dir, stage=RESPONSES_STAGE, inputs=inputs, config=gen, outputs=[RESPONSES],
-                   metrics={"entries": len(entries), "style": style})
+                   metrics={"entries": len(entries), "style": style}, code=CODE)
     (out_dir / PROGRESS).unlink()
     return ResponsesResult(final, len(entries), n_new, time.perf_counter() - started)
 

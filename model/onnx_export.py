@@ -22,11 +22,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, ORT_FILES, run_session, session
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
-from gptflow.storage import atomic_path, completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest
+from gptflow.storage import (
+    atomic_path,
+    completed_manifest,
+    read_json,
+    sha256_file,
+    source_digest,
+    write_json_atomic,
+    write_manifest,
+)
 from model.classifier import (
-    ClassifierError, SequenceClassifier, encode_split, load_classifier, load_labels, predict_logits, read_split,
+    ClassifierError,
+    SequenceClassifier,
+    encode_split,
+    load_classifier,
+    load_labels,
+    predict_logits,
+    read_split,
 )
 from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "model.classifier", "model.quantize", "model.gpt", "edge.text")
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +173,7 @@ def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str
     ckpt_sha = sha256_file(loaded.path)
     inputs = {"checkpoint": ckpt_sha, "test.csv": sha256_file(data_dir / "test.csv")}
     config_dict = config.model_dump(mode="json")
-    if resume and completed_manifest(out_dir, inputs, config_dict) is not None:
+    if resume and completed_manifest(out_dir, inputs, config_dict, code=CODE) is not None:
         return {**read_json(out_dir / REPORT), "reused": True}
 
     test = encode_split(read_split(data_dir / "test.csv", labels), tokenizer, loaded.max_length)
@@ -194,7 +211,7 @@ def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str
     write_json_atomic(out_dir / REPORT, report)
     outputs = [REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())]
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=outputs,
-                   metrics={"accuracy": accuracy, **parity})
+                   metrics={"accuracy": accuracy, **parity}, code=CODE)
     return {**report, "reused": False}
 
 

@@ -21,16 +21,32 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
 from gptflow.storage import (
-    atomic_path, completed_manifest, read_json, sha256_file, write_json_atomic, write_manifest,
+    atomic_path,
+    completed_manifest,
+    read_json,
+    sha256_file,
+    source_digest,
+    write_json_atomic,
+    write_manifest,
 )
 from model.checkpoint import load_checkpoint, save_model
 from model.config import GPTConfig
 from model.generate import generate
 from model.gpt import GPTModel
 from model.training import (
-    TrainState, autocast, build_optimizer, build_scheduler, check_finite, eval_mode, load_training_checkpoint,
-    save_training_checkpoint, set_threads,
+    TrainState,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    eval_mode,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    set_threads,
 )
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "model.gpt", "model.training", "model.checkpoint")
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +198,7 @@ def pretrain(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_tokens, val_tokens = load_tokens(data_dir / "train.bin"), load_tokens(data_dir / "val.bin")
     inputs = {name: sha256_file(data_dir / name) for name in ("train.bin", "val.bin")}
-    done = completed_manifest(out_dir, inputs, config.resume_key()) if resume else None
+    done = completed_manifest(out_dir, inputs, config.resume_key(), code=CODE) if resume else None
     if done is not None:
         log.info("pretrain: reusing %s (same data and config)", out_dir)
         metrics = read_json(out_dir / METRICS)
@@ -287,7 +303,7 @@ def _finish(model: GPTModel, config: PretrainConfig, state: TrainState, out_dir:
     plot = plot_loss_curve(state.history, out_dir / PLOT, title=f"{config.preset} pretraining")
     write_json_atomic(out_dir / METRICS, {"final": final, "history": state.history})
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config.resume_key(),
-                   outputs=[CHECKPOINT, MODEL, PLOT, METRICS], metrics=final)
+                   outputs=[CHECKPOINT, MODEL, PLOT, METRICS], metrics=final, code=CODE)
     return PretrainResult(out_dir, out_dir / CHECKPOINT, out_dir / MODEL, plot, final, state.history)
 
 

@@ -13,9 +13,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from eval.metrics import report_rows
+from gptflow.storage import stage_lock
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import CONFUSION, CURVES, ClassifierConfig, evaluate_classifier, finetune
-from gptflow.storage import stage_lock
 from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
 
 

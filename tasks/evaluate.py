@@ -12,13 +12,31 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from eval.judge import JudgeConfig, JudgeUnavailable, OllamaJudge
-from eval.report import (REPORT_NAME, SCORES_NAME, SUMMARY_NAME, evaluate_responses, load_responses,
-                         paired_line, report_markdown, skipped_report, summary_rows)
+from eval.report import (
+    REPORT_NAME,
+    SCORES_NAME,
+    SUMMARY_NAME,
+    evaluate_responses,
+    load_responses,
+    paired_line,
+    report_markdown,
+    skipped_report,
+    summary_rows,
+)
 from gptflow.settings import get_settings
 from gptflow.storage import (
-    completed_manifest, read_json, sha256_file, stage_fingerprint, stage_lock, write_manifest,
+    completed_manifest,
+    read_json,
+    sha256_file,
+    source_digest,
+    stage_fingerprint,
+    stage_lock,
+    write_manifest,
 )
 from tasks.artifacts import publish_markdown, publish_plot, publish_table
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "eval.judge", "eval.report", "eval.stats", "gptflow.prompts")
 
 STAGE = "evaluate"
 
@@ -31,7 +49,7 @@ def plan_evaluation(path: str, response_keys: list[str], judge: JudgeConfig, out
     config = {"response_keys": list(response_keys), "judge": judge.identity()}
     out = Path(out_dir) if out_dir else (
         get_settings().stage_dir(STAGE) / f"{Path(path).stem}-{stage_fingerprint(inputs, config)[:12]}")
-    done = completed_manifest(out, inputs, config) is not None
+    done = completed_manifest(out, inputs, config, code=CODE) is not None
     get_run_logger().info("%d entries in %s, scoring %s; outputs in %s%s", len(entries), path,
                           ", ".join(response_keys), out, " (already evaluated: reusing it)" if done else "")
     return {"out_dir": str(out), "inputs": inputs, "config": config,
@@ -72,7 +90,7 @@ def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, pla
         write_manifest(plan["out_dir"], stage=STAGE, inputs=plan["inputs"], config=plan["config"],
                        outputs=[SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
                        metrics={key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
-                                for key, f in fields.items()})
+                                for key, f in fields.items()}, code=CODE)
     return summary
 
 

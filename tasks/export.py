@@ -7,9 +7,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from gptflow.storage import stage_lock
 from gptflow.tokenizer import get_tokenizer, tokenizer_files
 from model.onnx_export import ExportConfig, export_classifier
-from gptflow.storage import stage_lock
 from tasks.artifacts import artifact_key, publish_table
 
 

@@ -12,9 +12,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from gptflow.storage import stage_lock
 from gptflow.tokenizer import get_tokenizer
 from model.instruct import InstructConfig, finetune, generate_responses, sample_rows
-from gptflow.storage import stage_lock
 from tasks.artifacts import TrainingProgress, artifact_key, publish_link, publish_plot, publish_table
 
 

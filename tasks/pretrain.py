@@ -12,10 +12,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from gptflow.storage import stage_lock
 from gptflow.tokenizer import get_tokenizer
 from model.pretrain import PretrainConfig, pretrain
 from model.weights import convert_gpt2
-from gptflow.storage import stage_lock
 from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
 
 

@@ -15,8 +15,18 @@ from gptflow.data.common import DataError, StageResult, floor_count
 from gptflow.data.config import CorpusConfig
 from gptflow.download import fetch_source
 from gptflow.settings import Settings, get_settings
-from gptflow.storage import atomic_path, completed_manifest, sha256_file, write_json_atomic, write_manifest
+from gptflow.storage import (
+    atomic_path,
+    completed_manifest,
+    sha256_file,
+    source_digest,
+    write_json_atomic,
+    write_manifest,
+)
 from gptflow.tokenizer import VOCAB_SIZE, encode, get_tokenizer
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "gptflow.data.common", "gptflow.tokenizer")
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +81,7 @@ def prepare_corpus(
     out_dir = settings.home / "data" / "corpus" / name
     digest = sha256_file(path)
     inputs, config_dict = {path.name: digest}, config.model_dump(mode="json") | {"tokenizer": "gpt2"}
-    if completed_manifest(out_dir, inputs, config_dict):
+    if completed_manifest(out_dir, inputs, config_dict, code=CODE):
         log.info("%s: reusing %s (same inputs and config)", STAGE, out_dir)
         return StageResult.from_folder(out_dir, "meta.json")
 
@@ -101,7 +111,7 @@ def prepare_corpus(
     _write_tokens(tokens[n_train:], out_dir / "val.bin")
     write_json_atomic(out_dir / "meta.json", meta)
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=OUTPUTS,
-                   metrics={k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")})
+                   metrics={k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")}, code=CODE)
     return StageResult(out_dir=out_dir, reused=False, report=meta)
 
 

@@ -11,7 +11,10 @@ import numpy as np
 from gptflow.data.common import DataError, StageResult, floor_count, split_sizes, token_length_stats
 from gptflow.data.config import InstructionDataConfig
 from gptflow.settings import Settings, get_settings
-from gptflow.storage import completed_manifest, sha256_file, write_json_atomic, write_manifest
+from gptflow.storage import completed_manifest, sha256_file, source_digest, write_json_atomic, write_manifest
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "gptflow.data.common")
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ def prepare_instructions(
     digest = sha256_file(path)
     out_dir = instructions_dir(path, digest, settings, default)
     inputs, config_dict = {path.name: digest}, config.model_dump(mode="json")
-    if completed_manifest(out_dir, inputs, config_dict):
+    if completed_manifest(out_dir, inputs, config_dict, code=CODE):
         log.info("%s: reusing %s (same inputs and config)", STAGE, out_dir)
         return StageResult.from_folder(out_dir)
 
@@ -138,7 +141,7 @@ def prepare_instructions(
         write_json_atomic(out_dir / f"{name}.json", part)
     write_json_atomic(out_dir / "report.json", report)
     write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=OUTPUTS,
-                   metrics=report["splits"])
+                   metrics=report["splits"], code=CODE)
     return StageResult(out_dir=out_dir, reused=False, report=report)
 
 

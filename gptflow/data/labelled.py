@@ -24,7 +24,10 @@ from gptflow.data.common import (
 )
 from gptflow.data.config import LabelledDataConfig
 from gptflow.settings import Settings
-from gptflow.storage import atomic_path, completed_manifest, write_json_atomic, write_manifest
+from gptflow.storage import atomic_path, completed_manifest, source_digest, write_json_atomic, write_manifest
+
+# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
+CODE = source_digest(__name__, "gptflow.data.common", "gptflow.data.spam", "gptflow.data.tabular")
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ def build_labelled_dataset(
     `source` names the input in error messages.
     """
     config_dict = config.model_dump(mode="json")
-    if completed_manifest(out_dir, inputs, config_dict):
+    if completed_manifest(out_dir, inputs, config_dict, code=CODE):
         log.info("%s: reusing %s (same inputs and config)", stage, out_dir)
         return StageResult.from_folder(out_dir)
 
@@ -180,6 +183,7 @@ def build_labelled_dataset(
     write_manifest(
         out_dir, stage=stage, inputs=inputs, config=config_dict, outputs=OUTPUTS,
         metrics={s: c["total"] for s, c in report["splits"].items()},
+        code=CODE,
     )
     return StageResult(out_dir=out_dir, reused=False, report=report)
 
