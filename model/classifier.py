@@ -3,7 +3,9 @@
 The head reads the hidden state of the last real token of each (right-padded) row, found with a gather on
 `attention_mask.sum(1) - 1`: no Python branch on tensor values, so the model exports with dynamic batch and
 sequence axes. Causal attention means a real token never sees the padding after it, so the backbone needs no
-padding mask. The book's variant (the last position, padding included) is `pooling="last_position"`.
+padding mask. The book's variant (the last position, padding included) is `pooling="last_position"`;
+`pooling="mean"` averages the hidden states of the real tokens (a masked sum over a count: no branches either),
+which reads every token of a short message rather than one.
 
 Classifier checkpoints: {"format": FORMAT, "config": GPTConfig dict, "model": state_dict (backbone.* +
 head.*), "labels": {name: id}, "pooling", "max_length", "source": {init, sha256}}. The LM head is dropped:
@@ -57,7 +59,7 @@ HISTORY = "history.json"
 CURVES = "curves.png"
 SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
 
-Pooling = Literal["last_real", "last_position"]
+Pooling = Literal["last_real", "last_position", "mean"]
 Trainable = Literal["head", "last_k", "all"]
 
 
@@ -129,6 +131,9 @@ class SequenceClassifier(nn.Module):
             last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
             index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
             pooled = hidden.gather(1, index).squeeze(1)
+        elif self.pooling == "mean":
+            real = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
         else:
             pooled = hidden[:, -1]
         return self.head(pooled)

@@ -39,6 +39,19 @@ def test_last_real_pooling_reads_the_last_real_token():
         assert torch.allclose(model(x, mask)[1], alone[0], atol=1e-5)
 
 
+def test_mean_pooling_averages_the_real_tokens_only():
+    model = tiny_classifier(2, "mean")
+    x, mask, _ = collate([[10, 20, 30, 40], [60, 70]])
+    with torch.no_grad():
+        hidden = model.backbone.features(x)
+        manual = torch.stack([hidden[0].mean(0), hidden[1, :2].mean(0)])
+        assert torch.allclose(model(x, mask), model.head(manual), atol=1e-6)
+        # the padded row equals the unpadded one; the padding's hidden states would change a plain mean
+        alone = model(torch.tensor([[60, 70]]), torch.tensor([[1, 1]]))
+        assert torch.allclose(model(x, mask)[1], alone[0], atol=1e-5)
+        assert not torch.allclose(model.head(hidden[1].mean(0)), alone[0], atol=1e-3)
+
+
 def test_last_position_pooling_reads_the_last_column():
     model = tiny_classifier(2, "last_position")
     x, mask, _ = collate([[10, 20, 30], [60]])

@@ -19,8 +19,10 @@ from edge.text import encode_texts, pad_batch, softmax
 from gptflow.settings import load_settings
 from gptflow.storage import sha256_file
 from gptflow.tokenizer import tokenizer_files
-from model.classifier import ClassifierConfig, finetune, load_classifier, predict_logits
-from model.onnx_export import ExportConfig, ExportError, check_parity, export_classifier
+from model.classifier import ClassifierConfig, SequenceClassifier, finetune, load_classifier, predict_logits
+from model.config import GPTConfig
+from model.gpt import GPTModel
+from model.onnx_export import ExportConfig, ExportError, check_parity, export_classifier, export_onnx, onnx_logits
 from model.quantize import QuantizationGateError, check_accuracy_gate, quantize_torch_dynamic
 
 from conftest import REPO_ROOT
@@ -167,3 +169,11 @@ def test_cli_bad_input_exits_2(argv, message, settings, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
+    torch.manual_seed(0)
+    model = SequenceClassifier(GPTModel(GPTConfig.from_preset("tiny")), 2, "mean").eval()
+    path = export_onnx(model, tmp_path / "mean.onnx", {"pooling": "mean"})
+    rows = [[5, 6, 7], list(range(100, 140)), [42]]
+    assert np.abs(onnx_logits(path, rows) - predict_logits(model, rows)).max() <= 1e-4

@@ -22,7 +22,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="model preset for --init random (default mini)")
     p.add_argument("--trainable", choices=["head", "last_k", "all"])
     p.add_argument("--last-k", type=int, help="blocks trained with --trainable last_k (default 1)")
-    p.add_argument("--pooling", choices=["last_real", "last_position"])
+    p.add_argument("--pooling", choices=["last_real", "last_position", "mean"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
