@@ -36,7 +36,7 @@ class PipelineParams(BaseModel):
     corpus: str = Field(default="tinyshakespeare", description="pretraining corpus: name or UTF-8 text file")
     spam: SpamDataConfig = SpamDataConfig()
     instructions: InstructionDataConfig = InstructionDataConfig()
-    pretrain: PretrainConfig = PretrainConfig(preset="mini", steps=600)
+    pretrain: PretrainConfig = PretrainConfig(preset="mini", steps=300)
     classifier: ClassifierConfig = ClassifierConfig(trainable="all", epochs=3, lr=3e-4, warmup_steps=20)
     instruct: InstructConfig = InstructConfig(epochs=2, lr=3e-4, max_new_tokens=64)
     export: ExportConfig = ExportConfig()
