@@ -16,7 +16,7 @@ from gptflow.storage import stage_lock
 from gptflow.tokenizer import get_tokenizer
 from model.pretrain import PretrainConfig, pretrain
 from model.weights import convert_gpt2
-from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
+from tasks.artifacts import TrainingProgress, artifact_key, publish_training_result
 
 
 @task(cache_policy=NO_CACHE)
@@ -40,11 +40,7 @@ def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: boo
         result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
-    key = artifact_key("pretrain", result.out_dir.name)
-    publish_table([{"metric": k, "value": v} for k, v in result.metrics.items()], key,
-                  f"{result.out_dir.name}: final pretraining metrics")
-    if result.plot is not None and result.plot.is_file():
-        publish_plot(result.plot, f"{key}-loss", f"{result.out_dir.name}: training and validation loss")
+    publish_training_result(result, "pretrain", "pretraining")
     return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
             "reused": result.reused, "metrics": result.metrics}
 

@@ -35,7 +35,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/classify/<data>-<init>)")
+    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/classify/<data>-<init>-<config hash>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     p.set_defaults(handler=run_finetune)
 
@@ -46,7 +46,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="also quantize to int8 (torch and ONNX) and gate it")
     p.add_argument("--max-int8-drop", type=float, help="allowed int8 test-accuracy drop in points (default 1)")
     p.add_argument("--data", help="data folder with test.csv (default: the one it was fine-tuned on)")
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/export/<checkpoint folder>)")
+    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/export/<checkpoint folder>-<config hash>)")
     p.set_defaults(handler=run_export)
 
     p = verbs.add_parser("classify", help="label texts with a classifier checkpoint or an exported bundle")
