@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Prefect keeps its database and settings inside the project; analytics off (offline it errors every run).
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,model,eval
 

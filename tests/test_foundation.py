@@ -143,3 +143,15 @@ def test_the_verdict_is_5145_tokens(tokenizer, settings):
     text = fetch_source("the-verdict", settings).read_text(encoding="utf-8")
     assert len(text) == 20479
     assert len(tokenizer.encode(text)) == 5145
+
+
+def test_cli_rejects_bad_setting_at_start_up(monkeypatch, tmp_path, capsys):
+    from gptflow.cli import main
+    from gptflow.settings import get_settings
+
+    monkeypatch.setenv("GPTFLOW_MIRROR", str(tmp_path / "missing"))
+    get_settings.cache_clear()
+    assert main(["data", "spam"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptflow data: error: invalid settings: GPTFLOW_MIRROR: ") and "\n" not in err
+    get_settings.cache_clear()

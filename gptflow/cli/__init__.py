@@ -38,18 +38,20 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if os.environ.get("PREFECT_HOME"):  # Prefect does not create missing parents, and then cannot start
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     # Warnings of the plain layers (e.g. an encoding fallback) reach the run logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow,model,eval")
 
 
 def main(argv: list[str] | None = None) -> int:
     from gptflow.errors import GptflowError
+    from gptflow.settings import get_settings
 
     _prepare_environment()  # before anything imports Prefect
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        get_settings()  # a bad GPTFLOW_* / OLLAMA_HOST value stops every verb here, naming the variable
         result = args.handler(args)
     except GptflowError as exc:
         print(f"gptflow {args.verb}: error: {exc}", file=sys.stderr)
