@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from gptflow.settings import get_settings
 
     _prepare_environment()  # before anything imports Prefect
+    # SIGTERM (a scheduler stopping us) unwinds like Ctrl-C, so Prefect stops its ephemeral server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
