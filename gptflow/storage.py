@@ -6,13 +6,16 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _UMASK = os.umask(0)
@@ -152,7 +155,7 @@ def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: di
 
 
 @contextlib.contextmanager
-def stage_lock(stage_dir: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def stage_lock(stage_dir: str | Path) -> Iterator[None]:
     """Hold `<stage_dir>.lock` while a stage writes its folder: a second run that needs the same stage (same
     inputs and config, hence the same folder) waits, then finds it complete and reuses it."""
     stage_dir = Path(stage_dir)
@@ -161,8 +164,7 @@ def stage_lock(stage_dir: str | Path, on_wait: Callable[[], None] | None = None)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        if on_wait is not None:
-            on_wait()
+        log.info("another run is writing %s; waiting for it", stage_dir)
         lock.acquire()
     try:
         yield

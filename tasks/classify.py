@@ -31,7 +31,7 @@ def finetune_classifier(data_dir: str, out_dir: str, config: ClassifierConfig, r
                     m["epoch"], m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"],
                     "  best" if m["best"] else "")
 
-    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+    with stage_lock(out_dir):
         result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)

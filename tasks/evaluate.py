@@ -73,8 +73,7 @@ def preflight_judge(judge: JudgeConfig) -> dict:
 def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, plan: dict, judge_info: dict) -> dict:
     logger = get_run_logger()
     entries = load_responses(path, response_keys)
-    with stage_lock(plan["out_dir"], on_wait=lambda: logger.info("another run is judging into %s; waiting",
-                                                                   plan["out_dir"])):
+    with stage_lock(plan["out_dir"]):
         summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), plan["out_dir"],
                                      source=str(path), judge_info=judge_info)
     fields = summary["fields"]

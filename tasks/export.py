@@ -16,7 +16,7 @@ from tasks.artifacts import artifact_key, publish_table
 @task(cache_policy=NO_CACHE)
 def export_bundle(checkpoint: str, data_dir: str, out_dir: str, config: ExportConfig) -> dict[str, Any]:
     logger = get_run_logger()
-    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+    with stage_lock(out_dir):
         report = export_classifier(checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(),
                                    tokenizer_files=tokenizer_files())
     logger.info("%s bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])

@@ -36,7 +36,7 @@ def finetune_model(data_dir: str, out_dir: str, config: InstructConfig, resume: 
         else:
             logger.info("step %d  val loss %.4f", m["step"], m["val_loss"])
 
-    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+    with stage_lock(out_dir):
         result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
@@ -53,7 +53,7 @@ def answer_test_split(model_path: str, test_path: str, out_dir: str, config: Ins
     def on_response(index: int, entry: dict[str, Any]) -> None:
         logger.info("test entry %d: %r", index, entry["model_response"][:120])
 
-    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+    with stage_lock(out_dir):
         result = generate_responses(model_path, test_path, out_dir, config, tokenizer=get_tokenizer(),
                                     on_response=on_response)
     logger.info("%s %s: %d entries (%d generated now in %.1f s)", "reused" if result.reused else "wrote",

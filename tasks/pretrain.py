@@ -36,7 +36,7 @@ def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: boo
             logger.info("step %d  val loss %.4f  ppl %.1f  sample %r", m["step"], m["val_loss"], m["val_ppl"],
                         m.get("sample", ""))
 
-    with stage_lock(out_dir, on_wait=lambda: logger.info("another run is writing %s; waiting for it", out_dir)):
+    with stage_lock(out_dir):
         result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)

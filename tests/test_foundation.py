@@ -155,3 +155,28 @@ def test_cli_rejects_bad_setting_at_start_up(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptflow data: error: invalid settings: GPTFLOW_MIRROR: ") and "\n" not in err
     get_settings.cache_clear()
+
+
+def test_stage_lock_makes_a_second_writer_wait(tmp_path):
+    import threading
+    import time
+
+    from gptflow.storage import stage_lock
+
+    order: list[str] = []
+    first_in = threading.Event()
+
+    def first():
+        with stage_lock(tmp_path / "stage"):
+            order.append("first in")
+            first_in.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(5)
+    with stage_lock(tmp_path / "stage"):
+        order.append("second in")
+    thread.join()
+    assert order == ["first in", "first out", "second in"]
