@@ -23,6 +23,16 @@ def mirror_root() -> Path:
     return path.resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_logging_on_session_streams():
+    """Configure Prefect's logging once, on the session's streams. Otherwise the first test that happens to
+    trigger it (a CLI test under capsys) binds Prefect's console handler to a stream closed after that test,
+    and later flows fail on their first log line."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     return mirror_root()
