@@ -4,6 +4,7 @@
 
 Config A (the issue's): vocab 50257, context 256, emb 256, 4 layers, 4 heads, batch 8, AdamW.
 Config B: gpt2-small shapes, context 256, batch 2. MFU is against fp32/bf16 matmul peaks measured here.
+"Ours" is pretraining's own step: fused LM head + cross-entropy (model.fused_loss), fused AdamW, clipping.
 The loss-curve check trains ours in fp32 and in bf16 (the default) for the first N steps on tiny
 Shakespeare with the same seed and data, and prints both curves.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from bench.naive_gpt import naive_from
 from model.config import GPTConfig
 from model.gpt import GPTModel
+from model.pretrain import lm_loss
 from model.training import autocast, build_optimizer
 
 LR, WD = 4e-4, 0.1  # the book's pretraining settings
@@ -42,13 +44,23 @@ def flops_per_token(cfg: GPTConfig) -> float:
 
 
 def train_steps(model, optimizer, batches, *, bf16: bool, compile: bool, clip: float | None):
-    fwd = torch.compile(model) if compile else model
+    """Ours runs pretraining's loss path (fused head + cross-entropy); the baseline the book's logits + loss."""
     model.train()
     losses = []
+    if isinstance(model, GPTModel):
+        features = torch.compile(model.features) if compile else model.features
+
+        def loss_of(x, y):
+            return lm_loss(features(x), model.out_head.weight, y)
+    else:
+        fwd = torch.compile(model) if compile else model
+
+        def loss_of(x, y):
+            return F.cross_entropy(fwd(x).flatten(0, 1).float(), y.flatten())
 
     def step(x, y):
         with autocast(bf16):
-            loss = F.cross_entropy(fwd(x).flatten(0, 1).float(), y.flatten())
+            loss = loss_of(x, y)
         loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -16,7 +16,6 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
@@ -31,6 +30,7 @@ from gptflow.storage import (
 )
 from model.checkpoint import load_checkpoint, save_model
 from model.config import GPTConfig
+from model.fused_loss import linear_cross_entropy
 from model.generate import generate
 from model.gpt import GPTModel
 from model.training import (
@@ -46,7 +46,7 @@ from model.training import (
 )
 
 # The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "model.gpt", "model.training", "model.checkpoint")
+CODE = source_digest(__name__, "model.gpt", "model.fused_loss", "model.training", "model.checkpoint")
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,10 @@ class TokenWindows:
         self.next_window = int(state["next_window"])
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def lm_loss(features: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the LM head on `features` (B, T, E): the head and the loss fused, so
+    the (B*T, vocab) fp32 logits never exist (about 2x faster training steps on CPU; see model.fused_loss)."""
+    return linear_cross_entropy(features.flatten(0, 1), head_weight, targets.flatten())
 
 
 def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int, max_batches: int,
@@ -164,7 +166,7 @@ def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int,
     with eval_mode(model), autocast(bf16):
         for i in range(0, n, batch_size):
             x, y = windows.batch(chosen[i:i + batch_size])
-            total += lm_loss(model(x), y).item() * len(x)
+            total += lm_loss(model.features(x), model.out_head.weight, y).item() * len(x)
             count += len(x)
     return total / count
 
@@ -225,7 +227,7 @@ def pretrain(
         if on_log is not None:
             on_log({"kind": "resume", "step": state.step, "checkpoint": str(ckpt_path)})
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_model = torch.compile(model) if config.compile else model
+    features = torch.compile(model.features) if config.compile else model.features  # the fused loss stays eager
 
     def emit(metrics: dict[str, Any]) -> None:
         state.history.append(metrics)
@@ -246,7 +248,7 @@ def pretrain(
             for _ in range(config.grad_accum):
                 x, y = windows.batch()
                 with autocast(config.bf16):
-                    loss = lm_loss(train_model(x), y)
+                    loss = lm_loss(features(x), model.out_head.weight, y)
                 check_finite(loss, state.step + 1, f"training (last good checkpoint: {_last_good(ckpt_path)})")
                 (loss / config.grad_accum).backward()
                 step_loss += loss.item() / config.grad_accum

@@ -28,15 +28,16 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings (>= 2-D) only, never on biases and LayerNorm.
-    Frozen parameters (requires_grad False) are left out."""
+    """AdamW (the fused kernel: one pass per tensor instead of a dozen); weight decay on matrices and
+    embeddings (>= 2-D) only, never on biases and LayerNorm. Frozen parameters (requires_grad False) are left
+    out."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:

@@ -69,8 +69,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
     calls = {"n": 0}
     real_loss = pretrain_mod.lm_loss
 
-    def poisoned(logits, targets):
-        loss = real_loss(logits, targets)
+    def poisoned(*args):
+        loss = real_loss(*args)
         if torch.is_grad_enabled():  # training micro-batches only
             calls["n"] += 1
             if calls["n"] >= 6:
