@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from gptflow.data.spam import prepare_spam
 from gptflow.download import fetch_source
@@ -34,6 +33,7 @@ from model.checkpoint import save_model
 from model.classifier import ClassifierConfig, evaluate_classifier, finetune
 from model.config import GPTConfig
 from model.gpt import GPTModel
+from model.pretrain import lm_loss
 from model.training import autocast, build_optimizer, warmup_cosine
 
 SHAPE = GPTConfig(context_length=128, emb_dim=192, n_layers=4, n_heads=4)
@@ -67,8 +67,7 @@ def pretrain_domain(texts: list[str], tokenizer, steps: int, out: Path, *, windo
         starts = torch.randint(0, len(tokens) - window - 1, (batch,), generator=gen)
         rows = torch.stack([tokens[s:s + window + 1] for s in starts])
         with autocast(True):
-            logits = model(rows[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+            loss = lm_loss(model.features(rows[:, :-1]), model.out_head.weight, rows[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -11,6 +11,8 @@ import torch
 
 from gptflow.cli import main
 from model.checkpoint import load_checkpoint, load_model
+from model.config import GPTConfig
+from model.gpt import GPTModel
 from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
 from model.instruct import (
     PROGRESS, InstructConfig, collate, encode_entries, finetune, generate_responses, instruct_loss, respond,
@@ -100,10 +102,13 @@ def test_collate_masks_prompt_and_truncates():
 
 
 def test_loss_ignores_masked_targets():
-    logits = torch.zeros(1, 3, 5)
-    logits[0, 0, 2] = 10.0
-    assert instruct_loss(logits, torch.tensor([[2, -100, -100]])).item() == pytest.approx(0.0, abs=1e-3)
-    assert instruct_loss(logits, torch.tensor([[-100, -100, -100]])).item() == 0.0  # not NaN
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=60)).eval()
+    x, y = torch.randint(0, 60, (2, 4)), torch.tensor([[2, -100, -100, 7], [-100, -100, 5, -100]])
+    log_probs = torch.log_softmax(model(x), -1)
+    expected = -(log_probs[0, 0, 2] + log_probs[0, 3, 7] + log_probs[1, 2, 5]) / 3  # the three kept targets
+    assert instruct_loss(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert instruct_loss(model, x, torch.full_like(y, -100)).item() == 0.0  # not NaN
 
 
 def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
