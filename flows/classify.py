@@ -10,6 +10,7 @@ from gptflow.data.config import CsvDataConfig, SpamDataConfig
 from gptflow.settings import get_settings
 from gptflow.storage import sha256_json
 from model.classifier import ClassifierConfig
+from model.init import init_digest
 from tasks.classify import evaluate_splits, finetune_classifier
 
 
@@ -18,7 +19,7 @@ def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = Clas
                              text_column: str | None = None, label_column: str | None = None,
                              out_dir: str | None = None, resume: bool = True) -> dict:
     """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
-    `<home>/classify/<data>-<init>-<config hash>` by default."""
+    `<home>/classify/<data>-<init>-<hash of config and init weights>` by default."""
     from flows.data import prepare_csv, prepare_spam
 
     if (Path(data) / "train.csv").is_file():
@@ -27,7 +28,8 @@ def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = Clas
         data_dir = prepare_spam(SpamDataConfig())["out_dir"]
     else:
         data_dir = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))["out_dir"]
-    name = f"{Path(data_dir).name}-{config.init_label()}-{sha256_json(config.resume_key())[:8]}"
+    key = sha256_json({"config": config.resume_key(), "init": init_digest(config.init)})[:8]
+    name = f"{Path(data_dir).name}-{config.init_label()}-{key}"
     out = out_dir or str(get_settings().stage_dir("classify") / name)
     trained = finetune_classifier(data_dir, out, config, resume)
     metrics = evaluate_splits(trained["best"], data_dir, out)

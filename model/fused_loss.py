@@ -33,7 +33,7 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device)
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                compute_dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
+                compute_dtype: torch.dtype, chunk_rows: int, needs_grad: bool) -> torch.Tensor:
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         keep = targets != IGNORE_INDEX
         n_kept = int(keep.sum())
@@ -43,10 +43,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits = torch.mm(h, w.T, out=_workspace((len(h), w.shape[0]), compute_dtype, hidden.device))
         softmax_dtype = torch.promote_types(compute_dtype, torch.float32)  # bf16 logits -> fp32 softmax
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).to(softmax_dtype)
-        lse = torch.empty(len(h), dtype=softmax_dtype)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        lse = torch.empty(len(h), dtype=softmax_dtype, device=h.device)
         scratch = None if compute_dtype == softmax_dtype else torch.empty(chunk_rows, w.shape[0],
-                                                                            dtype=softmax_dtype)
+                                                                            dtype=softmax_dtype, device=h.device)
         for start in range(0, len(h), chunk_rows):
             end = min(start + chunk_rows, len(h))
             rows = logits[start:end] if scratch is None else scratch[:end - start].copy_(logits[start:end])
@@ -73,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_loss,
-                None if grad_weight is None else grad_weight * grad_loss, None, None, None)
+                None if grad_weight is None else grad_weight * grad_loss, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -87,5 +86,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     device_type = hidden.device.type
     autocast_on = torch.is_autocast_enabled(device_type)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
+    # Inside forward grad mode is always off, so whether gradients will be wanted is decided here: under
+    # no_grad (evaluation) the two gradient matmuls are skipped.
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, needs_grad)

@@ -10,6 +10,7 @@ import torch
 
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings
+from gptflow.storage import sha256_file
 from model.checkpoint import load_model
 from model.config import GPTConfig
 from model.gpt import GPTModel
@@ -38,6 +39,13 @@ def init_label(init: str, preset: str) -> str:
     if path.name in (MODEL_FILE, "model.safetensors"):
         return path.parent.name
     return path.stem if path.suffix in (".pt", ".safetensors") else path.name
+
+
+def init_digest(init: str, settings: Settings | None = None) -> str:
+    """What `init` holds, for output-folder keys: "random", or the sha256 of its weights file. A path alone
+    is not enough: a rerun upstream stage may rewrite the same file."""
+    path = init_file(init, settings)
+    return "random" if path is None else sha256_file(path)
 
 
 def init_file(init: str, settings: Settings | None = None) -> Path | None:

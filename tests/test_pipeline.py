@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows.params import PipelineConfigError, PipelineParams, load_params
 from gptflow.cli import main as cli_main
+from gptflow.storage import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -86,3 +88,17 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     status = _stage_status(third)
     assert status["instruct"] == "done"
     assert all(status[s] == "reused" for s in ("data-spam", "base-model", "classifier", "export")), status
+
+    # The base model rewritten in place (as when its stage's code changes and it re-finishes from its final
+    # checkpoint): the stages built on it train afresh in new folders, never resume checkpoints of old weights.
+    (base_dir,) = [p.parent for p in (settings.home / "pretrain").glob("*/model.pt")]
+    weights = torch.load(base_dir / "model.pt", weights_only=True)
+    weights["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights["model"].items()}
+    torch.save(weights, base_dir / "model.pt")
+    manifest = json.loads((base_dir / "manifest.json").read_text())
+    manifest["outputs"]["model.pt"] = sha256_file(base_dir / "model.pt")
+    (base_dir / "manifest.json").write_text(json.dumps(manifest))
+    fourth = pipeline(params)
+    status = _stage_status(fourth)
+    assert status["base-model"] == "reused" and status["classifier"] == status["instruct"] == "done", status
+    assert Path(fourth["deliverables"]["classifier checkpoint"]) != checkpoint
