@@ -7,7 +7,7 @@ The recipe (deterministic for a given seed; DAPT seed 123, shared by the fine-tu
    unused (balanced-away) messages; never a validation or test text. Random 64-token windows of the message
    stream, batch 32, AdamW lr 2e-3 with warmup + cosine, bf16 autocast, in a compact vocabulary (the tokens
    that occur in that corpus), saved back in GPT-2 token ids.
-2. Fine-tune all weights as a classifier (model/classifier.py, mean pooling over the real tokens), early
+2. Fine-tune all weights as a classifier (model/classifier.py, head on the last real token), early
    stopping on validation accuracy; the best-validation checkpoint is kept. Once per fine-tuning seed: on 898
    training messages the seed alone moves test accuracy by about 2 points, so one seed would mislead.
 3. Test accuracy of each checkpoint (and of the seed with the best validation accuracy); TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression on the
@@ -39,9 +39,11 @@ from model.training import autocast, build_optimizer, warmup_cosine
 
 SHAPE = GPTConfig(context_length=128, emb_dim=192, n_layers=4, n_heads=4)
 DAPT_STEPS = 800  # x 32 windows x 64 tokens: about 15 passes over the 108k-token corpus
-# Chosen on validation accuracy (probes from DAPT checkpoints): mean pooling beat last_real; the fine-tune
-# overfits after about one epoch, hence a gentle LR with dropout, cosine decay and validation every 1/3 epoch.
-FINETUNE = ClassifierConfig(trainable="all", pooling="mean", lr=3e-4, dropout=0.1, epochs=5, batch_size=16,
+# Chosen on mean validation accuracy over fine-tuning seeds 123, 7, 99 from one DAPT checkpoint (never on test):
+# last_real pooling 98.18%, mean pooling 97.14% (mean pooling with only the last 2 blocks trained: 96.09%). On top
+# of last_real: lr 1e-4 x 8 epochs 97.66%, dropout 0.2 + weight decay 0.3 97.92%, lr 2e-4 97.92%. The fine-tune
+# overfits after about one epoch, hence cosine decay and validation every 1/3 epoch.
+FINETUNE = ClassifierConfig(trainable="all", pooling="last_real", lr=3e-4, dropout=0.1, epochs=5, batch_size=16,
                             warmup_steps=50, min_lr_ratio=0.1, eval_every=19, patience=6, seed=123, bf16=True)
 
 
@@ -162,7 +164,8 @@ def main() -> None:
               f"fine-tune and eval {run['seconds']:.0f} s |")
     print(f"| TF-IDF + logistic regression | {100 * tfidf_acc:.2f}% | {tfidf_errors} | | {tfidf_s:.1f} s |")
     accs = np.array([run["test"]["accuracy"] for run in runs])
-    chosen = max(runs, key=lambda run: run["summary"]["best_val_accuracy"])  # picked on validation, never test
+    # picked on validation, never test: best accuracy, ties broken by the lower validation loss
+    chosen = max(runs, key=lambda run: (run["summary"]["best_val_accuracy"], -run["summary"]["best_val_loss"]))
     print(f"ours over {len(runs)} fine-tuning seeds: mean {100 * accs.mean():.2f}%, range {100 * accs.min():.2f}-"
           f"{100 * accs.max():.2f}%; picked by validation accuracy: seed {chosen['seed']}, "
           f"{100 * chosen['test']['accuracy']:.2f}%; TF-IDF {100 * tfidf_acc:.2f}%")
