@@ -12,21 +12,24 @@ incoming gradient in backward. Numerics match autocast's: bf16 matmul inputs, fp
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (F.cross_entropy's default)
 CHUNK_ROWS = 64  # rows of fp32 softmax per chunk: 64 x 50257 x 4 B = 12.9 MB, inside the L3 cache
 
 
-_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_local = threading.local()  # one buffer per thread: tasks training in parallel threads never share one
 
 
 def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (rows, cols) view of this process's reusable buffer for `dtype` on `device`, grown when too small."""
+    """A (rows, cols) view of this thread's reusable buffer for `dtype` on `device`, grown when too small."""
+    buffers = _local.__dict__.setdefault("buffers", {})
     numel = shape[0] * shape[1]
-    buffer = _buffers.get((dtype, device))
+    buffer = buffers.get((dtype, device))
     if buffer is None or buffer.numel() < numel:
-        buffer = _buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel].view(shape)
 
 

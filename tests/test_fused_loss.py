@@ -1,5 +1,7 @@
 """The fused LM head + cross-entropy equals `F.cross_entropy(hidden @ weight.T, targets)` and its gradients."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,3 +68,17 @@ def test_shape_error_names_the_shapes():
     hidden, weight, targets = _inputs()
     with pytest.raises(ValueError, match=r"hidden must be \(N, E\) and targets \(N,\); got \(150, 24\) and \(149,\)"):
         linear_cross_entropy(hidden, weight, targets[:-1])
+
+
+def test_each_thread_has_its_own_logits_buffer():
+    """The reused logits buffer is per thread: two trainings in parallel threads must not overwrite each other."""
+    from model.fused_loss import _workspace
+
+    cpu = torch.device("cpu")
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_workspace((4, 8), torch.float32, cpu)))
+    thread.start()
+    thread.join()
+    mine = _workspace((4, 8), torch.float32, cpu)
+    assert mine.data_ptr() == _workspace((2, 8), torch.float32, cpu).data_ptr()  # reused within a thread
+    assert other[0].data_ptr() != mine.data_ptr()
