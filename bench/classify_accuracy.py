@@ -10,8 +10,9 @@ The recipe (deterministic for a given seed; DAPT seed 123, shared by the fine-tu
 2. Fine-tune all weights as a classifier (model/classifier.py, head on the last real token), early
    stopping on validation accuracy; the best-validation checkpoint is kept. Once per fine-tuning seed: on 898
    training messages the seed alone moves test accuracy by about 2 points, so one seed would mislead.
-3. Test accuracy of each checkpoint (and of the seed with the best validation accuracy); TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression on the
-   same train split, C picked on the validation split.
+3. Test accuracy of each checkpoint, and of the seed picked on validation (best accuracy, then lowest loss);
+   TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression on the same train split, C picked on the
+   validation split.
 The 2 cores may be shared with other work: wall times are noisy, accuracies are not.
 scikit-learn is a bench-only dependency.
 """

@@ -73,7 +73,7 @@ def train_steps(model, optimizer, batches, *, bf16: bool, compile: bool, clip: f
     return losses, step
 
 
-def variant(kind: str, cfg: GPTConfig, *, bf16: bool, compile: bool = False):
+def variant(kind: str, cfg: GPTConfig):
     torch.manual_seed(0)
     if kind == "ours":
         model = GPTModel(cfg)
@@ -83,7 +83,7 @@ def variant(kind: str, cfg: GPTConfig, *, bf16: bool, compile: bool = False):
 
 
 def measure(kind, cfg, batch, *, bf16, compile, warmup, steps) -> float:
-    model, opt, clip = variant(kind, cfg, bf16=bf16, compile=compile)
+    model, opt, clip = variant(kind, cfg)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=gen),) * 2
             for _ in range(warmup + steps)]
@@ -164,7 +164,7 @@ def main() -> None:
                 for row in starts]
         curves = {}
         for name, bf16 in (("fp32", False), ("bf16", True)):
-            model, opt, clip = variant("ours", cfg, bf16=bf16)
+            model, opt, clip = variant("ours", cfg)
             t = time.perf_counter()
             curves[name], _ = train_steps(model, opt, data, bf16=bf16, compile=False, clip=clip)
             print(f"loss curve {name}: {curve_steps} steps in {time.perf_counter() - t:.0f}s")

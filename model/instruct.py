@@ -34,11 +34,11 @@ from gptflow.storage import (
 )
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import load_checkpoint, load_model, save_model
-from model.fused_loss import IGNORE_INDEX, linear_cross_entropy
+from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
 from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
-from model.pretrain import plot_loss_curve
+from model.pretrain import lm_loss, plot_loss_curve
 from model.training import (
     TrainState,
     autocast,
@@ -52,7 +52,8 @@ from model.training import (
 )
 
 # The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "model.gpt", "model.fused_loss", "model.training", "model.init", "model.generate", "gptflow.prompts")
+CODE = source_digest(__name__, "model.gpt", "model.pretrain", "model.fused_loss", "model.training", "model.init",
+                     "model.generate", "gptflow.prompts")
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,6 @@ def collate(
     if max_length is not None:
         inputs, targets = inputs[:, :max_length], targets[:, :max_length]
     return inputs, targets
-
-
-def instruct_loss(model: GPTModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets that are not ignored (0, not NaN, when a batch has
-    none), through the fused LM head + loss (model.fused_loss)."""
-    return linear_cross_entropy(model.features(inputs).flatten(0, 1), model.out_head.weight, targets.flatten())
 
 
 # --- config ----------------------------------------------------------------------------------------------
@@ -229,7 +224,7 @@ def evaluate(model: GPTModel, examples: list[tuple[list[int], int]], config: Ins
         for s in starts:
             x, y = batch_tensors(examples[s:s + config.batch_size], config, max_length)
             n = int((y != IGNORE_INDEX).sum())
-            total += instruct_loss(model, x, y).item() * n
+            total += lm_loss(model.features(x), model.out_head.weight, y).item() * n
             count += n
     return total / max(count, 1)
 
@@ -311,7 +306,7 @@ def finetune(
     while state.step < total_steps:
         x, y = batch_tensors(train.at(state.step), config, max_length)
         with autocast(config.bf16):
-            loss = instruct_loss(model, x, y)
+            loss = lm_loss(model.features(x), model.out_head.weight, y)
         check_finite(loss, state.step + 1, f"training (last good checkpoint: "
                                            f"{ckpt_path if ckpt_path.is_file() else 'none yet'})")
         loss.backward()

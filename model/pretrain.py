@@ -149,8 +149,10 @@ class TokenWindows:
 
 
 def lm_loss(features: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the LM head on `features` (B, T, E): the head and the loss fused, so
-    the (B*T, vocab) fp32 logits never exist (about 2x faster training steps on CPU; see model.fused_loss)."""
+    """Mean next-token cross-entropy of the LM head on `features` (B, T, E) over the targets that are not
+    IGNORE_INDEX (0, not NaN, when there are none). The head and the loss are fused, so the (B*T, vocab) fp32
+    logits never exist (about 2x faster training steps on CPU; see model.fused_loss). Pretraining and
+    instruction fine-tuning both train through it."""
     return linear_cross_entropy(features.flatten(0, 1), head_weight, targets.flatten())
 
 

@@ -13,9 +13,10 @@ from gptflow.cli import main
 from model.checkpoint import load_checkpoint, load_model
 from model.config import GPTConfig
 from model.gpt import GPTModel
+from model.pretrain import lm_loss
 from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
 from model.instruct import (
-    PROGRESS, InstructConfig, collate, encode_entries, finetune, generate_responses, instruct_loss, respond,
+    PROGRESS, InstructConfig, collate, encode_entries, finetune, generate_responses, respond,
 )
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "The cat was sitting."}
@@ -107,8 +108,9 @@ def test_loss_ignores_masked_targets():
     x, y = torch.randint(0, 60, (2, 4)), torch.tensor([[2, -100, -100, 7], [-100, -100, 5, -100]])
     log_probs = torch.log_softmax(model(x), -1)
     expected = -(log_probs[0, 0, 2] + log_probs[0, 3, 7] + log_probs[1, 2, 5]) / 3  # the three kept targets
-    assert instruct_loss(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert instruct_loss(model, x, torch.full_like(y, -100)).item() == 0.0  # not NaN
+    hidden, head = model.features(x), model.out_head.weight
+    assert lm_loss(hidden, head, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert lm_loss(hidden, head, torch.full_like(y, -100)).item() == 0.0  # not NaN
 
 
 def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
