@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from edge.text import PAD_ID, encode_texts, pad_batch
@@ -61,6 +61,7 @@ SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
 
 Pooling = Literal["last_real", "last_position", "mean"]
 Trainable = Literal["head", "last_k", "all"]
+Keep = Literal["best_val", "last"]
 
 
 class ClassifierError(GptflowError, ValueError):
@@ -82,6 +83,9 @@ class ClassifierConfig(BaseModel):
     epochs: int = Field(default=5, gt=0)
     eval_every: int | None = Field(default=None, gt=0, description="validate every N steps (default: per epoch)")
     patience: int | None = Field(default=3, gt=0, description="stop after N evaluations without improvement")
+    keep: Keep = Field(default="best_val", description="best_val: the weights at the best validation accuracy "
+                       "(early stopping); last: the weights at the end of the schedule, for a validation split too "
+                       "small to pick a step by (no early stopping)")
     lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -98,6 +102,16 @@ class ClassifierConfig(BaseModel):
     @classmethod
     def _init_spec(cls, value: str) -> str:
         return validate_init(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_last_runs_the_schedule(cls, values: Any) -> Any:
+        """keep="last" trains the whole schedule: no early stopping unless asked for (then it is an error)."""
+        if isinstance(values, dict) and values.get("keep") == "last":
+            if values.get("patience") is not None:
+                raise ValueError("keep='last' trains the whole schedule: patience (early stopping) must be None")
+            values = {**values, "patience": None}
+        return values
 
     def init_label(self) -> str:
         """Short name of the starting point, for folder names."""
@@ -319,8 +333,9 @@ def finetune(
     resume: bool = True,
 ) -> FinetuneResult:
     """Fine-tune on `data_dir/{train,validation}.csv` + `labels.json`; keep the best-validation-accuracy
-    weights in `out_dir/best.pt`, the resumable state in `out_dir/last.pt`, curves and a manifest. A finished
-    run with the same data and config is reused; an unfinished one resumes."""
+    weights (or, with `config.keep="last"`, the final ones) in `out_dir/best.pt`, the resumable state in
+    `out_dir/last.pt`, curves and a manifest. A finished run with the same data and config is reused; an
+    unfinished one resumes."""
     config = config or ClassifierConfig()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     labels = load_labels(data_dir)
@@ -400,7 +415,10 @@ def finetune(
                     or state.step == total_steps:
                 result = evaluate_split(model, val, config.eval_batch_size, config.bf16)
                 model.train()
-                improved = result["accuracy"] > progress.best_accuracy
+                if config.keep == "last":
+                    improved = state.step == total_steps
+                else:
+                    improved = result["accuracy"] > progress.best_accuracy
                 if improved:
                     progress.best_accuracy, progress.best_step, progress.bad_evals = result["accuracy"], state.step, 0
                     state.best_val_loss = result["loss"]
@@ -420,7 +438,9 @@ def finetune(
                     log.info("finetune: early stop at step %d (best step %d)", state.step, progress.best_step)
                     break
 
-    summary = {"steps": state.step, "best_step": progress.best_step, "best_val_accuracy": progress.best_accuracy,
+    # best_*: the kept weights (the best validation accuracy, or the schedule's end with keep="last")
+    summary = {"keep": config.keep, "steps": state.step, "best_step": progress.best_step,
+               "best_val_accuracy": progress.best_accuracy,
                "best_val_loss": state.best_val_loss, "early_stopped": stop, "trainable_params": n_trainable,
                "max_length": max_length, "n_classes": len(labels), "source": source}
     write_json_atomic(out_dir / HISTORY, state.history)

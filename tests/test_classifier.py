@@ -118,6 +118,22 @@ def test_resume_after_a_crash_gives_identical_params(tmp_path, tokenizer):
     assert finetune(data, tmp_path / "full", config, tokenizer=tokenizer).reused
 
 
+def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_path, tokenizer):
+    data = write_splits(tmp_path / "data", (10, 3, 3))
+    config = ClassifierConfig(**{**CONFIG, "epochs": 3, "patience": None, "keep": "last"})
+    result = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
+    assert [h["step"] for h in result.history] == [3, 6, 9, 12]
+    assert [h["best"] for h in result.history] == [False, False, False, True]
+    assert result.summary["best_step"] == 12 and not result.summary["early_stopped"]
+    assert result.summary["best_val_accuracy"] == result.history[-1]["val_accuracy"]
+    kept = load_classifier(tmp_path / "run").model.state_dict()
+    final = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+    assert ClassifierConfig(keep="last").patience is None  # no early stopping by default
+    with pytest.raises(ValueError, match="keep='last' trains the whole schedule"):
+        ClassifierConfig(keep="last", patience=2)
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))
     config = ClassifierConfig(**{**CONFIG, "lr": 1e-12, "epochs": 3, "patience": 2})  # nothing improves

@@ -29,6 +29,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: context)")
     p.add_argument("--patience", type=int, help="stop after N evaluations without a better validation accuracy")
+    p.add_argument("--keep", choices=["best_val", "last"], help="best_val (default): the weights at the best "
+                   "validation accuracy; last: the final weights of the whole schedule (no early stopping)")
     p.add_argument("--eval-every", type=int, help="validate every N steps (default: each epoch)")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--dropout", type=float)
@@ -74,7 +76,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from model.config import GPTConfig
 
     fields = ["init", "preset", "trainable", "last_k", "pooling", "epochs", "lr", "weight_decay", "batch_size",
-              "max_length", "patience", "eval_every", "warmup_steps", "dropout", "seed", "threads", "bf16"]
+              "max_length", "patience", "keep", "eval_every", "warmup_steps", "dropout", "seed", "threads", "bf16"]
     config = _config(ClassifierConfig, "options", **{f: getattr(args, f) for f in fields})
     GPTConfig.from_preset(config.preset)  # unknown preset: one line before any flow starts
     kind, _, arg = config.init.partition(":")
@@ -90,8 +92,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     out = finetune_classifier_flow(args.data, config, args.text_column, args.label_column, args.out, args.resume)
     s = out["summary"]
-    print(f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, best validation accuracy "
-          f"{100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}")
+    kept = "final weights" if s.get("keep") == "last" else "best validation accuracy"
+    print(f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, kept the {kept}: validation "
+          f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}")
     for split, m in out["metrics"].items():
         auc = f", ROC-AUC {m['roc_auc']:.4f}" if "roc_auc" in m else ""
         print(f"{split:10s} accuracy {100 * m['accuracy']:.2f}%  macro F1 {m['macro_f1']:.4f}{auc}  (n={m['n']})")
