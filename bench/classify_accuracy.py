@@ -1,19 +1,21 @@
 """Spam test accuracy with no GPT-2 weights, beside a TF-IDF + logistic-regression baseline, with wall time.
 
-    GPTFLOW_MIRROR=../shared/mirror .venv/bin/python -m bench.classify_accuracy [--dapt-steps 800] [--seeds 123,7,99]
+    GPTFLOW_MIRROR=../shared/mirror .venv/bin/python -m bench.classify_accuracy [--dapt-steps 800] \
+        [--dapt-seed 123] [--seeds 123,7,99]
 
-The recipe (deterministic for a given seed; DAPT seed 123, shared by the fine-tuning seeds):
-1. Domain-adaptive pretraining (DAPT) of a 4x192 GPT from random init on the training split's texts plus the
+The recipe (one DAPT checkpoint, shared by the fine-tuning seeds):
+1. Domain-adaptive pretraining (DAPT) of a 6x256 GPT from random init on the training split's texts plus the
    unused (balanced-away) messages; never a validation or test text. Random 64-token windows of the message
    stream, batch 32, AdamW lr 2e-3 with warmup + cosine, bf16 autocast, in a compact vocabulary (the tokens
    that occur in that corpus), saved back in GPT-2 token ids.
-2. Fine-tune all weights as a classifier (model/classifier.py, head on the last real token), early
-   stopping on validation accuracy; the best-validation checkpoint is kept. Once per fine-tuning seed: on 898
-   training messages the seed alone moves test accuracy by about 2 points, so one seed would mislead.
-3. Test accuracy of each checkpoint, and of the seed picked on validation (best accuracy, then lowest loss);
-   TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression on the same train split, C picked on the
-   validation split.
-The 2 cores may be shared with other work: wall times are noisy, accuracies are not.
+2. Fine-tune all weights as a classifier (model/classifier.py, head on the last real token) for the whole
+   cosine schedule and keep the final weights (`keep="last"`, no early stopping). Once per fine-tuning seed:
+   on 898 training messages the seed alone moves test accuracy by a point or more, so one seed would mislead.
+3. Test accuracy of each classifier and their mean; TF-IDF (word 1-2 grams + char 2-5 grams) + logistic
+   regression on the same train split, C picked on the validation split.
+Bf16 matmuls on several threads are not bit-reproducible run to run, so the same seeds can land a message
+either side of the boundary: read the spread over seeds, not one number. The 2 cores may be shared with
+other work: wall times are noisy, accuracies are not.
 scikit-learn is a bench-only dependency.
 """
 
@@ -38,17 +40,31 @@ from model.gpt import GPTModel
 from model.pretrain import lm_loss
 from model.training import autocast, build_optimizer, warmup_cosine
 
-SHAPE = GPTConfig(context_length=128, emb_dim=192, n_layers=4, n_heads=4)
+# 6x256 rather than 4x192 (DAPT 230 s vs 110 s): 5-fold cross-validation over train + validation (final weights,
+# fine-tuning seed 123) calls them even, 97.86% vs 97.76% held-out (22 vs 23 errors of 1026); on the validation
+# split the final weights of 3 fine-tuning seeds average 97.14% vs 95.70% (6 seeds).
+SHAPE = GPTConfig(context_length=128, emb_dim=256, n_layers=6, n_heads=8)
 # x 32 windows x 64 tokens: about 15 passes over the 108k-token corpus. Mean validation accuracy over 3 fine-tuning
-# seeds: 800 steps 98.18%; 500 steps 97.40%; 1600 steps memorise the corpus (LM loss 0.65 vs 3.25) 97.14%;
+# seeds (4x192): 800 steps 98.18%; 500 steps 97.40%; 1600 steps memorise the corpus (LM loss 0.65 vs 3.25) 97.14%;
 # 800 steps with dropout 0.1 97.14%.
 DAPT_STEPS = 800
 # Chosen on mean validation accuracy over fine-tuning seeds 123, 7, 99 from one DAPT checkpoint (never on test):
 # last_real pooling 98.18%, mean pooling 97.14% (mean pooling with only the last 2 blocks trained: 96.09%). On top
-# of last_real: lr 1e-4 x 8 epochs 97.66%, dropout 0.2 + weight decay 0.3 97.92%, lr 2e-4 97.92%. The fine-tune
-# overfits after about one epoch, hence cosine decay and validation every 1/3 epoch.
+# of last_real: lr 1e-4 x 8 epochs 97.66%, dropout 0.2 + weight decay 0.3 97.92%, lr 2e-4 97.92%.
+# The final weights, not the best-validation ones: in 5-fold cross-validation over train + validation (1026
+# messages) held-out accuracy climbs to the end of the 5-epoch schedule (4x192: 97.27% after 1 epoch, 97.76% at
+# the end; 6x256: 96.69% -> 97.86%; 8 epochs: 97.27%), while the 128-message validation split peaks early by
+# chance: early stopping picked steps 38-152 of 285. Validation still runs every 1/3 epoch for the curves.
 FINETUNE = ClassifierConfig(trainable="all", pooling="last_real", lr=3e-4, dropout=0.1, epochs=5, batch_size=16,
-                            warmup_steps=50, min_lr_ratio=0.1, eval_every=19, patience=6, seed=123, bf16=True)
+                            warmup_steps=50, min_lr_ratio=0.1, eval_every=19, keep="last", seed=123, bf16=True)
+
+
+DAPT_SEED = 123
+
+
+def classifier_dir(home: Path, dapt_seed: int = DAPT_SEED, seed: int = FINETUNE.seed) -> Path:
+    """Where a run writes the classifier of one DAPT seed and fine-tuning seed (bench/edge.py reads it)."""
+    return home / "bench" / "classify_accuracy" / f"classifier-dapt{dapt_seed}-seed{seed}"
 
 
 def pretrain_domain(texts: list[str], tokenizer, steps: int, out: Path, *, window: int = 64, batch: int = 32,
@@ -118,6 +134,7 @@ def tfidf_baseline(data_dir: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dapt-steps", type=int, default=DAPT_STEPS, help="domain-adaptive pretraining steps")
+    parser.add_argument("--dapt-seed", type=int, default=DAPT_SEED, help="seed of the domain-adaptive pretraining")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[123, 7, 99],
                         help="fine-tuning seeds, comma-separated (one DAPT is shared): shows the seed spread")
@@ -134,50 +151,50 @@ def main() -> None:
     held_out = set(pd.read_csv(data_dir / "test.csv", keep_default_na=False)["text"]) | \
         set(pd.read_csv(data_dir / "validation.csv", keep_default_na=False)["text"])
     assert not held_out & set(texts), "validation/test texts must never reach pretraining"
-    print(f"1. domain-adaptive pretraining on {len(texts)} texts (train + unused), {args.dapt_steps} steps")
-    pre = pretrain_domain(texts.tolist(), tok, args.dapt_steps, work / "dapt.pt")
+    print(f"1. domain-adaptive pretraining on {len(texts)} texts (train + unused), {args.dapt_steps} steps, "
+          f"seed {args.dapt_seed}")
+    dapt = work / f"dapt-seed{args.dapt_seed}.pt"
+    pre = pretrain_domain(texts.tolist(), tok, args.dapt_steps, dapt, seed=args.dapt_seed)
     print(f"  {pre}")
 
     t_ft = time.perf_counter()
     runs = []
     for seed in args.seeds:
-        config = FINETUNE.model_copy(update={"init": f"checkpoint:{work / 'dapt.pt'}", "threads": args.threads,
-                                             "seed": seed})
+        config = FINETUNE.model_copy(update={"init": f"checkpoint:{dapt}", "threads": args.threads, "seed": seed})
         print(f"2. fine-tuning, seed {seed}: {config}")
         t = time.perf_counter()
-        tuned = finetune(data_dir, work / f"classifier-seed{seed}", config, tokenizer=tok, resume=False,
+        out = classifier_dir(settings.home, args.dapt_seed, seed)
+        tuned = finetune(data_dir, out, config, tokenizer=tok, resume=False,
                          on_log=lambda m: print(f"  epoch {m['epoch']:.2f}: val acc {m['val_accuracy']:.4f}",
                                                 flush=True))
-        test = evaluate_classifier(tuned.best, data_dir, work / f"classifier-seed{seed}", tokenizer=tok)["test"]
-        runs.append({"seed": seed, "summary": tuned.summary, "test": test, "seconds": time.perf_counter() - t})
+        reports = evaluate_classifier(tuned.best, data_dir, out, tokenizer=tok)
+        runs.append({"seed": seed, "val": reports["validation"], "test": reports["test"],
+                     "seconds": time.perf_counter() - t})
     ft_s = time.perf_counter() - t_ft
     ours_s = (t_ft - t_start) + ft_s / len(runs)  # data + DAPT + one fine-tune: what one classifier costs
 
     tfidf_acc, tfidf_s = tfidf_baseline(data_dir)
     n = runs[0]["test"]["n"]
-    tfidf_errors = round(n * (1 - tfidf_acc))
     print()
-    print(f"| model (spam test split, n={n}) | test accuracy | errors | ROC-AUC | wall time |")
-    print("|---|---|---|---|---|")
+    print(f"| model (spam test split, n={n}) | val acc | test accuracy | errors | ROC-AUC | wall time |")
+    print("|---|---|---|---|---|---|")
     for run in runs:
-        test, summary = run["test"], run["summary"]
+        test = run["test"]
         print(f"| ours, seed {run['seed']}: {SHAPE.n_layers}x{SHAPE.emb_dim} GPT from random init, DAPT "
-              f"{pre['steps']} steps + fine-tune ({FINETUNE.pooling} pooling, best val acc "
-              f"{summary['best_val_accuracy']:.4f} at step {summary['best_step']}) | {100 * test['accuracy']:.2f}% | "
+              f"{pre['steps']} steps + fine-tune ({FINETUNE.pooling} pooling, final weights) | "
+              f"{100 * run['val']['accuracy']:.2f}% | {100 * test['accuracy']:.2f}% | "
               f"{round(n * (1 - test['accuracy']))} | {test['roc_auc']:.4f} | DAPT {pre['seconds']:.0f} s + "
               f"fine-tune and eval {run['seconds']:.0f} s |")
-    print(f"| TF-IDF + logistic regression | {100 * tfidf_acc:.2f}% | {tfidf_errors} | | {tfidf_s:.1f} s |")
+    print(f"| TF-IDF + logistic regression | | {100 * tfidf_acc:.2f}% | {round(n * (1 - tfidf_acc))} | | "
+          f"{tfidf_s:.1f} s |")
     accs = np.array([run["test"]["accuracy"] for run in runs])
-    # picked on validation, never test: best accuracy, ties broken by the lower validation loss
-    chosen = max(runs, key=lambda run: (run["summary"]["best_val_accuracy"], -run["summary"]["best_val_loss"]))
     print(f"ours over {len(runs)} fine-tuning seeds: mean {100 * accs.mean():.2f}%, range {100 * accs.min():.2f}-"
-          f"{100 * accs.max():.2f}%; picked by validation accuracy: seed {chosen['seed']}, "
-          f"{100 * chosen['test']['accuracy']:.2f}%; TF-IDF {100 * tfidf_acc:.2f}%")
-    print(f"confusion matrix of the picked seed (test, rows true ham/spam): "
-          f"{chosen['test']['confusion_matrix']['matrix']}")
-    met = chosen["test"]["accuracy"] >= 0.98 and ours_s < 900
-    print(f"target: >= 98% in < 900 s on {args.threads} threads (one DAPT + one fine-tune: {ours_s:.0f} s): "
-          f"{'MET' if met else 'NOT MET'}")
+          f"{100 * accs.max():.2f}%; TF-IDF {100 * tfidf_acc:.2f}%")
+    print("confusion matrices (test, rows true ham/spam): "
+          + "; ".join(f"seed {run['seed']} {run['test']['confusion_matrix']['matrix']}" for run in runs))
+    met = accs.mean() >= 0.98 and ours_s < 900
+    print(f"target: mean test accuracy >= 98% in < 900 s on {args.threads} threads (one DAPT + one fine-tune: "
+          f"{ours_s:.0f} s): {'MET' if met else 'NOT MET'}")
 
 
 if __name__ == "__main__":

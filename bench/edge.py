@@ -3,9 +3,9 @@ torch int8, ONNX fp32 and ONNX int8, with ratios against torch fp32 measured in 
 
     .venv/bin/python -m bench.edge [--checkpoint CLASSIFIER] [--shape gpt2-small] [--threads 2]
 
---checkpoint: a fine-tuned classifier (default: the seed-123 one bench/classify_accuracy.py wrote). --shape PRESET:
-a classifier of that preset with random weights instead (speed and size only; accuracy is then agreement
-with torch fp32). Batch 1 uses a test message of median token length (a typical SMS), batch 32 the first 32
+--checkpoint: a fine-tuned classifier (default: the one bench/classify_accuracy.py wrote with its default
+seeds). --shape PRESET: a classifier of that preset with random weights instead (speed and size only;
+accuracy is then agreement with torch fp32). Batch 1 uses a test message of median token length (a typical SMS), batch 32 the first 32
 test messages padded to their longest. The 2 cores are shared with other work: timings are noisy.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.classify_accuracy import FINETUNE
+from bench.classify_accuracy import classifier_dir
 from edge.runtime import run_session, session
 from edge.text import pad_batch
 from gptflow.data.spam import spam_dir
@@ -66,7 +66,7 @@ def main() -> None:
         model = SequenceClassifier(GPTModel(GPTConfig.from_preset(args.shape)), len(labels)).eval()
         max_length, name = 128, f"{args.shape} (random weights)"
     else:
-        ckpt = args.checkpoint or settings.home / "bench" / "classify_accuracy" / f"classifier-seed{FINETUNE.seed}"
+        ckpt = args.checkpoint or classifier_dir(settings.home)
         loaded = load_classifier(ckpt)
         model, max_length = loaded.model, loaded.max_length
         name = f"{model.cfg.n_layers}x{model.cfg.emb_dim} classifier {loaded.path}"
