@@ -1,9 +1,10 @@
 """Spam test accuracy with no GPT-2 weights, beside a TF-IDF + logistic-regression baseline, with wall time.
 
     GPTFLOW_MIRROR=../shared/mirror .venv/bin/python -m bench.classify_accuracy [--dapt-steps 800] \
-        [--dapt-seed 123] [--seeds 123,7,99]
+        [--dapt-seeds 123] [--seeds 123,7,99]
+    ... -m bench.classify_accuracy --dapt-seeds 11,12 --seeds 123    # an ensemble of 2 (one per DAPT seed)
 
-The recipe (one DAPT checkpoint, shared by the fine-tuning seeds):
+The recipe (each DAPT checkpoint is shared by the fine-tuning seeds):
 1. Domain-adaptive pretraining (DAPT) of a 6x256 GPT from random init on the training split's texts plus the
    unused (balanced-away) messages; never a validation or test text. Random 64-token windows of the message
    stream, batch 32, AdamW lr 2e-3 with warmup + cosine, bf16 autocast, in a compact vocabulary (the tokens
@@ -11,11 +12,12 @@ The recipe (one DAPT checkpoint, shared by the fine-tuning seeds):
 2. Fine-tune all weights as a classifier (model/classifier.py, head on the last real token) for the whole
    cosine schedule and keep the final weights (`keep="last"`, no early stopping). Once per fine-tuning seed:
    on 898 training messages the seed alone moves test accuracy by a point or more, so one seed would mislead.
-3. Test accuracy of each classifier and their mean; TF-IDF (word 1-2 grams + char 2-5 grams) + logistic
-   regression on the same train split, C picked on the validation split.
-Bf16 matmuls on several threads are not bit-reproducible run to run, so the same seeds can land a message
-either side of the boundary: read the spread over seeds, not one number. The 2 cores may be shared with
-other work: wall times are noisy, accuracies are not.
+3. Test accuracy of each classifier and their mean, and of their ensemble (the mean of their class
+   probabilities); TF-IDF (word 1-2 grams + char 2-5 grams) + logistic regression on the same train split, C
+   picked on the validation split.
+The DAPT seed moves test accuracy as much as the fine-tuning seed (means over 3 fine-tuning seeds: 97.4-98.6%
+for DAPT seeds 2026, 7, 123): read the spread, not one number; an ensemble over DAPT seeds removes most of it.
+The 2 cores may be shared with other work: wall times are noisy, accuracies are not.
 scikit-learn is a bench-only dependency.
 """
 
@@ -34,7 +36,9 @@ from gptflow.download import fetch_source
 from gptflow.settings import get_settings
 from gptflow.tokenizer import EOT_ID, get_tokenizer
 from model.checkpoint import save_model
-from model.classifier import ClassifierConfig, evaluate_classifier, finetune
+from eval.metrics import classification_report
+from model.classifier import (ClassifierConfig, encode_split, evaluate_classifier, finetune, load_classifier,
+                              load_labels, predict_logits, read_split)
 from model.config import GPTConfig
 from model.gpt import GPTModel
 from model.pretrain import lm_loss
@@ -133,11 +137,13 @@ def tfidf_baseline(data_dir: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    seeds = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
     parser.add_argument("--dapt-steps", type=int, default=DAPT_STEPS, help="domain-adaptive pretraining steps")
-    parser.add_argument("--dapt-seed", type=int, default=DAPT_SEED, help="seed of the domain-adaptive pretraining")
+    parser.add_argument("--dapt-seeds", type=seeds, default=[DAPT_SEED],
+                        help="domain-adaptive pretraining seeds, comma-separated: one DAPT checkpoint each")
+    parser.add_argument("--seeds", type=seeds, default=[123, 7, 99],
+                        help="fine-tuning seeds, comma-separated, run from every DAPT checkpoint")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[123, 7, 99],
-                        help="fine-tuning seeds, comma-separated (one DAPT is shared): shows the seed spread")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -146,55 +152,71 @@ def main() -> None:
     tok = get_tokenizer()
     work = settings.home / "bench" / "classify_accuracy"
     work.mkdir(parents=True, exist_ok=True)
+    labels = load_labels(data_dir)
+    test = encode_split(read_split(data_dir / "test.csv", labels), tok, SHAPE.context_length)
 
     texts = pd.concat([pd.read_csv(data_dir / name, keep_default_na=False)["text"] for name in ("train.csv", "unused.csv")])
     held_out = set(pd.read_csv(data_dir / "test.csv", keep_default_na=False)["text"]) | \
         set(pd.read_csv(data_dir / "validation.csv", keep_default_na=False)["text"])
     assert not held_out & set(texts), "validation/test texts must never reach pretraining"
-    print(f"1. domain-adaptive pretraining on {len(texts)} texts (train + unused), {args.dapt_steps} steps, "
-          f"seed {args.dapt_seed}")
-    dapt = work / f"dapt-seed{args.dapt_seed}.pt"
-    pre = pretrain_domain(texts.tolist(), tok, args.dapt_steps, dapt, seed=args.dapt_seed)
-    print(f"  {pre}")
+    data_s = time.perf_counter() - t_start
 
-    t_ft = time.perf_counter()
-    runs = []
-    for seed in args.seeds:
-        config = FINETUNE.model_copy(update={"init": f"checkpoint:{dapt}", "threads": args.threads, "seed": seed})
-        print(f"2. fine-tuning, seed {seed}: {config}")
-        t = time.perf_counter()
-        out = classifier_dir(settings.home, args.dapt_seed, seed)
-        tuned = finetune(data_dir, out, config, tokenizer=tok, resume=False,
-                         on_log=lambda m: print(f"  epoch {m['epoch']:.2f}: val acc {m['val_accuracy']:.4f}",
-                                                flush=True))
-        reports = evaluate_classifier(tuned.best, data_dir, out, tokenizer=tok)
-        runs.append({"seed": seed, "val": reports["validation"], "test": reports["test"],
-                     "seconds": time.perf_counter() - t})
-    ft_s = time.perf_counter() - t_ft
-    ours_s = (t_ft - t_start) + ft_s / len(runs)  # data + DAPT + one fine-tune: what one classifier costs
+    members, dapt_s, finetune_s = [], [], []
+    for dapt_seed in args.dapt_seeds:
+        print(f"1. domain-adaptive pretraining on {len(texts)} texts (train + unused), {args.dapt_steps} steps, "
+              f"seed {dapt_seed}")
+        dapt = work / f"dapt-seed{dapt_seed}.pt"
+        pre = pretrain_domain(texts.tolist(), tok, args.dapt_steps, dapt, seed=dapt_seed)
+        dapt_s.append(pre["seconds"])
+        print(f"  {pre}")
+        for seed in args.seeds:
+            config = FINETUNE.model_copy(update={"init": f"checkpoint:{dapt}", "threads": args.threads, "seed": seed})
+            print(f"2. fine-tuning, DAPT seed {dapt_seed}, seed {seed}: {config}")
+            t = time.perf_counter()
+            out = classifier_dir(settings.home, dapt_seed, seed)
+            tuned = finetune(data_dir, out, config, tokenizer=tok, resume=False,
+                             on_log=lambda m: print(f"  epoch {m['epoch']:.2f}: val acc {m['val_accuracy']:.4f}",
+                                                    flush=True))
+            reports = evaluate_classifier(tuned.best, data_dir, out, tokenizer=tok)
+            logits = predict_logits(load_classifier(tuned.best).model, test.ids)
+            finetune_s.append(time.perf_counter() - t)
+            members.append({"name": f"DAPT seed {dapt_seed}, fine-tuning seed {seed}", "val": reports["validation"],
+                            "test": reports["test"], "probs": torch.from_numpy(logits).softmax(1).numpy()})
+    total_s = time.perf_counter() - t_start
+    single_s = data_s + np.mean(dapt_s) + np.mean(finetune_s)  # what one classifier costs
 
     tfidf_acc, tfidf_s = tfidf_baseline(data_dir)
-    n = runs[0]["test"]["n"]
+    n = len(test)
+    names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    ensemble = classification_report(test.labels, np.mean([m["probs"] for m in members], axis=0), names)
+    print()
+    print(f"{SHAPE.n_layers}x{SHAPE.emb_dim} GPT from random init, DAPT {args.dapt_steps} steps + fine-tune "
+          f"({FINETUNE.pooling} pooling, final weights); DAPT {np.mean(dapt_s):.0f} s, fine-tune and eval "
+          f"{np.mean(finetune_s):.0f} s each")
     print()
     print(f"| model (spam test split, n={n}) | val acc | test accuracy | errors | ROC-AUC | wall time |")
     print("|---|---|---|---|---|---|")
-    for run in runs:
-        test = run["test"]
-        print(f"| ours, seed {run['seed']}: {SHAPE.n_layers}x{SHAPE.emb_dim} GPT from random init, DAPT "
-              f"{pre['steps']} steps + fine-tune ({FINETUNE.pooling} pooling, final weights) | "
-              f"{100 * run['val']['accuracy']:.2f}% | {100 * test['accuracy']:.2f}% | "
-              f"{round(n * (1 - test['accuracy']))} | {test['roc_auc']:.4f} | DAPT {pre['seconds']:.0f} s + "
-              f"fine-tune and eval {run['seconds']:.0f} s |")
+    for m in members:
+        test_m = m["test"]
+        print(f"| ours, {m['name']} | {100 * m['val']['accuracy']:.2f}% | {100 * test_m['accuracy']:.2f}% | "
+              f"{round(n * (1 - test_m['accuracy']))} | {test_m['roc_auc']:.4f} | {single_s:.0f} s |")
+    if len(members) > 1:
+        print(f"| **ours, ensemble of the {len(members)} above** (mean probability) | | "
+              f"**{100 * ensemble['accuracy']:.2f}%** | {round(n * (1 - ensemble['accuracy']))} | "
+              f"{ensemble['roc_auc']:.4f} | {total_s:.0f} s |")
     print(f"| TF-IDF + logistic regression | | {100 * tfidf_acc:.2f}% | {round(n * (1 - tfidf_acc))} | | "
           f"{tfidf_s:.1f} s |")
-    accs = np.array([run["test"]["accuracy"] for run in runs])
-    print(f"ours over {len(runs)} fine-tuning seeds: mean {100 * accs.mean():.2f}%, range {100 * accs.min():.2f}-"
+    accs = np.array([m["test"]["accuracy"] for m in members])
+    print(f"ours, {len(members)} classifiers: mean {100 * accs.mean():.2f}%, range {100 * accs.min():.2f}-"
           f"{100 * accs.max():.2f}%; TF-IDF {100 * tfidf_acc:.2f}%")
     print("confusion matrices (test, rows true ham/spam): "
-          + "; ".join(f"seed {run['seed']} {run['test']['confusion_matrix']['matrix']}" for run in runs))
-    met = accs.mean() >= 0.98 and ours_s < 900
-    print(f"target: mean test accuracy >= 98% in < 900 s on {args.threads} threads (one DAPT + one fine-tune: "
-          f"{ours_s:.0f} s): {'MET' if met else 'NOT MET'}")
+          + "; ".join(f"{m['name']} {m['test']['confusion_matrix']['matrix']}" for m in members))
+    verdict = lambda ok: "MET" if ok else "NOT MET"  # noqa: E731
+    print(f"target, one classifier: mean test accuracy {100 * accs.mean():.2f}% >= 98% in < 900 s on "
+          f"{args.threads} threads ({single_s:.0f} s): {verdict(accs.mean() >= 0.98 and single_s < 900)}")
+    if len(members) > 1:
+        print(f"target, the ensemble: test accuracy {100 * ensemble['accuracy']:.2f}% >= 98% in < 900 s "
+              f"({total_s:.0f} s for all of it): {verdict(ensemble['accuracy'] >= 0.98 and total_s < 900)}")
 
 
 if __name__ == "__main__":
