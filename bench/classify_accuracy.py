@@ -70,9 +70,13 @@ FINETUNE = ClassifierConfig(trainable="all", pooling="last_real", lr=3e-4, dropo
 DAPT_SEEDS = (11, 12)
 
 
+def work_dir(home: Path) -> Path:
+    return home / "bench" / "classify_accuracy"
+
+
 def classifier_dir(home: Path, dapt_seed: int = DAPT_SEEDS[0], seed: int = FINETUNE.seed) -> Path:
     """Where a run writes the classifier of one DAPT seed and fine-tuning seed (bench/edge.py reads it)."""
-    return home / "bench" / "classify_accuracy" / f"classifier-dapt{dapt_seed}-seed{seed}"
+    return work_dir(home) / f"classifier-dapt{dapt_seed}-seed{seed}"
 
 
 def pretrain_domain(texts: list[str], tokenizer, steps: int, out: Path, *, window: int = 64, batch: int = 32,
@@ -154,7 +158,7 @@ def main() -> None:
     settings = get_settings()
     data_dir = prepare_spam(fetch_source("sms-spam")).out_dir
     tok = get_tokenizer()
-    work = settings.home / "bench" / "classify_accuracy"
+    work = work_dir(settings.home)
     work.mkdir(parents=True, exist_ok=True)
     labels = load_labels(data_dir)
     names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
@@ -162,9 +166,7 @@ def main() -> None:
                  for split in ("validation", "test"))
 
     texts = pd.concat([pd.read_csv(data_dir / name, keep_default_na=False)["text"] for name in ("train.csv", "unused.csv")])
-    held_out = set(pd.read_csv(data_dir / "test.csv", keep_default_na=False)["text"]) | \
-        set(pd.read_csv(data_dir / "validation.csv", keep_default_na=False)["text"])
-    assert not held_out & set(texts), "validation/test texts must never reach pretraining"
+    assert not (set(val.texts) | set(test.texts)) & set(texts), "validation/test texts must never reach pretraining"
     data_s = time.perf_counter() - t_start
 
     members, dapt_s, finetune_s = [], [], []

@@ -5,8 +5,9 @@ torch int8, ONNX fp32 and ONNX int8, with ratios against torch fp32 measured in 
 
 --checkpoint: a fine-tuned classifier (default: the one bench/classify_accuracy.py wrote with its default
 seeds). --shape PRESET: a classifier of that preset with random weights instead (speed and size only;
-accuracy is then agreement with torch fp32). Batch 1 uses a test message of median token length (a typical SMS), batch 32 the first 32
-test messages padded to their longest. The 2 cores are shared with other work: timings are noisy.
+accuracy is then agreement with torch fp32). Batch 1 uses a test message of median token length (a typical
+SMS), batch 32 the first 32 test messages padded to their longest. The 2 cores are shared with other work:
+timings are noisy.
 """
 
 from __future__ import annotations
