@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gptflow.data.spam import prepare_spam
+from data.spam import prepare_spam
 from gptflow.download import fetch_source
 from gptflow.settings import get_settings
 from gptflow.tokenizer import EOT_ID, get_tokenizer

@@ -24,7 +24,7 @@ import torch
 from bench.classify_accuracy import classifier_dir
 from edge.runtime import run_session, session
 from edge.text import pad_batch
-from gptflow.data.spam import spam_dir
+from data.spam import spam_dir
 from gptflow.settings import get_settings
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import SequenceClassifier, encode_split, load_classifier, load_labels, predict_logits, read_split

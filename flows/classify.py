@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from gptflow.data.config import CsvDataConfig, SpamDataConfig
+from data.config import CsvDataConfig, SpamDataConfig
 from gptflow.settings import get_settings
 from gptflow.storage import sha256_json
 from model.classifier import ClassifierConfig

@@ -1,13 +1,13 @@
 """Data flows: each fetches its input and builds one data set under `<home>/data/`.
 
-Each returns {"out_dir", "reused", "report"}; the report holds every count (see gptflow/data).
+Each returns {"out_dir", "reused", "report"}; the report holds every count (see data).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from gptflow.data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
+from data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
 from tasks.data import build_corpus, build_csv_data, build_instruction_data, build_spam_data, fetch_input
 
 

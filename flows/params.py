@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from eval.judge import JudgeConfig
-from gptflow.data.config import InstructionDataConfig, SpamDataConfig
+from data.config import InstructionDataConfig, SpamDataConfig
 from gptflow.errors import GptflowError
 from model.classifier import ClassifierConfig
 from model.config import PRESETS

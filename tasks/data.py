@@ -10,9 +10,9 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gptflow.data import corpus, instructions, labelled, spam, tabular
-from gptflow.data.common import StageResult
-from gptflow.data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
+from data import corpus, instructions, labelled, spam, tabular
+from data.common import StageResult
+from data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
 from gptflow.download import fetch_source
 from tasks.artifacts import publish_table
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptflow.data.config import CorpusConfig
-from gptflow.data.corpus import CorpusError, prepare_corpus
+from data.config import CorpusConfig
+from data.corpus import CorpusError, prepare_corpus
 from gptflow.download import fetch_source
 from gptflow.storage import read_json
 from gptflow.tokenizer import encode

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gptflow.data.config import InstructionDataConfig
-from gptflow.data.instructions import InstructionDataError, clean, prepare_instructions
+from data.config import InstructionDataConfig
+from data.instructions import InstructionDataError, clean, prepare_instructions
 from gptflow.download import fetch_source
 from gptflow.storage import read_json
 

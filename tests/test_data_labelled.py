@@ -7,11 +7,11 @@ import logging
 import pandas as pd
 import pytest
 
-from gptflow.data.common import DataError, apportion, split_sizes, stratified_sizes
-from gptflow.data.config import CsvDataConfig, SpamDataConfig
-from gptflow.data.labelled import clean
-from gptflow.data.spam import prepare_spam, read_sms_spam
-from gptflow.data.tabular import TabularError, prepare_csv
+from data.common import DataError, apportion, split_sizes, stratified_sizes
+from data.config import CsvDataConfig, SpamDataConfig
+from data.labelled import clean
+from data.spam import prepare_spam, read_sms_spam
+from data.tabular import TabularError, prepare_csv
 from gptflow.download import fetch_source
 from gptflow.storage import read_json
 
@@ -172,7 +172,7 @@ def test_csv_quoted_commas_and_newlines_with_bom(tmp_path, settings):
 def test_csv_cp1252_fallback_warns(tmp_path, settings, caplog):
     data = rows({"ham": 10, "spam": 10}) + [("café crème €5", "ham")]
     path = write_table(tmp_path / "win.csv", data, encoding="cp1252")
-    with caplog.at_level(logging.WARNING, logger="gptflow.data.tabular"):
+    with caplog.at_level(logging.WARNING, logger="data.tabular"):
         result = prepare_csv(path, csv_config(balance="none"), settings)
     assert result.report["read"]["encoding"] == "cp1252"
     assert "not UTF-8" in caplog.text and "cp1252" in caplog.text

@@ -6,7 +6,7 @@ import argparse
 
 from pydantic import BaseModel, ValidationError
 
-from gptflow.data.config import (
+from data.config import (
     CorpusConfig,
     CsvDataConfig,
     InstructionDataConfig,
@@ -79,7 +79,7 @@ def _csv(args: argparse.Namespace) -> int:
 
 def _instructions(args: argparse.Namespace) -> int:
     from flows.data import prepare_instructions
-    from gptflow.data.instructions import summary_rows
+    from data.instructions import summary_rows
 
     outcome = prepare_instructions(args.path, _config(InstructionDataConfig, seed=args.seed, book_split=args.book_split))
     print(_table([{"step": k, "entries": v} for k, v in outcome["report"]["cleaning"].items()]), end="\n\n")
@@ -90,7 +90,7 @@ def _instructions(args: argparse.Namespace) -> int:
 
 def _corpus(args: argparse.Namespace) -> int:
     from flows.data import prepare_corpus
-    from gptflow.data.corpus import summary_rows
+    from data.corpus import summary_rows
 
     outcome = prepare_corpus(args.corpus, _config(CorpusConfig, val_fraction=args.val_fraction))
     print(_table(summary_rows(outcome["report"])), end="\n\n")
@@ -99,7 +99,7 @@ def _corpus(args: argparse.Namespace) -> int:
 
 
 def _print_labelled(outcome: dict) -> None:
-    from gptflow.data.labelled import summary_rows
+    from data.labelled import summary_rows
 
     report = outcome["report"]
     print(f"labels: {report['labels']}")

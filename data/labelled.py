@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from gptflow.data.common import (
+from data.common import (
     SPLITS,
     DataError,
     StageResult,
@@ -22,12 +22,12 @@ from gptflow.data.common import (
     stratified_sizes,
     token_length_stats,
 )
-from gptflow.data.config import LabelledDataConfig
+from data.config import LabelledDataConfig
 from gptflow.settings import Settings
 from gptflow.storage import atomic_path, completed_manifest, source_digest, write_json_atomic, write_manifest
 
 # The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "gptflow.data.common", "gptflow.data.spam", "gptflow.data.tabular")
+CODE = source_digest(__name__, "data.common", "data.spam", "data.tabular")
 
 log = logging.getLogger(__name__)
 

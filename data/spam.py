@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from gptflow.data.common import StageResult
-from gptflow.data.config import SpamDataConfig
-from gptflow.data.labelled import build_labelled_dataset
+from data.common import StageResult
+from data.config import SpamDataConfig
+from data.labelled import build_labelled_dataset
 from gptflow.settings import Settings, get_settings
 from gptflow.storage import sha256_file
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptflow.data.common import DataError, StageResult, floor_count
-from gptflow.data.config import CorpusConfig
+from data.common import DataError, StageResult, floor_count
+from data.config import CorpusConfig
 from gptflow.download import fetch_source
 from gptflow.settings import Settings, get_settings
 from gptflow.storage import (
@@ -26,7 +26,7 @@ from gptflow.storage import (
 from gptflow.tokenizer import VOCAB_SIZE, encode, get_tokenizer
 
 # The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "gptflow.data.common", "gptflow.tokenizer")
+CODE = source_digest(__name__, "data.common", "gptflow.tokenizer")
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from gptflow.data.common import DataError, StageResult
-from gptflow.data.config import CsvDataConfig
-from gptflow.data.labelled import build_labelled_dataset
+from data.common import DataError, StageResult
+from data.config import CsvDataConfig
+from data.labelled import build_labelled_dataset
 from gptflow.settings import Settings, get_settings
 from gptflow.storage import sha256_file
 

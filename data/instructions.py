@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gptflow.data.common import DataError, StageResult, floor_count, split_sizes, token_length_stats
-from gptflow.data.config import InstructionDataConfig
+from data.common import DataError, StageResult, floor_count, split_sizes, token_length_stats
+from data.config import InstructionDataConfig
 from gptflow.settings import Settings, get_settings
 from gptflow.storage import completed_manifest, sha256_file, source_digest, write_json_atomic, write_manifest
 
 # The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "gptflow.data.common")
+CODE = source_digest(__name__, "data.common")
 
 log = logging.getLogger(__name__)
 
