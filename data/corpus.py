@@ -6,7 +6,6 @@ source hash. The split is by token position: the first 90% train, the rest valid
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +14,16 @@ from data.common import DataError, StageResult, floor_count
 from data.config import CorpusConfig
 from gptflow.download import fetch_source
 from gptflow.settings import Settings, get_settings
+from gptflow.stage import Stage
 from gptflow.storage import (
     atomic_path,
-    completed_manifest,
     sha256_file,
-    source_digest,
     write_json_atomic,
-    write_manifest,
 )
 from gptflow.tokenizer import VOCAB_SIZE, encode, get_tokenizer
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "data.common", "gptflow.tokenizer")
+CODE = (__name__, "data.common", "gptflow.tokenizer")
 
-log = logging.getLogger(__name__)
 
 STAGE = "data-corpus"
 NAMED = ("the-verdict", "tinyshakespeare")  # registered download sources
@@ -80,9 +75,9 @@ def prepare_corpus(
     name, path = resolve_corpus(name_or_path, settings)
     out_dir = settings.home / "data" / "corpus" / name
     digest = sha256_file(path)
-    inputs, config_dict = {path.name: digest}, config.model_dump(mode="json") | {"tokenizer": "gpt2"}
-    if completed_manifest(out_dir, inputs, config_dict, code=CODE):
-        log.info("%s: reusing %s (same inputs and config)", STAGE, out_dir)
+    stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config.model_dump(mode="json") | {"tokenizer": "gpt2"},
+                          code=CODE, folder=out_dir)
+    if stage.plan().reused:
         return StageResult.from_folder(out_dir, "meta.json")
 
     text = read_text(path)
@@ -110,8 +105,7 @@ def prepare_corpus(
     _write_tokens(tokens[:n_train], out_dir / "train.bin")
     _write_tokens(tokens[n_train:], out_dir / "val.bin")
     write_json_atomic(out_dir / "meta.json", meta)
-    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=OUTPUTS,
-                   metrics={k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")}, code=CODE)
+    stage.complete(OUTPUTS, {k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")})
     return StageResult(out_dir=out_dir, reused=False, report=meta)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,11 @@ import numpy as np
 from data.common import DataError, StageResult, floor_count, split_sizes, token_length_stats
 from data.config import InstructionDataConfig
 from gptflow.settings import Settings, get_settings
-from gptflow.storage import completed_manifest, sha256_file, source_digest, write_json_atomic, write_manifest
+from gptflow.stage import Stage
+from gptflow.storage import sha256_file, write_json_atomic
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "data.common")
+CODE = (__name__, "data.common")
 
-log = logging.getLogger(__name__)
 
 STAGE = "data-instructions"
 OUTPUTS = ["train.json", "validation.json", "test.json", "report.json"]
@@ -112,9 +110,8 @@ def prepare_instructions(
         raise InstructionDataError(f"{path}: no such file (expected a JSON list of instruction entries)")
     digest = sha256_file(path)
     out_dir = instructions_dir(path, digest, settings, default)
-    inputs, config_dict = {path.name: digest}, config.model_dump(mode="json")
-    if completed_manifest(out_dir, inputs, config_dict, code=CODE):
-        log.info("%s: reusing %s (same inputs and config)", STAGE, out_dir)
+    stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config, code=CODE, folder=out_dir)
+    if stage.plan().reused:
         return StageResult.from_folder(out_dir)
 
     entries, cleaning = clean(load_instructions(path))
@@ -140,8 +137,7 @@ def prepare_instructions(
     for name, part in splits.items():
         write_json_atomic(out_dir / f"{name}.json", part)
     write_json_atomic(out_dir / "report.json", report)
-    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=OUTPUTS,
-                   metrics=report["splits"], code=CODE)
+    stage.complete(OUTPUTS, report["splits"])
     return StageResult(out_dir=out_dir, reused=False, report=report)
 
 

@@ -6,7 +6,6 @@ texts carrying several labels dropped), so no text can land in two splits nor in
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Callable
@@ -24,12 +23,11 @@ from data.common import (
 )
 from data.config import LabelledDataConfig
 from gptflow.settings import Settings
-from gptflow.storage import atomic_path, completed_manifest, source_digest, write_json_atomic, write_manifest
+from gptflow.stage import Stage
+from gptflow.storage import atomic_path, write_json_atomic
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "data.common", "data.spam", "data.tabular")
+CODE = (__name__, "data.common", "data.spam", "data.tabular")
 
-log = logging.getLogger(__name__)
 
 OUTPUTS = ["train.csv", "validation.csv", "test.csv", "labels.json", "unused.csv", "report.json"]
 _WHITESPACE = re.compile(r"\s+")
@@ -138,9 +136,8 @@ def build_labelled_dataset(
     `load` returns (rows with string columns text, label; facts about reading the file for the report).
     `source` names the input in error messages.
     """
-    config_dict = config.model_dump(mode="json")
-    if completed_manifest(out_dir, inputs, config_dict, code=CODE):
-        log.info("%s: reusing %s (same inputs and config)", stage, out_dir)
+    declared = Stage.declare(stage, inputs=inputs, config=config, code=CODE, folder=out_dir)
+    if declared.plan().reused:
         return StageResult.from_folder(out_dir)
 
     raw, read_facts = load()
@@ -180,11 +177,7 @@ def build_labelled_dataset(
     _write_csv(unused, ids, out_dir / "unused.csv")
     write_json_atomic(out_dir / "labels.json", ids)
     write_json_atomic(out_dir / "report.json", report)
-    write_manifest(
-        out_dir, stage=stage, inputs=inputs, config=config_dict, outputs=OUTPUTS,
-        metrics={s: c["total"] for s, c in report["splits"].items()},
-        code=CODE,
-    )
+    declared.complete(OUTPUTS, {s: c["total"] for s, c in report["splits"].items()})
     return StageResult(out_dir=out_dir, reused=False, report=report)
 
 

@@ -7,11 +7,13 @@ given their average rank (exactly the area under the ROC curve, ties counted as 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from gptflow.errors import GptflowError
+from gptflow.storage import write_json_atomic
 
 
 class MetricsError(GptflowError, ValueError):
@@ -107,3 +109,16 @@ def _pair(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, np.
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise MetricsError(f"labels {a.shape} and predictions {b.shape} must be equal-length non-empty vectors")
     return a, b
+
+
+def write_split_reports(splits: dict[str, tuple[Sequence[int], np.ndarray]], names: Sequence[str], out_dir: Path,
+                        *, checkpoint: str, confusion_png: str) -> dict[str, dict]:
+    """Reports of every split (labels, logits) into `out_dir/metrics.json`, and the test confusion matrix as a
+    PNG; returns the reports."""
+    from eval.plots import plot_confusion_matrix
+
+    reports = {split: classification_report(labels, logits, names) for split, (labels, logits) in splits.items()}
+    write_json_atomic(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "reports": reports})
+    plot_confusion_matrix(reports["test"]["confusion_matrix"]["matrix"], names, out_dir / confusion_png,
+                          title=f"test confusion matrix (accuracy {100 * reports['test']['accuracy']:.2f}%)")
+    return reports

@@ -1,4 +1,4 @@
-"""Classifier plots: loss/accuracy curves over fine-tuning and the confusion matrix (PNG, written atomically)."""
+"""Training and classifier plots: loss curves, loss/accuracy curves, the confusion matrix (PNG, written atomically)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,25 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Training loss (each log) and validation loss (each evaluation) against optimizer steps."""
+    trains = [h for h in history if h["kind"] == "train"]
+    evals = [h for h in history if h["kind"] == "eval"]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot([h["step"] for h in trains], [h["loss"] for h in trains], label="train loss")
+    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Train/validation loss and accuracy against epochs (one point per evaluation)."""
+    """Train/validation loss and accuracy against epochs (one point per evaluation record)."""
+    history = [h for h in history if h.get("kind", "eval") == "eval"]
     fig = Figure(figsize=(10, 4))
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]

@@ -13,10 +13,13 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from eval.judge import Judgement, OllamaJudge, judge_prompt
+from eval.judge import JudgeConfig, Judgement, OllamaJudge, judge_prompt
 from eval.stats import paired_difference, summarize
 from gptflow.errors import GptflowError
+from gptflow.stage import Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic, write_text_atomic
+
+CODE = (__name__, "eval.judge", "eval.stats", "gptflow.prompts")
 
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"
@@ -57,6 +60,14 @@ def load_responses(path: str | Path, response_keys: Sequence[str]) -> list[dict]
                 raise ResponsesFileError(f"{path}: entry {index}: {key!r} must be a string, "
                                          f"got {type(entry[key]).__name__}")
     return data
+
+
+def evaluation_stage(path: str | Path, response_keys: Sequence[str], judge: JudgeConfig,
+                     out_dir: str | Path | None = None) -> Stage:
+    """The evaluate stage of a responses file: keyed on the file, the scored fields and what decides a judgement
+    (model, options, output format; not the host or timing)."""
+    return Stage.declare("evaluate", inputs={"responses": Path(path)}, code=CODE, label=Path(path).stem,
+                         config={"response_keys": list(response_keys), "judge": judge.identity()}, out_dir=out_dir)
 
 
 def evaluate_responses(

@@ -77,7 +77,7 @@ def render_run_report(run_name: str, params: dict[str, Any], stages: dict[str, d
             continue
         inputs = ", ".join(f"{k} `{_short(v)}`" for k, v in manifest.get("inputs", {}).items())
         outputs = ", ".join(f"{k} `{_short(v)}`" for k, v in manifest.get("outputs", {}).items())
-        lines.append(f"- **{name}** (code `{manifest.get('code_version', '?')}`, fingerprint "
-                     f"`{_short(manifest.get('fingerprint', ''))}`): inputs {inputs or '-'}; outputs {outputs or '-'}")
+        lines.append(f"- **{name}** (commit `{manifest.get('code_version', '?')}`, finished "
+                     f"{manifest.get('finished', '?')}): inputs {inputs or '-'}; outputs {outputs or '-'}")
     lines += ["", "## Parameters", "", "```json", json.dumps(params, indent=2, default=str), "```", ""]
     return "\n".join(lines)

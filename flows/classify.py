@@ -7,10 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from data.config import CsvDataConfig, SpamDataConfig
-from gptflow.settings import get_settings
-from gptflow.storage import sha256_json
 from model.classifier import ClassifierConfig
-from model.init import init_digest
 from tasks.classify import evaluate_splits, finetune_classifier
 
 
@@ -19,7 +16,7 @@ def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = Clas
                              text_column: str | None = None, label_column: str | None = None,
                              out_dir: str | None = None, resume: bool = True) -> dict:
     """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
-    `<home>/classify/<data>-<init>-<hash of config and init weights>` by default."""
+    `out_dir`, else to the folder the stage contract names: `<home>/classify/<data>-<init>-<key>`."""
     from flows.data import prepare_csv, prepare_spam
 
     if (Path(data) / "train.csv").is_file():
@@ -28,9 +25,6 @@ def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = Clas
         data_dir = prepare_spam(SpamDataConfig())["out_dir"]
     else:
         data_dir = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))["out_dir"]
-    key = sha256_json({"config": config.resume_key(), "init": init_digest(config.init)})[:8]
-    name = f"{Path(data_dir).name}-{config.init_label()}-{key}"
-    out = out_dir or str(get_settings().stage_dir("classify") / name)
-    trained = finetune_classifier(data_dir, out, config, resume)
-    metrics = evaluate_splits(trained["best"], data_dir, out)
+    trained = finetune_classifier(data_dir, config, out_dir, resume)
+    metrics = evaluate_splits(trained["best"], data_dir, trained["out_dir"])
     return {**trained, "data_dir": data_dir, "metrics": metrics}

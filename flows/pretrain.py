@@ -6,8 +6,6 @@ from pathlib import Path
 
 from prefect import flow
 
-from gptflow.settings import get_settings
-from gptflow.storage import sha256_file, sha256_json
 from model.pretrain import PretrainConfig
 from tasks.pretrain import convert_weights, train_model
 
@@ -16,19 +14,16 @@ from tasks.pretrain import convert_weights, train_model
 def pretrain_flow(corpus: str = "tinyshakespeare", config: PretrainConfig = PretrainConfig(),
                   out_dir: str | None = None, resume: bool = True) -> dict:
     """`corpus`: a corpus name or text file (tokenized by the data flow first, reused if done) or a folder
-    that already holds train.bin/val.bin. Outputs go to `<home>/pretrain/<corpus>-<preset>-<hash of config and
-    token files>` by default: the same config and data resume or reuse, a changed one trains afresh beside it."""
+    that already holds train.bin/val.bin. Outputs go to `out_dir`, else to the folder the stage contract names
+    (`<home>/pretrain/<corpus>-<preset>-<key>`): the same config and data resume or reuse, a changed one trains
+    afresh beside it."""
     if (Path(corpus) / "train.bin").is_file():
-        data_dir, name = corpus, Path(corpus).name
+        data_dir = corpus
     else:
         from flows.data import prepare_corpus
 
-        data = prepare_corpus(corpus)
-        data_dir, name = data["out_dir"], data["report"]["name"]
-    tokens = {f: sha256_file(Path(data_dir) / f) for f in ("train.bin", "val.bin")}
-    key = sha256_json({"config": config.resume_key(), "tokens": tokens})[:8]
-    out = out_dir or str(get_settings().stage_dir("pretrain") / f"{name}-{config.preset}-{key}")
-    return train_model(data_dir, out, config, resume)
+        data_dir = prepare_corpus(corpus)["out_dir"]
+    return train_model(data_dir, config, out_dir, resume)
 
 
 @flow(name="load-gpt2")

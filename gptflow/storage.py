@@ -1,10 +1,9 @@
-"""Atomic writes, hashing and stage manifests: nothing half-written is ever visible under its final name."""
+"""Atomic writes, hashing and the stage lock: nothing half-written is ever visible under its final name."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -91,67 +90,6 @@ def code_version() -> str:
         from gptflow import __version__
 
         return __version__
-
-
-def write_manifest(
-    stage_dir: str | Path,
-    *,
-    stage: str,
-    inputs: dict[str, str],
-    config: dict[str, Any],
-    outputs: list[str],
-    metrics: dict[str, Any] | None = None,
-    code: str = "",
-) -> Path:
-    """Record what made a stage folder: input hashes, config, code version, output hashes, metrics."""
-    stage_dir = Path(stage_dir)
-    manifest = {
-        "stage": stage,
-        "inputs": inputs,
-        "config": config,
-        "fingerprint": stage_fingerprint(inputs, config, code),
-        "code_digest": code,
-        "code_version": code_version(),
-        "outputs": {name: sha256_file(stage_dir / name) for name in outputs},
-        "metrics": metrics or {},
-    }
-    return write_json_atomic(stage_dir / MANIFEST_NAME, manifest)
-
-
-def stage_fingerprint(inputs: dict[str, str], config: dict[str, Any], code: str = "") -> str:
-    """The cache key of a stage: its input hashes, its config and the digest of the code that makes it."""
-    return sha256_json({"inputs": inputs, "config": config, **({"code": code} if code else {})})
-
-
-def source_digest(*modules: str) -> str:
-    """sha256 over the source files of the named modules: the code part of a stage's cache key, so editing
-    the code that makes a stage redoes that stage, while edits elsewhere leave it reusable."""
-    digest = hashlib.sha256()
-    for name in sorted(set(modules)):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"no source for module {name!r}")
-        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
-    return digest.hexdigest()
-
-
-def completed_manifest(stage_dir: str | Path, inputs: dict[str, str], config: dict[str, Any],
-                       code: str = "") -> dict | None:
-    """The stage's manifest if it was made from these inputs, config and code and its outputs are intact."""
-    path = Path(stage_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("fingerprint") != stage_fingerprint(inputs, config, code):
-        return None
-    for name, digest in manifest.get("outputs", {}).items():
-        out = Path(stage_dir) / name
-        if not out.is_file() or sha256_file(out) != digest:
-            return None
-    return manifest
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Sequence classification on a GPT backbone: model, data, fine-tuning loop with early stopping and resume.
+"""Sequence classification on a GPT backbone: model, data, and its fine-tuning stage (through model.training).
 
 The head reads the hidden state of the last real token of each (right-padded) row, found with a gather on
 `attention_mask.sum(1) - 1`: no Python branch on tensor values, so the model exports with dynamic batch and
@@ -16,47 +16,44 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
-from gptflow.storage import completed_manifest, read_json, sha256_file, source_digest, write_json_atomic, write_manifest
+from gptflow.stage import Stage
+from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import GPTConfig
 from model.gpt import GPTModel
-from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
+from model.init import INIT_HELP, InitSpec
 from model.training import (
-    TrainState,
+    CHECKPOINT,
+    EpochBatches,
+    EvalEvery,
+    Selection,
+    TrainConfig,
+    TrainingCheckpoint,
     autocast,
-    build_optimizer,
-    build_scheduler,
-    check_finite,
     eval_mode,
-    load_training_checkpoint,
-    save_training_checkpoint,
-    set_threads,
+    train,
 )
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "model.gpt", "model.training", "model.init", "edge.text")
+CODE = (__name__, "model.gpt", "model.training", "model.init", "edge.text")
 
 log = logging.getLogger(__name__)
 
 FORMAT = "gptflow-classifier/1"
-STAGE = "classify"
-CHECKPOINT = "last.pt"  # full training state, resumable
-BEST = "best.pt"  # classifier weights at the best validation accuracy
+BEST = "best.pt"  # classifier weights kept (best validation accuracy, or the final ones)
 HISTORY = "history.json"
-CURVES = "curves.png"
 SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
 
 Pooling = Literal["last_real", "last_position", "mean"]
@@ -68,40 +65,24 @@ class ClassifierError(GptflowError, ValueError):
     """Classifier input, init spec or checkpoint is unusable; the message names it."""
 
 
-class ClassifierConfig(BaseModel):
-    """Every knob of a fine-tuning run (also the flow's parameters and the manifest's config)."""
+class ClassifierConfig(TrainConfig):
+    """Every knob of a fine-tuning run (also the flow's parameters and the stage's config)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_batch_size"}
 
-    init: str = Field(default="random", description=INIT_HELP)
-    preset: str = Field(default="mini", description="model preset for init=random")
-    pooling: Pooling = "last_real"
+    init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
+    pooling: Pooling = Field(default="last_real", description="which hidden state the head reads")
     trainable: Trainable = Field(default="last_k", description="head | last_k (last k blocks + final norm + "
                                  "head) | all")
-    last_k: int = Field(default=1, ge=1)
+    last_k: int = Field(default=1, ge=1, description="blocks trained with trainable=last_k")
     max_length: int | None = Field(default=None, gt=0, description="truncate texts (default: context length)")
     epochs: int = Field(default=5, gt=0)
-    eval_every: int | None = Field(default=None, gt=0, description="validate every N steps (default: per epoch)")
+    eval_every: EvalEvery = None
     patience: int | None = Field(default=3, gt=0, description="stop after N evaluations without improvement")
     keep: Keep = Field(default="best_val", description="best_val: the weights at the best validation accuracy "
                        "(early stopping); last: the weights at the end of the schedule, for a validation split too "
                        "small to pick a step by (no early stopping)")
-    lr: float = Field(default=5e-5, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    warmup_steps: int = Field(default=0, ge=0)
-    min_lr_ratio: float = Field(default=1.0, ge=0, le=1, description="1.0: constant LR after warmup (the book)")
-    grad_clip: float | None = Field(default=1.0, gt=0)
-    batch_size: int = Field(default=8, gt=0)
     eval_batch_size: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    seed: int = 123
-    bf16: bool = Field(default=False, description="bf16 autocast on CPU (faster, slightly noisier)")
-    threads: int | None = Field(default=None, gt=0)
-
-    @field_validator("init")
-    @classmethod
-    def _init_spec(cls, value: str) -> str:
-        return validate_init(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -112,14 +93,6 @@ class ClassifierConfig(BaseModel):
                 raise ValueError("keep='last' trains the whole schedule: patience (early stopping) must be None")
             values = {**values, "patience": None}
         return values
-
-    def init_label(self) -> str:
-        """Short name of the starting point, for folder names."""
-        return init_label(self.init, self.preset)
-
-    def resume_key(self) -> dict[str, Any]:
-        """Fields a resumed run must share with its checkpoint."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in {"threads", "eval_batch_size"}}
 
 
 class SequenceClassifier(nn.Module):
@@ -219,23 +192,18 @@ def collate(rows: Sequence[Sequence[int]], labels: Sequence[int] | None = None,
     return torch.from_numpy(input_ids), torch.from_numpy(mask), target
 
 
-def batches(data: LabelledTexts, order: Sequence[int], batch_size: int):
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        yield collate([data.ids[j] for j in idx], [data.labels[j] for j in idx])
-
-
 @torch.no_grad()
 def predict_logits(model: SequenceClassifier, ids: Sequence[Sequence[int]], batch_size: int = 32,
                    bf16: bool = False) -> np.ndarray:
     """Logits (N, n_classes) in the input order; batches of similar length pad least."""
     order = np.argsort([len(r) for r in ids], kind="stable")
     out = np.zeros((len(ids), model.n_classes), dtype=np.float32)
-    with eval_mode(model), autocast(bf16):
+    device = next(model.parameters()).device
+    with eval_mode(model), autocast(bf16, device):
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             x, mask, _ = collate([ids[j] for j in idx])
-            out[idx] = model(x, mask).float().numpy()
+            out[idx] = model(x.to(device), mask.to(device)).float().cpu().numpy()
     return out
 
 
@@ -244,20 +212,10 @@ def evaluate_split(model: SequenceClassifier, data: LabelledTexts, batch_size: i
     target = torch.tensor(data.labels)
     loss = F.cross_entropy(torch.from_numpy(logits), target).item()
     accuracy = float((logits.argmax(1) == np.asarray(data.labels)).mean())
-    return {"loss": loss, "accuracy": accuracy}
+    return {"val_loss": loss, "val_accuracy": accuracy}
 
 
 # --------------------------------------------------------------------------------------- model build
-
-
-def build_backbone(config: ClassifierConfig, settings=None) -> tuple[GPTModel, dict[str, str]]:
-    """The backbone named by `config.init`, and where it came from ({init, sha256} or {init, preset})."""
-    model = build_init_model(config.init, config.preset, dropout=config.dropout, seed=config.seed,
-                             settings=settings)
-    path = init_file(config.init, settings)
-    source = {"init": "random", "preset": config.preset} if path is None else {"init": config.init,
-                                                                                "sha256": sha256_file(path)}
-    return model, source
 
 
 def save_classifier(path: str | Path, model: SequenceClassifier, labels: dict[str, int], max_length: int,
@@ -307,24 +265,19 @@ class FinetuneResult:
     reused: bool = False
 
 
-@dataclass
-class _Progress:
-    """Where the run is inside the data: this epoch's shuffled order and the next batch."""
-
-    epoch: int = 0
-    position: int = 0
-    order: list[int] = field(default_factory=list)
-    best_accuracy: float = -1.0
-    best_step: int = 0
-    bad_evals: int = 0
-    run_loss: float = 0.0  # sums over the batches since the last evaluation
-    run_correct: int = 0
-    run_seen: int = 0
+def classifier_stage(data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None,
+                     settings=None) -> Stage:
+    data_dir = Path(data_dir)
+    load_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
+    inputs: dict[str, Path | str] = {n: data_dir / n for n in SPLIT_FILES}
+    inputs["init"] = config.init.stage_input(settings)
+    return Stage.declare("classify", inputs=inputs, config=config, code=CODE, out_dir=out_dir,
+                         label=f"{data_dir.name}-{config.init.label(config.preset)}")
 
 
 def finetune(
     data_dir: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     config: ClassifierConfig | None = None,
     *,
     tokenizer,
@@ -332,148 +285,75 @@ def finetune(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune on `data_dir/{train,validation}.csv` + `labels.json`; keep the best-validation-accuracy
-    weights (or, with `config.keep="last"`, the final ones) in `out_dir/best.pt`, the resumable state in
-    `out_dir/last.pt`, curves and a manifest. A finished run with the same data and config is reused; an
-    unfinished one resumes."""
+    """Fine-tune on `data_dir/{train,validation}.csv` + `labels.json`; keep the best-validation-accuracy weights
+    (or, with `config.keep="last"`, the final ones) in `best.pt`, the resumable state in `last.pt` and the
+    history, in the stage folder (`out_dir`, else named by the stage contract, which also decides reuse and
+    resume)."""
     config = config or ClassifierConfig()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    labels = load_labels(data_dir)
-    inputs = {name: sha256_file(data_dir / name) for name in SPLIT_FILES if (data_dir / name).is_file()}
-    if resume and (done := completed_manifest(out_dir, inputs, config.resume_key(), code=CODE)) is not None:
-        log.info("finetune: reusing %s (same data and config)", out_dir)
-        return FinetuneResult(out_dir, out_dir / BEST, read_json(out_dir / HISTORY), done["metrics"], reused=True)
+    stage = classifier_stage(data_dir, config, out_dir, settings)
+    with stage.lock():
+        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
+            return FinetuneResult(stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY),
+                                  stage.manifest()["metrics"], reused=True)
+        return _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log)
 
-    set_threads(config.threads)
-    backbone, source = build_backbone(config, settings)
+
+def _finetune(stage: Stage, data_dir: Path, config: ClassifierConfig, tokenizer, settings,
+              on_log: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
+    labels = load_labels(data_dir)
+    backbone = config.init.build(config.preset, dropout=config.dropout, seed=config.seed, settings=settings)
+    source = {"init": "random", "preset": config.preset} if config.init.kind == "random" else \
+        {"init": str(config.init), "sha256": stage.inputs["init"]}
     max_length = min(config.max_length or backbone.cfg.context_length, backbone.cfg.context_length)
-    train = encode_split(read_split(data_dir / "train.csv", labels), tokenizer, max_length)
+    train_split = encode_split(read_split(data_dir / "train.csv", labels), tokenizer, max_length)
     val = encode_split(read_split(data_dir / "validation.csv", labels), tokenizer, max_length)
     torch.manual_seed(config.seed)
     model = SequenceClassifier(backbone, len(labels), config.pooling)
     n_trainable = model.set_trainable(config.trainable, config.last_k)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
-    generator = torch.Generator().manual_seed(config.seed)
-    state, progress = TrainState(), _Progress()
-
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        stored = load_checkpoint(ckpt_path).get("classifier_config")
-        if stored is None or ClassifierConfig(**stored).resume_key() != config.resume_key():
-            raise ClassifierError(f"{ckpt_path} was written by a run with a different config; pass another output "
-                                  "folder, or --no-resume to start over")
-        state, ckpt = load_training_checkpoint(ckpt_path, model, optimizer, scheduler)
-        generator.set_state(ckpt["generator"])
-        progress = _Progress(**{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in ckpt["progress"].items()})
-        log.info("finetune: resumed from %s at step %d", ckpt_path, state.step)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    order = EpochBatches(len(train_split), config.batch_size, config.seed)
+    steps_per_epoch = max(1, order.per_epoch // config.grad_accum)
     log.info("finetune: %d classes, %d train / %d validation texts, %d trainable parameters",
-             len(labels), len(train), len(val), n_trainable)
+             len(labels), len(train_split), len(val), n_trainable)
 
-    def checkpoint() -> None:
-        save_training_checkpoint(
-            ckpt_path, model, optimizer, scheduler, state, generator=generator.get_state(),
-            progress={**progress.__dict__, "order": torch.tensor(progress.order, dtype=torch.long)},
-            classifier_config=config.model_dump(mode="json"))
+    def batch(i: int):
+        idx = order.indices(i)
+        return collate([train_split.ids[j] for j in idx], [train_split.labels[j] for j in idx])
 
-    def emit(metrics: dict[str, Any]) -> None:
-        state.history.append(metrics)
-        if on_log is not None:
-            on_log(dict(metrics))
+    def loss(tensors):
+        x, mask, y = tensors
+        logits = model(x, mask)
+        return F.cross_entropy(logits.float(), y), {"tokens": int(mask.sum()), "n": len(y),
+                                                    "correct": int((logits.argmax(1) == y).sum())}
 
-    stop = False
-    model.train()
-    while progress.epoch < config.epochs and not stop:
-        if not progress.order:
-            progress.order = torch.randperm(len(train), generator=generator).tolist()
-        while progress.position < len(progress.order):
-            idx = progress.order[progress.position:progress.position + config.batch_size]
-            x, mask, y = collate([train.ids[j] for j in idx], [train.labels[j] for j in idx])
-            with autocast(config.bf16):
-                logits = model(x, mask)
-            loss = F.cross_entropy(logits.float(), y)
-            check_finite(loss, state.step + 1, f"fine-tuning (last good checkpoint: {ckpt_path})")
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
-            state.tokens_seen += int(mask.sum())
-            progress.position += len(idx)
-            progress.run_loss += loss.item() * len(idx)
-            progress.run_correct += int((logits.argmax(1) == y).sum())
-            progress.run_seen += len(idx)
-            epoch_end = progress.position >= len(progress.order)
-            if epoch_end:
-                progress.epoch, progress.position, progress.order = progress.epoch + 1, 0, []
-            if (config.eval_every and state.step % config.eval_every == 0) or (not config.eval_every and epoch_end) \
-                    or state.step == total_steps:
-                result = evaluate_split(model, val, config.eval_batch_size, config.bf16)
-                model.train()
-                if config.keep == "last":
-                    improved = state.step == total_steps
-                else:
-                    improved = result["accuracy"] > progress.best_accuracy
-                if improved:
-                    progress.best_accuracy, progress.best_step, progress.bad_evals = result["accuracy"], state.step, 0
-                    state.best_val_loss = result["loss"]
-                    save_classifier(out_dir / BEST, model, labels, max_length, source, step=state.step,
-                                    data_dir=str(data_dir.resolve()))
-                else:
-                    progress.bad_evals += 1
-                emit({"step": state.step, "epoch": state.step / steps_per_epoch,
-                      "train_loss": progress.run_loss / max(progress.run_seen, 1),
-                      "train_accuracy": progress.run_correct / max(progress.run_seen, 1),
-                      "val_loss": result["loss"], "val_accuracy": result["accuracy"], "best": improved,
-                      "lr": scheduler.get_last_lr()[0]})
-                progress.run_loss, progress.run_correct, progress.run_seen = 0.0, 0, 0
-                stop = config.patience is not None and progress.bad_evals >= config.patience
-                checkpoint()
-                if stop:
-                    log.info("finetune: early stop at step %d (best step %d)", state.step, progress.best_step)
-                    break
+    def keep(state) -> None:
+        save_classifier(stage.dir / BEST, model, labels, max_length, source, step=state.step,
+                        data_dir=str(data_dir.resolve()))
 
+    select = Selection("val_accuracy", "max", "last" if config.keep == "last" else "best", config.patience)
+    state = train(model, config, stage=stage, total_steps=steps_per_epoch * config.epochs, batch=batch, loss=loss,
+                  evaluate=lambda final: evaluate_split(model, val, config.eval_batch_size, config.bf16),
+                  steps_per_epoch=steps_per_epoch, select=select, on_best=keep, on_log=on_log)
+    kept = next(h for h in state.history if h["kind"] == "eval" and h["step"] == state.best_step)
     # best_*: the kept weights (the best validation accuracy, or the schedule's end with keep="last")
-    summary = {"keep": config.keep, "steps": state.step, "best_step": progress.best_step,
-               "best_val_accuracy": progress.best_accuracy,
-               "best_val_loss": state.best_val_loss, "early_stopped": stop, "trainable_params": n_trainable,
-               "max_length": max_length, "n_classes": len(labels), "source": source}
-    write_json_atomic(out_dir / HISTORY, state.history)
-    from eval.plots import plot_training_curves
-
-    plot_training_curves(state.history, out_dir / CURVES, title=f"fine-tuning ({config.init})")
-    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config.resume_key(),
-                   outputs=[BEST, CHECKPOINT, HISTORY, CURVES], metrics=summary, code=CODE)
-    return FinetuneResult(out_dir, out_dir / BEST, state.history, summary)
+    summary = {"keep": config.keep, "steps": state.step, "best_step": state.best_step,
+               "best_val_accuracy": kept["val_accuracy"], "best_val_loss": kept["val_loss"],
+               "early_stopped": state.stopped_early, "trainable_params": n_trainable, "max_length": max_length,
+               "n_classes": len(labels), "source": source}
+    write_json_atomic(stage.dir / HISTORY, state.history)
+    stage.complete([BEST, CHECKPOINT, HISTORY], summary)
+    return FinetuneResult(stage.dir, stage.dir / BEST, state.history, summary)
 
 
-METRICS = "metrics.json"
-CONFUSION = "confusion_test.png"
-
-
-def evaluate_classifier(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, *, tokenizer,
-                        batch_size: int = 32) -> dict[str, Any]:
-    """Train/validation/test reports (accuracy, per-class P/R/F1, confusion matrix, ROC-AUC for 2 classes) of a
-    classifier checkpoint, written to `out_dir/metrics.json`, with the test confusion matrix as a PNG."""
-    from eval.metrics import classification_report
-    from eval.plots import plot_confusion_matrix
-
+def split_logits(model_path: str | Path, data_dir: str | Path, *, tokenizer,
+                 batch_size: int = 32) -> tuple[list[str], dict[str, tuple[list[int], np.ndarray]]]:
+    """Class names, and (labels, logits) of every split of `data_dir`, for a classifier checkpoint."""
     loaded = load_classifier(model_path)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data_dir = Path(data_dir)
     labels = load_labels(data_dir)
     if labels != loaded.labels:
         raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
-    reports = {}
+    splits = {}
     for split in ("train", "validation", "test"):
         data = encode_split(read_split(data_dir / f"{split}.csv", labels), tokenizer, loaded.max_length)
-        reports[split] = classification_report(data.labels, predict_logits(loaded.model, data.ids, batch_size),
-                                               loaded.names)
-    write_json_atomic(out_dir / METRICS, {"checkpoint": str(loaded.path), "reports": reports})
-    plot_confusion_matrix(reports["test"]["confusion_matrix"]["matrix"], loaded.names, out_dir / CONFUSION,
-                          title=f"test confusion matrix (accuracy {100 * reports['test']['accuracy']:.2f}%)")
-    return reports
+        splits[split] = (data.labels, predict_logits(loaded.model, data.ids, batch_size))
+    return loaded.names, splits

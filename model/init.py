@@ -1,5 +1,5 @@
-"""Where a fine-tune starts: `random` (a preset), `gpt2:<preset-or-path>` (public GPT-2 weights) or
-`checkpoint:<path>` (our pretraining or `load-gpt2` output). Shared by the classifier and instruction tunes."""
+"""Where a model starts: `random` (a preset), `gpt2:<preset-or-path>` (public GPT-2 weights) or
+`checkpoint:<path>` (our pretraining or `load-gpt2` output). The spec is parsed once, into `InitSpec`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
 
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings
-from gptflow.storage import sha256_file
 from model.checkpoint import load_model
 from model.config import GPTConfig
 from model.gpt import GPTModel
@@ -23,63 +24,74 @@ class InitSpecError(GptflowError, ValueError):
     """An init spec is malformed or names a checkpoint that does not exist."""
 
 
-def validate_init(value: str) -> str:
-    """Pydantic validator body for an `init` field."""
-    kind, sep, ref = value.partition(":")
-    if value == "random" or (sep and kind in ("checkpoint", "gpt2") and ref.strip()):
-        return value
-    raise ValueError(f"expected {INIT_HELP}, got {value!r}")
+class InitSpec(str):
+    """An init spec string, validated when made; `kind` and `ref` are its parts. A pydantic field of this type
+    validates and serializes as a plain string."""
 
+    kind: str
+    ref: str
 
-def init_label(init: str, preset: str) -> str:
-    """Short name of the starting point, for folder names."""
-    if init == "random":
-        return preset
-    path = Path(init.partition(":")[2])
-    if path.name in (MODEL_FILE, "model.safetensors"):
-        return path.parent.name
-    return path.stem if path.suffix in (".pt", ".safetensors") else path.name
+    def __new__(cls, value: str) -> "InitSpec":
+        kind, sep, ref = str(value).partition(":")
+        if not (value == "random" or (sep and kind in ("checkpoint", "gpt2") and ref.strip())):
+            raise InitSpecError(f"expected {INIT_HELP}, got {value!r}")
+        spec = super().__new__(cls, value)
+        spec.kind, spec.ref = kind, ref.strip()
+        return spec
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        def parse(value: str) -> "InitSpec":
+            try:
+                return cls(value)
+            except InitSpecError as exc:
+                raise ValueError(str(exc)) from None
 
-def init_digest(init: str, settings: Settings | None = None) -> str:
-    """What `init` holds, for output-folder keys: "random", or the sha256 of its weights file. A path alone
-    is not enough: a rerun upstream stage may rewrite the same file."""
-    path = init_file(init, settings)
-    return "random" if path is None else sha256_file(path)
+        return core_schema.no_info_after_validator_function(
+            parse, core_schema.str_schema(), serialization=core_schema.plain_serializer_function_ser_schema(str))
 
+    def label(self, preset: str) -> str:
+        """Short name of the starting point, for folder names."""
+        if self.kind == "random":
+            return preset
+        path = Path(self.ref)
+        if path.name in (MODEL_FILE, "model.safetensors"):
+            return path.parent.name
+        return path.stem if path.suffix in (".pt", ".safetensors") else path.name
 
-def init_file(init: str, settings: Settings | None = None) -> Path | None:
-    """The local weights file behind `init` (None for random); GPT-2 weights named by preset are fetched."""
-    kind, _, ref = init.partition(":")
-    if kind == "random":
-        return None
-    if kind == "checkpoint":
-        path = Path(ref).expanduser()
-        path = path / MODEL_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise InitSpecError(f"init checkpoint:{ref}: no such checkpoint (expected a gptflow .pt file or a "
-                                f"folder with {MODEL_FILE}, e.g. a pretraining output)")
-        return path
-    from model.weights import resolve_weights
+    def file(self, settings: Settings | None = None) -> Path | None:
+        """The local weights file (None for random); GPT-2 weights named by preset are fetched."""
+        if self.kind == "random":
+            return None
+        if self.kind == "checkpoint":
+            path = Path(self.ref).expanduser()
+            path = path / MODEL_FILE if path.is_dir() else path
+            if not path.is_file():
+                raise InitSpecError(f"init {self}: no such checkpoint (expected a gptflow .pt file or a folder "
+                                    f"with {MODEL_FILE}, e.g. a pretraining output)")
+            return path
+        from model.weights import resolve_weights
 
-    return resolve_weights(ref, settings)[0]
+        return resolve_weights(self.ref, settings)[0]
 
+    def stage_input(self, settings: Settings | None = None) -> Path | str:
+        """What a stage built on this init is keyed on: the weights file (hashed), or "random"."""
+        return self.file(settings) or "random"
 
-def build_init_model(init: str, preset: str, *, dropout: float = 0.0, seed: int = 0,
-                     context_length: int | None = None, settings: Settings | None = None) -> GPTModel:
-    """The starting model with the requested dropout (seeded when random)."""
-    kind, _, ref = init.partition(":")
-    if kind == "random":
-        overrides: dict[str, Any] = {"dropout": dropout}
-        if context_length is not None:
-            overrides["context_length"] = context_length
-        torch.manual_seed(seed)
-        return GPTModel(GPTConfig.from_preset(preset, **overrides))
-    if kind == "gpt2":
-        from model.weights import load_gpt2
+    def build(self, preset: str, *, dropout: float = 0.0, seed: int = 0, context_length: int | None = None,
+              settings: Settings | None = None) -> GPTModel:
+        """The starting model with the requested dropout (seeded when random)."""
+        if self.kind == "random":
+            overrides: dict[str, Any] = {"dropout": dropout}
+            if context_length is not None:
+                overrides["context_length"] = context_length
+            torch.manual_seed(seed)
+            return GPTModel(GPTConfig.from_preset(preset, **overrides))
+        if self.kind == "gpt2":
+            from model.weights import load_gpt2
 
-        return load_gpt2(ref, settings, dropout=dropout)[0]
-    loaded, cfg = load_model(init_file(init, settings))
-    model = GPTModel(cfg.model_copy(update={"dropout": dropout}))
-    model.load_state_dict(loaded.state_dict())
-    return model
+            return load_gpt2(self.ref, settings, dropout=dropout)[0]
+        loaded, cfg = load_model(self.file(settings))
+        model = GPTModel(cfg.model_copy(update={"dropout": dropout}))
+        model.load_state_dict(loaded.state_dict())
+        return model

@@ -1,72 +1,60 @@
-"""Instruction fine-tuning (the book's chapter 7): prompt formats, collation, the training loop with
-checkpoint/resume, and resumable generation of the test-split responses.
+"""Instruction fine-tuning (the book's chapter 7): prompt formats, collation, the fine-tuning stage (through
+model.training) and resumable generation of the test-split responses.
 
-Outputs of `finetune` in `out_dir`: `last.pt` (full training state, resumable), `model.pt` (weights plus the
-prompt style and config, what `generate_responses` reads), `loss_curve.png`, `metrics.json`, a manifest.
-`generate_responses` writes `responses/test_responses.json` (the test entries with a `model_response`),
-appending each response to `responses/progress.jsonl` first so an interrupted run resumes where it stopped.
+Outputs of `finetune` in its stage folder: `last.pt` (resumable), `model.pt` (weights plus the prompt style,
+what `generate_responses` reads), `metrics.json`, a manifest. `generate_responses` writes
+`responses/test_responses.json` (the test entries with a `model_response`), appending each response to
+`responses/progress.jsonl` first so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from gptflow.errors import GptflowError
 from gptflow.prompts import RESPONSE_MARKERS, Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
-from gptflow.storage import (
-    completed_manifest,
-    read_json,
-    sha256_file,
-    sha256_json,
-    source_digest,
-    write_json_atomic,
-    write_manifest,
-)
+from gptflow.stage import Stage
+from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import load_checkpoint, load_model, save_model
 from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
-from model.init import INIT_HELP, build_init_model, init_file, init_label, validate_init
-from model.pretrain import lm_loss, plot_loss_curve
+from model.init import INIT_HELP, InitSpec
+from model.pretrain import lm_loss
 from model.training import (
-    TrainState,
+    CHECKPOINT,
+    Betas,
+    Bf16,
+    EpochBatches,
+    GradClip,
+    TrainConfig,
+    TrainingCheckpoint,
     autocast,
-    build_optimizer,
-    build_scheduler,
-    check_finite,
     eval_mode,
-    load_training_checkpoint,
-    save_training_checkpoint,
     set_threads,
+    train,
 )
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "model.gpt", "model.pretrain", "model.fused_loss", "model.training", "model.init",
-                     "model.generate", "gptflow.prompts")
+CODE = (__name__, "model.gpt", "model.pretrain", "model.fused_loss", "model.training", "model.init",
+        "model.generate", "gptflow.prompts")
 
-log = logging.getLogger(__name__)
-
-STAGE = "instruct"
-RESPONSES_STAGE = "instruct-responses"
-CHECKPOINT = "last.pt"
 MODEL = "model.pt"
-PLOT = "loss_curve.png"
 METRICS = "metrics.json"
 RESPONSES_DIR = "responses"
 RESPONSES = "test_responses.json"
 PROGRESS = "progress.jsonl"
 RESPONSE_KEY = "model_response"
+
 
 class InstructError(GptflowError, ValueError):
     """Instruction data, init source or resume state is unusable."""
@@ -121,57 +109,32 @@ def collate(
 
 # --- config ----------------------------------------------------------------------------------------------
 
-class InstructConfig(BaseModel):
+class InstructConfig(TrainConfig):
     """Every knob of an instruction fine-tune and its test responses (also the flow's parameters)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
+        "eval_every", "eval_batches", "max_new_tokens", "temperature", "top_k", "max_test_entries", "sample_rows"}
 
-    init: str = Field(default="random", description=INIT_HELP)
-    preset: str = Field(default="mini", description="model shape for init=random")
+    init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
     context_length: int | None = Field(default=None, gt=1, description="override the preset's (random init)")
-    dropout: float = Field(default=0.0, ge=0, lt=1)
     style: Style = Field(default="alpaca", description="prompt format: alpaca (the book) or phi3")
     mask_prompt: bool = Field(default=False, description="loss on the response tokens only")
     max_length: int | None = Field(default=None, gt=1, description="truncate examples (default: model context)")
     epochs: int = Field(default=2, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="stop after this many steps (quick runs)")
-    batch_size: int = Field(default=8, gt=0)
-    lr: float = Field(default=5e-5, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(default=0, ge=0)
-    min_lr_ratio: float = Field(default=1.0, ge=0, le=1, description="1.0: constant lr after warmup (the book)")
-    grad_clip: float | None = Field(default=None, gt=0)
-    seed: int = 123
-    bf16: bool = Field(default=True, description="bf16 autocast for training and evaluation")
-    threads: int | None = Field(default=None, gt=0)
-    log_every: int = Field(default=5, gt=0)
-    eval_every: int = Field(default=50, gt=0)
+    betas: Betas = (0.9, 0.999)
+    grad_clip: GradClip = None
+    bf16: Bf16 = True
+    log_every: int = Field(default=5, gt=0, description="log training loss every N steps")
     eval_batches: int | None = Field(default=5, gt=0, description="validation batches per evaluation (None: all)")
-    checkpoint_every: int = Field(default=100, gt=0)
-    max_new_tokens: int = Field(default=256, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1, description="response length limit")
     temperature: float = Field(default=0.0, ge=0, description="0: greedy (the book)")
     top_k: int | None = Field(default=None, gt=0)
     max_test_entries: int | None = Field(default=None, gt=0, description="answer only the first N test entries")
     sample_rows: int = Field(default=5, ge=0, description="sample responses shown in the artifacts")
 
-    @field_validator("init")
-    @classmethod
-    def _init_kind(cls, value: str) -> str:
-        return validate_init(value)
-
-    def resume_key(self) -> dict[str, Any]:
-        """Fields that define the trained model (cadence, threads and generation settings may change)."""
-        loose = {"threads", "log_every", "eval_every", "eval_batches", "checkpoint_every", "max_new_tokens",
-                 "temperature", "top_k", "max_test_entries", "sample_rows"}
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in loose}
-
     def generation_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_k", "max_test_entries", "seed")}
-
-    def init_label(self) -> str:
-        """Short name of the starting point, for folder names."""
-        return init_label(self.init, self.preset)
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -191,23 +154,6 @@ def load_split(path: Path) -> list[dict[str, str]]:
     return data
 
 
-class Batches:
-    """Fixed-size training batches in a seeded order per epoch (the book: shuffle, drop_last). The position
-    is the step count, so a resumed run needs no sampler state."""
-
-    def __init__(self, examples: list[tuple[list[int], int]], batch_size: int, seed: int) -> None:
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.per_epoch = len(examples) // batch_size
-        if self.per_epoch == 0:
-            raise InstructError(f"{len(examples)} training entries are fewer than one batch of {batch_size}; "
-                                "lower --batch-size")
-
-    def at(self, step: int) -> list[tuple[list[int], int]]:
-        epoch, i = divmod(step, self.per_epoch)
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return [self.examples[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size].tolist()]
-
-
 def batch_tensors(examples: list[tuple[list[int], int]], config: InstructConfig,
                   max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = [e[0] for e in examples]
@@ -220,9 +166,10 @@ def evaluate(model: GPTModel, examples: list[tuple[list[int], int]], config: Ins
     """Token-weighted mean loss over the first `max_batches` batches of `examples` (in file order)."""
     total, count = 0.0, 0
     starts = list(range(0, len(examples), config.batch_size))[:max_batches]
-    with eval_mode(model), autocast(config.bf16):
+    device = next(model.parameters()).device
+    with eval_mode(model), autocast(config.bf16, device):
         for s in starts:
-            x, y = batch_tensors(examples[s:s + config.batch_size], config, max_length)
+            x, y = (t.to(device) for t in batch_tensors(examples[s:s + config.batch_size], config, max_length))
             n = int((y != IGNORE_INDEX).sum())
             total += lm_loss(model.features(x), model.out_head.weight, y).item() * n
             count += n
@@ -236,15 +183,25 @@ class InstructResult:
     out_dir: Path
     checkpoint: Path
     model_path: Path
-    plot: Path | None
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
 
 
+def instruct_stage(data_dir: str | Path, config: InstructConfig, out_dir: str | Path | None = None,
+                   settings: Settings | None = None) -> Stage:
+    data_dir = Path(data_dir)
+    inputs: dict[str, Path | str] = {n: data_dir / n for n in ("train.json", "validation.json")}
+    for path in inputs.values():
+        load_split(path)
+    inputs["init"] = config.init.stage_input(settings)
+    return Stage.declare("instruct", inputs=inputs, config=config, code=CODE, out_dir=out_dir,
+                         label=f"{data_dir.name}-{config.init.label(config.preset)}-{config.style}")
+
+
 def finetune(
     data_dir: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     config: InstructConfig | None = None,
     *,
     tokenizer: Any,
@@ -252,104 +209,57 @@ def finetune(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
 ) -> InstructResult:
-    """Fine-tune on `data_dir/{train,validation}.json`. A finished run with the same data, init and config is
-    reused; an unfinished one resumes from `out_dir/last.pt`. `on_log` receives every train/eval metrics dict."""
+    """Fine-tune on `data_dir/{train,validation}.json` into the stage folder (`out_dir`, else named by the stage
+    contract, which also decides reuse and resume). `on_log` receives every train/eval record."""
     config = config or InstructConfig()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    train_entries = load_split(data_dir / "train.json")
-    val_entries = load_split(data_dir / "validation.json")
-    init_path = init_file(config.init, settings)
-    inputs = {n: sha256_file(data_dir / n) for n in ("train.json", "validation.json")}
-    inputs["init"] = sha256_file(init_path) if init_path is not None else "random"
-    if resume and (done := completed_manifest(out_dir, inputs, config.resume_key(), code=CODE)) is not None:
-        log.info("instruct: reusing %s (same data, init and config)", out_dir)
-        metrics = read_json(out_dir / METRICS)
-        return InstructResult(out_dir, out_dir / CHECKPOINT, out_dir / MODEL, out_dir / PLOT, done["metrics"],
-                              metrics["history"], reused=True)
+    stage = instruct_stage(data_dir, config, out_dir, settings)
+    with stage.lock():
+        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
+            saved = read_json(stage.dir / METRICS)
+            return InstructResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"],
+                                  saved["history"], reused=True)
+        return _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log)
 
-    model = build_init_model(config.init, config.preset, dropout=config.dropout, seed=config.seed,
-                             context_length=config.context_length, settings=settings).train()
+
+def _finetune(stage: Stage, data_dir: Path, config: InstructConfig, tokenizer: Any, settings: Settings | None,
+              on_log: Callable[[dict[str, Any]], None] | None) -> InstructResult:
+    model = config.init.build(config.preset, dropout=config.dropout, seed=config.seed,
+                              context_length=config.context_length, settings=settings)
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:
         raise InstructError(f"max_length {max_length} exceeds the model's context length {ctx}")
-    set_threads(config.threads)
-    train = Batches(encode_entries(train_entries, tokenizer, config.style), config.batch_size, config.seed)
-    val = encode_entries(val_entries, tokenizer, config.style)
-    total_steps = train.per_epoch * config.epochs
+    examples = encode_entries(load_split(data_dir / "train.json"), tokenizer, config.style)
+    val = encode_entries(load_split(data_dir / "validation.json"), tokenizer, config.style)
+    try:
+        order = EpochBatches(len(examples), config.batch_size, config.seed, drop_last=True)
+    except ValueError as exc:
+        raise InstructError(str(exc)) from None
+    steps_per_epoch = max(1, order.per_epoch // config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
-    scheduler = build_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
-    state = TrainState()
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        stored = load_checkpoint(ckpt_path)
-        if stored.get("instruct_config") != config.resume_key() or stored.get("inputs") != inputs:
-            raise InstructError(f"{ckpt_path} was written by a run with other data or config; pass another output "
-                                "folder, or --no-resume to start over")
-        state, _ = load_training_checkpoint(ckpt_path, model, optimizer, scheduler)
-        log.info("instruct: resumed from %s at step %d", ckpt_path, state.step)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    def emit(metrics: dict[str, Any]) -> None:
-        state.history.append(metrics)
-        if on_log is not None:
-            on_log(dict(metrics))
+    def loss(tensors):
+        x, y = tensors
+        return lm_loss(model.features(x), model.out_head.weight, y), {"tokens": x.numel()}
 
-    def checkpoint() -> None:
-        save_training_checkpoint(ckpt_path, model, optimizer, scheduler, state, style=config.style,
-                                 instruct_config=config.resume_key(), inputs=inputs)
-
-    model.train()
-    t_last, tokens_last, losses = time.perf_counter(), state.tokens_seen, []
-    while state.step < total_steps:
-        x, y = batch_tensors(train.at(state.step), config, max_length)
-        with autocast(config.bf16):
-            loss = lm_loss(model.features(x), model.out_head.weight, y)
-        check_finite(loss, state.step + 1, f"training (last good checkpoint: "
-                                           f"{ckpt_path if ckpt_path.is_file() else 'none yet'})")
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.step += 1
-        state.tokens_seen += x.numel()
-        losses.append(loss.item())
-        if state.step % config.log_every == 0 or state.step == total_steps:
-            now = time.perf_counter()
-            tps = (state.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, state.tokens_seen
-            emit({"kind": "train", "step": state.step, "epoch": state.step / train.per_epoch,
-                  "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
-                  "tokens_seen": state.tokens_seen, "tokens_per_s": tps})
-            losses = []
-        if state.step % config.eval_every == 0 or state.step == total_steps:
-            last = state.step == total_steps
-            val_loss = evaluate(model, val, config, max_length, None if last else config.eval_batches)
-            check_finite(torch.tensor(val_loss), state.step, "validation")
-            state.best_val_loss = min(state.best_val_loss, val_loss)
-            emit({"kind": "eval", "step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen})
-            t_last = time.perf_counter()
-        if state.step % config.checkpoint_every == 0 or state.step == total_steps:
-            checkpoint()
-
+    state = train(model, config, stage=stage, total_steps=total_steps,
+                  batch=lambda i: batch_tensors([examples[j] for j in order.indices(i)], config, max_length),
+                  loss=loss, evaluate=lambda final: {"val_loss": evaluate(
+                      model, val, config, max_length, None if final else config.eval_batches)},
+                  steps_per_epoch=steps_per_epoch, on_log=on_log)
     trains = [h for h in state.history if h["kind"] == "train"]
     evals = [h for h in state.history if h["kind"] == "eval"]
-    final = {"steps": state.step, "epochs": state.step / train.per_epoch, "tokens_seen": state.tokens_seen,
+    final = {"steps": state.step, "epochs": state.step / steps_per_epoch, "tokens_seen": state.tokens_seen,
              "train_loss": trains[-1]["loss"] if trains else None,
              "val_loss": evals[-1]["val_loss"] if evals else None,
-             "best_val_loss": state.best_val_loss, "params": model.num_params(), "style": config.style}
-    save_model(out_dir / MODEL, model, style=config.style, instruct_config=config.model_dump(mode="json"),
-               metrics=final)
-    plot = plot_loss_curve(state.history, out_dir / PLOT, title=f"instruction fine-tuning ({config.style}, "
-                           f"{config.init_label()})")
-    write_json_atomic(out_dir / METRICS, {"final": final, "history": state.history})
-    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config.resume_key(),
-                   outputs=[CHECKPOINT, MODEL, PLOT, METRICS], metrics=final, code=CODE)
-    return InstructResult(out_dir, ckpt_path, out_dir / MODEL, plot, final, state.history)
+             "best_val_loss": min((e["val_loss"] for e in evals), default=None), "params": model.num_params(),
+             "style": config.style}
+    save_model(stage.dir / MODEL, model, style=config.style, metrics=final)
+    write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
+    stage.complete([CHECKPOINT, MODEL, METRICS], final)
+    return InstructResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, final, state.history)
 
 
 # --- responses -------------------------------------------------------------------------------------------
@@ -386,73 +296,79 @@ class ResponsesResult:
 def generate_responses(
     model_path: str | Path,
     test_path: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     config: InstructConfig | None = None,
     *,
     tokenizer: Any,
     on_response: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> ResponsesResult:
-    """Answer every test entry; write them with a `model_response` field to `out_dir/test_responses.json`.
+    """Answer every test entry; write them with a `model_response` field to `test_responses.json` in `out_dir`
+    (default: `responses/` beside the model).
 
-    Each response is appended to `progress.jsonl` (with a key of model, test file and generation settings)
-    as soon as it is made; a rerun skips the entries already there. `on_response(index, entry)` is called
+    Each response is appended to `progress.jsonl` (its first line holds the stage key) as soon as it is made; a
+    rerun that the stage contract resumes skips the entries already there. `on_response(index, entry)` is called
     after each new one is saved (progress reporting; raising from it interrupts the run)."""
     config = config or InstructConfig()
-    model_path, test_path, out_dir = Path(model_path), Path(test_path), Path(out_dir)
+    model_path, test_path = Path(model_path), Path(test_path)
     entries = load_split(test_path)[:config.max_test_entries]
-    inputs = {"model.pt": sha256_file(model_path), "test.json": sha256_file(test_path)}
-    gen = config.generation_key()
-    final = out_dir / RESPONSES
-    if completed_manifest(out_dir, inputs, gen, code=CODE) is not None:
-        return ResponsesResult(final, len(entries), 0, 0.0, reused=True)
-    model, style = load_instruct_model(model_path)
-    set_threads(config.threads)
-    key = sha256_json({"inputs": inputs, "generation": gen})
-    done, fresh = _read_progress(out_dir / PROGRESS, key)
-    started = time.perf_counter()
-    n_new = 0
-    with open(out_dir / PROGRESS, "a", encoding="utf-8") as progress:
-        if fresh:
-            _append(progress, {"key": key})
-        for i, entry in enumerate(entries):
-            if i in done:
-                continue
-            done[i] = respond(model, tokenizer, entry, style, config)
-            _append(progress, {"index": i, RESPONSE_KEY: done[i]})
-            n_new += 1
-            if on_response is not None:
-                on_response(i, {**entry, RESPONSE_KEY: done[i]})
-    write_json_atomic(final, [{**e, RESPONSE_KEY: done[i]} for i, e in enumerate(entries)])
-    write_manifest(out_dir, stage=RESPONSES_STAGE, inputs=inputs, config=gen, outputs=[RESPONSES],
-                   metrics={"entries": len(entries), "style": style}, code=CODE)
-    (out_dir / PROGRESS).unlink()
-    return ResponsesResult(final, len(entries), n_new, time.perf_counter() - started)
+    stage = Stage.declare("instruct-responses", inputs={"model.pt": model_path, "test.json": test_path},
+                          config=config.generation_key(), code=CODE,
+                          folder=Path(out_dir) if out_dir else model_path.parent / RESPONSES_DIR)
+    progress_path = stage.dir / PROGRESS
+    with stage.lock():
+        decision = stage.plan(checkpoint=lambda: _progress_key(progress_path))
+        if decision.reused:
+            return ResponsesResult(stage.dir / RESPONSES, len(entries), 0, 0.0, reused=True)
+        model, style = load_instruct_model(model_path)
+        set_threads(config.threads)
+        done = _read_progress(progress_path) if decision.action == "resume" else {}
+        if not done:
+            stage.dir.mkdir(parents=True, exist_ok=True)
+            progress_path.write_text(json.dumps({"stage": stage.key}) + "\n", encoding="utf-8")
+        started, n_new = time.perf_counter(), 0
+        with open(progress_path, "a", encoding="utf-8") as progress:
+            for i, entry in enumerate(entries):
+                if i in done:
+                    continue
+                done[i] = respond(model, tokenizer, entry, style, config)
+                _append(progress, {"index": i, RESPONSE_KEY: done[i]})
+                n_new += 1
+                if on_response is not None:
+                    on_response(i, {**entry, RESPONSE_KEY: done[i]})
+        write_json_atomic(stage.dir / RESPONSES, [{**e, RESPONSE_KEY: done[i]} for i, e in enumerate(entries)])
+        stage.complete([RESPONSES], {"entries": len(entries), "style": style})
+        progress_path.unlink()
+    return ResponsesResult(stage.dir / RESPONSES, len(entries), n_new, time.perf_counter() - started)
 
 
-def _read_progress(path: Path, key: str) -> tuple[dict[int, str], bool]:
-    """(responses saved by an earlier run with the same key, whether the file was started afresh). A file of
-    another model/test/settings is started over; a line cut short by a crash is dropped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _progress_key(path: Path) -> dict | None:
+    """The stage key on the first line of a progress file (None when there is no file; {} when unreadable)."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        try:
+            return json.loads(handle.readline()).get("stage") or {}
+        except (json.JSONDecodeError, AttributeError):
+            return {}
+
+
+def _read_progress(path: Path) -> dict[int, str]:
+    """Responses saved by the interrupted run; a line cut short by a crash is dropped (and cut off the file)."""
     done: dict[int, str] = {}
-    good_bytes = 0
-    if path.is_file():
-        with open(path, "rb") as handle:
-            for n, raw in enumerate(handle):
-                try:
-                    record = json.loads(raw)
-                    if not raw.endswith(b"\n") or (n == 0 and record["key"] != key):
-                        break
-                    if n > 0:
-                        done[int(record["index"])] = str(record[RESPONSE_KEY])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    with open(path, "rb") as handle:
+        good_bytes = len(handle.readline())
+        for raw in handle:
+            try:
+                record = json.loads(raw)
+                if not raw.endswith(b"\n"):
                     break
-                good_bytes += len(raw)
-    if good_bytes == 0:
-        path.write_bytes(b"")
-        return {}, True
+                done[int(record["index"])] = str(record[RESPONSE_KEY])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                break
+            good_bytes += len(raw)
     with open(path, "r+b") as handle:
         handle.truncate(good_bytes)
-    return done, False
+    return done
 
 
 def _append(handle, record: dict[str, Any]) -> None:

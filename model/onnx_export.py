@@ -22,15 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, ORT_FILES, run_session, session
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
-from gptflow.storage import (
-    atomic_path,
-    completed_manifest,
-    read_json,
-    sha256_file,
-    source_digest,
-    write_json_atomic,
-    write_manifest,
-)
+from gptflow.stage import Stage
+from gptflow.storage import atomic_path, read_json, sha256_file, write_json_atomic
 from model.classifier import (
     ClassifierError,
     SequenceClassifier,
@@ -42,21 +35,17 @@ from model.classifier import (
 )
 from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "model.classifier", "model.quantize", "model.gpt", "edge.text")
+CODE = (__name__, "model.classifier", "model.quantize", "model.gpt", "edge.text")
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
 # Opset 23 has an Attention op: the exporter writes scaled_dot_product_attention as one node instead of ~10
-# (matmuls, mask, softmax, transposes), which onnxruntime runs as one kernel. bench/edge.py, int8 vs torch fp32,
-# 2 threads: 6x256 classifier batch 1 2.66x (opset 20: 2.17x), batch 32 1.81x (1.61x); gpt2-small shapes
-# batch 1 6.43x (5.86x), batch 32 3.18x (3.54x, with torch fp32 10% slower in that run).
+# (matmuls, mask, softmax, transposes), which onnxruntime runs as one kernel (README: edge figures).
 EXPORT_OPSET = 23
 MAX_BATCH = 4096
 PARITY_ATOL = 1e-4  # fp32 ONNX vs torch, max |logit difference|
 MIN_INT8_AGREEMENT = 0.99  # int8 ONNX predictions equal to fp32 ONNX predictions
-STAGE = "export"
 BUNDLE_DIR = "bundle"
 REPORT = "export_report.json"
 
@@ -166,22 +155,29 @@ class ExportConfig(BaseModel):
     batch_size: int = Field(default=32, gt=0)
 
 
-def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, config: ExportConfig,
+def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path | None, config: ExportConfig,
                       *, tokenizer, tokenizer_files: tuple[Path, Path], resume: bool = True) -> dict[str, Any]:
     """Classifier checkpoint -> ONNX fp32 (+ int8), parity on the whole test split, int8 gate, edge bundle in
-    `out_dir/bundle`, report and manifest in `out_dir`. Raises ExportError / QuantizationGateError loudly."""
+    `bundle/`, report and manifest in the stage folder (`out_dir`, else named by the stage contract). Raises
+    ExportError / QuantizationGateError loudly."""
     loaded = load_classifier(checkpoint)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data_dir = Path(data_dir)
     labels = load_labels(data_dir)
     if labels != loaded.labels:
         raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
-    ckpt_sha = sha256_file(loaded.path)
-    inputs = {"checkpoint": ckpt_sha, "test.csv": sha256_file(data_dir / "test.csv")}
-    config_dict = config.model_dump(mode="json")
-    if resume and completed_manifest(out_dir, inputs, config_dict, code=CODE) is not None:
-        return {**read_json(out_dir / REPORT), "reused": True}
+    stage = Stage.declare("export", inputs={"checkpoint": loaded.path, "test.csv": data_dir / "test.csv"},
+                          config=config, code=CODE, label=loaded.path.parent.name, out_dir=out_dir)
+    with stage.lock():
+        if stage.plan(resume).reused:
+            return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
+        report = _export(loaded, stage, data_dir, config, tokenizer, tokenizer_files)
+    return {**report, "out_dir": str(stage.dir), "reused": False}
 
-    test = encode_split(read_split(data_dir / "test.csv", labels), tokenizer, loaded.max_length)
+
+def _export(loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer,
+            tokenizer_files: tuple[Path, Path]) -> dict[str, Any]:
+    out_dir, ckpt_sha = stage.dir, stage.inputs["checkpoint"]
+    test = encode_split(read_split(data_dir / "test.csv", loaded.labels), tokenizer, loaded.max_length)
     y = np.asarray(test.labels)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -214,10 +210,9 @@ def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str
                                 if (bundle / name).is_file()}}
     shutil.rmtree(work)
     write_json_atomic(out_dir / REPORT, report)
-    outputs = [REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())]
-    write_manifest(out_dir, stage=STAGE, inputs=inputs, config=config_dict, outputs=outputs,
-                   metrics={"accuracy": accuracy, **parity}, code=CODE)
-    return {**report, "reused": False}
+    stage.complete([REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())],
+                   {"accuracy": accuracy, **parity})
+    return report
 
 
 def _acc(logits: np.ndarray, y: np.ndarray) -> float:

@@ -19,13 +19,13 @@ import torch
 from gptflow.download import fetch
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings, get_settings
-from gptflow.storage import completed_manifest, sha256_file, source_digest, write_manifest
+from gptflow.stage import Stage
+from gptflow.storage import sha256_file
 from model.checkpoint import save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
 from model.gpt import GPTModel
 
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "model.gpt", "model.checkpoint")
+CODE = (__name__, "model.gpt", "model.checkpoint")
 
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
 WEIGHTS_NAME = "model.safetensors"
@@ -213,14 +213,13 @@ def convert_gpt2(name_or_path: str | Path, settings: Settings | None = None) -> 
     reused). A folder already converted from the same file is reused."""
     settings = settings or get_settings()
     path, named = resolve_weights(name_or_path, settings)
-    digest = sha256_file(path)
-    name = named or f"{path.parent.name}-{digest[:8]}"
-    out_dir = settings.stage_dir("models") / name
-    inputs, config = {WEIGHTS_NAME: digest}, {"source": str(name_or_path)}
-    if completed_manifest(out_dir, inputs, config, code=CODE):
-        return out_dir / "model.pt", True
-    model, cfg = load_gpt2(path, settings, preset=named)
-    save_model(out_dir / "model.pt", model, source=str(name_or_path))
-    write_manifest(out_dir, stage="load-gpt2", inputs=inputs, config=config, outputs=["model.pt"],
-                   metrics={"params": model.num_params(), "model": cfg.to_dict()}, code=CODE)
-    return out_dir / "model.pt", False
+    name = named or f"{path.parent.name}-{sha256_file(path)[:8]}"
+    stage = Stage.declare("load-gpt2", inputs={WEIGHTS_NAME: path}, config={"source": str(name_or_path)}, code=CODE,
+                          folder=settings.stage_dir("models") / name)
+    with stage.lock():
+        if stage.plan().reused:
+            return stage.dir / "model.pt", True
+        model, cfg = load_gpt2(path, settings, preset=named)
+        save_model(stage.dir / "model.pt", model, source=str(name_or_path))
+        stage.complete(["model.pt"], {"params": model.num_params(), "model": cfg.to_dict()})
+    return stage.dir / "model.pt", False

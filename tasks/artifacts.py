@@ -71,10 +71,9 @@ class TrainingProgress:
         update_progress_artifact(self._id, 100.0)
 
 
-def publish_training_result(result: Any, stage: str, what: str) -> None:
-    """A training stage's final metrics table and loss curve (`result` has out_dir, metrics and plot)."""
+def publish_training_result(result: Any, plot: Path, stage: str, what: str) -> None:
+    """A training stage's final metrics table and loss curve (`result` has out_dir and metrics)."""
     name = result.out_dir.name
     key = artifact_key(stage, name)
     publish_table([{"metric": k, "value": v} for k, v in result.metrics.items()], key, f"{name}: final {what} metrics")
-    if result.plot is not None and result.plot.is_file():
-        publish_plot(result.plot, f"{key}-loss", f"{name}: training and validation loss")
+    publish_plot(plot, f"{key}-loss", f"{name}: training and validation loss")

@@ -12,39 +12,51 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from eval.metrics import report_rows
-from gptflow.storage import stage_lock
+from eval.metrics import report_rows, write_split_reports
+from eval.plots import plot_training_curves
 from gptflow.tokenizer import get_tokenizer
-from model.classifier import CONFUSION, CURVES, ClassifierConfig, evaluate_classifier, finetune
+from model.classifier import ClassifierConfig, classifier_stage, finetune, split_logits
 from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
+
+CURVES = "curves.png"
+CONFUSION = "confusion_test.png"
 
 
 @task(cache_policy=NO_CACHE)
-def finetune_classifier(data_dir: str, out_dir: str, config: ClassifierConfig, resume: bool = True) -> dict[str, Any]:
+def finetune_classifier(data_dir: str, config: ClassifierConfig, out_dir: str | None = None,
+                        resume: bool = True) -> dict[str, Any]:
     logger = get_run_logger()
-    progress = TrainingProgress(artifact_key("classify", Path(out_dir).name, "progress"),
-                                f"{Path(out_dir).name}: fine-tuning epochs done")
+    name = classifier_stage(data_dir, config, out_dir).dir.name
+    progress = TrainingProgress(artifact_key("classify", name, "progress"), f"{name}: fine-tuning epochs done")
 
     def on_log(m: dict[str, Any]) -> None:
-        progress.update(m["epoch"] / config.epochs)
-        logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s", m["step"],
-                    m["epoch"], m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"],
-                    "  best" if m["best"] else "")
+        if m["kind"] == "resume":
+            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
+        elif m["kind"] == "train":
+            progress.update(m["epoch"] / config.epochs)
+            logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f", m["step"], m["epoch"], m["loss"],
+                        m["accuracy"])
+        else:
+            logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s", m["step"],
+                        m["epoch"], m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"],
+                        "  best" if m["best"] else "")
 
-    with stage_lock(out_dir):
-        result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
     key = artifact_key("classify", result.out_dir.name)
-    publish_table(result.history, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")
-    publish_plot(result.out_dir / CURVES, f"{key}-curves", f"{result.out_dir.name}: loss and accuracy")
+    evals = [h for h in result.history if h["kind"] == "eval"]
+    curves = plot_training_curves(evals, result.out_dir / CURVES, title=f"fine-tuning ({config.init})")
+    publish_table(evals, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")
+    publish_plot(curves, f"{key}-curves", f"{result.out_dir.name}: loss and accuracy")
     return {"out_dir": str(result.out_dir), "best": str(result.best), "summary": result.summary,
             "reused": result.reused}
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_splits(model_path: str, data_dir: str, out_dir: str) -> dict[str, Any]:
-    reports = evaluate_classifier(model_path, data_dir, out_dir, tokenizer=get_tokenizer())
+    names, splits = split_logits(model_path, data_dir, tokenizer=get_tokenizer())
+    reports = write_split_reports(splits, names, Path(out_dir), checkpoint=model_path, confusion_png=CONFUSION)
     logger = get_run_logger()
     for split, report in reports.items():
         logger.info("%s accuracy %.4f (n=%d)", split, report["accuracy"], report["n"])

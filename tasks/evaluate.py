@@ -17,43 +17,26 @@ from eval.report import (
     SCORES_NAME,
     SUMMARY_NAME,
     evaluate_responses,
+    evaluation_stage,
     load_responses,
     paired_line,
     report_markdown,
     skipped_report,
     summary_rows,
 )
-from gptflow.settings import get_settings
-from gptflow.storage import (
-    completed_manifest,
-    read_json,
-    sha256_file,
-    source_digest,
-    stage_fingerprint,
-    stage_lock,
-    write_manifest,
-)
+from gptflow.storage import read_json
 from tasks.artifacts import publish_markdown, publish_plot, publish_table
-
-# The code that makes this stage's outputs: part of its cache key (see gptflow.storage.source_digest).
-CODE = source_digest(__name__, "eval.judge", "eval.report", "eval.stats", "gptflow.prompts")
-
-STAGE = "evaluate"
 
 
 @task(name="plan-evaluation", cache_policy=NO_CACHE)
 def plan_evaluation(path: str, response_keys: list[str], judge: JudgeConfig, out_dir: str | None) -> dict:
-    """Check the responses file; pick the output folder; return the summary already there if it is done."""
+    """Check the responses file; let the stage contract pick the folder and say whether it is already done."""
     entries = load_responses(path, response_keys)
-    inputs = {"responses": sha256_file(path)}
-    config = {"response_keys": list(response_keys), "judge": judge.identity()}
-    out = Path(out_dir) if out_dir else (
-        get_settings().stage_dir(STAGE) / f"{Path(path).stem}-{stage_fingerprint(inputs, config)[:12]}")
-    done = completed_manifest(out, inputs, config, code=CODE) is not None
+    stage = evaluation_stage(path, response_keys, judge, out_dir)
+    done = stage.plan().reused
     get_run_logger().info("%d entries in %s, scoring %s; outputs in %s%s", len(entries), path,
-                          ", ".join(response_keys), out, " (already evaluated: reusing it)" if done else "")
-    return {"out_dir": str(out), "inputs": inputs, "config": config,
-            "summary": read_json(out / SUMMARY_NAME) if done else None}
+                          ", ".join(response_keys), stage.dir, " (already evaluated: reusing it)" if done else "")
+    return {"out_dir": str(stage.dir), "summary": read_json(stage.dir / SUMMARY_NAME) if done else None}
 
 
 @task(name="judge-preflight", cache_policy=NO_CACHE)
@@ -73,9 +56,10 @@ def preflight_judge(judge: JudgeConfig) -> dict:
 def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, plan: dict, judge_info: dict) -> dict:
     logger = get_run_logger()
     entries = load_responses(path, response_keys)
-    with stage_lock(plan["out_dir"]):
-        summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), plan["out_dir"],
-                                     source=str(path), judge_info=judge_info)
+    stage = evaluation_stage(path, response_keys, judge, plan["out_dir"])
+    with stage.lock():
+        summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), stage.dir, source=str(path),
+                                     judge_info=judge_info)
     fields = summary["fields"]
     for key, f in fields.items():
         logger.info("%s: %d scored, %d unscored %s, mean %s, 95%% CI %s", key, f["n_scored"], f["n_unscored"],
@@ -86,10 +70,9 @@ def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, pla
     if failed:  # no manifest: the next run asks again for these (every other judgement is cached)
         logger.warning("%d judge requests failed; rerun to retry them", failed)
     else:
-        write_manifest(plan["out_dir"], stage=STAGE, inputs=plan["inputs"], config=plan["config"],
-                       outputs=[SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
-                       metrics={key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
-                                for key, f in fields.items()}, code=CODE)
+        stage.complete([SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
+                       {key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
+                        for key, f in fields.items()})
     return summary
 
 

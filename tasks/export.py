@@ -7,18 +7,16 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gptflow.storage import stage_lock
 from gptflow.tokenizer import get_tokenizer, tokenizer_files
 from model.onnx_export import ExportConfig, export_classifier
 from tasks.artifacts import artifact_key, publish_table
 
 
 @task(cache_policy=NO_CACHE)
-def export_bundle(checkpoint: str, data_dir: str, out_dir: str, config: ExportConfig) -> dict[str, Any]:
+def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    with stage_lock(out_dir):
-        report = export_classifier(checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(),
-                                   tokenizer_files=tokenizer_files())
+    report = export_classifier(checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(),
+                               tokenizer_files=tokenizer_files())
     logger.info("%s bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("test accuracy %s; parity %s", report["accuracy"], report["parity"])
     sizes = report["sizes_bytes"]
@@ -31,4 +29,4 @@ def export_bundle(checkpoint: str, data_dir: str, out_dir: str, config: ExportCo
     publish_table(rows, f"{key}-accuracy", "export: test accuracy and file size per model")
     publish_table([{"check": k, "value": v} for k, v in report["parity"].items()], f"{key}-parity",
                   "export: ONNX parity on the test split")
-    return {**report, "out_dir": out_dir}
+    return report

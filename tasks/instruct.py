@@ -1,7 +1,7 @@
 """Prefect tasks of instruction fine-tuning: train (or resume, or reuse) and answer the test split.
 
-The stage folders' manifests are the cache (keyed on file hashes and the config), so the tasks run every time
-(NO_CACHE) and return at once when their stage is already complete.
+The stage contract (gptflow.stage) is the cache, so the tasks run every time (NO_CACHE) and return at once when
+their stage is already complete.
 """
 
 from __future__ import annotations
@@ -12,56 +12,60 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gptflow.storage import stage_lock
+from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
-from model.instruct import InstructConfig, finetune, generate_responses, sample_rows
+from model.instruct import InstructConfig, finetune, generate_responses, instruct_stage, sample_rows
 from tasks.artifacts import TrainingProgress, artifact_key, publish_link, publish_table, publish_training_result
 
 
 @task(cache_policy=NO_CACHE)
-def finetune_model(data_dir: str, out_dir: str, config: InstructConfig, resume: bool = True) -> dict[str, Any]:
+def finetune_model(data_dir: str, config: InstructConfig, out_dir: str | None = None,
+                   resume: bool = True) -> dict[str, Any]:
     """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
     logger = get_run_logger()
-    progress = TrainingProgress(artifact_key("instruct", Path(out_dir).name, "progress"),
-                                f"{Path(out_dir).name}: fine-tuning done")
+    name = instruct_stage(data_dir, config, out_dir).dir.name
+    progress = TrainingProgress(artifact_key("instruct", name, "progress"), f"{name}: fine-tuning done")
 
     def on_log(m: dict[str, Any]) -> None:
         if config.max_steps:
             progress.update(m["step"] / config.max_steps)
         elif "epoch" in m:
             progress.update(m["epoch"] / config.epochs)
-        if m["kind"] == "train":
+        if m["kind"] == "resume":
+            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
+        elif m["kind"] == "train":
             logger.info("step %d (epoch %.2f)  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["epoch"],
                         m["loss"], m["lr"], m["tokens_per_s"])
         else:
             logger.info("step %d  val loss %.4f", m["step"], m["val_loss"])
 
-    with stage_lock(out_dir):
-        result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
-    publish_training_result(result, "instruct", "fine-tuning")
+    plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png",
+                           f"instruction fine-tuning ({config.style}, {config.init.label(config.preset)})")
+    publish_training_result(result, plot, "instruct", "fine-tuning")
     return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
-            "plot": str(result.plot), "reused": result.reused, "metrics": result.metrics}
+            "plot": str(plot), "reused": result.reused, "metrics": result.metrics}
 
 
 @task(cache_policy=NO_CACHE)
-def answer_test_split(model_path: str, test_path: str, out_dir: str, config: InstructConfig) -> dict[str, Any]:
+def answer_test_split(model_path: str, test_path: str, config: InstructConfig) -> dict[str, Any]:
     """Generate a response per test entry (resumable); publish a table of sample responses."""
     logger = get_run_logger()
 
     def on_response(index: int, entry: dict[str, Any]) -> None:
         logger.info("test entry %d: %r", index, entry["model_response"][:120])
 
-    with stage_lock(out_dir):
-        result = generate_responses(model_path, test_path, out_dir, config, tokenizer=get_tokenizer(),
-                                    on_response=on_response)
+    result = generate_responses(model_path, test_path, None, config, tokenizer=get_tokenizer(),
+                                on_response=on_response)
     logger.info("%s %s: %d entries (%d generated now in %.1f s)", "reused" if result.reused else "wrote",
                 result.path, result.n_entries, result.n_generated, result.seconds)
-    key = artifact_key("instruct", Path(out_dir).parent.name, "responses")
+    name = Path(model_path).parent.name
+    key = artifact_key("instruct", name, "responses")
     if config.sample_rows:
         publish_table(sample_rows(result.path, config.sample_rows), key,
-                      f"{Path(out_dir).parent.name}: first {config.sample_rows} test responses")
+                      f"{name}: first {config.sample_rows} test responses")
     publish_link(result.path, f"{key}-file", "test entries with model_response (input of `gptflow evaluate`)")
     return {"responses": str(result.path), "entries": result.n_entries, "generated": result.n_generated,
             "generation_seconds": result.seconds, "responses_reused": result.reused}

@@ -1,7 +1,7 @@
 """Prefect tasks of the model core: pretraining and GPT-2 weight conversion.
 
-The stage folder's manifest is the cache (keyed on token-file hashes and the config), so the tasks run every
-time (NO_CACHE) and return at once when the stage is already complete.
+The stage contract (gptflow.stage) is the cache, so the tasks run every time (NO_CACHE) and return at once when
+their stage is already complete.
 """
 
 from __future__ import annotations
@@ -12,19 +12,20 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gptflow.storage import stage_lock
+from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
-from model.pretrain import PretrainConfig, pretrain
+from model.pretrain import PretrainConfig, pretrain, pretrain_stage
 from model.weights import convert_gpt2
 from tasks.artifacts import TrainingProgress, artifact_key, publish_training_result
 
 
 @task(cache_policy=NO_CACHE)
-def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: bool = True) -> dict[str, Any]:
+def train_model(data_dir: str, config: PretrainConfig, out_dir: str | None = None,
+                resume: bool = True) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
     logger = get_run_logger()
-    progress = TrainingProgress(artifact_key("pretrain", Path(out_dir).name, "progress"),
-                                f"{Path(out_dir).name}: pretraining steps done")
+    name = pretrain_stage(data_dir, config, out_dir).dir.name
+    progress = TrainingProgress(artifact_key("pretrain", name, "progress"), f"{name}: pretraining steps done")
 
     def on_log(m: dict[str, Any]) -> None:
         progress.update(m["step"] / config.steps)
@@ -36,11 +37,11 @@ def train_model(data_dir: str, out_dir: str, config: PretrainConfig, resume: boo
             logger.info("step %d  val loss %.4f  ppl %.1f  sample %r", m["step"], m["val_loss"], m["val_ppl"],
                         m.get("sample", ""))
 
-    with stage_lock(out_dir):
-        result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
-    publish_training_result(result, "pretrain", "pretraining")
+    plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", f"{config.preset} pretraining")
+    publish_training_result(result, plot, "pretrain", "pretraining")
     return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
             "reused": result.reused, "metrics": result.metrics}
 

@@ -9,6 +9,7 @@ from classify_data import write_splits
 from model.classifier import (
     ClassifierConfig, ClassifierError, SequenceClassifier, collate, finetune, load_classifier, read_split,
 )
+from eval.plots import plot_training_curves
 from model.config import GPTConfig
 from model.gpt import GPTModel
 from edge.text import encode_texts
@@ -94,23 +95,28 @@ def test_bad_config_and_bad_split(tmp_path):
         read_split(tmp_path / "test.csv", {"a": 0, "b": 1})
 
 
-CONFIG = dict(preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, patience=None)
+CONFIG = dict(preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3,
+              patience=None)
+
+
+def evals(history):
+    return [h for h in history if h["kind"] == "eval"]
 
 
 def test_resume_after_a_crash_gives_identical_params(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 train texts: 4 steps per epoch, 8 steps
     config = ClassifierConfig(**CONFIG)
     full = finetune(data, tmp_path / "full", config, tokenizer=tokenizer)
-    assert [h["step"] for h in full.history] == [3, 6, 8]
+    assert [h["step"] for h in evals(full.history)] == [3, 6, 8]
 
     def crash(metrics):
-        if metrics["step"] == 6:
-            raise KeyboardInterrupt  # after step 6's evaluation, before its checkpoint: resume replays 5-6
+        if metrics["kind"] == "eval" and metrics["step"] == 6:
+            raise KeyboardInterrupt  # after step 6's evaluation, before its checkpoint: resume replays 4-6
 
     with pytest.raises(KeyboardInterrupt):
         finetune(data, tmp_path / "resumed", config, tokenizer=tokenizer, on_log=crash)
     resumed = finetune(data, tmp_path / "resumed", config, tokenizer=tokenizer)
-    assert resumed.history == full.history
+    assert evals(resumed.history) == evals(full.history)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -122,10 +128,10 @@ def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_pat
     data = write_splits(tmp_path / "data", (10, 3, 3))
     config = ClassifierConfig(**{**CONFIG, "epochs": 3, "patience": None, "keep": "last"})
     result = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
-    assert [h["step"] for h in result.history] == [3, 6, 9, 12]
-    assert [h["best"] for h in result.history] == [False, False, False, True]
+    assert [h["step"] for h in evals(result.history)] == [3, 6, 9, 12]
+    assert [h["best"] for h in evals(result.history)] == [False, False, False, True]
     assert result.summary["best_step"] == 12 and not result.summary["early_stopped"]
-    assert result.summary["best_val_accuracy"] == result.history[-1]["val_accuracy"]
+    assert result.summary["best_val_accuracy"] == evals(result.history)[-1]["val_accuracy"]
     kept = load_classifier(tmp_path / "run").model.state_dict()
     final = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
@@ -138,8 +144,9 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))
     config = ClassifierConfig(**{**CONFIG, "lr": 1e-12, "epochs": 3, "patience": 2})  # nothing improves
     result = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
-    assert [h["step"] for h in result.history] == [3, 6, 9]
+    assert [h["step"] for h in evals(result.history)] == [3, 6, 9]
     assert result.summary["early_stopped"] and result.summary["best_step"] == 3
     loaded = load_classifier(tmp_path / "run")
     assert loaded.labels == {"billing": 0, "food": 1, "sport": 2} and loaded.max_length == 128
-    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    curves = plot_training_curves(result.history, tmp_path / "curves.png", "fine-tuning")
+    assert curves.read_bytes()[:4] == b"\x89PNG"

@@ -9,12 +9,13 @@ import re
 import pytest
 import torch
 
-from gptflow.cli import main
+from cli import main
 from model.checkpoint import load_checkpoint, load_model
 from model.config import GPTConfig
 from model.gpt import GPTModel
 from model.pretrain import lm_loss
 from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
+from eval.plots import plot_loss_curve
 from model.instruct import (
     PROGRESS, InstructConfig, collate, encode_entries, finetune, generate_responses, respond,
 )
@@ -119,7 +120,7 @@ def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
     losses = [h["loss"] for h in result.history if h["kind"] == "train"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 2.0  # nats per token
     assert result.metrics["val_loss"] < losses[0]
-    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_loss_curve(result.history, tmp_path / "loss.png", "fine-tuning").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_checkpoint(result.model_path)["style"] == "alpaca"
     again = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
     assert again.reused and again.metrics == result.metrics

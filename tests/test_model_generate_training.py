@@ -15,8 +15,7 @@ from model.config import GPTConfig
 from model.generate import generate, sample_next, trim_at_eos
 from model.gpt import GPTModel
 from model.training import (
-    NonFiniteLossError, TrainState, build_optimizer, build_scheduler, check_finite, load_training_checkpoint,
-    save_training_checkpoint, warmup_cosine,
+    NonFiniteLossError, TrainingCheckpoint, TrainState, build_optimizer, build_scheduler, check_finite, warmup_cosine,
 )
 
 CFG = GPTConfig.from_preset("tiny", context_length=32)
@@ -144,12 +143,15 @@ def test_training_checkpoint_resume_roundtrip(tmp_path):
     ids = torch.randint(0, CFG.vocab_size, (2, 8))
     m(ids).mean().backward()
     opt.step(), sched.step()
-    save_training_checkpoint(tmp_path / "c.pt", m, opt, sched, TrainState(step=1, tokens_seen=16), data={"pos": 3})
+    key = {"stage": "pretrain", "inputs": {}, "config": {}, "code": {}}
+    TrainingCheckpoint(tmp_path / "c.pt").save(m, opt, sched, TrainState(step=1, tokens_seen=16), key, data={"pos": 3})
     m2 = GPTModel(CFG)
     opt2 = build_optimizer(m2, lr=1e-3)
     sched2 = build_scheduler(opt2, 2, 10)
-    state, ckpt = load_training_checkpoint(tmp_path / "c.pt", m2, opt2, sched2)
-    assert state.step == 1 and state.tokens_seen == 16 and ckpt["data"] == {"pos": 3}
+    ckpt = TrainingCheckpoint(tmp_path / "c.pt")
+    assert ckpt.stage_key() == key and ckpt.load()["data"] == {"pos": 3}
+    state = ckpt.restore(m2, opt2, sched2)
+    assert state.step == 1 and state.tokens_seen == 16
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
     assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert load_model(tmp_path / "c.pt")[1] == CFG

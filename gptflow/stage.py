@@ -1,0 +1,237 @@
+"""The one stage contract: every stage (data, pretrain, load-gpt2, classifier, instruct, responses, export,
+evaluate) declares what it is made of, and this module alone names its folder, decides whether it is reused,
+resumed or rerun, checks a checkpoint against it, and writes its manifest.
+
+A stage's key is its inputs (files by sha256, plus literal values such as `random`), the part of its config that
+defines the product, and the sha256 of the source of every module its code depends on.
+
+Decisions, first match wins (each logged in one line that names what changed):
+- reuse:  the manifest holds the same key and every output still has the hash it lists;
+- resume: no usable manifest, and the checkpoint in the folder was written under the same key;
+- run:    anything else, from scratch. In a folder the user chose, a checkpoint of other inputs or config is
+          refused rather than replaced. An output that no longer matches its manifest is rebuilt, not resumed
+          (a checkpoint cannot recreate a damaged file that was written before it).
+
+Code-change policy: code is part of the key, not of the folder name. After an edit of a module a stage depends
+on, a finished stage is rebuilt in its folder and an unfinished checkpoint is not resumed: a checkpoint or model
+is never certified as the product of code that did not make it. Edits to modules a stage does not list leave it
+reusable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+from pydantic import BaseModel
+
+from gptflow.errors import GptflowError
+from gptflow.settings import get_settings
+from gptflow.storage import MANIFEST_NAME, code_version, read_json, sha256_file, sha256_json, stage_lock, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+Action = Literal["reuse", "resume", "run"]
+
+
+class StageError(GptflowError, ValueError):
+    """A stage input is missing, or a checkpoint belongs to another stage."""
+
+
+@functools.lru_cache(maxsize=None)
+def module_digest(name: str) -> str:
+    """sha256 of a module's source file."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"no source for module {name!r}")
+    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, remembered for as long as its inode, size and mtime stay the same (a stage is often
+    declared twice in one run: by a task naming its artifacts, then by the stage itself)."""
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+
+    @property
+    def reused(self) -> bool:
+        return self.action == "reuse"
+
+
+@dataclass
+class Stage:
+    """A declared stage. Build it with `Stage.declare`; `key` is what reuse and resume compare."""
+
+    name: str
+    dir: Path
+    inputs: dict[str, str]
+    config: dict[str, Any]
+    code: dict[str, str]
+    chosen: bool = False  # the folder was named by the user
+    decision: Decision | None = field(default=None, compare=False)
+
+    @classmethod
+    def declare(
+        cls,
+        name: str,
+        *,
+        inputs: Mapping[str, Path | str],
+        config: BaseModel | Mapping[str, Any],
+        code: Sequence[str],
+        label: str = "",
+        out_dir: str | Path | None = None,
+        folder: str | Path | None = None,
+    ) -> "Stage":
+        """`inputs`: label -> file (a Path, hashed) or a literal value (a str). `config`: the fields that define
+        the product (a config's `identity()` if it has one). `code`: module names. The folder is `out_dir` (the
+        user's choice: a checkpoint of other inputs or config there is refused, not replaced), else `folder`
+        (fixed by the stage: rebuilt in place when its key changes), else `<home>/<name>/<label>-<8 hex of the
+        inputs and config>`."""
+        digests = {}
+        for key, value in inputs.items():
+            if isinstance(value, Path):
+                if not value.is_file():
+                    raise StageError(f"{name}: input {key} {value} does not exist")
+                digests[key] = _file_digest(value)
+            else:
+                digests[key] = str(value)
+        if isinstance(config, BaseModel):
+            config = config.identity() if hasattr(config, "identity") else config.model_dump(mode="json")
+        config = json.loads(json.dumps(dict(config), default=str))
+        if out_dir is None and folder is None:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or name
+            folder = get_settings().stage_dir(name) / f"{slug}-{sha256_json({'inputs': digests, 'config': config})[:8]}"
+        return cls(name, Path(out_dir or folder), digests, config, {m: module_digest(m) for m in sorted(set(code))},
+                   chosen=out_dir is not None)
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return {"stage": self.name, "inputs": self.inputs, "config": self.config, "code": self.code}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST_NAME
+
+    def manifest(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.manifest_path) if self.manifest_path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def plan(self, resume: bool = True, checkpoint: Callable[[], dict | None] | None = None) -> Decision:
+        """Decide reuse / resume / run and log why. `checkpoint()` returns the key stored in the stage's
+        checkpoint (None when there is none); it is called only when reuse is ruled out. Anything but reuse
+        removes the manifest first, so a folder being rewritten is never taken for the finished product."""
+        manifest = self.manifest()
+        decision = self._decide(resume, manifest, checkpoint)
+        if decision.action != "reuse":
+            self.manifest_path.unlink(missing_ok=True)
+        log.info("%s %s: %s", self.name, {"reuse": "reused", "resume": "resumed", "run": "runs"}[decision.action],
+                 decision.reason)
+        self.decision = decision
+        return decision
+
+    def _decide(self, resume: bool, manifest: dict | None, checkpoint: Callable[[], dict | None] | None) -> Decision:
+        where = str(self.dir)
+        if not resume:
+            return Decision("run", f"{where}: resume turned off, starting over")
+        if manifest is not None and _stored_key(manifest) == self.key:
+            damaged = [n for n, digest in manifest.get("outputs", {}).items()
+                       if not (self.dir / n).is_file() or sha256_file(self.dir / n) != digest]
+            if not damaged:
+                return Decision("reuse", f"{where}: same inputs, config and code as its manifest")
+            return Decision("run", f"{where}: output {', '.join(damaged)} changed since the manifest was written; "
+                                   "rebuilding")
+        stored = None
+        if checkpoint is not None:
+            try:
+                stored = checkpoint()
+            except GptflowError as exc:
+                return Decision("run", f"{where}: checkpoint unreadable ({exc}); starting over")
+        if stored is not None:
+            if stored == self.key:
+                return Decision("resume", f"{where}: its checkpoint has the same inputs, config and code")
+            change = describe_change(stored, self.key)
+            if self.chosen and _without_code(stored) != _without_code(self.key):
+                raise StageError(f"{where} holds a checkpoint of a run with different inputs or a different config "
+                                 f"({change}); pass another output folder, or --no-resume to start over")
+            return Decision("run", f"{where}: the checkpoint was written for another key ({change}); starting over")
+        if manifest is not None:
+            return Decision("run", f"{where}: {describe_change(_stored_key(manifest), self.key)} since the manifest")
+        return Decision("run", f"{where}: nothing built yet")
+
+    def check_checkpoint(self, stored: dict | None, path: str | Path) -> None:
+        """Refuse to load a checkpoint written under another key (e.g. a file passed by hand)."""
+        if stored != self.key:
+            raise StageError(f"{path} was not written by this {self.name} stage: "
+                             f"{describe_change(stored or {}, self.key)}")
+
+    def complete(self, outputs: Sequence[str], metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write the manifest: the key, the hash of every output, metrics, the commit and the time."""
+        manifest = {**self.key, "code_version": code_version(),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "outputs": {name: sha256_file(self.dir / name) for name in outputs},
+                    "metrics": dict(metrics or {})}
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["Stage"]:
+        """Hold the stage's lock while it is planned and written (a second run of the same stage waits)."""
+        with stage_lock(self.dir):
+            yield self
+
+
+def _without_code(key: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in key.items() if k != "code"}
+
+
+def _stored_key(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: manifest.get(k) for k in ("stage", "inputs", "config", "code")}
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two stage keys, e.g. "input train.bin changed; config lr 0.001 -> 0.002"."""
+    parts = []
+    if old.get("stage") != new.get("stage"):
+        return f"belongs to stage {old.get('stage')!r}, not {new.get('stage')!r}"
+    old_in, new_in = old.get("inputs") or {}, new.get("inputs") or {}
+    parts += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in)) if old_in.get(k) != new_in.get(k)]
+    old_cfg, new_cfg = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
+    parts += [f"config {k} {old_cfg.get(k, '(unset)')!r} -> {new_cfg.get(k, '(unset)')!r}"
+              for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+    old_code, new_code = old.get("code") or {}, new.get("code") or {}
+    changed = sorted(m for m in set(old_code) | set(new_code) if old_code.get(m) != new_code.get(m))
+    if changed:
+        parts.append(f"code of {', '.join(changed)} changed")
+    return "; ".join(parts) or "was written under another key"
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

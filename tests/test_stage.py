@@ -1,0 +1,138 @@
+"""The stage contract: folder names, reuse / resume / run decisions and their log lines, the code-change policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import gptflow.stage as stage_mod
+from classify_data import write_splits
+from gptflow.stage import Stage, StageError, describe_change
+from model.checkpoint import load_checkpoint, save_model
+from model.classifier import ClassifierConfig, finetune
+from model.config import GPTConfig
+from model.gpt import GPTModel
+from model.pretrain import PretrainConfig, pretrain
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    return {"a.txt": tmp_path / "a.txt", "init": "random"}
+
+
+def declare(inputs, config=None, **kw):
+    return Stage.declare("demo", inputs=inputs, config=config or {"lr": 0.1}, code=["gptflow.stage"], label="x", **kw)
+
+
+def test_folder_is_named_by_inputs_and_config(inputs, settings):
+    a, b = declare(inputs), declare(inputs)
+    assert a.dir == b.dir and a.dir.parent == settings.home / "demo" and a.dir.name.startswith("x-")
+    assert declare(inputs, {"lr": 0.2}).dir != a.dir
+    inputs["a.txt"].write_text("beta")
+    assert declare(inputs).dir != a.dir
+    assert a.inputs["init"] == "random" and set(a.code) == {"gptflow.stage"}
+    with pytest.raises(StageError, match=r"demo: input a.txt .*missing.txt does not exist"):
+        declare({"a.txt": inputs["a.txt"].parent / "missing.txt"})
+
+
+def test_run_reuse_damaged_output_and_log_lines(inputs, settings, caplog):
+    caplog.set_level(logging.INFO, logger="gptflow.stage")
+    stage = declare(inputs)
+    assert stage.plan() == stage_mod.Decision("run", f"{stage.dir}: nothing built yet")
+    stage.dir.mkdir(parents=True)
+    (stage.dir / "out.txt").write_text("product")
+    manifest = stage.complete(["out.txt"], {"score": 1})
+    assert manifest["outputs"]["out.txt"] == stage_mod.sha256_file(stage.dir / "out.txt")
+    assert manifest["metrics"] == {"score": 1} and manifest["code"] == stage.code
+    assert declare(inputs).plan().action == "reuse"
+    (stage.dir / "out.txt").write_text("tampered")
+    again = declare(inputs)
+    assert again.plan().action == "run" and "output out.txt changed since the manifest" in again.decision.reason
+    assert not again.manifest_path.exists()  # a folder being rebuilt is never taken for the finished product
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == f"demo runs: {stage.dir}: nothing built yet"
+    assert lines[1] == f"demo reused: {stage.dir}: same inputs, config and code as its manifest"
+    assert lines[2].startswith("demo runs: ") and "rebuilding" in lines[2]
+
+
+def test_checkpoint_decisions(inputs, tmp_path):
+    stage = declare(inputs, out_dir=tmp_path / "chosen")
+    assert stage.plan(checkpoint=lambda: stage.key).action == "resume"
+    assert stage.plan(resume=False, checkpoint=lambda: stage.key).action == "run"
+    other_code = {**stage.key, "code": {"gptflow.stage": "0" * 64}}
+    decision = stage.plan(checkpoint=lambda: other_code)
+    assert decision.action == "run" and "code of gptflow.stage changed" in decision.reason
+    other_config = {**stage.key, "config": {"lr": 0.5}}
+    with pytest.raises(StageError, match=r"different config \(config lr 0.5 -> 0.1\); pass another output folder"):
+        stage.plan(checkpoint=lambda: other_config)
+    named = declare(inputs)  # a folder the contract named: another key's checkpoint there is replaced
+    assert named.plan(checkpoint=lambda: other_config).action == "run"
+
+    def unreadable():
+        raise stage_mod.GptflowError("truncated file")
+
+    assert "checkpoint unreadable (truncated file)" in stage.plan(checkpoint=unreadable).reason
+    with pytest.raises(StageError, match="was not written by this demo stage: input init changed"):
+        stage.check_checkpoint({**stage.key, "inputs": {**stage.inputs, "init": "abc"}}, "last.pt")
+
+
+def test_describe_change_names_inputs_config_fields_and_code():
+    old = {"stage": "s", "inputs": {"a": "1", "b": "2"}, "config": {"lr": 1, "opt": {"beta": 0.9}}, "code": {"m": "x"}}
+    new = {"stage": "s", "inputs": {"a": "1", "b": "3"}, "config": {"lr": 2, "opt": {"beta": 0.9}}, "code": {"m": "y"}}
+    assert describe_change(old, new) == "input b changed; config lr 1 -> 2; code of m changed"
+    assert describe_change(old, {**old, "stage": "t"}) == "belongs to stage 's', not 't'"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    stream = np.tile(np.arange(1000, 1050), 40).astype(np.uint16)
+    stream[:1800].tofile(folder / "train.bin")
+    stream[1800:].tofile(folder / "val.bin")
+    return folder
+
+
+TINY = PretrainConfig(preset="tiny", context_length=16, batch_size=2, steps=4, warmup_steps=1, eval_every=2, log_every=1,
+                      eval_batches=1, checkpoint_every=2, sample_tokens=0)
+
+
+def test_code_change_retrains_and_never_restamps_a_finished_checkpoint(corpus, settings, monkeypatch):
+    first = pretrain(corpus, None, TINY, progress=False)
+    assert first.out_dir.parent == settings.home / "pretrain" and first.out_dir.name.startswith("corpus-tiny-")
+    stamped = json.loads((first.out_dir / "manifest.json").read_text())
+    assert pretrain(corpus, None, TINY, progress=False).reused
+
+    real = stage_mod.module_digest
+    monkeypatch.setattr(stage_mod, "module_digest", lambda name: "e" * 64 if name == "model.training" else real(name))
+    seen = []
+    second = pretrain(corpus, None, TINY, on_log=seen.append, progress=False)
+    assert second.out_dir == first.out_dir and not second.reused
+    assert "resume" not in [m["kind"] for m in seen]  # the finished last.pt of the old code was not resumed
+    assert [m["step"] for m in seen if m["kind"] == "train"] == [1, 2, 3, 4]
+    manifest = json.loads((first.out_dir / "manifest.json").read_text())
+    assert manifest["code"]["model.training"] == "e" * 64 != stamped["code"]["model.training"]
+    assert load_checkpoint(first.out_dir / "last.pt")["stage"]["code"]["model.training"] == "e" * 64
+
+
+def test_classifier_is_keyed_on_its_init_weights(tmp_path, tokenizer, settings):
+    data = write_splits(tmp_path / "data", (10, 3, 3))
+    weights = tmp_path / "base.pt"
+    torch.manual_seed(0)
+    save_model(weights, GPTModel(GPTConfig.from_preset("tiny")))
+    config = ClassifierConfig(init=f"checkpoint:{weights}", trainable="head", epochs=1, batch_size=16)
+    first = finetune(data, None, config, tokenizer=tokenizer)
+    chosen = finetune(data, tmp_path / "out", config, tokenizer=tokenizer)
+    torch.manual_seed(1)
+    save_model(weights, GPTModel(GPTConfig.from_preset("tiny")))  # the same path, other weights
+    second = finetune(data, None, config, tokenizer=tokenizer)
+    assert not second.reused and second.out_dir != first.out_dir
+    assert second.summary["source"]["sha256"] != first.summary["source"]["sha256"]
+    assert chosen.summary["source"] == first.summary["source"]
+    with pytest.raises(StageError, match="input init changed"):  # --out: not reused, not overwritten either
+        finetune(data, tmp_path / "out", config, tokenizer=tokenizer)
