@@ -1,8 +1,10 @@
-"""Edge inference for exported classifiers: onnxruntime, NumPy and tiktoken only (never torch).
+"""Edge inference for exported classifiers: onnxruntime, NumPy and tiktoken only.
 
     python -m edge BUNDLE "text" ["text" ...] [--int8]
+
+A leaf: it imports nothing of this project, so the folder copied alone beside a bundle runs on a device.
 """
 
-from edge.runtime import BundleError, EdgeClassifier, verify_bundle
 
-__all__ = ["BundleError", "EdgeClassifier", "verify_bundle"]
+class BundleError(ValueError):
+    """The bundle is incomplete, altered since export, or not an edge bundle."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edge.runtime import BundleError, EdgeClassifier
+from edge import BundleError
+from edge.runtime import EdgeClassifier
 
 
 def main(argv: list[str] | None = None) -> int:

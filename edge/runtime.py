@@ -7,16 +7,15 @@ unlisted-but-required file refuses the whole bundle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from edge.text import encode_texts, pad_batch, softmax
-from gptflow.errors import GptflowError
-from gptflow.storage import sha256_file
-from gptflow.tokenizer import load_gpt2_encoding
+from edge import BundleError
+from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
 BUNDLE_MANIFEST = "manifest.json"
@@ -24,8 +23,9 @@ ORT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 REQUIRED = (ORT_FILES["fp32"], "encoder.json", "vocab.bpe", "labels.json")  # int8 is optional
 
 
-class BundleError(GptflowError):
-    """The bundle is incomplete, altered since export, or not an edge bundle."""
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def verify_bundle(bundle: str | Path) -> dict:

@@ -1,19 +1,39 @@
-"""Text -> padded token batches, shared by training (model/classifier.py) and the edge runtime.
+"""The GPT-2 encoding and text -> padded token batches, shared by training and the edge runtime.
 
-NumPy and tiktoken only. One definition of the input encoding means the exported model sees exactly the
-tokens it was trained on: first `max_length` GPT-2 tokens, an empty text read as one `<|endoftext|>`,
-right padding with the pad id (the model reads the last real token, so padding never reaches it through
-causal attention).
+NumPy and tiktoken only. tiktoken's own `get_encoding("gpt2")` downloads `encoder.json` + `vocab.bpe`; here
+they come from the download layer (mirror-aware, hash-checked) or from an edge bundle. One definition of the
+input encoding means the exported model sees exactly the tokens it was trained on: first `max_length` GPT-2
+tokens, an empty text read as one `<|endoftext|>`, right padding with the pad id (the model reads the last
+real token, so padding never reaches it through causal attention).
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-PAD_ID = 50256  # <|endoftext|>, as in the book
 ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256
+PAD_ID = EOT_ID  # as in the book
+VOCAB_SIZE = 50257
+ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+# The r50k/gpt2 pre-tokenization pattern (tiktoken_ext.openai_public.gpt2).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@functools.lru_cache(maxsize=4)
+def load_gpt2_encoding(encoder_json: str | Path, vocab_bpe: str | Path) -> tiktoken.Encoding:
+    """Build tiktoken's GPT-2 encoding from local files; tiktoken checks both sha256 values."""
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json),
+                                            vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:

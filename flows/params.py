@@ -1,11 +1,13 @@
 """The pipeline's one parameter model: every stage's config in one validated object.
 
-Prefect validates it before the run starts; `gptflow pipeline --config FILE` reads it from YAML or JSON, and
-`configs/` holds ready-made ones (`tiny.yaml` for tests and the end-to-end check).
+Its defaults are the recipe in `configs/pipeline.yaml` (what `make run`, `gptflow pipeline` and the nightly
+deployment run). Prefect validates it before the run starts; `gptflow pipeline --config FILE` overrides any
+subset from YAML or JSON (`configs/tiny.yaml` for tests and the end-to-end check).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,16 @@ from model.onnx_export import ExportConfig
 from model.pretrain import PretrainConfig
 
 
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pipeline.yaml"
+
+
 class PipelineConfigError(GptflowError, ValueError):
     """A pipeline config file or parameter is invalid."""
 
 
 class PipelineParams(BaseModel):
-    """Defaults: a `mini` model pretrained from scratch, finishing in under 15 minutes on 2 CPU cores."""
+    """A field left out takes its value from `configs/pipeline.yaml`, else from its stage config's default: a
+    partial mapping (a config file, a Prefect run's parameters) changes only the fields it names."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -36,12 +42,17 @@ class PipelineParams(BaseModel):
     corpus: str = Field(default="tinyshakespeare", description="pretraining corpus: name or UTF-8 text file")
     spam: SpamDataConfig = SpamDataConfig()
     instructions: InstructionDataConfig = InstructionDataConfig()
-    pretrain: PretrainConfig = PretrainConfig(preset="mini", steps=300)
-    classifier: ClassifierConfig = ClassifierConfig(trainable="all", epochs=3, lr=3e-4, warmup_steps=20)
-    instruct: InstructConfig = InstructConfig(epochs=2, lr=3e-4, max_new_tokens=64)
+    pretrain: PretrainConfig = PretrainConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    instruct: InstructConfig = InstructConfig()
     export: ExportConfig = ExportConfig()
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     require_judge: bool = Field(default=False, description="fail (not skip) the run when no judge is reachable")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        return _deep_merge(recipe(), data) if isinstance(data, dict) else data
 
     @field_validator("weights")
     @classmethod
@@ -74,18 +85,10 @@ class PipelineParams(BaseModel):
 
 
 def load_params(path: str | Path | None = None, preset: str | None = None) -> PipelineParams:
-    """Defaults, overridden by a YAML/JSON file (any subset of fields), then by `preset`."""
+    """The recipe, overridden by a YAML/JSON file (any subset of fields), then by `preset`."""
     params = PipelineParams()
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise PipelineConfigError(f"cannot read pipeline config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise PipelineConfigError(f"{path} is not valid YAML/JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise PipelineConfigError(f"{path}: expected a mapping of pipeline parameters, got {type(data).__name__}")
+        data = read_config(path)
         try:
             params = params.merged(data)
         except PipelineConfigError as exc:
@@ -93,6 +96,25 @@ def load_params(path: str | Path | None = None, preset: str | None = None) -> Pi
     if preset is not None:
         params = params.with_preset(preset)
     return params
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise PipelineConfigError(f"cannot read pipeline config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise PipelineConfigError(f"{path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PipelineConfigError(f"{path}: expected a mapping of pipeline parameters, got {type(data).__name__}")
+    return data
+
+
+@functools.cache
+def recipe() -> dict[str, Any]:
+    """`configs/pipeline.yaml`, read once per process."""
+    return read_config(RECIPE)
 
 
 def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

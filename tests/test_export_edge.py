@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from classify_data import make_texts, write_splits
-from edge.runtime import BundleError, EdgeClassifier, verify_bundle
+from edge import BundleError
+from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, pad_batch, softmax
 from gptflow.settings import load_settings
 from gptflow.storage import sha256_file
@@ -88,7 +90,9 @@ def test_bundle_manifest_lists_every_file(exported):
     assert all(manifest["files"][n] == sha256_file(bundle / n) for n in names)
 
 
-def test_tampered_bundle_is_refused(exported, tmp_path):
+def test_tampered_bundle_is_refused(exported, tmp_path, settings, capsys):
+    from gptflow.cli import main
+
     bundle = shutil.copytree(exported["bundle"], tmp_path / "bundle")
     with open(bundle / "model.int8.onnx", "r+b") as f:
         f.seek(-10, 2)
@@ -98,28 +102,40 @@ def test_tampered_bundle_is_refused(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edge", str(bundle), "hi"], capture_output=True, text=True,
                           cwd=REPO_ROOT)
     assert proc.returncode == 2 and "refusing the bundle" in proc.stderr
+    assert main(["classify", "hi", "--model", str(bundle), "--int8"]) == 2  # the CLI prints it as one line too
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     (bundle / "model.int8.onnx").unlink()
     with pytest.raises(BundleError, match="model.int8.onnx is missing"):
         verify_bundle(bundle)
 
 
-NO_TORCH = textwrap.dedent("""
+# Run as `python -I -S`: no site processing, so sys.path is the stdlib plus what the script puts there (the copied
+# edge folder and the venv's site-packages, without the .pth that makes this repository importable).
+STANDALONE = textwrap.dedent("""
     import runpy, sys
-    class BlockTorch:
+    BLOCKED = {"torch", "pydantic", "prefect", "filelock", "gptflow", "model", "eval", "data", "tasks", "flows", "cli"}
+    class Block:
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-    sys.meta_path.insert(0, BlockTorch())
-    sys.argv = ["edge", *sys.argv[1:]]
+            if name.partition(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    sys.path += sys.argv[1:3]
+    import edge
+    assert edge.__file__.startswith(sys.argv[1]), edge.__file__
+    sys.argv = ["edge", *sys.argv[3:]]
     runpy.run_module("edge", run_name="__main__")
 """)
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_edge_cli_without_torch_matches_pytorch(exported, tokenizer, int8):
+def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
+    """edge/ copied alone beside a bundle runs with only numpy, onnxruntime and tiktoken importable."""
+    shutil.copytree(REPO_ROOT / "edge", tmp_path / "edge", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(exported["bundle"], tmp_path / "bundle")
     texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
-    args = [str(exported["bundle"]), *texts] + (["--int8"] if int8 else [])
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, cwd=REPO_ROOT)
+    args = [str(tmp_path), sysconfig.get_paths()["purelib"], "bundle", *texts] + (["--int8"] if int8 else [])
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = [line.split("\t") for line in proc.stdout.splitlines()]
     loaded = load_classifier(exported["best"])

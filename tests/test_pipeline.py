@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from prefect.flows import load_flow_from_entrypoint
 
-from flows.params import PipelineConfigError, PipelineParams, load_params
+import flows.pipeline
+from flows.params import RECIPE, PipelineConfigError, PipelineParams, load_params
 from gptflow.cli import main as cli_main
 from gptflow.storage import sha256_file
 
@@ -22,6 +26,22 @@ def test_defaults_and_overrides():
     assert params.pretrain.steps == 20 and params.classifier.epochs == 1
     assert PipelineParams().pretrain.preset == "mini"
     assert params.merged({"weights": "gpt2:gpt2-small"}).gpt2_source == "gpt2-small"
+
+
+def test_the_recipe_file_is_the_default_of_cli_flow_and_nightly_deployment(monkeypatch, settings):
+    recipe = PipelineParams()
+    assert recipe.merged(yaml.safe_load(RECIPE.read_text())) == recipe  # every value of the file is a default
+    assert load_params() == recipe == inspect.signature(flows.pipeline.pipeline.fn).parameters["params"].default
+    used = []
+    monkeypatch.setattr(flows.pipeline, "pipeline", lambda p: used.append(p) or {"report": "", "deliverables": {}})
+    assert cli_main(["pipeline"]) == 0 and used == [recipe]  # `gptflow pipeline`, i.e. `make run`
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    (nightly,) = [d for d in deployments if d["name"] == "nightly"]
+    flow = load_flow_from_entrypoint(str(REPO / nightly["entrypoint"]))
+    assert flow.validate_parameters(nightly["parameters"]) == {"params": recipe}
+    # A run's partial parameters change only what they name; the rest stays the recipe.
+    steps = flow.validate_parameters({"params": {"pretrain": {"steps": 50}}})["params"]
+    assert steps == recipe.merged({"pretrain": {"steps": 50}}) and steps.pretrain.preset == "mini"
 
 
 @pytest.mark.parametrize(
