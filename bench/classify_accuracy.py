@@ -37,6 +37,8 @@ import yaml
 from data.spam import prepare_spam
 from gptflow.download import fetch_source
 from gptflow.settings import get_settings
+from gptflow.stage import Stage
+from gptflow.storage import sha256_bytes
 from gptflow.tokenizer import EOT_ID, get_tokenizer
 from eval.metrics import classification_report
 from model.checkpoint import save_model
@@ -44,8 +46,8 @@ from model.classifier import (ClassifierConfig, encode_split, finetune, load_cla
                               read_split)
 from model.config import GPTConfig
 from model.gpt import GPTModel
-from model.pretrain import lm_loss
-from model.training import autocast, build_optimizer, warmup_cosine
+from model.pretrain import PretrainConfig, TokenWindows, lm_loss
+from model.training import train
 
 # The recipe and the measurements behind each choice: configs/spam-best.yaml.
 RECIPE = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "spam-best.yaml").read_text())
@@ -64,9 +66,9 @@ def classifier_dir(home: Path, dapt_seed: int = DAPT_SEEDS[0], seed: int = FINET
     return work_dir(home) / f"classifier-dapt{dapt_seed}-seed{seed}"
 
 
-def pretrain_domain(texts: list[str], tokenizer, steps: int, out: Path, *, window: int = 64, batch: int = 32,
-                    lr: float = 2e-3, seed: int = 123) -> dict:
-    """Next-token pretraining on `texts` (EOT between messages) in a compact vocabulary, saved in GPT-2 ids.
+def pretrain_domain(texts: list[str], tokenizer, steps: int, out: Path, *, seed: int = 123) -> dict:
+    """Next-token pretraining on `texts` (EOT between messages) in a compact vocabulary, saved in GPT-2 ids to
+    `out/model.pt`, through the one training loop (model.training) with the recipe's DAPT config.
 
     The corpus uses about 1/5 of GPT-2's 50257 tokens. Training a model whose vocabulary is only those tokens
     is the same objective on this corpus (a full softmax over every token that can occur as a target) without
@@ -76,38 +78,30 @@ def pretrain_domain(texts: list[str], tokenizer, steps: int, out: Path, *, windo
     ids = tokenizer.encode_batch(texts, allowed_special="all")
     stream = np.fromiter((t for row in ids for t in (*row, EOT_ID)), dtype=np.int64)
     keep, compact = np.unique(stream, return_inverse=True)
-    tokens = torch.from_numpy(compact.astype(np.int64))
+    config = PretrainConfig(**RECIPE["dapt"]["train"], steps=steps, warmup_steps=steps // 20, seed=seed)
+    stage = Stage.declare("dapt", inputs={"corpus": sha256_bytes(stream.tobytes())}, config=config,
+                          code=(__name__, "model.pretrain", "model.training"), out_dir=out)
+    stage.plan(resume=False)
+    windows = TokenWindows(compact.astype(np.uint16), config.context_length, config.batch_size, "random", seed)
     torch.manual_seed(seed)
     model = GPTModel(SHAPE.model_copy(update={"vocab_size": len(keep)}))
-    opt = build_optimizer(model, lr, 0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps // 20, steps, 0.05))
-    gen = torch.Generator().manual_seed(seed)
-    t0, losses = time.perf_counter(), []
-    for step in range(steps):
-        starts = torch.randint(0, len(tokens) - window - 1, (batch,), generator=gen)
-        rows = torch.stack([tokens[s:s + window + 1] for s in starts])
-        with autocast(True):
-            loss = lm_loss(model.features(rows[:, :-1]), model.out_head.weight, rows[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            print(f"  pretrain step {step + 1}/{steps} ({time.perf_counter() - t0:.0f} s): "
-                  f"loss {np.mean(losses[-100:]):.3f}", flush=True)
+    t0 = time.perf_counter()
 
+    def report(m: dict) -> None:
+        print(f"  pretrain step {m['step']}/{steps} ({time.perf_counter() - t0:.0f} s): loss {m['loss']:.3f}",
+              flush=True)
+
+    state = train(model, config, stage=stage, total_steps=steps, batch=windows.batch, on_log=report,
+                  loss=lambda b: (lm_loss(model.features(b[0]), model.out_head.weight, b[1]), {"tokens": b[0].numel()}))
     torch.manual_seed(seed)
     full = GPTModel(SHAPE)
-    state = model.state_dict()
+    weights = model.state_dict()
     emb = full.tok_emb.weight.detach().clone()
-    emb[torch.from_numpy(keep)] = state["tok_emb.weight"]
-    full.load_state_dict({**state, "tok_emb.weight": emb, "out_head.weight": emb})  # the head is tied
-    save_model(out, full)
-    return {"corpus_tokens": len(stream), "vocab_used": len(keep), "steps": steps,
-            "tokens_seen": steps * batch * window, "final_loss": round(float(np.mean(losses[-100:])), 3),
-            "seconds": time.perf_counter() - t0}
+    emb[torch.from_numpy(keep)] = weights["tok_emb.weight"]
+    full.load_state_dict({**weights, "tok_emb.weight": emb, "out_head.weight": emb})  # the head is tied
+    save_model(stage.dir / "model.pt", full)
+    return {"corpus_tokens": len(stream), "vocab_used": len(keep), "steps": steps, "tokens_seen": state.tokens_seen,
+            "final_loss": round(state.history[-1]["loss"], 3), "seconds": time.perf_counter() - t0}
 
 
 def tfidf_baseline(data_dir: Path) -> tuple[float, float]:
@@ -158,7 +152,7 @@ def main() -> None:
     for dapt_seed in args.dapt_seeds:
         print(f"1. domain-adaptive pretraining on {len(texts)} texts (train + unused), {args.dapt_steps} steps, "
               f"seed {dapt_seed}")
-        dapt = work / f"dapt-seed{dapt_seed}.pt"
+        dapt = work / f"dapt-seed{dapt_seed}"
         pre = pretrain_domain(texts.tolist(), tok, args.dapt_steps, dapt, seed=dapt_seed)
         dapt_s.append(pre["seconds"])
         print(f"  {pre}")
