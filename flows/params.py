@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from eval.judge import JudgeConfig
 from data.config import InstructionDataConfig, SpamDataConfig
-from gptflow.errors import GptflowError
+from gptflow.errors import GptflowError, validation_message
 from model.classifier import ClassifierConfig
 from model.config import PRESETS
 from model.instruct import InstructConfig
@@ -81,7 +81,7 @@ class PipelineParams(BaseModel):
         try:
             return PipelineParams.model_validate(data)
         except ValidationError as exc:
-            raise PipelineConfigError(_problems(exc)) from None
+            raise PipelineConfigError(validation_message(exc, whole="params")) from None
 
 
 def load_params(path: str | Path | None = None, preset: str | None = None) -> PipelineParams:
@@ -125,7 +125,3 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         else:
             merged[key] = value
     return merged
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())

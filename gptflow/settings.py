@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gptflow.errors import GptflowError
+from gptflow.errors import GptflowError, validation_message
 
 
 class SettingsError(GptflowError, ValueError):
@@ -71,12 +71,8 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            name = _ENV_NAMES.get(field, "GPTFLOW_" + field.upper())
-            problems.append(f"{name}: {err['msg']}")
-        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+        problems = validation_message(exc, lambda loc: _ENV_NAMES.get(loc[0], f"GPTFLOW_{loc[0]}".upper()), "settings")
+        raise SettingsError(f"invalid settings: {problems}") from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from gptflow.errors import GptflowError
+from gptflow.errors import GptflowError, validation_message
 
 
 class ModelConfigError(GptflowError, ValueError):
@@ -50,8 +51,7 @@ class GPTConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-            raise ModelConfigError(f"invalid model config: {problems}") from None
+            raise ModelConfigError(f"invalid model config: {validation_message(exc)}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -83,6 +83,16 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(context_length=128, emb_dim=64, n_layers=2, n_heads=2),
     "mini": GPTConfig(context_length=256, emb_dim=256, n_layers=4, n_heads=4),
 }
+
+
+def _known_preset(name: str) -> str:
+    if name not in PRESETS:  # a custom error: its message is ours alone, without pydantic's "Value error, "
+        raise PydanticCustomError("unknown_preset", f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return name
+
+
+# A preset name, checked when a config is made (a stage config's `preset: Preset = "mini"`).
+Preset = Annotated[str, AfterValidator(_known_preset)]
 
 # Hugging Face repository names of the public presets.
 HF_NAMES: dict[str, str] = {

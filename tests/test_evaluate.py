@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
+from fake_ollama import closed_port_host, response_in_prompt
 
+from cli import main
 from eval.judge import JudgeConfig, JudgeUnavailable, OllamaJudge
 from eval.report import ResponsesFileError, evaluate_responses, load_responses
-from fake_ollama import closed_port_host, response_in_prompt
-from gptflow.cli import main
 
 ENTRIES = [
     {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",

@@ -91,7 +91,7 @@ def test_bundle_manifest_lists_every_file(exported):
 
 
 def test_tampered_bundle_is_refused(exported, tmp_path, settings, capsys):
-    from gptflow.cli import main
+    from cli import main
 
     bundle = shutil.copytree(exported["bundle"], tmp_path / "bundle")
     with open(bundle / "model.int8.onnx", "r+b") as f:
@@ -159,7 +159,7 @@ def test_parity_and_gate_fail_loudly():
 
 
 def test_classify_cli_checkpoint_and_bundle(exported, settings, capsys):
-    from gptflow.cli import main
+    from cli import main
 
     texts_file = exported["root"] / "msgs.csv"
     texts_file.write_text("text\nfootball match today, great goal\ngarlic soup recipe\n")
@@ -180,7 +180,7 @@ def test_classify_cli_checkpoint_and_bundle(exported, settings, capsys):
     (["finetune-classifier", "--epochs", "0"], "--epochs"),
 ])
 def test_cli_bad_input_exits_2(argv, message, settings, capsys):
-    from gptflow.cli import main
+    from cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -37,6 +37,31 @@ def test_settings_errors_name_the_variable(monkeypatch, tmp_path):
         load_settings()
 
 
+def test_a_validation_error_reads_as_one_line():
+    from pydantic import BaseModel, Field, ValidationError, model_validator
+
+    from gptflow.errors import validation_message
+
+    class Inner(BaseModel):
+        n: int = Field(gt=0)
+
+    class Outer(BaseModel):
+        inner: Inner
+        name: str
+
+        @model_validator(mode="after")
+        def _named(self) -> "Outer":
+            raise ValueError("never valid")
+
+    with pytest.raises(ValidationError) as info:
+        Outer.model_validate({"inner": {"n": 0}})
+    assert validation_message(info.value) == "inner.n: Input should be greater than 0; name: Field required"
+    assert validation_message(info.value, lambda loc: f"--{loc[0]}").startswith("--inner: Input should be greater")
+    with pytest.raises(ValidationError) as info:
+        Outer(inner=Inner(n=1), name="x")
+    assert validation_message(info.value, whole="outer") == "outer: Value error, never valid"
+
+
 def test_url_layout():
     assert url_relpath("https://a.example/x/y.txt") == Path("a.example/x/y.txt")
     with pytest.raises(DownloadError, match="not an http"):
@@ -146,7 +171,7 @@ def test_the_verdict_is_5145_tokens(tokenizer, settings):
 
 
 def test_cli_rejects_bad_setting_at_start_up(monkeypatch, tmp_path, capsys):
-    from gptflow.cli import main
+    from cli import main
     from gptflow.settings import get_settings
 
     monkeypatch.setenv("GPTFLOW_MIRROR", str(tmp_path / "missing"))

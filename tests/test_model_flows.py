@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from gptflow.cli import main
+from cli import main
 from model.checkpoint import load_model
 
 

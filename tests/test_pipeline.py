@@ -13,7 +13,7 @@ from prefect.flows import load_flow_from_entrypoint
 
 import flows.pipeline
 from flows.params import RECIPE, PipelineConfigError, PipelineParams, load_params
-from gptflow.cli import main as cli_main
+from cli import main as cli_main
 from gptflow.storage import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent

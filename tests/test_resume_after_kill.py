@@ -21,7 +21,7 @@ def test_pretrain_killed_mid_run_resumes_from_last_checkpoint(tmp_path, mirror):
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "gptflow.cli", "pretrain", "--corpus", "the-verdict", "--preset", "tiny",
+    cmd = [sys.executable, "-m", "cli", "pretrain", "--corpus", "the-verdict", "--preset", "tiny",
            "--steps", "40", "--checkpoint-every", "5", "--eval-every", "1000", "--batch-size", "2",
            "--out", str(out)]
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

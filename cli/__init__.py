@@ -1,7 +1,8 @@
 """The `gptflow` console command: one verb per Prefect flow (litgpt-style).
 
 Each verb lives in a module of this package with a `register(subparsers)` function that adds its
-parser and sets `handler`. Flows are imported inside handlers, so `gptflow --help` stays fast.
+parser and sets `handler` (and `stage`, the config its options are generated from: `cli.common`). Flows, and
+the config of the verb being run, are imported only when needed, so `gptflow --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,25 +13,36 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from cli.common import add_stage_options
 
 VERB_MODULES = [
-    "gptflow.cli.pipeline",
-    "gptflow.cli.data",
-    "gptflow.cli.evaluate",
-    "gptflow.cli.model",
-    "gptflow.cli.classify",
-    "gptflow.cli.instruct",
+    "cli.pipeline",
+    "cli.data",
+    "cli.evaluate",
+    "cli.model",
+    "cli.classify",
+    "cli.instruct",
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = Parser(
         prog="gptflow",
         description="Data-to-deployment pipeline for GPT-style language models (Prefect flows).",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name in VERB_MODULES:
         importlib.import_module(name).register(verbs)
+    verb = verbs.choices.get(next((a for a in argv if not a.startswith("-")), ""))  # the verb being run, if any
+    if verb is not None and verb.get_default("stage"):
+        add_stage_options(verb, verb.get_default("stage"))
     return parser
 
 
@@ -45,18 +57,19 @@ def _prepare_environment() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge import BundleError  # edge imports nothing of ours: its error is not a GptflowError
     from gptflow.errors import GptflowError
     from gptflow.settings import get_settings
 
     _prepare_environment()  # before anything imports Prefect
     # SIGTERM (a scheduler stopping us) unwinds like Ctrl-C, so Prefect stops its ephemeral server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         get_settings()  # a bad GPTFLOW_* / OLLAMA_HOST value stops every verb here, naming the variable
         result = args.handler(args)
-    except GptflowError as exc:
+    except (GptflowError, BundleError) as exc:
         print(f"gptflow {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli.common import Stage, check_preset, stage_config, table
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
@@ -15,25 +17,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--corpus", default="tinyshakespeare",
                    help="the-verdict, tinyshakespeare, a UTF-8 text file, or a folder with train.bin/val.bin")
-    p.add_argument("--preset", default=None, help="model preset (default mini; see --list-presets)")
     p.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--context-length", type=int)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--sampling", choices=["random", "strided"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="train in fp32")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--out", help="output folder (default GPTFLOW_HOME/pretrain/<corpus>-<preset>-<config hash>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
-    p.set_defaults(handler=run_pretrain)
+    p.set_defaults(handler=run_pretrain, stage=Stage("model.pretrain:PretrainConfig"))
 
     p = verbs.add_parser("load-gpt2", help="convert public GPT-2 weights to a gptflow checkpoint",
                          description="NAME: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (downloaded from Hugging "
@@ -57,27 +44,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from model.config import PRESETS, ModelConfigError
-    from model.pretrain import PretrainConfig, PretrainError
-
     if args.list_presets:
-        for name, cfg in PRESETS.items():
-            print(f"{name:12s} emb {cfg.emb_dim:5d}  layers {cfg.n_layers:3d}  heads {cfg.n_heads:3d}  "
-                  f"context {cfg.context_length:5d}  params {cfg.n_params() / 1e6:7.1f}M")
+        from model.config import PRESETS
+
+        print(table([{"preset": name, "emb": c.emb_dim, "layers": c.n_layers, "heads": c.n_heads, "context":
+                      c.context_length, "params": f"{c.n_params() / 1e6:.1f}M"} for name, c in PRESETS.items()]))
         return 0
-    fields = ["preset", "steps", "batch_size", "grad_accum", "lr", "warmup_steps", "context_length", "dropout",
-              "sampling", "seed", "eval_every", "checkpoint_every", "threads", "bf16", "compile"]
-    values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-    try:
-        config = PretrainConfig(**values)
-        config.model_config_for()  # unknown preset / bad shape: fail before any flow starts
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise PretrainError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    except ModelConfigError as exc:
-        raise PretrainError(f"--preset: {exc}") from None
+    config = stage_config(args)
+    check_preset(config.preset)
 
     from flows.pretrain import pretrain_flow
 

@@ -1,0 +1,7 @@
+"""`python -m cli` == `gptflow`."""
+
+import sys
+
+from cli import main
+
+sys.exit(main())

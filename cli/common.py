@@ -1,0 +1,131 @@
+"""What the verbs share: options generated from a stage's pydantic config, the config they build, one table printer."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+
+from gptflow.errors import GptflowError, dotted, validation_message
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The pydantic config class ("module:Class") a verb's options come from, imported only for the verb being
+    run (a model config imports torch), and the verb's own defaults for some of its fields."""
+
+    config: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> type[BaseModel]:
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def add_stage_options(parser: argparse.ArgumentParser, stage: Stage) -> None:
+    """`--config FILE` and a `--field-name` flag per field of the stage's config, typed from its annotation, with
+    the field's description and default as help. A field no flag can give (a nested model) is set in the file."""
+    model = stage.model
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"YAML or JSON with any {model.__name__} fields; the flags below override it")
+    for name, info in model.model_fields.items():
+        if (kwargs := _argparse_type(info.annotation)) is not None:
+            default = stage.defaults.get(name, info.default)  # undefined: required, or made by a default_factory
+            shown = "" if default in (None, PydanticUndefined) else f" (default: {_shown(default)})"
+            text = (info.description or "") + (" (required)" if info.is_required() else shown)
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                                help=text.strip().replace("%", "%%"), **kwargs)
+    parser.set_defaults(stage=stage)
+
+
+def _argparse_type(annotation: Any) -> dict[str, Any] | None:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):  # X | None: a flag gives X
+        rest = [a for a in args if a is not type(None)]
+        return _argparse_type(rest[0]) if len(rest) == 1 else None
+    if origin is Literal:
+        return {"choices": args, "type": type(args[0])}
+    if origin is tuple and args and (item := _argparse_type(args[0])):
+        return {**item, "nargs": "+" if args[-1] is Ellipsis else len(args)}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if isinstance(annotation, type):  # the builtin, not a subclass (InitSpec): pydantic parses it, naming the flag
+        return next(({"type": t, "metavar": t.__name__.upper() if t in (int, float) else None}
+                     for t in (int, float, str, Path) if issubclass(annotation, t)), None)
+    return None
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, tuple):
+        return " ".join(map(str, default))
+    return repr(default) if isinstance(default, str) and not default.isprintable() else str(default)
+
+
+def stage_config(args: argparse.Namespace) -> Any:
+    """The verb's stage config: the config's defaults, the verb's, the --config file, then the flags given. A bad
+    value is one line naming its flag, or the file and the field."""
+    stage: Stage = args.stage
+    model = stage.model
+    flags = {name: value for name, value in vars(args).items() if name in model.model_fields}
+    data = read_config(args.config) if args.config else {}
+    if unknown := [key for key in data if key not in model.model_fields]:
+        raise GptflowError(f"{args.config}: {unknown[0]}: not a {model.__name__} field; fields: "
+                           f"{', '.join(model.model_fields)}")
+    try:
+        return model.model_validate({**stage.defaults, **data, **flags})
+    except ValidationError as exc:
+        def where(loc: tuple) -> str:
+            from_file = loc[0] in data and loc[0] not in flags
+            return f"{args.config}: {dotted(loc)}" if from_file else "--" + str(loc[0]).replace("_", "-")
+
+        raise GptflowError(validation_message(exc, where, args.config or "options")) from None
+
+
+def read_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise GptflowError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise GptflowError(f"--config: {path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise GptflowError(f"--config: {path} holds a {type(data).__name__}, not a mapping of config fields")
+    return data
+
+
+def check_preset(name: str) -> None:
+    """An unknown preset as a one-line error before any flow starts. Remove (and its callers) once the stage
+    configs' `preset` fields are `model.config.Preset`: validation then names --preset itself."""
+    from model.config import GPTConfig, ModelConfigError
+
+    try:
+        GPTConfig.from_preset(name)
+    except ModelConfigError as exc:
+        raise GptflowError(f"--preset: {exc}") from None
+
+
+def check_init(init: Any) -> None:
+    """A missing init checkpoint (an `InitSpec`): one line before any flow starts. GPT-2 weights are not fetched
+    here but by the stage."""
+    if init.kind == "checkpoint":
+        init.file()
+
+
+def table(rows: list[dict]) -> str:
+    """Rows as an aligned plain-text table: columns in first-seen order, blanks for gaps, numbers right-aligned."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) if v.replace(".", "").isdigit() else v.ljust(w) for v, w in zip(r, widths))
+              for r in cells]
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,84 @@
+"""`gptflow data spam | instructions [PATH] | corpus NAME|PATH | csv PATH --text-column C --label-column L`."""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.common import Stage, add_stage_options, stage_config, table
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    parser = verbs.add_parser("data", help="download, clean, balance and split a data set")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    spam = kinds.add_parser("spam", help="the UCI SMS Spam Collection -> train/validation/test CSVs")
+    add_stage_options(spam, Stage("data.config:SpamDataConfig"))
+    spam.set_defaults(handler=_spam)
+
+    csv = kinds.add_parser("csv", help="your labelled CSV/TSV -> the same clean/balance/split as spam")
+    csv.add_argument("path", help="CSV or TSV file with a header row")
+    add_stage_options(csv, Stage("data.config:CsvDataConfig"))
+    csv.set_defaults(handler=_csv)
+
+    inst = kinds.add_parser("instructions", help="instruction/response JSON -> train/validation/test JSON")
+    inst.add_argument("path", nargs="?", help="JSON list of {instruction, input, output} (default: the book's)")
+    add_stage_options(inst, Stage("data.config:InstructionDataConfig"))
+    inst.set_defaults(handler=_instructions)
+
+    corpus = kinds.add_parser("corpus", help="a text corpus -> GPT-2 tokens in uint16 train.bin/val.bin")
+    corpus.add_argument("corpus", metavar="NAME|PATH", help="the-verdict, tinyshakespeare or a UTF-8 text file")
+    add_stage_options(corpus, Stage("data.config:CorpusConfig"))
+    corpus.set_defaults(handler=_corpus)
+
+
+def _spam(args: argparse.Namespace) -> int:
+    from flows.data import prepare_spam
+
+    _print_labelled(prepare_spam(stage_config(args)))
+    return 0
+
+
+def _csv(args: argparse.Namespace) -> int:
+    from flows.data import prepare_csv
+
+    _print_labelled(prepare_csv(args.path, stage_config(args)))
+    return 0
+
+
+def _instructions(args: argparse.Namespace) -> int:
+    from data.instructions import summary_rows
+    from flows.data import prepare_instructions
+
+    outcome = prepare_instructions(args.path, stage_config(args))
+    print(table([{"step": k, "entries": v} for k, v in outcome["report"]["cleaning"].items()]), end="\n\n")
+    print(table(summary_rows(outcome["report"])), end="\n\n")
+    _print_where(outcome, ["train.json", "validation.json", "test.json", "report.json"])
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from data.corpus import summary_rows
+    from flows.data import prepare_corpus
+
+    outcome = prepare_corpus(args.corpus, stage_config(args))
+    print(table(summary_rows(outcome["report"])), end="\n\n")
+    _print_where(outcome, ["train.bin", "val.bin", "meta.json"])
+    return 0
+
+
+def _print_labelled(outcome: dict) -> None:
+    from data.labelled import summary_rows
+
+    report = outcome["report"]
+    print(f"labels: {report['labels']}")
+    print(table([{"step": k, "rows": v} for k, v in report["cleaning"].items()]), end="\n\n")
+    bal = report["balance"]
+    print(f"balance ({bal['method']}): {bal['before']} -> {bal['after']}\n")
+    print(table(summary_rows(report)), end="\n\n")
+    _print_where(outcome, ["train.csv", "validation.csv", "test.csv", "labels.json", "unused.csv",
+                           "report.json"])
+
+
+def _print_where(outcome: dict, files: list[str]) -> None:
+    state = "reused (same inputs and config)" if outcome["reused"] else "written"
+    print(f"outputs {state}: {outcome['out_dir']}\n  {' '.join(files)}")
