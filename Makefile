@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export TOKENIZERS_PARALLELISM := false
-export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,model,eval
+export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,data,model,eval
 
 .PHONY: setup run test e2e server deploy worker clean
 
@@ -28,6 +28,8 @@ run: $(STAMP)
 	$(BIN)/gptflow pipeline $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A local Prefect server + process worker for the deployments of prefect.yaml (nightly pipeline, weekly

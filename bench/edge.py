@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from bench.classify_accuracy import classifier_dir
+from data.spam import spam_dir
 from edge.runtime import run_session, session
 from edge.text import pad_batch
-from data.spam import spam_dir
 from gptflow.settings import get_settings
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import SequenceClassifier, encode_split, load_classifier, load_labels, predict_logits, read_split
@@ -88,6 +88,7 @@ def main() -> None:
         def run(batch):
             with torch.no_grad():
                 return m(torch.from_numpy(batch[0]), torch.from_numpy(batch[1]))
+
         return run
 
     def ort_runner(path):
@@ -108,18 +109,33 @@ def main() -> None:
         pred = all_logits().argmax(1)
         ref_pred = pred if ref_pred is None else ref_pred
         acc = float((pred == y).mean()) if not args.shape else float((pred == ref_pred).mean())
-        rows.append({"variant": label, "size_mb": size / 1e6, "p50_ms": 1e3 * np.median(lat),
-                     "p95_ms": 1e3 * np.percentile(lat, 95), "msgs_per_s": 32 / np.median(thr), "acc": acc})
+        rows.append(
+            {
+                "variant": label,
+                "size_mb": size / 1e6,
+                "p50_ms": 1e3 * np.median(lat),
+                "p95_ms": 1e3 * np.percentile(lat, 95),
+                "msgs_per_s": 32 / np.median(thr),
+                "acc": acc,
+            }
+        )
     base = rows[0]
-    print(f"\n{name}; batch 1 = {len(typical)} tokens, batch 32 = {many[0].shape[1]} tokens wide; "
-          f"{args.threads} threads; test n={len(y)}")
+    print(
+        f"\n{name}; batch 1 = {len(typical)} tokens, batch 32 = {many[0].shape[1]} tokens wide; "
+        f"{args.threads} threads; test n={len(y)}"
+    )
     acc_name = "agreement vs torch fp32" if args.shape else "test accuracy"
-    print(f"| variant | file MB | smaller x | p50 ms (b=1) | p95 ms | faster x (b=1) | msgs/s (b=32) | faster x (b=32) | {acc_name} |")
+    print(
+        "| variant | file MB | smaller x | p50 ms (b=1) | p95 ms | faster x (b=1) | msgs/s (b=32) | faster x (b=32) "
+        f"| {acc_name} |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['size_mb']:.1f} | {base['size_mb'] / r['size_mb']:.2f} | {r['p50_ms']:.2f} | "
-              f"{r['p95_ms']:.2f} | {base['p50_ms'] / r['p50_ms']:.2f} | {r['msgs_per_s']:.0f} | "
-              f"{r['msgs_per_s'] / base['msgs_per_s']:.2f} | {100 * r['acc']:.2f}% |")
+        print(
+            f"| {r['variant']} | {r['size_mb']:.1f} | {base['size_mb'] / r['size_mb']:.2f} | {r['p50_ms']:.2f} | "
+            f"{r['p95_ms']:.2f} | {base['p50_ms'] / r['p50_ms']:.2f} | {r['msgs_per_s']:.0f} | "
+            f"{r['msgs_per_s'] / base['msgs_per_s']:.2f} | {100 * r['acc']:.2f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Generation speed with vs without the KV cache at gpt2-small shapes (random weights), greedy.
 
-    .venv/bin/python -m bench.generate [--new-tokens 200] [--prompt-tokens 20] [--threads 2]
+.venv/bin/python -m bench.generate [--new-tokens 200] [--prompt-tokens 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def main() -> None:
         out = generate(model, prompt, args.new_tokens, use_cache=use_cache)
         results[use_cache] = (out, args.new_tokens / (time.perf_counter() - t))
     same = torch.equal(results[False][0], results[True][0])
-    print(f"{args.preset}, {args.threads} threads, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-          "greedy (numbers are noisy: other processes share the cores)")
+    print(
+        f"{args.preset}, {args.threads} threads, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+        "greedy (numbers are noisy: other processes share the cores)"
+    )
     print(f"no cache : {results[False][1]:8.1f} tokens/s")
     print(f"KV cache : {results[True][1]:8.1f} tokens/s  ({results[True][1] / results[False][1]:.1f}x)")
     print(f"identical greedy tokens: {same}")

@@ -51,16 +51,28 @@ def write_random_gpt2_small(folder: Path) -> Path:
     def r(*shape):
         return torch.randn(*shape, generator=g) * 0.02
 
-    tensors = {"transformer.wte.weight": r(cfg.vocab_size, e), "transformer.wpe.weight": r(cfg.context_length, e),
-               "transformer.ln_f.weight": torch.ones(e), "transformer.ln_f.bias": torch.zeros(e)}
+    tensors = {
+        "transformer.wte.weight": r(cfg.vocab_size, e),
+        "transformer.wpe.weight": r(cfg.context_length, e),
+        "transformer.ln_f.weight": torch.ones(e),
+        "transformer.ln_f.bias": torch.zeros(e),
+    }
     for i in range(cfg.n_layers):
         p = f"transformer.h.{i}."
-        tensors |= {p + "ln_1.weight": torch.ones(e), p + "ln_1.bias": torch.zeros(e),
-                    p + "ln_2.weight": torch.ones(e), p + "ln_2.bias": torch.zeros(e),
-                    p + "attn.c_attn.weight": r(e, 3 * e), p + "attn.c_attn.bias": r(3 * e),
-                    p + "attn.c_proj.weight": r(e, e), p + "attn.c_proj.bias": r(e),
-                    p + "mlp.c_fc.weight": r(e, 4 * e), p + "mlp.c_fc.bias": r(4 * e),
-                    p + "mlp.c_proj.weight": r(4 * e, e), p + "mlp.c_proj.bias": r(e)}
+        tensors |= {
+            p + "ln_1.weight": torch.ones(e),
+            p + "ln_1.bias": torch.zeros(e),
+            p + "ln_2.weight": torch.ones(e),
+            p + "ln_2.bias": torch.zeros(e),
+            p + "attn.c_attn.weight": r(e, 3 * e),
+            p + "attn.c_attn.bias": r(3 * e),
+            p + "attn.c_proj.weight": r(e, e),
+            p + "attn.c_proj.bias": r(e),
+            p + "mlp.c_fc.weight": r(e, 4 * e),
+            p + "mlp.c_fc.bias": r(4 * e),
+            p + "mlp.c_proj.weight": r(4 * e, e),
+            p + "mlp.c_proj.bias": r(e),
+        }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder / "model.safetensors"
@@ -78,8 +90,9 @@ def main() -> None:
     root = Path(__file__).resolve().parent.parent
     results = {}
     for mode in ("torch-only", "ours", "naive"):
-        out = subprocess.run([sys.executable, "-c", MEASURE, mode, str(folder)], capture_output=True, text=True,
-                             cwd=root, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEASURE, mode, str(folder)], capture_output=True, text=True, cwd=root, check=True
+        )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
     base = results["torch-only"]
     print(f"gpt2-small random weights: {file} = {size_mib:.0f} MiB")

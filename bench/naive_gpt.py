@@ -64,8 +64,9 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
-                                      cfg["n_heads"], cfg["qkv_bias"])
+        self.att = MultiHeadAttention(
+            cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"]
+        )
         self.ff = FeedForward(cfg["emb_dim"])
         self.norm1, self.norm2 = LayerNorm(cfg["emb_dim"]), LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
@@ -94,6 +95,14 @@ class NaiveGPT(nn.Module):
 
 def naive_from(cfg) -> NaiveGPT:
     """The baseline with the shape of a `GPTConfig` (book dict keys)."""
-    return NaiveGPT({"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.emb_dim,
-                     "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "drop_rate": cfg.dropout,
-                     "qkv_bias": cfg.qkv_bias})
+    return NaiveGPT(
+        {
+            "vocab_size": cfg.vocab_size,
+            "context_length": cfg.context_length,
+            "emb_dim": cfg.emb_dim,
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "drop_rate": cfg.dropout,
+            "qkv_bias": cfg.qkv_bias,
+        }
+    )

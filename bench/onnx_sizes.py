@@ -14,7 +14,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -36,8 +35,13 @@ class BookClassifier(torch.nn.Module):
 
 def summary(path: Path) -> str:
     model = onnx.load(path)
-    inits = sorted(((numpy_helper.to_array(t).nbytes, t.name, onnx.TensorProto.DataType.Name(t.data_type))
-                    for t in model.graph.initializer), reverse=True)
+    inits = sorted(
+        (
+            (numpy_helper.to_array(t).nbytes, t.name, onnx.TensorProto.DataType.Name(t.data_type))
+            for t in model.graph.initializer
+        ),
+        reverse=True,
+    )
     by_type: dict[str, int] = {}
     for nbytes, _, dtype in inits:
         by_type[dtype] = by_type.get(dtype, 0) + nbytes
@@ -45,10 +49,16 @@ def summary(path: Path) -> str:
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     top = ", ".join(f"{n} {d} {b / 1e6:.1f}MB" for b, n, d in inits[:4])
-    kinds = {k: v for k, v in ops.items() if k in ("Gather", "MatMul", "MatMulInteger", "DynamicQuantizeLinear",
-                                                   "Gemm", "Transpose", "DequantizeLinear")}
-    return (f"{path.stat().st_size / 1e6:.1f} MB; bytes by dtype {{{', '.join(f'{k}: {v / 1e6:.1f}MB' for k, v in by_type.items())}}}; "
-            f"ops {kinds}; largest: {top}")
+    kinds = {
+        k: v
+        for k, v in ops.items()
+        if k in ("Gather", "MatMul", "MatMulInteger", "DynamicQuantizeLinear", "Gemm", "Transpose", "DequantizeLinear")
+    }
+    return (
+        f"{path.stat().st_size / 1e6:.1f} MB; bytes by dtype "
+        f"{{{', '.join(f'{k}: {v / 1e6:.1f}MB' for k, v in by_type.items())}}}; "
+        f"ops {kinds}; largest: {top}"
+    )
 
 
 def main() -> None:
@@ -63,10 +73,24 @@ def main() -> None:
     warnings.simplefilter("ignore")
     for name, dynamo in (("legacy", False), ("dynamo", True)):
         fp32 = tmp / f"{name}.onnx"
-        kwargs = ({"dynamic_shapes": {"input_ids": {0: torch.export.Dim("b", max=64), 1: torch.export.Dim("t", max=1024)}},
-                   "external_data": False} if dynamo else {"dynamic_axes": {"input_ids": {0: "b", 1: "t"}}})
-        torch.onnx.export(model, example, fp32, input_names=["input_ids"], output_names=["logits"], dynamo=dynamo,
-                          opset_version=18, **kwargs)
+        kwargs = (
+            {
+                "dynamic_shapes": {"input_ids": {0: torch.export.Dim("b", max=64), 1: torch.export.Dim("t", max=1024)}},
+                "external_data": False,
+            }
+            if dynamo
+            else {"dynamic_axes": {"input_ids": {0: "b", 1: "t"}}}
+        )
+        torch.onnx.export(
+            model,
+            example,
+            fp32,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamo=dynamo,
+            opset_version=18,
+            **kwargs,
+        )
         int8 = quantize_onnx(fp32, tmp / f"{name}.int8.onnx", ("MatMul", "Gather"))
         print(f"{name} fp32: {summary(fp32)}")
         print(f"{name} int8: {summary(int8)}")

@@ -85,8 +85,10 @@ def variant(kind: str, cfg: GPTConfig):
 def measure(kind, cfg, batch, *, bf16, compile, warmup, steps) -> float:
     model, opt, clip = variant(kind, cfg)
     gen = torch.Generator().manual_seed(0)
-    data = [(torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=gen),) * 2
-            for _ in range(warmup + steps)]
+    data = [
+        (torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=gen),) * 2
+        for _ in range(warmup + steps)
+    ]
     _, step = train_steps(model, opt, data[:warmup], bf16=bf16, compile=compile, clip=clip)
     t = time.perf_counter()
     for x, y in data[warmup:]:
@@ -127,16 +129,25 @@ def main() -> None:
     curve_steps = args.curve_steps if args.curve_steps is not None else (20 if args.quick else 200)
 
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"torch {torch.__version__}, {args.threads} threads; matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peak16 / 1e9:.0f} GFLOP/s (measured now; other processes share the cores: numbers are noisy)")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; matmul peak fp32 {peak32 / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak16 / 1e9:.0f} GFLOP/s (measured now; other processes share the cores: numbers are noisy)"
+    )
 
     configs = [
-        ("A: ctx 256, emb 256, 4 layers, 4 heads, batch 8", GPTConfig(context_length=256, emb_dim=256, n_layers=4,
-                                                                       n_heads=4), 8),
+        (
+            "A: ctx 256, emb 256, 4 layers, 4 heads, batch 8",
+            GPTConfig(context_length=256, emb_dim=256, n_layers=4, n_heads=4),
+            8,
+        ),
         ("B: gpt2-small shapes, ctx 256, batch 2", GPTConfig.from_preset("gpt2-small", context_length=256), 2),
     ]
-    variants = [("baseline (book)", "naive", False, False), ("baseline bf16", "naive", True, False),
-                ("ours fp32", "ours", False, False), ("ours bf16 (default)", "ours", True, False)]
+    variants = [
+        ("baseline (book)", "naive", False, False),
+        ("baseline bf16", "naive", True, False),
+        ("ours fp32", "ours", False, False),
+        ("ours bf16 (default)", "ours", True, False),
+    ]
     if not args.no_compile:
         variants.append(("ours bf16 + compile", "ours", True, True))
     for title, cfg, batch in configs:
@@ -149,9 +160,17 @@ def main() -> None:
                 tps = measure(kind, cfg, batch, bf16=bf16, compile=comp, warmup=warmup + (2 if comp else 0), steps=n)
                 best[name] = max(best[name], tps)
         base = best[chosen[0][0]]
-        rows = [{"variant": name, "tokens/s": f"{tps:,.0f}", "vs baseline": f"{tps / base:.2f}x",
-                 "GFLOP/s": f"{tps * fpt / 1e9:.0f}", "MFU fp32 peak": f"{tps * fpt / peak32:.0%}",
-                 "MFU bf16 peak": f"{tps * fpt / peak16:.0%}"} for name, tps in best.items()]
+        rows = [
+            {
+                "variant": name,
+                "tokens/s": f"{tps:,.0f}",
+                "vs baseline": f"{tps / base:.2f}x",
+                "GFLOP/s": f"{tps * fpt / 1e9:.0f}",
+                "MFU fp32 peak": f"{tps * fpt / peak32:.0%}",
+                "MFU bf16 peak": f"{tps * fpt / peak16:.0%}",
+            }
+            for name, tps in best.items()
+        ]
         table(rows, f"{title} ({fpt / 1e6:.0f} MFLOP/token; best of {args.rounds} interleaved rounds of {n} steps)")
 
     tokens = shakespeare_tokens() if curve_steps else None
@@ -159,9 +178,13 @@ def main() -> None:
         cfg, batch = configs[0][1], configs[0][2]
         gen = torch.Generator().manual_seed(123)
         starts = torch.randint(0, len(tokens) - cfg.context_length - 1, (curve_steps, batch), generator=gen)
-        data = [(torch.from_numpy(np.stack([tokens[s:s + cfg.context_length] for s in row.tolist()])),
-                 torch.from_numpy(np.stack([tokens[s + 1:s + cfg.context_length + 1] for s in row.tolist()])))
-                for row in starts]
+        data = [
+            (
+                torch.from_numpy(np.stack([tokens[s : s + cfg.context_length] for s in row.tolist()])),
+                torch.from_numpy(np.stack([tokens[s + 1 : s + cfg.context_length + 1] for s in row.tolist()])),
+            )
+            for row in starts
+        ]
         curves = {}
         for name, bf16 in (("fp32", False), ("bf16", True)):
             model, opt, clip = variant("ours", cfg)
@@ -170,14 +193,21 @@ def main() -> None:
             print(f"loss curve {name}: {curve_steps} steps in {time.perf_counter() - t:.0f}s")
         marks = sorted({0, *range(24, curve_steps, 25), curve_steps - 1})
         smooth = {k: np.convolve(v, np.ones(10) / 10, mode="valid") for k, v in curves.items()}
-        table([{"step": m + 1, "fp32 loss": f"{curves['fp32'][m]:.4f}", "bf16 loss": f"{curves['bf16'][m]:.4f}"}
-               for m in marks], f"Loss curve, config A on tiny Shakespeare (same seed and batches, book lr {LR})")
+        table(
+            [
+                {"step": m + 1, "fp32 loss": f"{curves['fp32'][m]:.4f}", "bf16 loss": f"{curves['bf16'][m]:.4f}"}
+                for m in marks
+            ],
+            f"Loss curve, config A on tiny Shakespeare (same seed and batches, book lr {LR})",
+        )
         raw = np.abs(np.array(curves["fp32"]) - np.array(curves["bf16"]))
         print(f"per-step |fp32 - bf16| loss: max {raw.max():.5f}, mean {raw.mean():.5f}")
         diff = np.abs(smooth["fp32"] - smooth["bf16"])
-        print(f"max |fp32 - bf16| of the 10-step moving average: {diff.max():.3f} "
-              f"(mean {diff.mean():.3f}); final 10-step averages fp32 {smooth['fp32'][-1]:.3f}, "
-              f"bf16 {smooth['bf16'][-1]:.3f}")
+        print(
+            f"max |fp32 - bf16| of the 10-step moving average: {diff.max():.3f} "
+            f"(mean {diff.mean():.3f}); final 10-step averages fp32 {smooth['fp32'][-1]:.3f}, "
+            f"bf16 {smooth['bf16'][-1]:.3f}"
+        )
 
 
 if __name__ == "__main__":

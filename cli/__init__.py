@@ -53,7 +53,7 @@ def _prepare_environment() -> None:
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     # Warnings of the plain layers (e.g. an encoding fallback) reach the run logs too.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow,model,eval")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow,data,model,eval")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,30 +6,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import Stage, check_init, check_preset, stage_config, table
+from cli.common import VerbConfig, check_init, stage_config, table
 from gptflow.errors import GptflowError
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
-        "finetune-classifier", help="fine-tune a GPT text classifier (spam or your CSV), then evaluate it",
+        "finetune-classifier",
+        help="fine-tune a GPT text classifier (spam or your CSV), then evaluate it",
         description="Prepares the data (reused if done), fine-tunes with early stopping on validation accuracy "
-        "(best checkpoint kept; rerunning resumes), then reports train/validation/test metrics.")
-    p.add_argument("--data", default="spam", help="spam, or a labelled CSV/TSV file (with --text-column, "
-                   "--label-column)")
+        "(best checkpoint kept; rerunning resumes), then reports train/validation/test metrics.",
+    )
+    p.add_argument(
+        "--data", default="spam", help="spam, or a labelled CSV/TSV file (with --text-column, --label-column)"
+    )
     p.add_argument("--text-column")
     p.add_argument("--label-column")
     p.add_argument("--out", help="output folder (default GPTFLOW_HOME/classify/<data>-<init>-<config hash>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
-    p.set_defaults(handler=run_finetune, stage=Stage("model.classifier:ClassifierConfig"))
+    p.set_defaults(handler=run_finetune, stage=VerbConfig("model.classifier:ClassifierConfig"))
 
-    p = verbs.add_parser("export", help="export a classifier to ONNX (+ int8) and write the edge bundle",
-                         description="Checks fp32 parity with PyTorch and int8 agreement on the whole test split "
-                         "and fails when int8 loses more than --max-int8-drop accuracy points.")
+    p = verbs.add_parser(
+        "export",
+        help="export a classifier to ONNX (+ int8) and write the edge bundle",
+        description="Checks fp32 parity with PyTorch and int8 agreement on the whole test split "
+        "and fails when int8 loses more than --max-int8-drop accuracy points.",
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt, or its fine-tuning folder")
     p.add_argument("--data", help="data folder with test.csv (default: the one it was fine-tuned on)")
     p.add_argument("--out", help="output folder (default GPTFLOW_HOME/export/<checkpoint folder>-<config hash>)")
-    p.set_defaults(handler=run_export, stage=Stage("model.onnx_export:ExportConfig", {"int8": False}))
+    p.set_defaults(handler=run_export, stage=VerbConfig("model.onnx_export:ExportConfig", {"int8": False}))
 
     p = verbs.add_parser("classify", help="label texts with a classifier checkpoint or an exported bundle")
     p.add_argument("texts", nargs="*", metavar="TEXT")
@@ -42,7 +48,6 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     config = stage_config(args)
-    check_preset(config.preset)
     check_init(config.init)
     if args.data != "spam":
         if not Path(args.data).is_file():
@@ -55,15 +60,30 @@ def run_finetune(args: argparse.Namespace) -> int:
     out = finetune_classifier_flow(args.data, config, args.text_column, args.label_column, args.out, args.resume)
     s = out["summary"]
     kept = "final weights" if s.get("keep") == "last" else "best validation accuracy"
-    print(f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, kept the {kept}: validation "
-          f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}")
-    print(table([{"split": split, "accuracy": f"{100 * m['accuracy']:.2f}%", "macro F1": f"{m['macro_f1']:.4f}",
-                  **({"ROC-AUC": f"{m['roc_auc']:.4f}"} if "roc_auc" in m else {}), "n": m["n"]}
-                 for split, m in out["metrics"].items()]))
+    print(
+        f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, kept the {kept}: validation "
+        f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}"
+    )
+    print(
+        table(
+            [
+                {
+                    "split": split,
+                    "accuracy": f"{100 * m['accuracy']:.2f}%",
+                    "macro F1": f"{m['macro_f1']:.4f}",
+                    **({"ROC-AUC": f"{m['roc_auc']:.4f}"} if "roc_auc" in m else {}),
+                    "n": m["n"],
+                }
+                for split, m in out["metrics"].items()
+            ]
+        )
+    )
     out_dir = Path(out["out_dir"])
     print(f"model: {out['best']}")
-    print(f"metrics: {out_dir / 'metrics.json'}  curves: {out_dir / 'curves.png'}  "
-          f"confusion matrix: {out_dir / 'confusion_test.png'}")
+    print(
+        f"metrics: {out_dir / 'metrics.json'}  curves: {out_dir / 'curves.png'}  "
+        f"confusion matrix: {out_dir / 'confusion_test.png'}"
+    )
     return 0
 
 
@@ -81,11 +101,13 @@ def run_export(args: argparse.Namespace) -> int:
     report = export_flow(str(loaded.path), str(data_dir), config, args.out)
     print(table([{"model": name, "test accuracy": f"{100 * acc:.2f}%"} for name, acc in report["accuracy"].items()]))
     p = report["parity"]
-    print(f"parity: max |logit diff| {p['fp32_max_abs_logit_diff']:.2e}, "
-          f"{p['fp32_prediction_matches']}/{p['n']} predictions equal"
-          + (f", int8 agreement {100 * p['int8_agreement']:.2f}%" if "int8_agreement" in p else ""))
+    print(
+        f"parity: max |logit diff| {p['fp32_max_abs_logit_diff']:.2e}, "
+        f"{p['fp32_prediction_matches']}/{p['n']} predictions equal"
+        + (f", int8 agreement {100 * p['int8_agreement']:.2f}%" if "int8_agreement" in p else "")
+    )
     print(table([{"file": name, "MB": f"{size / 1e6:.1f}"} for name, size in report["sizes_bytes"].items()]))
-    print(f"bundle: {report['bundle']}  (run: python -m edge {report['bundle']} \"text\")")
+    print(f'bundle: {report["bundle"]}  (run: python -m edge {report["bundle"]} "text")')
     return 0
 
 
@@ -99,8 +121,9 @@ def read_texts(path: str, text_column: str) -> list[str]:
         sep = "\t" if file.suffix.lower() == ".tsv" else ","
         df = pd.read_csv(file, sep=sep, dtype=str, keep_default_na=False)
         if text_column not in df.columns:
-            raise GptflowError(f"--file: {path} has no column {text_column!r} (columns: {', '.join(df.columns)}); "
-                               "pass --text-column")
+            raise GptflowError(
+                f"--file: {path} has no column {text_column!r} (columns: {', '.join(df.columns)}); pass --text-column"
+            )
         return df[text_column].tolist()
     return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -13,10 +13,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from gptflow.errors import GptflowError, dotted, validation_message
+from gptflow.storage import read_config_file
 
 
 @dataclass(frozen=True)
-class Stage:
+class VerbConfig:
     """The pydantic config class ("module:Class") a verb's options come from, imported only for the verb being
     run (a model config imports torch), and the verb's own defaults for some of its fields."""
 
@@ -29,19 +30,25 @@ class Stage:
         return getattr(importlib.import_module(module), name)
 
 
-def add_stage_options(parser: argparse.ArgumentParser, stage: Stage) -> None:
+def add_stage_options(parser: argparse.ArgumentParser, stage: VerbConfig) -> None:
     """`--config FILE` and a `--field-name` flag per field of the stage's config, typed from its annotation, with
     the field's description and default as help. A field no flag can give (a nested model) is set in the file."""
     model = stage.model
-    parser.add_argument("--config", metavar="FILE",
-                        help=f"YAML or JSON with any {model.__name__} fields; the flags below override it")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"YAML or JSON with any {model.__name__} fields; the flags below override it"
+    )
     for name, info in model.model_fields.items():
         if (kwargs := _argparse_type(info.annotation)) is not None:
             default = stage.defaults.get(name, info.default)  # undefined: required, or made by a default_factory
             shown = "" if default in (None, PydanticUndefined) else f" (default: {_shown(default)})"
             text = (info.description or "") + (" (required)" if info.is_required() else shown)
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-                                help=text.strip().replace("%", "%%"), **kwargs)
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                default=argparse.SUPPRESS,
+                help=text.strip().replace("%", "%%"),
+                **kwargs,
+            )
     parser.set_defaults(stage=stage)
 
 
@@ -57,8 +64,14 @@ def _argparse_type(annotation: Any) -> dict[str, Any] | None:
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     if isinstance(annotation, type):  # the builtin, not a subclass (InitSpec): pydantic parses it, naming the flag
-        return next(({"type": t, "metavar": t.__name__.upper() if t in (int, float) else None}
-                     for t in (int, float, str, Path) if issubclass(annotation, t)), None)
+        return next(
+            (
+                {"type": t, "metavar": t.__name__.upper() if t in (int, float) else None}
+                for t in (int, float, str, Path)
+                if issubclass(annotation, t)
+            ),
+            None,
+        )
     return None
 
 
@@ -71,46 +84,26 @@ def _shown(default: Any) -> str:
 def stage_config(args: argparse.Namespace) -> Any:
     """The verb's stage config: the config's defaults, the verb's, the --config file, then the flags given. A bad
     value is one line naming its flag, or the file and the field."""
-    stage: Stage = args.stage
+    stage: VerbConfig = args.stage
     model = stage.model
     flags = {name: value for name, value in vars(args).items() if name in model.model_fields}
-    data = read_config(args.config) if args.config else {}
+    try:
+        data = read_config_file(args.config) if args.config else {}
+    except GptflowError as exc:
+        raise GptflowError(f"--config: {exc}") from None
     if unknown := [key for key in data if key not in model.model_fields]:
-        raise GptflowError(f"{args.config}: {unknown[0]}: not a {model.__name__} field; fields: "
-                           f"{', '.join(model.model_fields)}")
+        raise GptflowError(
+            f"{args.config}: {unknown[0]}: not a {model.__name__} field; fields: {', '.join(model.model_fields)}"
+        )
     try:
         return model.model_validate({**stage.defaults, **data, **flags})
     except ValidationError as exc:
+
         def where(loc: tuple) -> str:
             from_file = loc[0] in data and loc[0] not in flags
             return f"{args.config}: {dotted(loc)}" if from_file else "--" + str(loc[0]).replace("_", "-")
 
         raise GptflowError(validation_message(exc, where, args.config or "options")) from None
-
-
-def read_config(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise GptflowError(f"--config: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise GptflowError(f"--config: {path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise GptflowError(f"--config: {path} holds a {type(data).__name__}, not a mapping of config fields")
-    return data
-
-
-def check_preset(name: str) -> None:
-    """An unknown preset as a one-line error before any flow starts. Remove (and its callers) once the stage
-    configs' `preset` fields are `model.config.Preset`: validation then names --preset itself."""
-    from model.config import GPTConfig, ModelConfigError
-
-    try:
-        GPTConfig.from_preset(name)
-    except ModelConfigError as exc:
-        raise GptflowError(f"--preset: {exc}") from None
 
 
 def check_init(init: Any) -> None:
@@ -126,6 +119,7 @@ def table(rows: list[dict]) -> str:
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) if v.replace(".", "").isdigit() else v.ljust(w) for v, w in zip(r, widths))
-              for r in cells]
+    lines += [
+        "  ".join(v.rjust(w) if v.replace(".", "").isdigit() else v.ljust(w) for v, w in zip(r, widths)) for r in cells
+    ]
     return "\n".join(line.rstrip() for line in lines)

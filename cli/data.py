@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.common import Stage, add_stage_options, stage_config, table
+from cli.common import VerbConfig, add_stage_options, stage_config, table
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -12,22 +12,22 @@ def register(verbs: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     spam = kinds.add_parser("spam", help="the UCI SMS Spam Collection -> train/validation/test CSVs")
-    add_stage_options(spam, Stage("data.config:SpamDataConfig"))
+    add_stage_options(spam, VerbConfig("data.config:SpamDataConfig"))
     spam.set_defaults(handler=_spam)
 
     csv = kinds.add_parser("csv", help="your labelled CSV/TSV -> the same clean/balance/split as spam")
     csv.add_argument("path", help="CSV or TSV file with a header row")
-    add_stage_options(csv, Stage("data.config:CsvDataConfig"))
+    add_stage_options(csv, VerbConfig("data.config:CsvDataConfig"))
     csv.set_defaults(handler=_csv)
 
     inst = kinds.add_parser("instructions", help="instruction/response JSON -> train/validation/test JSON")
     inst.add_argument("path", nargs="?", help="JSON list of {instruction, input, output} (default: the book's)")
-    add_stage_options(inst, Stage("data.config:InstructionDataConfig"))
+    add_stage_options(inst, VerbConfig("data.config:InstructionDataConfig"))
     inst.set_defaults(handler=_instructions)
 
     corpus = kinds.add_parser("corpus", help="a text corpus -> GPT-2 tokens in uint16 train.bin/val.bin")
     corpus.add_argument("corpus", metavar="NAME|PATH", help="the-verdict, tinyshakespeare or a UTF-8 text file")
-    add_stage_options(corpus, Stage("data.config:CorpusConfig"))
+    add_stage_options(corpus, VerbConfig("data.config:CorpusConfig"))
     corpus.set_defaults(handler=_corpus)
 
 
@@ -75,8 +75,7 @@ def _print_labelled(outcome: dict) -> None:
     bal = report["balance"]
     print(f"balance ({bal['method']}): {bal['before']} -> {bal['after']}\n")
     print(table(summary_rows(report)), end="\n\n")
-    _print_where(outcome, ["train.csv", "validation.csv", "test.csv", "labels.json", "unused.csv",
-                           "report.json"])
+    _print_where(outcome, ["train.csv", "validation.csv", "test.csv", "labels.json", "unused.csv", "report.json"])
 
 
 def _print_where(outcome: dict, files: list[str]) -> None:

@@ -5,23 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import Stage, stage_config, table
+from cli.common import VerbConfig, stage_config, table
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser(
-        "evaluate", help="score instruction responses 0-100 with an Ollama judge and write a report",
+        "evaluate",
+        help="score instruction responses 0-100 with an Ollama judge and write a report",
         description="Score a JSON list of entries (instruction, input, output and response fields) with an "
         "LLM judge served by Ollama (host from OLLAMA_HOST). Judgements are cached: a rerun asks nothing new.",
     )
     parser.add_argument("responses", metavar="RESPONSES.json", help="JSON list of entries to score")
-    parser.add_argument("--response-key", action="append", dest="response_keys", metavar="K",
-                        help="response field to score; repeat for two fields to compare them "
-                        "(default: model_response)")
-    parser.add_argument("--require-judge", action="store_true",
-                        help="fail (exit 2) instead of skipping when the judge is unreachable")
+    parser.add_argument(
+        "--response-key",
+        action="append",
+        dest="response_keys",
+        metavar="K",
+        help="response field to score; repeat for two fields to compare them (default: model_response)",
+    )
+    parser.add_argument(
+        "--require-judge", action="store_true", help="fail (exit 2) instead of skipping when the judge is unreachable"
+    )
     parser.add_argument("--out-dir", metavar="DIR", help="report folder (default: GPTFLOW_HOME/evaluate/<file>-<hash>)")
-    parser.set_defaults(handler=run, stage=Stage("eval.judge:JudgeConfig"))
+    parser.set_defaults(handler=run, stage=VerbConfig("eval.judge:JudgeConfig"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     from flows.evaluate import evaluate_responses_flow
 
-    outcome = evaluate_responses_flow(args.responses, keys, judge, require_judge=args.require_judge,
-                                      out_dir=args.out_dir)
+    outcome = evaluate_responses_flow(
+        args.responses, keys, judge, require_judge=args.require_judge, out_dir=args.out_dir
+    )
     if outcome.status == "skipped":
         print(f"evaluation skipped: {outcome.reason}", file=sys.stderr)
         print(f"report: {outcome.out_dir}/{REPORT_NAME}")

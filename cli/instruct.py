@@ -5,41 +5,49 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.common import Stage, check_init, check_preset, stage_config
+from cli.common import VerbConfig, check_init, stage_config
 from gptflow.errors import GptflowError
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
-        "finetune-instructions", help="instruction fine-tuning (Alpaca or Phi-3 prompts) and test responses",
+        "finetune-instructions",
+        help="instruction fine-tuning (Alpaca or Phi-3 prompts) and test responses",
         description="Prepare the instruction data if needed, fine-tune, then write the test entries with a "
         "model_response field (the input of `gptflow evaluate`). Rerunning the same command resumes training "
         "and response generation where they stopped; a finished run is reused.",
     )
-    p.add_argument("--data", help="a JSON list of {instruction, input, output} (split by the data stage) or a "
-                   "folder with train/validation/test.json (default: the book's instruction-data.json)")
+    p.add_argument(
+        "--data",
+        help="a JSON list of {instruction, input, output} (split by the data stage) or a "
+        "folder with train/validation/test.json (default: the book's instruction-data.json)",
+    )
     p.add_argument("--out", help="output folder (default GPTFLOW_HOME/instruct/<data>-<init>-<style>-<hash>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
-    p.set_defaults(handler=run_finetune_instructions, stage=Stage("model.instruct:InstructConfig"))
+    p.set_defaults(handler=run_finetune_instructions, stage=VerbConfig("model.instruct:InstructConfig"))
 
 
 def run_finetune_instructions(args: argparse.Namespace) -> int:
     config = stage_config(args)
-    check_preset(config.preset)
     check_init(config.init)
     if args.data is not None and not Path(args.data).exists():
-        raise GptflowError(f"--data {args.data}: no such file or folder (expected a JSON list of "
-                           "{instruction, input, output} or a folder with train/validation/test.json)")
+        raise GptflowError(
+            f"--data {args.data}: no such file or folder (expected a JSON list of "
+            "{instruction, input, output} or a folder with train/validation/test.json)"
+        )
 
     from flows.instruct import finetune_instructions
 
     out = finetune_instructions(args.data, config, out_dir=args.out, resume=args.resume)
     m = out["metrics"]
-    print(f"{'reused' if out['reused'] else 'trained'} {config.init.label(config.preset)} ({config.style}): "
-          f"{m['steps']} steps, train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}")
+    print(
+        f"{'reused' if out['reused'] else 'trained'} {config.init.label(config.preset)} ({config.style}): "
+        f"{m['steps']} steps, train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}"
+    )
     print(f"model: {out['model']}")
     print(f"checkpoint: {out['checkpoint']}")
     print(f"loss curve: {out['plot']}")
-    print(f"responses: {out['responses']} ({out['entries']} test entries"
-          f"{', reused' if out['responses_reused'] else ''})")
+    print(
+        f"responses: {out['responses']} ({out['entries']} test entries{', reused' if out['responses_reused'] else ''})"
+    )
     return 0

@@ -6,33 +6,46 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import Stage, check_preset, stage_config, table
+from cli.common import VerbConfig, stage_config, table
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
-        "pretrain", help="pretrain a GPT preset on a corpus (checkpoints, resume, loss curve)",
+        "pretrain",
+        help="pretrain a GPT preset on a corpus (checkpoints, resume, loss curve)",
         description="Tokenize the corpus if needed (data stage), then pretrain. Rerunning the same command "
         "resumes from the last checkpoint; a finished run is reused.",
     )
-    p.add_argument("--corpus", default="tinyshakespeare",
-                   help="the-verdict, tinyshakespeare, a UTF-8 text file, or a folder with train.bin/val.bin")
+    p.add_argument(
+        "--corpus",
+        default="tinyshakespeare",
+        help="the-verdict, tinyshakespeare, a UTF-8 text file, or a folder with train.bin/val.bin",
+    )
     p.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
     p.add_argument("--out", help="output folder (default GPTFLOW_HOME/pretrain/<corpus>-<preset>-<config hash>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
-    p.set_defaults(handler=run_pretrain, stage=Stage("model.pretrain:PretrainConfig"))
+    p.set_defaults(handler=run_pretrain, stage=VerbConfig("model.pretrain:PretrainConfig"))
 
-    p = verbs.add_parser("load-gpt2", help="convert public GPT-2 weights to a gptflow checkpoint",
-                         description="NAME: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (downloaded from Hugging "
-                         "Face, or read from GPTFLOW_MIRROR); PATH: a model.safetensors or a folder holding one.")
+    p = verbs.add_parser(
+        "load-gpt2",
+        help="convert public GPT-2 weights to a gptflow checkpoint",
+        description="NAME: gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (downloaded from Hugging "
+        "Face, or read from GPTFLOW_MIRROR); PATH: a model.safetensors or a folder holding one.",
+    )
     p.add_argument("source", metavar="NAME|PATH")
     p.set_defaults(handler=run_load_gpt2)
 
-    p = verbs.add_parser("generate", help="continue a prompt with a trained model",
-                         description="Greedy by default; --temperature > 0 samples (with --top-k/--top-p).")
+    p = verbs.add_parser(
+        "generate",
+        help="continue a prompt with a trained model",
+        description="Greedy by default; --temperature > 0 samples (with --top-k/--top-p).",
+    )
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--model", required=True,
-                   help="a gptflow checkpoint (.pt, or a folder with model.pt), a GPT-2 preset or a .safetensors")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a gptflow checkpoint (.pt, or a folder with model.pt), a GPT-2 preset or a .safetensors",
+    )
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)
@@ -47,18 +60,32 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.list_presets:
         from model.config import PRESETS
 
-        print(table([{"preset": name, "emb": c.emb_dim, "layers": c.n_layers, "heads": c.n_heads, "context":
-                      c.context_length, "params": f"{c.n_params() / 1e6:.1f}M"} for name, c in PRESETS.items()]))
+        print(
+            table(
+                [
+                    {
+                        "preset": name,
+                        "emb": c.emb_dim,
+                        "layers": c.n_layers,
+                        "heads": c.n_heads,
+                        "context": c.context_length,
+                        "params": f"{c.n_params() / 1e6:.1f}M",
+                    }
+                    for name, c in PRESETS.items()
+                ]
+            )
+        )
         return 0
     config = stage_config(args)
-    check_preset(config.preset)
 
     from flows.pretrain import pretrain_flow
 
     out = pretrain_flow(args.corpus, config, out_dir=args.out, resume=args.resume)
     m = out["metrics"]
-    print(f"{'reused' if out['reused'] else 'trained'} {config.preset}: {m['steps']} steps, "
-          f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})")
+    print(
+        f"{'reused' if out['reused'] else 'trained'} {config.preset}: {m['steps']} steps, "
+        f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})"
+    )
     print(f"model: {out['model']}")
     print(f"checkpoint: {out['checkpoint']}")
     print(f"loss curve: {Path(out['out_dir']) / 'loss_curve.png'}")
@@ -103,12 +130,21 @@ def run_generate(args: argparse.Namespace) -> int:
     tok = get_tokenizer()
     ids = encode(tok, args.prompt) or [EOT_ID]
     try:
-        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, eos_id=EOT_ID, seed=args.seed, use_cache=args.use_cache)
+        out = generate(
+            model,
+            torch.tensor([ids]),
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=EOT_ID,
+            seed=args.seed,
+            use_cache=args.use_cache,
+        )
     except ValueError as exc:
         from gptflow.errors import GptflowError
 
         raise GptflowError(str(exc)) from None
-    new = [t for t in out[0, len(ids):].tolist() if t != EOT_ID]
+    new = [t for t in out[0, len(ids) :].tolist() if t != EOT_ID]
     sys.stdout.write(args.prompt + tok.decode(new) + "\n")
     return 0

@@ -7,14 +7,22 @@ import argparse
 
 def register(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser(
-        "pipeline", help="run the end-to-end pipeline",
+        "pipeline",
+        help="run the end-to-end pipeline",
         description="data -> pretrain (or GPT-2 weights) -> classifier -> instruction model -> judge -> "
-                    "int8 + ONNX edge bundle. Finished stages are reused; killed training resumes.")
-    parser.add_argument("--config", metavar="FILE", help="YAML/JSON with any subset of the pipeline parameters "
-                        "(see configs/ and flows/params.py)")
+        "int8 + ONNX edge bundle. Finished stages are reused; killed training resumes.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML/JSON with any subset of the pipeline parameters (see configs/ and flows/params.py)",
+    )
     parser.add_argument("--preset", help="model preset of the pretrained base model (e.g. tiny, mini)")
-    parser.add_argument("--require-judge", action="store_true",
-                        help="fail instead of skipping the evaluation when no Ollama server is reachable")
+    parser.add_argument(
+        "--require-judge",
+        action="store_true",
+        help="fail instead of skipping the evaluation when no Ollama server is reachable",
+    )
     parser.set_defaults(handler=_run)
 
 

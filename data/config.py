@@ -60,9 +60,7 @@ class InstructionDataConfig(BaseModel):
         description="the book's unshuffled split: file order, train = first share, then test, then "
         "validation (its 110 test entries are the ones its judge scores refer to)",
     )
-    fractions: Fractions = Field(
-        default=(0.85, 0.05, 0.10), description="train / validation / test shares"
-    )
+    fractions: Fractions = Field(default=(0.85, 0.05, 0.10), description="train / validation / test shares")
 
 
 class CorpusConfig(BaseModel):

@@ -41,9 +41,7 @@ def resolve_corpus(name_or_path: str, settings: Settings) -> tuple[str, Path]:
         return name_or_path, fetch_source(name_or_path, settings)
     path = Path(name_or_path)
     if not path.is_file():
-        raise CorpusError(
-            f"{name_or_path}: not a known corpus ({', '.join(NAMED)}) nor an existing text file"
-        )
+        raise CorpusError(f"{name_or_path}: not a known corpus ({', '.join(NAMED)}) nor an existing text file")
     return f"{path.stem}-{sha256_file(path)[:8]}", path
 
 
@@ -75,8 +73,13 @@ def prepare_corpus(
     name, path = resolve_corpus(name_or_path, settings)
     out_dir = settings.home / "data" / "corpus" / name
     digest = sha256_file(path)
-    stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config.model_dump(mode="json") | {"tokenizer": "gpt2"},
-                          code=CODE, folder=out_dir)
+    stage = Stage.declare(
+        STAGE,
+        inputs={path.name: digest},
+        config=config.model_dump(mode="json") | {"tokenizer": "gpt2"},
+        code=CODE,
+        folder=out_dir,
+    )
     if stage.plan().reused:
         return StageResult.from_folder(out_dir, "meta.json")
 

@@ -46,7 +46,9 @@ def load_instructions(path: Path) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise InstructionDataError(f"{path}: not UTF-8 (byte offset {exc.start}); save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise InstructionDataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise InstructionDataError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
     if not isinstance(data, list) or not data:
         raise InstructionDataError(
             f"{path}: expected a non-empty JSON list of {{instruction, input, output}} objects, "
@@ -68,9 +70,7 @@ def clean(entries: list[dict]) -> tuple[list[dict], dict[str, int]]:
     """Strip every field, drop entries with an empty output, drop exact duplicates (first one kept)."""
     counts = {"entries_read": len(entries)}
     stripped = [{k: e.get(k, "").strip() for k in FIELDS} for e in entries]
-    counts["fields_stripped"] = sum(
-        any(s[k] != e.get(k, "") for k in FIELDS) for s, e in zip(stripped, entries)
-    )
+    counts["fields_stripped"] = sum(any(s[k] != e.get(k, "") for k in FIELDS) for s, e in zip(stripped, entries))
     kept = [e for e in stripped if e["output"]]
     counts["empty_outputs_dropped"] = len(stripped) - len(kept)
     unique = list({tuple(e[k] for k in FIELDS): e for e in reversed(kept)}.values())[::-1]
@@ -85,12 +85,18 @@ def split_entries(entries: list[dict], config: InstructionDataConfig) -> dict[st
     n = len(entries)
     if config.book_split:
         n_train, n_test = floor_count(n * config.fractions[0]), floor_count(n * config.fractions[2])
-        return {"train": entries[:n_train], "validation": entries[n_train + n_test:],
-                "test": entries[n_train:n_train + n_test]}
+        return {
+            "train": entries[:n_train],
+            "validation": entries[n_train + n_test :],
+            "test": entries[n_train : n_train + n_test],
+        }
     shuffled = [entries[i] for i in np.random.default_rng(config.seed).permutation(n)]
     n_train, n_val, _ = split_sizes(n, config.fractions)
-    return {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],
-            "test": shuffled[n_train + n_val:]}
+    return {
+        "train": shuffled[:n_train],
+        "validation": shuffled[n_train : n_train + n_val],
+        "test": shuffled[n_train + n_val :],
+    }
 
 
 def instructions_dir(path: Path, digest: str, settings: Settings, default: bool) -> Path:
@@ -99,8 +105,11 @@ def instructions_dir(path: Path, digest: str, settings: Settings, default: bool)
 
 
 def prepare_instructions(
-    path: str | Path, config: InstructionDataConfig | None = None, settings: Settings | None = None,
-    *, default: bool = False,
+    path: str | Path,
+    config: InstructionDataConfig | None = None,
+    settings: Settings | None = None,
+    *,
+    default: bool = False,
 ) -> StageResult:
     """Validate, clean and split an instruction file. `default`: the book's file (`<home>/data/instructions`)."""
     config = config or InstructionDataConfig()

@@ -144,8 +144,10 @@ def build_labelled_dataset(
     cleaned, cleaning = clean(raw)
     ids = label_ids(cleaned["label"])
     if not ids:
-        raise DataError(f"{source}: no labelled rows ({cleaning['rows_read']} read, none with both a text "
-                        "and a label); expected a header row and at least 2 classes of labelled rows")
+        raise DataError(
+            f"{source}: no labelled rows ({cleaning['rows_read']} read, none with both a text "
+            "and a label); expected a header row and at least 2 classes of labelled rows"
+        )
     if len(ids) < 2:
         raise DataError(
             f"{source}: a classifier needs at least 2 classes; after cleaning the labels hold only "
@@ -186,7 +188,14 @@ def summary_rows(report: dict) -> list[dict]:
     rows = []
     for name, counts in report["splits"].items():
         lengths = report["token_lengths"][name]
-        rows.append({"split": name, **counts, "tokens_p50": lengths["p50"], "tokens_p95": lengths["p95"],
-                     "tokens_max": lengths["max"]})
+        rows.append(
+            {
+                "split": name,
+                **counts,
+                "tokens_p50": lengths["p50"],
+                "tokens_p95": lengths["p95"],
+                "tokens_max": lengths["max"],
+            }
+        )
     rows.append({"split": "unused", "total": report["balance"]["unused_rows"]})
     return rows

@@ -22,8 +22,14 @@ STAGE = "data-spam"
 
 def read_sms_spam(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(
-        path, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE,
-        dtype=str, keep_default_na=False, encoding="utf-8",
+        path,
+        sep="\t",
+        header=None,
+        names=["label", "text"],
+        quoting=csv.QUOTE_NONE,
+        dtype=str,
+        keep_default_na=False,
+        encoding="utf-8",
     )
 
 

@@ -62,8 +62,12 @@ def decode(path: Path, data: bytes) -> tuple[str, str]:
             f"{utf8_error.start}) nor cp1252/latin-1 text (byte 0x{data[exc.start]:02x} at offset "
             f"{exc.start}); save the file as UTF-8"
         ) from None
-    log.warning("%s is not UTF-8 (byte 0x%02x at offset %d); read it as cp1252 (Windows latin-1)",
-                path, data[utf8_error.start], utf8_error.start)
+    log.warning(
+        "%s is not UTF-8 (byte 0x%02x at offset %d); read it as cp1252 (Windows latin-1)",
+        path,
+        data[utf8_error.start],
+        utf8_error.start,
+    )
     return text, "cp1252"
 
 
@@ -110,7 +114,7 @@ def read_table(path: Path, text_column: str, label_column: str) -> tuple[pd.Data
         for row in reader:
             if not any(field.strip() for field in row):
                 continue
-            extra = [f for f in row[len(header):] if f.strip()]
+            extra = [f for f in row[len(header) :] if f.strip()]
             if extra:
                 raise TabularError(
                     f"{path}: line {reader.line_num} has {len(row)} fields but the header names "

@@ -10,8 +10,11 @@ from edge.runtime import EdgeClassifier
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge", description="Classify texts with an exported bundle "
-                                     "(onnxruntime only; the bundle's hashes are verified first).")
+    parser = argparse.ArgumentParser(
+        prog="python -m edge",
+        description="Classify texts with an exported bundle "
+        "(onnxruntime only; the bundle's hashes are verified first).",
+    )
     parser.add_argument("bundle", help="bundle folder written by `gptflow export`")
     parser.add_argument("texts", nargs="+", metavar="TEXT")
     parser.add_argument("--int8", action="store_true", help="use model.int8.onnx")

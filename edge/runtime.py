@@ -49,8 +49,10 @@ def verify_bundle(bundle: str | Path) -> dict:
         if Path(name).name != name or not path.is_file():
             raise BundleError(f"{bundle}: {name} is missing; refusing the bundle")
         if sha256_file(path) != digest:
-            raise BundleError(f"{path} does not match its sha256 in {BUNDLE_MANIFEST} (altered after export); "
-                              "refusing the bundle: export it again")
+            raise BundleError(
+                f"{path} does not match its sha256 in {BUNDLE_MANIFEST} (altered after export); "
+                "refusing the bundle: export it again"
+            )
     return manifest
 
 
@@ -69,7 +71,7 @@ def run_session(sess, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.
     order = np.argsort([len(r) for r in ids], kind="stable")
     out: np.ndarray | None = None
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         input_ids, mask = pad_batch([ids[j] for j in idx])
         logits = sess.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
         if out is None:

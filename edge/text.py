@@ -30,10 +30,19 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 @functools.lru_cache(maxsize=4)
 def load_gpt2_encoding(encoder_json: str | Path, vocab_bpe: str | Path) -> tiktoken.Encoding:
     """Build tiktoken's GPT-2 encoding from local files; tiktoken checks both sha256 values."""
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json),
-                                            vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_SHA256)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: EOT_ID}, explicit_n_vocab=VOCAB_SIZE)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_ID},
+        explicit_n_vocab=VOCAB_SIZE,
+    )
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:

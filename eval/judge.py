@@ -71,8 +71,11 @@ class JudgeConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """What decides a judgement (the cache key and stage fingerprint use it; host and timing do not)."""
-        return {"model": self.model, "options": self.options.model_dump(),
-                "format": SCORE_SCHEMA if self.structured_output else None}
+        return {
+            "model": self.model,
+            "options": self.options.model_dump(),
+            "format": SCORE_SCHEMA if self.structured_output else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,10 @@ class JudgementCache:
             return self._entries.get(key)
 
     def put(self, key: str, judgement: Judgement) -> None:
-        line = json.dumps({"key": key, "score": judgement.score, "reply": judgement.reply,
-                           "reason": judgement.reason}) + "\n"
+        line = (
+            json.dumps({"key": key, "score": judgement.score, "reply": judgement.reply, "reason": judgement.reason})
+            + "\n"
+        )
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
@@ -189,8 +194,9 @@ class OllamaJudge:
                 self.client.show(model)
             listed = {m.model: m for m in self.client.list().models}
         except (ConnectionError, httpx.TransportError) as exc:
-            raise JudgeUnavailable(f"Ollama is not reachable at {host}; start it with `ollama serve` "
-                                   f"({type(exc).__name__})") from None
+            raise JudgeUnavailable(
+                f"Ollama is not reachable at {host}; start it with `ollama serve` ({type(exc).__name__})"
+            ) from None
         except ollama.ResponseError as exc:
             raise JudgeUnavailable(f"Ollama at {host} answered the preflight with an error: {exc}") from None
         tagged = listed.get(model) or listed.get(model + ":latest")
@@ -246,8 +252,10 @@ class OllamaJudge:
                 return self._chat(prompt)
             except ollama.ResponseError as exc:
                 if exc.status_code == 404:
-                    raise JudgeUnavailable(f"model {self.config.model} is not available on {self.config.host}; "
-                                           f"run `ollama pull {self.config.model}`") from None
+                    raise JudgeUnavailable(
+                        f"model {self.config.model} is not available on {self.config.host}; "
+                        f"run `ollama pull {self.config.model}`"
+                    ) from None
                 if exc.status_code != -1 and exc.status_code < 500:  # a bad request: asking again won't help
                     raise _RequestFailed(f"HTTP {exc.status_code}: {exc.error}") from None
                 error = f"HTTP {exc.status_code}: {exc.error}" if exc.status_code > 0 else f"stream error: {exc.error}"
@@ -261,8 +269,9 @@ class OllamaJudge:
                 error = f"reply cut off ({type(exc).__name__}: {exc})"
             if attempt < attempts - 1:
                 delay = self.config.backoff_s * 2**attempt
-                log.warning("judge request failed (%s); retry %d/%d in %.1f s", error, attempt + 1,
-                            self.config.retries, delay)
+                log.warning(
+                    "judge request failed (%s); retry %d/%d in %.1f s", error, attempt + 1, self.config.retries, delay
+                )
                 time.sleep(delay)
         raise _RequestFailed(f"{error}; gave up after {attempts} attempt{'s' * (attempts > 1)}")
 

@@ -82,8 +82,12 @@ def classification_report(y_true: Sequence[int], scores: np.ndarray, names: Sequ
         "accuracy": accuracy(y_true, y_pred),
         "macro_f1": float(pc["f1"].mean()),
         "per_class": {
-            name: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
-                   "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
+            name: {
+                "precision": float(pc["precision"][i]),
+                "recall": float(pc["recall"][i]),
+                "f1": float(pc["f1"][i]),
+                "support": int(pc["support"][i]),
+            }
             for i, name in enumerate(names)
         },
         "confusion_matrix": {"labels": list(names), "matrix": cm.tolist()},
@@ -95,10 +99,16 @@ def classification_report(y_true: Sequence[int], scores: np.ndarray, names: Sequ
 
 def report_rows(report: dict) -> list[dict]:
     """Per-class rows plus an overall row, for a table artifact or the console."""
-    rows = [{"class": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}}
-            for name, m in report["per_class"].items()]
-    overall = {"class": "all", "accuracy": round(report["accuracy"], 4), "macro_f1": round(report["macro_f1"], 4),
-               "support": report["n"]}
+    rows = [
+        {"class": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}}
+        for name, m in report["per_class"].items()
+    ]
+    overall = {
+        "class": "all",
+        "accuracy": round(report["accuracy"], 4),
+        "macro_f1": round(report["macro_f1"], 4),
+        "support": report["n"],
+    }
     if "roc_auc" in report:
         overall["roc_auc"] = round(report["roc_auc"], 4)
     return rows + [overall]
@@ -111,14 +121,24 @@ def _pair(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, np.
     return a, b
 
 
-def write_split_reports(splits: dict[str, tuple[Sequence[int], np.ndarray]], names: Sequence[str], out_dir: Path,
-                        *, checkpoint: str, confusion_png: str) -> dict[str, dict]:
+def write_split_reports(
+    splits: dict[str, tuple[Sequence[int], np.ndarray]],
+    names: Sequence[str],
+    out_dir: Path,
+    *,
+    checkpoint: str,
+    confusion_png: str,
+) -> dict[str, dict]:
     """Reports of every split (labels, logits) into `out_dir/metrics.json`, and the test confusion matrix as a
     PNG; returns the reports."""
     from eval.plots import plot_confusion_matrix
 
     reports = {split: classification_report(labels, logits, names) for split, (labels, logits) in splits.items()}
     write_json_atomic(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "reports": reports})
-    plot_confusion_matrix(reports["test"]["confusion_matrix"]["matrix"], names, out_dir / confusion_png,
-                          title=f"test confusion matrix (accuracy {100 * reports['test']['accuracy']:.2f}%)")
+    plot_confusion_matrix(
+        reports["test"]["confusion_matrix"]["matrix"],
+        names,
+        out_dir / confusion_png,
+        title=f"test confusion matrix (accuracy {100 * reports['test']['accuracy']:.2f}%)",
+    )
     return reports

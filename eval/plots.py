@@ -56,8 +56,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
     return _save(fig, Path(path))
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
-                          title: str) -> Path:
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str) -> Path:
     cm = np.asarray(matrix)
     size = max(4.0, 0.6 * len(labels) + 2.5)
     fig = Figure(figsize=(size + 1.0, size))  # room for the title

@@ -49,25 +49,36 @@ def load_responses(path: str | Path, response_keys: Sequence[str]) -> list[dict]
     required = ("instruction", "output", *response_keys)
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise ResponsesFileError(f"{path}: entry {index} is a {type(entry).__name__}, expected an object "
-                                     f"with keys {', '.join(required)}")
+            raise ResponsesFileError(
+                f"{path}: entry {index} is a {type(entry).__name__}, expected an object with keys {', '.join(required)}"
+            )
         for key in required:
             if key not in entry:
-                raise ResponsesFileError(f"{path}: entry {index} has no {key!r} key (expected "
-                                         f"{', '.join(required)}; found {', '.join(entry) or 'none'})")
+                raise ResponsesFileError(
+                    f"{path}: entry {index} has no {key!r} key (expected "
+                    f"{', '.join(required)}; found {', '.join(entry) or 'none'})"
+                )
         for key in (*required, "input"):
             if key in entry and not isinstance(entry[key], str):
-                raise ResponsesFileError(f"{path}: entry {index}: {key!r} must be a string, "
-                                         f"got {type(entry[key]).__name__}")
+                raise ResponsesFileError(
+                    f"{path}: entry {index}: {key!r} must be a string, got {type(entry[key]).__name__}"
+                )
     return data
 
 
-def evaluation_stage(path: str | Path, response_keys: Sequence[str], judge: JudgeConfig,
-                     out_dir: str | Path | None = None) -> Stage:
+def evaluation_stage(
+    path: str | Path, response_keys: Sequence[str], judge: JudgeConfig, out_dir: str | Path | None = None
+) -> Stage:
     """The evaluate stage of a responses file: keyed on the file, the scored fields and what decides a judgement
     (model, options, output format; not the host or timing)."""
-    return Stage.declare("evaluate", inputs={"responses": Path(path)}, code=CODE, label=Path(path).stem,
-                         config={"response_keys": list(response_keys), "judge": judge.identity()}, out_dir=out_dir)
+    return Stage.declare(
+        "evaluate",
+        inputs={"responses": Path(path)},
+        code=CODE,
+        label=Path(path).stem,
+        config={"response_keys": list(response_keys), "judge": judge.identity()},
+        out_dir=out_dir,
+    )
 
 
 def evaluate_responses(
@@ -83,7 +94,7 @@ def evaluate_responses(
     keys = list(response_keys)
     n = len(entries)
     judgements = judge.score_many(judge_prompt(e, k) for k in keys for e in entries)
-    per_key = {k: judgements[i * n:(i + 1) * n] for i, k in enumerate(keys)}
+    per_key = {k: judgements[i * n : (i + 1) * n] for i, k in enumerate(keys)}
 
     fields = {}
     for key, js in per_key.items():
@@ -106,8 +117,12 @@ def evaluate_responses(
     if len(keys) == 2:
         a, b = per_key[keys[0]], per_key[keys[1]]
         both = [(x.score, y.score) for x, y in zip(a, b) if x.score is not None and y.score is not None]
-        paired = {"a": keys[0], "b": keys[1], "n_excluded": n - len(both),
-                  **paired_difference([x for x, _ in both], [y for _, y in both])}
+        paired = {
+            "a": keys[0],
+            "b": keys[1],
+            "n_excluded": n - len(both),
+            **paired_difference([x for x, _ in both], [y for _, y in both]),
+        }
 
     summary = {
         "status": "completed",
@@ -138,24 +153,28 @@ def summary_rows(summary: dict) -> list[dict[str, Any]]:
     rows = []
     for key, f in summary["fields"].items():
         ci = f["ci95"]
-        rows.append({
-            "field": key,
-            "scored": f["n_scored"],
-            "unscored": f["n_unscored"],
-            "mean": _fmt(f["mean"]),
-            "median": _fmt(f["median"]),
-            "std": _fmt(f["std"]),
-            "95% CI": f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-",
-        })
+        rows.append(
+            {
+                "field": key,
+                "scored": f["n_scored"],
+                "unscored": f["n_unscored"],
+                "mean": _fmt(f["mean"]),
+                "median": _fmt(f["median"]),
+                "std": _fmt(f["std"]),
+                "95% CI": f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-",
+            }
+        )
     return rows
 
 
 def paired_line(paired: dict) -> str:
     ci = paired["ci95"]
     ci_text = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
-    return (f"{paired['a']} - {paired['b']}: mean difference {_fmt(paired['mean_diff'])}, 95% CI {ci_text} "
-            f"over {paired['n']} paired items ({paired['n_excluded']} excluded as unscored); "
-            f"wins/ties/losses {paired['wins']}/{paired['ties']}/{paired['losses']}")
+    return (
+        f"{paired['a']} - {paired['b']}: mean difference {_fmt(paired['mean_diff'])}, 95% CI {ci_text} "
+        f"over {paired['n']} paired items ({paired['n_excluded']} excluded as unscored); "
+        f"wins/ties/losses {paired['wins']}/{paired['ties']}/{paired['losses']}"
+    )
 
 
 def report_markdown(summary: dict) -> str:
@@ -163,12 +182,22 @@ def report_markdown(summary: dict) -> str:
     if summary.get("source"):
         lines += [f"Responses: `{summary['source']}`", ""]
     if summary["status"] == "skipped":
-        return "\n".join(lines + [f"**Skipped**: {summary['reason']}", "",
-                                  "No response was scored; rerun when the judge is available.", ""])
+        return "\n".join(
+            lines
+            + [
+                f"**Skipped**: {summary['reason']}",
+                "",
+                "No response was scored; rerun when the judge is available.",
+                "",
+            ]
+        )
     judge = summary["judge"]
-    lines += [f"Judge: `{judge['model']}` at {judge.get('host')} (digest `{judge.get('digest')}`), "
-              f"options `{json.dumps(judge['options'])}`, structured output: {judge['format'] is not None}. "
-              f"{summary['n_entries']} entries; {summary['requests_sent']} judge requests sent this run.", ""]
+    lines += [
+        f"Judge: `{judge['model']}` at {judge.get('host')} (digest `{judge.get('digest')}`), "
+        f"options `{json.dumps(judge['options'])}`, structured output: {judge['format'] is not None}. "
+        f"{summary['n_entries']} entries; {summary['requests_sent']} judge requests sent this run.",
+        "",
+    ]
     rows = summary_rows(summary)
     lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]

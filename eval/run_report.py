@@ -48,21 +48,30 @@ def stage_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for name, result in stages.items():
         manifest = _manifest(result.get("out_dir"))
         metrics = result.get("metrics") or manifest.get("metrics") or {}
-        rows.append({
-            "stage": name,
-            "status": result.get("status") or ("reused" if result.get("reused") else "done"),
-            "out_dir": str(result.get("out_dir", "")),
-            "code_version": manifest.get("code_version", ""),
-            "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in _flat(metrics).items()),
-        })
+        rows.append(
+            {
+                "stage": name,
+                "status": result.get("status") or ("reused" if result.get("reused") else "done"),
+                "out_dir": str(result.get("out_dir", "")),
+                "code_version": manifest.get("code_version", ""),
+                "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in _flat(metrics).items()),
+            }
+        )
     return rows
 
 
-def render_run_report(run_name: str, params: dict[str, Any], stages: dict[str, dict[str, Any]],
-                      deliverables: dict[str, str]) -> str:
+def render_run_report(
+    run_name: str, params: dict[str, Any], stages: dict[str, dict[str, Any]], deliverables: dict[str, str]
+) -> str:
     """Markdown: summary table, deliverables, data lineage (input and output hashes), and the parameters."""
-    lines = [f"# gptflow run `{run_name}`", "", "## Stages", "",
-             "| stage | status | metrics | outputs |", "|---|---|---|---|"]
+    lines = [
+        f"# gptflow run `{run_name}`",
+        "",
+        "## Stages",
+        "",
+        "| stage | status | metrics | outputs |",
+        "|---|---|---|---|",
+    ]
     for row in stage_rows(stages):
         lines.append(f"| {row['stage']} | {row['status']} | {row['metrics']} | `{row['out_dir']}` |")
     if deliverables:
@@ -77,7 +86,9 @@ def render_run_report(run_name: str, params: dict[str, Any], stages: dict[str, d
             continue
         inputs = ", ".join(f"{k} `{_short(v)}`" for k, v in manifest.get("inputs", {}).items())
         outputs = ", ".join(f"{k} `{_short(v)}`" for k, v in manifest.get("outputs", {}).items())
-        lines.append(f"- **{name}** (commit `{manifest.get('code_version', '?')}`, finished "
-                     f"{manifest.get('finished', '?')}): inputs {inputs or '-'}; outputs {outputs or '-'}")
+        lines.append(
+            f"- **{name}** (commit `{manifest.get('code_version', '?')}`, finished "
+            f"{manifest.get('finished', '?')}): inputs {inputs or '-'}; outputs {outputs or '-'}"
+        )
     lines += ["", "## Parameters", "", "```json", json.dumps(params, indent=2, default=str), "```", ""]
     return "\n".join(lines)

@@ -23,10 +23,12 @@ def bootstrap_ci(
     if x.size == 0:
         return None
     rng = np.random.default_rng(seed)
-    means = np.concatenate([
-        x[rng.integers(0, x.size, size=(min(_CHUNK, resamples - start), x.size))].mean(axis=1)
-        for start in range(0, resamples, _CHUNK)
-    ])
+    means = np.concatenate(
+        [
+            x[rng.integers(0, x.size, size=(min(_CHUNK, resamples - start), x.size))].mean(axis=1)
+            for start in range(0, resamples, _CHUNK)
+        ]
+    )
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)

@@ -12,9 +12,14 @@ from tasks.classify import evaluate_splits, finetune_classifier
 
 
 @flow(name="finetune-classifier")
-def finetune_classifier_flow(data: str = "spam", config: ClassifierConfig = ClassifierConfig(),
-                             text_column: str | None = None, label_column: str | None = None,
-                             out_dir: str | None = None, resume: bool = True) -> dict:
+def finetune_classifier_flow(
+    data: str = "spam",
+    config: ClassifierConfig = ClassifierConfig(),
+    text_column: str | None = None,
+    label_column: str | None = None,
+    out_dir: str | None = None,
+    resume: bool = True,
+) -> dict:
     """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
     `out_dir`, else to the folder the stage contract names: `<home>/classify/<data>-<init>-<key>`."""
     from flows.data import prepare_csv, prepare_spam

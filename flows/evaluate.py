@@ -44,5 +44,6 @@ def evaluate_responses_flow(
         else:
             summary = record_skipped(plan, status["reason"], path, keys)
     publish_evaluation(summary, plan["out_dir"])
-    return EvaluationOutcome(status=summary["status"], reason=summary.get("reason"), out_dir=plan["out_dir"],
-                             summary=summary)
+    return EvaluationOutcome(
+        status=summary["status"], reason=summary.get("reason"), out_dir=plan["out_dir"], summary=summary
+    )

@@ -9,8 +9,9 @@ from tasks.export import export_bundle
 
 
 @flow(name="export")
-def export_flow(checkpoint: str, data_dir: str, config: ExportConfig = ExportConfig(),
-                out_dir: str | None = None) -> dict:
+def export_flow(
+    checkpoint: str, data_dir: str, config: ExportConfig = ExportConfig(), out_dir: str | None = None
+) -> dict:
     """`data_dir`: the data stage folder whose test split checks parity and the int8 gate. Outputs go to `out_dir`,
     else to the folder the stage contract names (`<home>/export/<checkpoint folder>-<key>`); the bundle is its
     `bundle/` folder."""

@@ -13,8 +13,9 @@ SPLITS = ("train.json", "validation.json", "test.json")
 
 
 @flow(name="finetune-instructions")
-def finetune_instructions(data: str | None = None, config: InstructConfig = InstructConfig(),
-                          out_dir: str | None = None, resume: bool = True) -> dict:
+def finetune_instructions(
+    data: str | None = None, config: InstructConfig = InstructConfig(), out_dir: str | None = None, resume: bool = True
+) -> dict:
     """`data`: None (the book's instruction-data.json through the data flow), a JSON file of entries (split by
     the data flow) or a folder that already holds train/validation/test.json. Outputs go to `out_dir`, else to the
     folder the stage contract names (`<home>/instruct/<data>-<init>-<style>-<key>`); responses to its `responses/`."""

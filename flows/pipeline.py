@@ -34,9 +34,15 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     bundle = export_flow(classifier["best"], spam["out_dir"], params.export)
 
     instruct = finetune_instructions(instructions["out_dir"], params.instruct.model_copy(update={"init": init}))
-    judged = evaluate_responses_flow(instruct["responses"], judge=params.judge,
-                                     require_judge=params.require_judge)
+    judged = evaluate_responses_flow(instruct["responses"], judge=params.judge, require_judge=params.require_judge)
 
-    stages = {"data-spam": spam, "data-instructions": instructions, "base-model": base,
-              "classifier": classifier, "export": bundle, "instruct": instruct, "evaluate": judged.model_dump()}
+    stages = {
+        "data-spam": spam,
+        "data-instructions": instructions,
+        "base-model": base,
+        "classifier": classifier,
+        "export": bundle,
+        "instruct": instruct,
+        "evaluate": judged.model_dump(),
+    }
     return write_run_report(params, stages)

@@ -11,8 +11,12 @@ from tasks.pretrain import convert_weights, train_model
 
 
 @flow(name="pretrain")
-def pretrain_flow(corpus: str = "tinyshakespeare", config: PretrainConfig = PretrainConfig(),
-                  out_dir: str | None = None, resume: bool = True) -> dict:
+def pretrain_flow(
+    corpus: str = "tinyshakespeare",
+    config: PretrainConfig = PretrainConfig(),
+    out_dir: str | None = None,
+    resume: bool = True,
+) -> dict:
     """`corpus`: a corpus name or text file (tokenized by the data flow first, reused if done) or a folder
     that already holds train.bin/val.bin. Outputs go to `out_dir`, else to the folder the stage contract names
     (`<home>/pretrain/<corpus>-<preset>-<key>`): the same config and data resume or reuse, a changed one trains

@@ -209,9 +209,7 @@ def extract_member(archive: Path, member: Member, out_dir: Path) -> Path:
                 try:
                     data = zf.read(member.name)
                 except KeyError:
-                    raise DownloadError(
-                        f"{archive} has no member {member.name!r}; it holds {zf.namelist()}"
-                    ) from None
+                    raise DownloadError(f"{archive} has no member {member.name!r}; it holds {zf.namelist()}") from None
                 tmp.write_bytes(data)
                 _verify(tmp, member.sha256, member.size, f"{member.name} extracted from {archive}")
         except zipfile.BadZipFile as exc:

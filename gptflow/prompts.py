@@ -12,8 +12,9 @@ from gptflow.errors import GptflowError
 
 Style = Literal["alpaca", "phi3"]
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 # Text that introduces the response in each style; the response is the text after it.
 RESPONSE_MARKERS: dict[str, str] = {"alpaca": "### Response:", "phi3": "<|assistant|>:"}
 
@@ -61,5 +62,5 @@ def clean_response(generated: str, style: Style = "alpaca") -> str:
     """Generated text stripped, without response markers the model echoed at its start."""
     marker, response = RESPONSE_MARKERS[style], generated.strip()
     while response.startswith(marker):
-        response = response[len(marker):].strip()
+        response = response[len(marker) :].strip()
     return response

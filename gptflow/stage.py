@@ -36,7 +36,15 @@ from pydantic import BaseModel
 
 from gptflow.errors import GptflowError
 from gptflow.settings import get_settings
-from gptflow.storage import MANIFEST_NAME, code_version, read_json, sha256_file, sha256_json, stage_lock, write_json_atomic
+from gptflow.storage import (
+    MANIFEST_NAME,
+    code_version,
+    read_json,
+    sha256_file,
+    sha256_json,
+    stage_lock,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +129,14 @@ class Stage:
         if out_dir is None and folder is None:
             slug = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or name
             folder = get_settings().stage_dir(name) / f"{slug}-{sha256_json({'inputs': digests, 'config': config})[:8]}"
-        return cls(name, Path(out_dir or folder), digests, config, {m: module_digest(m) for m in sorted(set(code))},
-                   chosen=out_dir is not None)
+        return cls(
+            name,
+            Path(out_dir or folder),
+            digests,
+            config,
+            {m: module_digest(m) for m in sorted(set(code))},
+            chosen=out_dir is not None,
+        )
 
     @property
     def key(self) -> dict[str, Any]:
@@ -146,8 +160,12 @@ class Stage:
         decision = self._decide(resume, manifest, checkpoint)
         if decision.action != "reuse":
             self.manifest_path.unlink(missing_ok=True)
-        log.info("%s %s: %s", self.name, {"reuse": "reused", "resume": "resumed", "run": "runs"}[decision.action],
-                 decision.reason)
+        log.info(
+            "%s %s: %s",
+            self.name,
+            {"reuse": "reused", "resume": "resumed", "run": "runs"}[decision.action],
+            decision.reason,
+        )
         self.decision = decision
         return decision
 
@@ -156,12 +174,16 @@ class Stage:
         if not resume:
             return Decision("run", f"{where}: resume turned off, starting over")
         if manifest is not None and _stored_key(manifest) == self.key:
-            damaged = [n for n, digest in manifest.get("outputs", {}).items()
-                       if not (self.dir / n).is_file() or sha256_file(self.dir / n) != digest]
+            damaged = [
+                n
+                for n, digest in manifest.get("outputs", {}).items()
+                if not (self.dir / n).is_file() or sha256_file(self.dir / n) != digest
+            ]
             if not damaged:
                 return Decision("reuse", f"{where}: same inputs, config and code as its manifest")
-            return Decision("run", f"{where}: output {', '.join(damaged)} changed since the manifest was written; "
-                                   "rebuilding")
+            return Decision(
+                "run", f"{where}: output {', '.join(damaged)} changed since the manifest was written; rebuilding"
+            )
         stored = None
         if checkpoint is not None:
             try:
@@ -173,8 +195,10 @@ class Stage:
                 return Decision("resume", f"{where}: its checkpoint has the same inputs, config and code")
             change = describe_change(stored, self.key)
             if self.chosen and _without_code(stored) != _without_code(self.key):
-                raise StageError(f"{where} holds a checkpoint of a run with different inputs or a different config "
-                                 f"({change}); pass another output folder, or --no-resume to start over")
+                raise StageError(
+                    f"{where} holds a checkpoint of a run with different inputs or a different config "
+                    f"({change}); pass another output folder, or --no-resume to start over"
+                )
             return Decision("run", f"{where}: the checkpoint was written for another key ({change}); starting over")
         if manifest is not None:
             return Decision("run", f"{where}: {describe_change(_stored_key(manifest), self.key)} since the manifest")
@@ -183,15 +207,19 @@ class Stage:
     def check_checkpoint(self, stored: dict | None, path: str | Path) -> None:
         """Refuse to load a checkpoint written under another key (e.g. a file passed by hand)."""
         if stored != self.key:
-            raise StageError(f"{path} was not written by this {self.name} stage: "
-                             f"{describe_change(stored or {}, self.key)}")
+            raise StageError(
+                f"{path} was not written by this {self.name} stage: {describe_change(stored or {}, self.key)}"
+            )
 
     def complete(self, outputs: Sequence[str], metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write the manifest: the key, the hash of every output, metrics, the commit and the time."""
-        manifest = {**self.key, "code_version": code_version(),
-                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "outputs": {name: sha256_file(self.dir / name) for name in outputs},
-                    "metrics": dict(metrics or {})}
+        manifest = {
+            **self.key,
+            "code_version": code_version(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "outputs": {name: sha256_file(self.dir / name) for name in outputs},
+            "metrics": dict(metrics or {}),
+        }
         write_json_atomic(self.manifest_path, manifest)
         return manifest
 
@@ -218,8 +246,11 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     old_in, new_in = old.get("inputs") or {}, new.get("inputs") or {}
     parts += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in)) if old_in.get(k) != new_in.get(k)]
     old_cfg, new_cfg = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
-    parts += [f"config {k} {old_cfg.get(k, '(unset)')!r} -> {new_cfg.get(k, '(unset)')!r}"
-              for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+    parts += [
+        f"config {k} {old_cfg.get(k, '(unset)')!r} -> {new_cfg.get(k, '(unset)')!r}"
+        for k in sorted(set(old_cfg) | set(new_cfg))
+        if old_cfg.get(k) != new_cfg.get(k)
+    ]
     old_code, new_code = old.get("code") or {}, new.get("code") or {}
     changed = sorted(m for m in set(old_code) | set(new_code) if old_code.get(m) != new_code.get(m))
     if changed:

@@ -73,17 +73,40 @@ def read_json(path: str | Path) -> Any:
         return json.load(handle)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file holding a mapping (a config file); every problem is one GptflowError naming the file."""
+    import yaml
+
+    from gptflow.errors import GptflowError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise GptflowError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise GptflowError(f"{path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise GptflowError(f"{path} holds a {type(data).__name__}, not a mapping of config fields")
+    return data
+
+
 def code_version() -> str:
     """The git commit of the checkout (with a -dirty suffix), or the package version outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=5,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=5,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -65,7 +65,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model = GPTModel(cfg)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the stored config: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored config: missing {missing}, unexpected {unexpected}"
+        )
     return model.to(map_location), cfg
 
 
@@ -89,12 +91,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state({
-        "bit_generator": n["bit_generator"],
-        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-        "has_gauss": n["has_gauss"],
-        "gauss": n["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
 
 

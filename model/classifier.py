@@ -15,7 +15,6 @@ the classifier neither trains, saves nor exports it.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
@@ -72,16 +71,20 @@ class ClassifierConfig(TrainConfig):
 
     init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
     pooling: Pooling = Field(default="last_real", description="which hidden state the head reads")
-    trainable: Trainable = Field(default="last_k", description="head | last_k (last k blocks + final norm + "
-                                 "head) | all")
+    trainable: Trainable = Field(
+        default="last_k", description="head | last_k (last k blocks + final norm + head) | all"
+    )
     last_k: int = Field(default=1, ge=1, description="blocks trained with trainable=last_k")
     max_length: int | None = Field(default=None, gt=0, description="truncate texts (default: context length)")
     epochs: int = Field(default=5, gt=0)
     eval_every: EvalEvery = None
     patience: int | None = Field(default=3, gt=0, description="stop after N evaluations without improvement")
-    keep: Keep = Field(default="best_val", description="best_val: the weights at the best validation accuracy "
-                       "(early stopping); last: the weights at the end of the schedule, for a validation split too "
-                       "small to pick a step by (no early stopping)")
+    keep: Keep = Field(
+        default="best_val",
+        description="best_val: the weights at the best validation accuracy "
+        "(early stopping); last: the weights at the end of the schedule, for a validation split too "
+        "small to pick a step by (no early stopping)",
+    )
     eval_batch_size: int = Field(default=32, gt=0)
 
     @model_validator(mode="before")
@@ -164,8 +167,10 @@ def read_split(path: Path, labels: dict[str, int]) -> pd.DataFrame:
         raise ClassifierError(f"{path}: expected columns text,label; found {list(df.columns)}")
     bad = ~df["label"].isin(list(labels.values()))
     if bad.any():
-        raise ClassifierError(f"{path}: label {df['label'][bad].iloc[0]} (row {int(bad.idxmax()) + 2}) is not one "
-                              f"of the ids in labels.json {sorted(labels.values())}")
+        raise ClassifierError(
+            f"{path}: label {df['label'][bad].iloc[0]} (row {int(bad.idxmax()) + 2}) is not one "
+            f"of the ids in labels.json {sorted(labels.values())}"
+        )
     return df
 
 
@@ -184,8 +189,9 @@ def encode_split(df: pd.DataFrame, tokenizer, max_length: int) -> LabelledTexts:
     return LabelledTexts(encode_texts(tokenizer, texts, max_length), df["label"].astype(int).tolist(), texts)
 
 
-def collate(rows: Sequence[Sequence[int]], labels: Sequence[int] | None = None,
-            pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def collate(
+    rows: Sequence[Sequence[int]], labels: Sequence[int] | None = None, pad_id: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(input_ids, attention_mask, labels) padded to the longest row of this batch (dynamic padding)."""
     input_ids, mask = pad_batch(rows, pad_id)
     target = torch.tensor(list(labels), dtype=torch.long) if labels is not None else None
@@ -193,15 +199,16 @@ def collate(rows: Sequence[Sequence[int]], labels: Sequence[int] | None = None,
 
 
 @torch.no_grad()
-def predict_logits(model: SequenceClassifier, ids: Sequence[Sequence[int]], batch_size: int = 32,
-                   bf16: bool = False) -> np.ndarray:
+def predict_logits(
+    model: SequenceClassifier, ids: Sequence[Sequence[int]], batch_size: int = 32, bf16: bool = False
+) -> np.ndarray:
     """Logits (N, n_classes) in the input order; batches of similar length pad least."""
     order = np.argsort([len(r) for r in ids], kind="stable")
     out = np.zeros((len(ids), model.n_classes), dtype=np.float32)
     device = next(model.parameters()).device
     with eval_mode(model), autocast(bf16, device):
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             x, mask, _ = collate([ids[j] for j in idx])
             out[idx] = model(x.to(device), mask.to(device)).float().cpu().numpy()
     return out
@@ -218,10 +225,25 @@ def evaluate_split(model: SequenceClassifier, data: LabelledTexts, batch_size: i
 # --------------------------------------------------------------------------------------- model build
 
 
-def save_classifier(path: str | Path, model: SequenceClassifier, labels: dict[str, int], max_length: int,
-                    source: dict[str, str], **extra: Any) -> Path:
-    return save_checkpoint(path, format=FORMAT, config=model.cfg.to_dict(), model=model.state_dict(),
-                           labels=labels, pooling=model.pooling, max_length=max_length, source=source, **extra)
+def save_classifier(
+    path: str | Path,
+    model: SequenceClassifier,
+    labels: dict[str, int],
+    max_length: int,
+    source: dict[str, str],
+    **extra: Any,
+) -> Path:
+    return save_checkpoint(
+        path,
+        format=FORMAT,
+        config=model.cfg.to_dict(),
+        model=model.state_dict(),
+        labels=labels,
+        pooling=model.pooling,
+        max_length=max_length,
+        source=source,
+        **extra,
+    )
 
 
 @dataclass
@@ -245,12 +267,15 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
         path = path / BEST
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a gptflow classifier checkpoint (expected format {FORMAT!r}); "
-                              "fine-tune one with `gptflow finetune-classifier`")
+        raise CheckpointError(
+            f"{path} is not a gptflow classifier checkpoint (expected format {FORMAT!r}); "
+            "fine-tune one with `gptflow finetune-classifier`"
+        )
     model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), len(ckpt["labels"]), ckpt["pooling"])
     model.load_state_dict(ckpt["model"])
-    return LoadedClassifier(model.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), dict(ckpt["source"]), path,
-                            ckpt.get("data_dir"))
+    return LoadedClassifier(
+        model.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), dict(ckpt["source"]), path, ckpt.get("data_dir")
+    )
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -265,14 +290,21 @@ class FinetuneResult:
     reused: bool = False
 
 
-def classifier_stage(data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None,
-                     settings=None) -> Stage:
+def classifier_stage(
+    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, settings=None
+) -> Stage:
     data_dir = Path(data_dir)
     load_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
     inputs: dict[str, Path | str] = {n: data_dir / n for n in SPLIT_FILES}
     inputs["init"] = config.init.stage_input(settings)
-    return Stage.declare("classify", inputs=inputs, config=config, code=CODE, out_dir=out_dir,
-                         label=f"{data_dir.name}-{config.init.label(config.preset)}")
+    return Stage.declare(
+        "classify",
+        inputs=inputs,
+        config=config,
+        code=CODE,
+        out_dir=out_dir,
+        label=f"{data_dir.name}-{config.init.label(config.preset)}",
+    )
 
 
 def finetune(
@@ -293,17 +325,27 @@ def finetune(
     stage = classifier_stage(data_dir, config, out_dir, settings)
     with stage.lock():
         if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
-            return FinetuneResult(stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY),
-                                  stage.manifest()["metrics"], reused=True)
+            return FinetuneResult(
+                stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY), stage.manifest()["metrics"], reused=True
+            )
         return _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log)
 
 
-def _finetune(stage: Stage, data_dir: Path, config: ClassifierConfig, tokenizer, settings,
-              on_log: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
+def _finetune(
+    stage: Stage,
+    data_dir: Path,
+    config: ClassifierConfig,
+    tokenizer,
+    settings,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> FinetuneResult:
     labels = load_labels(data_dir)
     backbone = config.init.build(config.preset, dropout=config.dropout, seed=config.seed, settings=settings)
-    source = {"init": "random", "preset": config.preset} if config.init.kind == "random" else \
-        {"init": str(config.init), "sha256": stage.inputs["init"]}
+    source = (
+        {"init": "random", "preset": config.preset}
+        if config.init.kind == "random"
+        else {"init": str(config.init), "sha256": stage.inputs["init"]}
+    )
     max_length = min(config.max_length or backbone.cfg.context_length, backbone.cfg.context_length)
     train_split = encode_split(read_split(data_dir / "train.csv", labels), tokenizer, max_length)
     val = encode_split(read_split(data_dir / "validation.csv", labels), tokenizer, max_length)
@@ -312,8 +354,13 @@ def _finetune(stage: Stage, data_dir: Path, config: ClassifierConfig, tokenizer,
     n_trainable = model.set_trainable(config.trainable, config.last_k)
     order = EpochBatches(len(train_split), config.batch_size, config.seed)
     steps_per_epoch = max(1, order.per_epoch // config.grad_accum)
-    log.info("finetune: %d classes, %d train / %d validation texts, %d trainable parameters",
-             len(labels), len(train_split), len(val), n_trainable)
+    log.info(
+        "finetune: %d classes, %d train / %d validation texts, %d trainable parameters",
+        len(labels),
+        len(train_split),
+        len(val),
+        n_trainable,
+    )
 
     def batch(i: int):
         idx = order.indices(i)
@@ -322,30 +369,53 @@ def _finetune(stage: Stage, data_dir: Path, config: ClassifierConfig, tokenizer,
     def loss(tensors):
         x, mask, y = tensors
         logits = model(x, mask)
-        return F.cross_entropy(logits.float(), y), {"tokens": int(mask.sum()), "n": len(y),
-                                                    "correct": int((logits.argmax(1) == y).sum())}
+        return F.cross_entropy(logits.float(), y), {
+            "tokens": int(mask.sum()),
+            "n": len(y),
+            "correct": int((logits.argmax(1) == y).sum()),
+        }
 
     def keep(state) -> None:
-        save_classifier(stage.dir / BEST, model, labels, max_length, source, step=state.step,
-                        data_dir=str(data_dir.resolve()))
+        save_classifier(
+            stage.dir / BEST, model, labels, max_length, source, step=state.step, data_dir=str(data_dir.resolve())
+        )
 
     select = Selection("val_accuracy", "max", "last" if config.keep == "last" else "best", config.patience)
-    state = train(model, config, stage=stage, total_steps=steps_per_epoch * config.epochs, batch=batch, loss=loss,
-                  evaluate=lambda final: evaluate_split(model, val, config.eval_batch_size, config.bf16),
-                  steps_per_epoch=steps_per_epoch, select=select, on_best=keep, on_log=on_log)
+    state = train(
+        model,
+        config,
+        stage=stage,
+        total_steps=steps_per_epoch * config.epochs,
+        batch=batch,
+        loss=loss,
+        evaluate=lambda final: evaluate_split(model, val, config.eval_batch_size, config.bf16),
+        steps_per_epoch=steps_per_epoch,
+        select=select,
+        on_best=keep,
+        on_log=on_log,
+    )
     kept = next(h for h in state.history if h["kind"] == "eval" and h["step"] == state.best_step)
     # best_*: the kept weights (the best validation accuracy, or the schedule's end with keep="last")
-    summary = {"keep": config.keep, "steps": state.step, "best_step": state.best_step,
-               "best_val_accuracy": kept["val_accuracy"], "best_val_loss": kept["val_loss"],
-               "early_stopped": state.stopped_early, "trainable_params": n_trainable, "max_length": max_length,
-               "n_classes": len(labels), "source": source}
+    summary = {
+        "keep": config.keep,
+        "steps": state.step,
+        "best_step": state.best_step,
+        "best_val_accuracy": kept["val_accuracy"],
+        "best_val_loss": kept["val_loss"],
+        "early_stopped": state.stopped_early,
+        "trainable_params": n_trainable,
+        "max_length": max_length,
+        "n_classes": len(labels),
+        "source": source,
+    }
     write_json_atomic(stage.dir / HISTORY, state.history)
     stage.complete([BEST, CHECKPOINT, HISTORY], summary)
     return FinetuneResult(stage.dir, stage.dir / BEST, state.history, summary)
 
 
-def split_logits(model_path: str | Path, data_dir: str | Path, *, tokenizer,
-                 batch_size: int = 32) -> tuple[list[str], dict[str, tuple[list[int], np.ndarray]]]:
+def split_logits(
+    model_path: str | Path, data_dir: str | Path, *, tokenizer, batch_size: int = 32
+) -> tuple[list[str], dict[str, tuple[list[int], np.ndarray]]]:
     """Class names, and (labels, logits) of every split of `data_dir`, for a classifier checkpoint."""
     loaded = load_classifier(model_path)
     data_dir = Path(data_dir)

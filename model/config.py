@@ -58,14 +58,12 @@ class GPTConfig(BaseModel):
 
     def n_params(self, *, include_embeddings: bool = True) -> int:
         """Parameter count of `GPTModel(self)` without building it."""
-        e, v, t, l = self.emb_dim, self.vocab_size, self.context_length, self.n_layers
-        per_block = (
-            2 * 2 * e  # two LayerNorms
-            + e * 3 * e + (3 * e if self.qkv_bias else 0)  # fused q, k, v
-            + e * e + e  # attention output projection
-            + e * 4 * e + 4 * e + 4 * e * e + e  # MLP
-        )
-        total = l * per_block + 2 * e  # final norm
+        e, v, t, layers = self.emb_dim, self.vocab_size, self.context_length, self.n_layers
+        norms = 2 * 2 * e  # two LayerNorms
+        attention = e * 3 * e + (3 * e if self.qkv_bias else 0) + e * e + e  # fused q, k, v; output projection
+        mlp = e * 4 * e + 4 * e + 4 * e * e + e
+        per_block = norms + attention + mlp
+        total = layers * per_block + 2 * e  # final norm
         if include_embeddings:
             total += v * e + t * e + (0 if self.tie_weights else v * e)
         elif not self.tie_weights:

@@ -35,8 +35,15 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                compute_dtype: torch.dtype, chunk_rows: int, needs_grad: bool) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        compute_dtype: torch.dtype,
+        chunk_rows: int,
+        needs_grad: bool,
+    ) -> torch.Tensor:
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         keep = targets != IGNORE_INDEX
         n_kept = int(keep.sum())
@@ -47,11 +54,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         softmax_dtype = torch.promote_types(compute_dtype, torch.float32)  # bf16 logits -> fp32 softmax
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).to(softmax_dtype)
         lse = torch.empty(len(h), dtype=softmax_dtype, device=h.device)
-        scratch = None if compute_dtype == softmax_dtype else torch.empty(chunk_rows, w.shape[0],
-                                                                            dtype=softmax_dtype, device=h.device)
+        scratch = (
+            None
+            if compute_dtype == softmax_dtype
+            else torch.empty(chunk_rows, w.shape[0], dtype=softmax_dtype, device=h.device)
+        )
         for start in range(0, len(h), chunk_rows):
             end = min(start + chunk_rows, len(h))
-            rows = logits[start:end] if scratch is None else scratch[:end - start].copy_(logits[start:end])
+            rows = logits[start:end] if scratch is None else scratch[: end - start].copy_(logits[start:end])
             row_max = rows.amax(dim=1, keepdim=True)
             rows.sub_(row_max).exp_()
             row_sum = rows.sum(dim=1, keepdim=True)
@@ -74,18 +84,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_loss,
-                None if grad_weight is None else grad_weight * grad_loss, None, None, None, None)
+        return (
+            None if grad_hidden is None else grad_hidden * grad_loss,
+            None if grad_weight is None else grad_weight * grad_loss,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_rows: int = CHUNK_ROWS
+) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (hidden (N, E), weight (V, E), targets (N,)) over the targets
     that are not `IGNORE_INDEX` (0 when there are none). Under CPU/CUDA bf16 autocast the matmuls run in bf16,
     as `F.linear` would; otherwise in `hidden`'s dtype."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (N, E) and targets (N,); got {tuple(hidden.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be (N, E) and targets (N,); got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     device_type = hidden.device.type
     autocast_on = torch.is_autocast_enabled(device_type)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype

@@ -49,8 +49,9 @@ def generate(
             else:
                 window_mask = mask[:, -ctx:] if mask is not None else None
                 logits = model(out[:, -ctx:], attention_mask=window_mask)
-            next_ids = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator)
+            next_ids = sample_next(
+                logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
             if eos_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
                 finished |= next_ids == eos_id

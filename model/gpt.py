@@ -19,8 +19,15 @@ from model.config import GPTConfig
 class KVCache:
     """Preallocated keys/values for every layer, shape (B, H, max_len, head_dim); `pos` tokens are filled."""
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.max_len = min(max_len or cfg.context_length, cfg.context_length)
         shape = (batch_size, cfg.n_heads, self.max_len, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -32,8 +39,8 @@ class KVCache:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.keys[layer][:, :, self.pos:end] = k
-        self.values[layer][:, :, self.pos:end] = v
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -84,7 +91,9 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def attention_bias(attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device) -> torch.Tensor | None:
+def attention_bias(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device
+) -> torch.Tensor | None:
     """Boolean (B|1, 1, q_len, past+q_len) mask: causal, aligned bottom-right, and padding keys hidden.
 
     `attention_mask` is (B, past+q_len), 1 = real token. A query may always see itself, so a padded query
@@ -134,8 +143,9 @@ class GPTModel(nn.Module):
         param = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len, device=param.device, dtype=param.dtype)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 kv_cache: KVCache | None = None) -> torch.Tensor:
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Hidden states after the final LayerNorm, (B, T, E).
 
         With `kv_cache`, `input_ids` are the new tokens and `attention_mask` (if any) covers the cached and
@@ -152,8 +162,9 @@ class GPTModel(nn.Module):
             kv_cache.pos += T
         return self.final_norm(x)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Next-token logits, (B, T, vocab_size)."""
         return self.out_head(self.features(input_ids, attention_mask, kv_cache))
 

@@ -48,7 +48,8 @@ class InitSpec(str):
                 raise ValueError(str(exc)) from None
 
         return core_schema.no_info_after_validator_function(
-            parse, core_schema.str_schema(), serialization=core_schema.plain_serializer_function_ser_schema(str))
+            parse, core_schema.str_schema(), serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
 
     def label(self, preset: str) -> str:
         """Short name of the starting point, for folder names."""
@@ -67,8 +68,10 @@ class InitSpec(str):
             path = Path(self.ref).expanduser()
             path = path / MODEL_FILE if path.is_dir() else path
             if not path.is_file():
-                raise InitSpecError(f"init {self}: no such checkpoint (expected a gptflow .pt file or a folder "
-                                    f"with {MODEL_FILE}, e.g. a pretraining output)")
+                raise InitSpecError(
+                    f"init {self}: no such checkpoint (expected a gptflow .pt file or a folder "
+                    f"with {MODEL_FILE}, e.g. a pretraining output)"
+                )
             return path
         from model.weights import resolve_weights
 
@@ -78,8 +81,15 @@ class InitSpec(str):
         """What a stage built on this init is keyed on: the weights file (hashed), or "random"."""
         return self.file(settings) or "random"
 
-    def build(self, preset: str, *, dropout: float = 0.0, seed: int = 0, context_length: int | None = None,
-              settings: Settings | None = None) -> GPTModel:
+    def build(
+        self,
+        preset: str,
+        *,
+        dropout: float = 0.0,
+        seed: int = 0,
+        context_length: int | None = None,
+        settings: Settings | None = None,
+    ) -> GPTModel:
         """The starting model with the requested dropout (seeded when random)."""
         if self.kind == "random":
             overrides: dict[str, Any] = {"dropout": dropout}

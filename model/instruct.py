@@ -45,8 +45,16 @@ from model.training import (
     train,
 )
 
-CODE = (__name__, "model.gpt", "model.pretrain", "model.fused_loss", "model.training", "model.init",
-        "model.generate", "gptflow.prompts")
+CODE = (
+    __name__,
+    "model.gpt",
+    "model.pretrain",
+    "model.fused_loss",
+    "model.training",
+    "model.init",
+    "model.generate",
+    "gptflow.prompts",
+)
 
 MODEL = "model.pt"
 METRICS = "metrics.json"
@@ -61,6 +69,7 @@ class InstructError(GptflowError, ValueError):
 
 
 # --- prompts (formats in gptflow.prompts) -----------------------------------------------------------
+
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Entry text is data: a literal `<|endoftext|>` in it is encoded as plain text, not as token 50256."""
@@ -79,6 +88,7 @@ def encode_entries(entries: list[dict[str, str]], tokenizer: Any, style: Style) 
 
 
 # --- collation -------------------------------------------------------------------------------------------
+
 
 def collate(
     batch: list[list[int]],
@@ -99,9 +109,9 @@ def collate(
     for row, ids in enumerate(batch):
         padded = torch.tensor(list(ids) + [pad_id] * (width - len(ids)), dtype=torch.long)
         inputs[row] = padded[:-1]
-        targets[row, :len(ids)] = padded[1:len(ids) + 1]  # the text's next tokens and its end of text
+        targets[row, : len(ids)] = padded[1 : len(ids) + 1]  # the text's next tokens and its end of text
         if prompt_lengths is not None:
-            targets[row, :max(prompt_lengths[row] - 1, 0)] = ignore_index
+            targets[row, : max(prompt_lengths[row] - 1, 0)] = ignore_index
     if max_length is not None:
         inputs, targets = inputs[:, :max_length], targets[:, :max_length]
     return inputs, targets
@@ -109,11 +119,19 @@ def collate(
 
 # --- config ----------------------------------------------------------------------------------------------
 
+
 class InstructConfig(TrainConfig):
     """Every knob of an instruction fine-tune and its test responses (also the flow's parameters)."""
 
     RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
-        "eval_every", "eval_batches", "max_new_tokens", "temperature", "top_k", "max_test_entries", "sample_rows"}
+        "eval_every",
+        "eval_batches",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "max_test_entries",
+        "sample_rows",
+    }
 
     init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
     context_length: int | None = Field(default=None, gt=1, description="override the preset's (random init)")
@@ -139,6 +157,7 @@ class InstructConfig(TrainConfig):
 
 # --- data ------------------------------------------------------------------------------------------------
 
+
 def load_split(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise InstructError(f"{path} does not exist; run `gptflow data instructions` first")
@@ -146,30 +165,41 @@ def load_split(path: Path) -> list[dict[str, str]]:
         data = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InstructError(f"{path}: not a JSON file ({exc})") from None
-    bad = [i for i, e in enumerate(data if isinstance(data, list) else [None])
-           if not (isinstance(e, dict) and isinstance(e.get("instruction"), str) and isinstance(e.get("output"), str))]
+    bad = [
+        i
+        for i, e in enumerate(data if isinstance(data, list) else [None])
+        if not (isinstance(e, dict) and isinstance(e.get("instruction"), str) and isinstance(e.get("output"), str))
+    ]
     if not isinstance(data, list) or not data or bad:
-        raise InstructError(f"{path}: expected a non-empty JSON list of {{instruction, input, output}} string "
-                            f"entries" + (f"; entries {bad[:10]} are not" if bad and isinstance(data, list) else ""))
+        raise InstructError(
+            f"{path}: expected a non-empty JSON list of {{instruction, input, output}} string "
+            f"entries" + (f"; entries {bad[:10]} are not" if bad and isinstance(data, list) else "")
+        )
     return data
 
 
-def batch_tensors(examples: list[tuple[list[int], int]], config: InstructConfig,
-                  max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_tensors(
+    examples: list[tuple[list[int], int]], config: InstructConfig, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids = [e[0] for e in examples]
     prompts = [e[1] for e in examples] if config.mask_prompt else None
     return collate(ids, prompts, max_length=max_length)
 
 
-def evaluate(model: GPTModel, examples: list[tuple[list[int], int]], config: InstructConfig, max_length: int,
-             max_batches: int | None) -> float:
+def evaluate(
+    model: GPTModel,
+    examples: list[tuple[list[int], int]],
+    config: InstructConfig,
+    max_length: int,
+    max_batches: int | None,
+) -> float:
     """Token-weighted mean loss over the first `max_batches` batches of `examples` (in file order)."""
     total, count = 0.0, 0
     starts = list(range(0, len(examples), config.batch_size))[:max_batches]
     device = next(model.parameters()).device
     with eval_mode(model), autocast(config.bf16, device):
         for s in starts:
-            x, y = (t.to(device) for t in batch_tensors(examples[s:s + config.batch_size], config, max_length))
+            x, y = (t.to(device) for t in batch_tensors(examples[s : s + config.batch_size], config, max_length))
             n = int((y != IGNORE_INDEX).sum())
             total += lm_loss(model.features(x), model.out_head.weight, y).item() * n
             count += n
@@ -177,6 +207,7 @@ def evaluate(model: GPTModel, examples: list[tuple[list[int], int]], config: Ins
 
 
 # --- training --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class InstructResult:
@@ -188,15 +219,22 @@ class InstructResult:
     reused: bool = False
 
 
-def instruct_stage(data_dir: str | Path, config: InstructConfig, out_dir: str | Path | None = None,
-                   settings: Settings | None = None) -> Stage:
+def instruct_stage(
+    data_dir: str | Path, config: InstructConfig, out_dir: str | Path | None = None, settings: Settings | None = None
+) -> Stage:
     data_dir = Path(data_dir)
     inputs: dict[str, Path | str] = {n: data_dir / n for n in ("train.json", "validation.json")}
     for path in inputs.values():
         load_split(path)
     inputs["init"] = config.init.stage_input(settings)
-    return Stage.declare("instruct", inputs=inputs, config=config, code=CODE, out_dir=out_dir,
-                         label=f"{data_dir.name}-{config.init.label(config.preset)}-{config.style}")
+    return Stage.declare(
+        "instruct",
+        inputs=inputs,
+        config=config,
+        code=CODE,
+        out_dir=out_dir,
+        label=f"{data_dir.name}-{config.init.label(config.preset)}-{config.style}",
+    )
 
 
 def finetune(
@@ -216,15 +254,23 @@ def finetune(
     with stage.lock():
         if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
             saved = read_json(stage.dir / METRICS)
-            return InstructResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"],
-                                  saved["history"], reused=True)
+            return InstructResult(
+                stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
+            )
         return _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log)
 
 
-def _finetune(stage: Stage, data_dir: Path, config: InstructConfig, tokenizer: Any, settings: Settings | None,
-              on_log: Callable[[dict[str, Any]], None] | None) -> InstructResult:
-    model = config.init.build(config.preset, dropout=config.dropout, seed=config.seed,
-                              context_length=config.context_length, settings=settings)
+def _finetune(
+    stage: Stage,
+    data_dir: Path,
+    config: InstructConfig,
+    tokenizer: Any,
+    settings: Settings | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> InstructResult:
+    model = config.init.build(
+        config.preset, dropout=config.dropout, seed=config.seed, context_length=config.context_length, settings=settings
+    )
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:
@@ -244,18 +290,31 @@ def _finetune(stage: Stage, data_dir: Path, config: InstructConfig, tokenizer: A
         x, y = tensors
         return lm_loss(model.features(x), model.out_head.weight, y), {"tokens": x.numel()}
 
-    state = train(model, config, stage=stage, total_steps=total_steps,
-                  batch=lambda i: batch_tensors([examples[j] for j in order.indices(i)], config, max_length),
-                  loss=loss, evaluate=lambda final: {"val_loss": evaluate(
-                      model, val, config, max_length, None if final else config.eval_batches)},
-                  steps_per_epoch=steps_per_epoch, on_log=on_log)
+    state = train(
+        model,
+        config,
+        stage=stage,
+        total_steps=total_steps,
+        batch=lambda i: batch_tensors([examples[j] for j in order.indices(i)], config, max_length),
+        loss=loss,
+        evaluate=lambda final: {
+            "val_loss": evaluate(model, val, config, max_length, None if final else config.eval_batches)
+        },
+        steps_per_epoch=steps_per_epoch,
+        on_log=on_log,
+    )
     trains = [h for h in state.history if h["kind"] == "train"]
     evals = [h for h in state.history if h["kind"] == "eval"]
-    final = {"steps": state.step, "epochs": state.step / steps_per_epoch, "tokens_seen": state.tokens_seen,
-             "train_loss": trains[-1]["loss"] if trains else None,
-             "val_loss": evals[-1]["val_loss"] if evals else None,
-             "best_val_loss": min((e["val_loss"] for e in evals), default=None), "params": model.num_params(),
-             "style": config.style}
+    final = {
+        "steps": state.step,
+        "epochs": state.step / steps_per_epoch,
+        "tokens_seen": state.tokens_seen,
+        "train_loss": trains[-1]["loss"] if trains else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+        "params": model.num_params(),
+        "style": config.style,
+    }
     save_model(stage.dir / MODEL, model, style=config.style, metrics=final)
     write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
     stage.complete([CHECKPOINT, MODEL, METRICS], final)
@@ -264,23 +323,32 @@ def _finetune(stage: Stage, data_dir: Path, config: InstructConfig, tokenizer: A
 
 # --- responses -------------------------------------------------------------------------------------------
 
+
 def load_instruct_model(path: str | Path) -> tuple[GPTModel, Style]:
     """A fine-tuned model and the prompt style it was trained with (recorded in its checkpoint)."""
     model, _ = load_model(path)
     style = load_checkpoint(path).get("style")
     if style not in RESPONSE_MARKERS:
-        raise InstructError(f"{path} records no prompt style: not an instruction fine-tune "
-                            "(run `gptflow finetune-instructions`)")
+        raise InstructError(
+            f"{path} records no prompt style: not an instruction fine-tune (run `gptflow finetune-instructions`)"
+        )
     return model.eval(), style
 
 
-def respond(model: GPTModel, tokenizer: Any, entry: dict[str, str], style: Style,
-            config: InstructConfig) -> str:
+def respond(model: GPTModel, tokenizer: Any, entry: dict[str, str], style: Style, config: InstructConfig) -> str:
     """Greedy (or sampled) generation with the KV cache, stopping at end of text; the extracted response."""
     ids = encode_text(tokenizer, format_prompt(entry, style))
-    out = generate(model, torch.tensor([ids]), config.max_new_tokens, temperature=config.temperature,
-                   top_k=config.top_k, eos_id=EOT_ID, seed=config.seed, use_cache=True)
-    new = trim_at_eos(out[0, len(ids):].tolist(), EOT_ID)
+    out = generate(
+        model,
+        torch.tensor([ids]),
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        eos_id=EOT_ID,
+        seed=config.seed,
+        use_cache=True,
+    )
+    new = trim_at_eos(out[0, len(ids) :].tolist(), EOT_ID)
     return clean_response(tokenizer.decode(new), style)  # the prompt ends with the marker line
 
 
@@ -310,10 +378,14 @@ def generate_responses(
     after each new one is saved (progress reporting; raising from it interrupts the run)."""
     config = config or InstructConfig()
     model_path, test_path = Path(model_path), Path(test_path)
-    entries = load_split(test_path)[:config.max_test_entries]
-    stage = Stage.declare("instruct-responses", inputs={"model.pt": model_path, "test.json": test_path},
-                          config=config.generation_key(), code=CODE,
-                          folder=Path(out_dir) if out_dir else model_path.parent / RESPONSES_DIR)
+    entries = load_split(test_path)[: config.max_test_entries]
+    stage = Stage.declare(
+        "instruct-responses",
+        inputs={"model.pt": model_path, "test.json": test_path},
+        config=config.generation_key(),
+        code=CODE,
+        folder=Path(out_dir) if out_dir else model_path.parent / RESPONSES_DIR,
+    )
     progress_path = stage.dir / PROGRESS
     with stage.lock():
         decision = stage.plan(checkpoint=lambda: _progress_key(progress_path))
@@ -379,8 +451,16 @@ def _append(handle, record: dict[str, Any]) -> None:
 
 def sample_rows(path: Path, n: int, width: int = 200) -> list[dict[str, str]]:
     """The first `n` entries of a responses file, shortened for a table."""
-    def short(text: str) -> str:
-        return text if len(text) <= width else text[:width - 3] + "..."
 
-    return [{"instruction": short(e["instruction"]), "input": short(e.get("input", "")),
-             "output": short(e["output"]), RESPONSE_KEY: short(e[RESPONSE_KEY])} for e in read_json(path)[:n]]
+    def short(text: str) -> str:
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    return [
+        {
+            "instruction": short(e["instruction"]),
+            "input": short(e.get("input", "")),
+            "output": short(e["output"]),
+            RESPONSE_KEY: short(e[RESPONSE_KEY]),
+        }
+        for e in read_json(path)[:n]
+    ]

@@ -69,9 +69,18 @@ def export_onnx(model: SequenceClassifier, path: str | Path, metadata: dict[str,
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
         onnx_path = tmp.with_suffix(".onnx")
         try:
-            torch.onnx.export(model, example, onnx_path, input_names=["input_ids", "attention_mask"],
-                              output_names=["logits"], dynamic_shapes=shapes, external_data=False, dynamo=True,
-                              opset_version=EXPORT_OPSET, verbose=False)
+            torch.onnx.export(
+                model,
+                example,
+                onnx_path,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                dynamic_shapes=shapes,
+                external_data=False,
+                dynamo=True,
+                opset_version=EXPORT_OPSET,
+                verbose=False,
+            )
             proto = onnx.load(onnx_path)
         finally:
             onnx_path.unlink(missing_ok=True)
@@ -92,8 +101,14 @@ def onnx_opset(proto: onnx.ModelProto) -> int:
 
 
 def model_metadata(labels: dict[str, int], max_length: int, source_sha256: str, pooling: str) -> dict[str, str]:
-    return {"labels": json.dumps(labels, sort_keys=True), "tokenizer": "gpt2", "max_length": str(max_length),
-            "pad_id": str(PAD_ID), "source_checkpoint_sha256": source_sha256, "pooling": pooling}
+    return {
+        "labels": json.dumps(labels, sort_keys=True),
+        "tokenizer": "gpt2",
+        "max_length": str(max_length),
+        "pad_id": str(PAD_ID),
+        "source_checkpoint_sha256": source_sha256,
+        "pooling": pooling,
+    }
 
 
 def onnx_logits(onnx_path: str | Path, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
@@ -101,8 +116,9 @@ def onnx_logits(onnx_path: str | Path, ids: Sequence[Sequence[int]], batch_size:
     return run_session(session(onnx_path), ids, batch_size)
 
 
-def check_parity(torch_logits: np.ndarray, fp32_logits: np.ndarray, int8_logits: np.ndarray | None,
-                 what: str) -> dict[str, Any]:
+def check_parity(
+    torch_logits: np.ndarray, fp32_logits: np.ndarray, int8_logits: np.ndarray | None, what: str
+) -> dict[str, Any]:
     """fp32 ONNX must match torch (max |diff| <= 1e-4, same predictions); int8 must agree with fp32 on >= 99%.
     Returns the measured figures; raises ExportError otherwise."""
     diff = float(np.abs(torch_logits - fp32_logits).max())
@@ -110,19 +126,29 @@ def check_parity(torch_logits: np.ndarray, fp32_logits: np.ndarray, int8_logits:
     n = len(torch_logits)
     report: dict[str, Any] = {"n": n, "fp32_max_abs_logit_diff": diff, "fp32_prediction_matches": same}
     if diff > PARITY_ATOL or same != n:
-        raise ExportError(f"{what}: the fp32 ONNX model does not reproduce PyTorch: max |logit diff| {diff:.3g} "
-                          f"(allowed {PARITY_ATOL:g}), {n - same} of {n} predictions differ")
+        raise ExportError(
+            f"{what}: the fp32 ONNX model does not reproduce PyTorch: max |logit diff| {diff:.3g} "
+            f"(allowed {PARITY_ATOL:g}), {n - same} of {n} predictions differ"
+        )
     if int8_logits is not None:
         agreement = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
         report["int8_agreement"] = agreement
         if agreement < MIN_INT8_AGREEMENT:
-            raise ExportError(f"{what}: int8 ONNX predictions agree with fp32 on {100 * agreement:.2f}% of "
-                              f"messages (required {100 * MIN_INT8_AGREEMENT:g}%)")
+            raise ExportError(
+                f"{what}: int8 ONNX predictions agree with fp32 on {100 * agreement:.2f}% of "
+                f"messages (required {100 * MIN_INT8_AGREEMENT:g}%)"
+            )
     return report
 
 
-def write_bundle(out_dir: str | Path, fp32_onnx: Path, int8_onnx: Path | None, tokenizer_files: tuple[Path, Path],
-                 labels: dict[str, int], info: dict[str, Any]) -> Path:
+def write_bundle(
+    out_dir: str | Path,
+    fp32_onnx: Path,
+    int8_onnx: Path | None,
+    tokenizer_files: tuple[Path, Path],
+    labels: dict[str, int],
+    info: dict[str, Any],
+) -> Path:
     """The edge bundle: model files, tokenizer files, labels.json and a manifest with every file's sha256.
     Built in a temporary folder and renamed into place, so a bundle is never half-written."""
     out_dir = Path(out_dir)
@@ -155,8 +181,16 @@ class ExportConfig(BaseModel):
     batch_size: int = Field(default=32, gt=0)
 
 
-def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path | None, config: ExportConfig,
-                      *, tokenizer, tokenizer_files: tuple[Path, Path], resume: bool = True) -> dict[str, Any]:
+def export_classifier(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path | None,
+    config: ExportConfig,
+    *,
+    tokenizer,
+    tokenizer_files: tuple[Path, Path],
+    resume: bool = True,
+) -> dict[str, Any]:
     """Classifier checkpoint -> ONNX fp32 (+ int8), parity on the whole test split, int8 gate, edge bundle in
     `bundle/`, report and manifest in the stage folder (`out_dir`, else named by the stage contract). Raises
     ExportError / QuantizationGateError loudly."""
@@ -165,8 +199,14 @@ def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str
     labels = load_labels(data_dir)
     if labels != loaded.labels:
         raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
-    stage = Stage.declare("export", inputs={"checkpoint": loaded.path, "test.csv": data_dir / "test.csv"},
-                          config=config, code=CODE, label=loaded.path.parent.name, out_dir=out_dir)
+    stage = Stage.declare(
+        "export",
+        inputs={"checkpoint": loaded.path, "test.csv": data_dir / "test.csv"},
+        config=config,
+        code=CODE,
+        label=loaded.path.parent.name,
+        out_dir=out_dir,
+    )
     with stage.lock():
         if stage.plan(resume).reused:
             return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
@@ -174,8 +214,9 @@ def export_classifier(checkpoint: str | Path, data_dir: str | Path, out_dir: str
     return {**report, "out_dir": str(stage.dir), "reused": False}
 
 
-def _export(loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer,
-            tokenizer_files: tuple[Path, Path]) -> dict[str, Any]:
+def _export(
+    loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer, tokenizer_files: tuple[Path, Path]
+) -> dict[str, Any]:
     out_dir, ckpt_sha = stage.dir, stage.inputs["checkpoint"]
     test = encode_split(read_split(data_dir / "test.csv", loaded.labels), tokenizer, loaded.max_length)
     y = np.asarray(test.labels)
@@ -195,23 +236,41 @@ def _export(loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenize
         torch_int8 = predict_logits(quantize_torch_dynamic(loaded.model), test.ids, config.batch_size)
         accuracy |= {"torch_int8": _acc(torch_int8, y), "onnx_int8": _acc(onnx_int8, y)}
     parity = check_parity(torch_fp32, onnx_fp32, onnx_int8, f"export of {loaded.path}")
-    report: dict[str, Any] = {"checkpoint": str(loaded.path), "checkpoint_sha256": ckpt_sha, "test_n": len(y),
-                              "accuracy": accuracy, "parity": parity, "opset": onnx_opset(onnx.load(fp32_path))}
+    report: dict[str, Any] = {
+        "checkpoint": str(loaded.path),
+        "checkpoint_sha256": ckpt_sha,
+        "test_n": len(y),
+        "accuracy": accuracy,
+        "parity": parity,
+        "opset": onnx_opset(onnx.load(fp32_path)),
+    }
     if config.int8:
-        report["int8_drop_points"] = check_accuracy_gate(accuracy["onnx_fp32"], accuracy["onnx_int8"],
-                                                         config.max_int8_drop, f"ONNX int8 of {loaded.path}")
-    info = {"max_length": loaded.max_length, "pad_id": PAD_ID, "tokenizer": "gpt2", "pooling": loaded.model.pooling,
-            "source_checkpoint_sha256": ckpt_sha, "opset": report["opset"], "test_accuracy": accuracy}
-    bundle = write_bundle(out_dir / BUNDLE_DIR, fp32_path, int8_path if config.int8 else None, tokenizer_files,
-                          loaded.labels, info)
+        report["int8_drop_points"] = check_accuracy_gate(
+            accuracy["onnx_fp32"], accuracy["onnx_int8"], config.max_int8_drop, f"ONNX int8 of {loaded.path}"
+        )
+    info = {
+        "max_length": loaded.max_length,
+        "pad_id": PAD_ID,
+        "tokenizer": "gpt2",
+        "pooling": loaded.model.pooling,
+        "source_checkpoint_sha256": ckpt_sha,
+        "opset": report["opset"],
+        "test_accuracy": accuracy,
+    }
+    bundle = write_bundle(
+        out_dir / BUNDLE_DIR, fp32_path, int8_path if config.int8 else None, tokenizer_files, loaded.labels, info
+    )
     report["bundle"] = str(bundle)
-    report["sizes_bytes"] = {"torch_checkpoint": loaded.path.stat().st_size,
-                             **{name: (bundle / name).stat().st_size for name in ORT_FILES.values()
-                                if (bundle / name).is_file()}}
+    report["sizes_bytes"] = {
+        "torch_checkpoint": loaded.path.stat().st_size,
+        **{name: (bundle / name).stat().st_size for name in ORT_FILES.values() if (bundle / name).is_file()},
+    }
     shutil.rmtree(work)
     write_json_atomic(out_dir / REPORT, report)
-    stage.complete([REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())],
-                   {"accuracy": accuracy, **parity})
+    stage.complete(
+        [REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())],
+        {"accuracy": accuracy, **parity},
+    )
     return report
 
 

@@ -50,8 +50,13 @@ class PretrainError(GptflowError, ValueError):
 class PretrainConfig(TrainConfig):
     """Every knob of a pretraining run (also the flow's parameters and the stage's config)."""
 
-    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_every", "eval_batches", "sample_prompt",
-                                                                 "sample_tokens", "compile"}
+    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
+        "eval_every",
+        "eval_batches",
+        "sample_prompt",
+        "sample_tokens",
+        "compile",
+    }
 
     context_length: int | None = Field(default=None, gt=1, description="override the preset's context")
     steps: int = Field(default=300, gt=0, description="optimizer steps (mini: about 5 minutes on 2 cores)")
@@ -59,7 +64,8 @@ class PretrainConfig(TrainConfig):
     min_lr_ratio: MinLrRatio = 0.1
     warmup_steps: WarmupSteps = 50
     sampling: Literal["random", "strided"] = Field(
-        default="random", description="random: seeded random windows; strided: consecutive windows, wrapping")
+        default="random", description="random: seeded random windows; strided: consecutive windows, wrapping"
+    )
     bf16: Bf16 = True
     compile: bool = Field(default=False, description="torch.compile the model (slow start, small gain on CPU)")
     eval_every: EvalEvery = 50
@@ -92,8 +98,10 @@ class TokenWindows:
         self.n_windows = (len(tokens) - 1) // context  # strided windows
         self.max_start = len(tokens) - context - 1  # random windows start in [0, max_start]
         if self.max_start < 0:
-            raise PretrainError(f"{len(tokens)} tokens are fewer than one window of {context + 1}; "
-                                "use a longer corpus or a smaller --context-length")
+            raise PretrainError(
+                f"{len(tokens)} tokens are fewer than one window of {context + 1}; "
+                "use a longer corpus or a smaller --context-length"
+            )
 
     def starts(self, index: int) -> np.ndarray:
         if self.mode == "random":
@@ -104,7 +112,7 @@ class TokenWindows:
         return self.rows(self.starts(index))
 
     def rows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(np.stack([self.tokens[s:s + self.context + 1] for s in starts]).astype(np.int64))
+        rows = torch.from_numpy(np.stack([self.tokens[s : s + self.context + 1] for s in starts]).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -116,8 +124,7 @@ def lm_loss(features: torch.Tensor, head_weight: torch.Tensor, targets: torch.Te
     return linear_cross_entropy(features.flatten(0, 1), head_weight, targets.flatten())
 
 
-def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int, max_batches: int,
-             bf16: bool) -> float:
+def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int, max_batches: int, bf16: bool) -> float:
     """Mean loss over up to `max_batches` batches of strided windows spread evenly over `tokens`."""
     windows = TokenWindows(tokens, context, batch_size, "strided", seed=0)
     n = min(windows.n_windows, max_batches * batch_size)
@@ -128,7 +135,7 @@ def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int,
     device = next(model.parameters()).device
     with eval_mode(model), autocast(bf16, device):
         for i in range(0, n, batch_size):
-            x, y = (t.to(device) for t in windows.rows(chosen[i:i + batch_size]))
+            x, y = (t.to(device) for t in windows.rows(chosen[i : i + batch_size]))
             total += lm_loss(model.features(x), model.out_head.weight, y).item() * len(x)
             count += len(x)
     return total / count
@@ -148,8 +155,14 @@ def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | 
     data_dir = Path(data_dir)
     for name in TOKEN_FILES:
         load_tokens(data_dir / name)
-    return Stage.declare("pretrain", inputs={n: data_dir / n for n in TOKEN_FILES}, config=config, code=CODE,
-                         label=f"{data_dir.name}-{config.preset}", out_dir=out_dir)
+    return Stage.declare(
+        "pretrain",
+        inputs={n: data_dir / n for n in TOKEN_FILES},
+        config=config,
+        code=CODE,
+        label=f"{data_dir.name}-{config.preset}",
+        out_dir=out_dir,
+    )
 
 
 def pretrain(
@@ -170,13 +183,20 @@ def pretrain(
     with stage.lock():
         if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
             saved = read_json(stage.dir / METRICS)
-            return PretrainResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"],
-                                  saved["history"], reused=True)
+            return PretrainResult(
+                stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
+            )
         return _train(stage, Path(data_dir), config, tokenizer, on_log, progress)
 
 
-def _train(stage: Stage, data_dir: Path, config: PretrainConfig, tokenizer: Any,
-           on_log: Callable[[dict[str, Any]], None] | None, progress: bool) -> PretrainResult:
+def _train(
+    stage: Stage,
+    data_dir: Path,
+    config: PretrainConfig,
+    tokenizer: Any,
+    on_log: Callable[[dict[str, Any]], None] | None,
+    progress: bool,
+) -> PretrainResult:
     train_tokens, val_tokens = (load_tokens(data_dir / name) for name in TOKEN_FILES)
     torch.manual_seed(config.seed)
     model = GPTModel(config.model_config_for())
@@ -195,15 +215,28 @@ def _train(stage: Stage, data_dir: Path, config: PretrainConfig, tokenizer: Any,
             metrics["sample"] = sample_text(model, tokenizer, config.sample_prompt, config.sample_tokens)
         return metrics
 
-    state = train(model, config, stage=stage, total_steps=config.steps, batch=windows.batch, loss=loss,
-                  evaluate=validate, on_log=on_log, progress=progress)
+    state = train(
+        model,
+        config,
+        stage=stage,
+        total_steps=config.steps,
+        batch=windows.batch,
+        loss=loss,
+        evaluate=validate,
+        on_log=on_log,
+        progress=progress,
+    )
     trains = [h for h in state.history if h["kind"] == "train"]
     evals = [h for h in state.history if h["kind"] == "eval"]
-    final = {"steps": state.step, "tokens_seen": state.tokens_seen,
-             "train_loss": trains[-1]["loss"] if trains else None,
-             "val_loss": evals[-1]["val_loss"] if evals else None,
-             "val_ppl": evals[-1]["val_ppl"] if evals else None,
-             "best_val_loss": min((e["val_loss"] for e in evals), default=None), "params": model.num_params()}
+    final = {
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "train_loss": trains[-1]["loss"] if trains else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_ppl": evals[-1]["val_ppl"] if evals else None,
+        "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+        "params": model.num_params(),
+    }
     save_model(stage.dir / MODEL, model, metrics=final)
     write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
     stage.complete([CHECKPOINT, MODEL, METRICS], final)
@@ -213,4 +246,4 @@ def _train(stage: Stage, data_dir: Path, config: PretrainConfig, tokenizer: Any,
 def sample_text(model: GPTModel, tokenizer: Any, prompt: str, n_tokens: int) -> str:
     ids = tokenizer.encode(prompt, allowed_special="all") or [50256]
     out = generate(model, torch.tensor([ids]), n_tokens, temperature=0.0)
-    return tokenizer.decode(out[0, len(ids):].tolist())
+    return tokenizer.decode(out[0, len(ids) :].tolist())

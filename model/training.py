@@ -25,17 +25,20 @@ from torch import nn
 from gptflow.errors import GptflowError
 from gptflow.stage import Stage
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.config import Preset
 
 # Constrained field types: a stage config may change a default (`lr: LearningRate = 2e-3`) without restating them.
 LearningRate = Annotated[float, Field(gt=0, description="peak learning rate")]
-MinLrRatio = Annotated[float, Field(ge=0, le=1, description="final LR / peak LR of the cosine schedule "
-                                                             "(1.0: constant after warmup)")]
+MinLrRatio = Annotated[
+    float, Field(ge=0, le=1, description="final LR / peak LR of the cosine schedule (1.0: constant after warmup)")
+]
 WarmupSteps = Annotated[int, Field(ge=0, description="linear LR warmup steps")]
 GradClip = Annotated[float | None, Field(gt=0, description="clip the gradient norm to this (None: no clipping)")]
 Betas = Annotated[tuple[float, float], Field(description="AdamW betas")]
 Bf16 = Annotated[bool, Field(description="bf16 autocast (faster on CPUs with bf16 matmuls)")]
-EvalEvery = Annotated[int | None, Field(gt=0, description="evaluate every N steps (None: once per epoch, or "
-                                                           "only at the end)")]
+EvalEvery = Annotated[
+    int | None, Field(gt=0, description="evaluate every N steps (None: once per epoch, or only at the end)")
+]
 
 
 class TrainConfig(BaseModel):
@@ -45,7 +48,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"threads", "log_every", "checkpoint_every"})
 
-    preset: str = Field(default="mini", description="model preset for a model built from scratch")
+    preset: Preset = Field(default="mini", description="model preset for a model built from scratch")
     dropout: float = Field(default=0.0, ge=0, lt=1)
     lr: LearningRate = 5e-5
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay (matrices and embeddings)")
@@ -74,15 +77,18 @@ class NonFiniteLossError(GptflowError, FloatingPointError):
     """The loss became NaN or inf; training stopped and the last good checkpoint is kept."""
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW (the fused kernel: one pass per tensor instead of a dozen); weight decay on matrices and
     embeddings (>= 2-D) only, never on biases and LayerNorm. Frozen parameters are left out."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
 
 
@@ -96,8 +102,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
-                    min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
     schedule = functools.partial(warmup_cosine, warmup=warmup, total=total, min_ratio=min_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -105,8 +112,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
 def check_finite(loss: torch.Tensor | float, step: int, where: str = "training") -> None:
     value = torch.as_tensor(loss)
     if not torch.isfinite(value).all():
-        raise NonFiniteLossError(f"{where} loss is {value.item()} at step {step}; stopped. Lower the learning rate "
-                                 "or turn off bf16; the last good checkpoint is kept")
+        raise NonFiniteLossError(
+            f"{where} loss is {value.item()} at step {step}; stopped. Lower the learning rate "
+            "or turn off bf16; the last good checkpoint is kept"
+        )
 
 
 def set_threads(n: int | None) -> int:
@@ -175,7 +184,7 @@ class EpochBatches:
     def indices(self, i: int) -> list[int]:
         epoch, j = divmod(i, self.per_epoch)
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+        return order[j * self.batch_size : (j + 1) * self.batch_size].tolist()
 
 
 class TrainingCheckpoint:
@@ -194,12 +203,28 @@ class TrainingCheckpoint:
         """The stage key it was written under (None when there is no checkpoint)."""
         return self.load().get("stage") if self.path.is_file() else None
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-             stage_key: dict[str, Any], **extra: Any) -> None:
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: TrainState,
+        stage_key: dict[str, Any],
+        **extra: Any,
+    ) -> None:
         cfg = getattr(model, "cfg", None)
-        save_checkpoint(self.path, format=FORMAT, config=cfg.to_dict() if cfg is not None else None,
-                        model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        train_state=asdict(state), rng=rng_state(), stage=stage_key, **extra)
+        save_checkpoint(
+            self.path,
+            format=FORMAT,
+            config=cfg.to_dict() if cfg is not None else None,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            train_state=asdict(state),
+            rng=rng_state(),
+            stage=stage_key,
+            **extra,
+        )
         self._state = None
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
@@ -240,9 +265,9 @@ def train(
 
     `batch(i)` is micro-batch i (the same i always gives the same batch); `loss(batch)` returns the mean loss and
     stats to sum between logs ("tokens", and "correct"/"n" for an accuracy); `evaluate(final)` (if any) returns
-    validation metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` is resumed when the stage's plan says
-    so (`stage.decision`), written every `config.checkpoint_every` steps and at the end. `on_log` receives every
-    train and eval record (also kept in the returned state's history)."""
+    validation metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` is resumed when the stage's
+    plan says so (`stage.decision`), written every `config.checkpoint_every` steps and at the end. `on_log`
+    receives every train and eval record (also kept in the returned state's history)."""
     set_threads(config.threads)
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
@@ -271,8 +296,11 @@ def train(
                 tensors = [t.to(device) for t in batch(state.step * config.grad_accum + micro)]
                 with autocast(config.bf16, device):
                     value, stats = loss(tensors)
-                check_finite(value, state.step + 1, f"training (last good checkpoint: "
-                                                    f"{ckpt.path if ckpt.path.is_file() else 'none yet'})")
+                check_finite(
+                    value,
+                    state.step + 1,
+                    f"training (last good checkpoint: {ckpt.path if ckpt.path.is_file() else 'none yet'})",
+                )
                 (value / config.grad_accum).backward()
                 step_loss += value.item() / config.grad_accum
                 state.tokens_seen += int(stats.get("tokens", 0))
@@ -292,13 +320,23 @@ def train(
                 now = time.perf_counter()
                 tps = (state.tokens_seen - tokens_at_log) / max(now - clock, 1e-9)
                 clock, tokens_at_log = now, state.tokens_seen
-                record = {"kind": "train", "step": state.step, "epoch": epoch(state.step), **_means(state.since_log),
-                          "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen, "tokens_per_s": tps}
+                record = {
+                    "kind": "train",
+                    "step": state.step,
+                    "epoch": epoch(state.step),
+                    **_means(state.since_log),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": tps,
+                }
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 _emit(state, on_log, record)
                 state.since_log = {}
-            due = state.step % config.eval_every == 0 if config.eval_every else (
-                steps_per_epoch is not None and state.step % steps_per_epoch == 0)
+            due = (
+                state.step % config.eval_every == 0
+                if config.eval_every
+                else (steps_per_epoch is not None and state.step % steps_per_epoch == 0)
+            )
             if (due or last) and evaluate is not None:
                 metrics = evaluate(last)
                 check_finite(metrics.get("val_loss", 0.0), state.step, "validation")
@@ -311,12 +349,25 @@ def train(
                 else:
                     state.bad_evals += 1
                 train_means = {f"train_{k}": v for k, v in _means(state.since_eval).items()}
-                _emit(state, on_log, {"kind": "eval", "step": state.step, "epoch": epoch(state.step), **train_means,
-                                      **metrics, "best": improved, "lr": scheduler.get_last_lr()[0],
-                                      "tokens_seen": state.tokens_seen})
+                _emit(
+                    state,
+                    on_log,
+                    {
+                        "kind": "eval",
+                        "step": state.step,
+                        "epoch": epoch(state.step),
+                        **train_means,
+                        **metrics,
+                        "best": improved,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_seen": state.tokens_seen,
+                    },
+                )
                 if progress:
-                    bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                                  if isinstance(v, float)))
+                    bar.write(
+                        f"step {state.step}: "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                    )
                 state.since_eval = {}
                 state.stopped_early = select.patience is not None and state.bad_evals >= select.patience
                 clock = time.perf_counter()  # keep evaluation time out of tokens/s

@@ -88,12 +88,22 @@ class SafetensorsReader:
 
 def hf_name_map(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
     """Our parameter name -> (Hugging Face tensor name, stored as Conv1D [in, out] so transpose)."""
-    names = {"tok_emb.weight": ("wte.weight", False), "pos_emb.weight": ("wpe.weight", False),
-             "final_norm.weight": ("ln_f.weight", False), "final_norm.bias": ("ln_f.bias", False)}
+    names = {
+        "tok_emb.weight": ("wte.weight", False),
+        "pos_emb.weight": ("wpe.weight", False),
+        "final_norm.weight": ("ln_f.weight", False),
+        "final_norm.bias": ("ln_f.bias", False),
+    }
     if not cfg.tie_weights:
         names["out_head.weight"] = ("lm_head.weight", False)
-    layer = {"norm1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn.proj": ("attn.c_proj", True),
-             "norm2": ("ln_2", False), "mlp.fc": ("mlp.c_fc", True), "mlp.proj": ("mlp.c_proj", True)}
+    layer = {
+        "norm1": ("ln_1", False),
+        "attn.qkv": ("attn.c_attn", True),
+        "attn.proj": ("attn.c_proj", True),
+        "norm2": ("ln_2", False),
+        "mlp.fc": ("mlp.c_fc", True),
+        "mlp.proj": ("mlp.c_proj", True),
+    }
     for i in range(cfg.n_layers):
         for ours, (theirs, conv1d) in layer.items():
             names[f"blocks.{i}.{ours}.weight"] = (f"h.{i}.{theirs}.weight", conv1d)
@@ -151,10 +161,18 @@ def infer_config(reader: SafetensorsReader) -> GPTConfig:
     layers = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"h\.(\d+)\.", n))), default=-1)
     match = [c for c in PRESETS.values() if (c.emb_dim, c.n_layers) == (emb, layers)]
     if not match:
-        raise WeightsError(f"{reader.path}: emb {emb} x {layers} layers matches no preset, so the number of "
-                           "heads is unknown; put the Hugging Face config.json beside the weights")
-    return GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
-                     n_heads=match[0].n_heads, tie_weights="lm_head.weight" not in reader.entries)
+        raise WeightsError(
+            f"{reader.path}: emb {emb} x {layers} layers matches no preset, so the number of "
+            "heads is unknown; put the Hugging Face config.json beside the weights"
+        )
+    return GPTConfig(
+        vocab_size=vocab,
+        context_length=ctx,
+        emb_dim=emb,
+        n_layers=layers,
+        n_heads=match[0].n_heads,
+        tie_weights="lm_head.weight" not in reader.entries,
+    )
 
 
 def load_gpt2(
@@ -190,14 +208,17 @@ def load_gpt2(
             want = list(params[ours].shape[::-1]) if conv1d else list(params[ours].shape)
             got = reader.shape(stored[theirs]) if theirs in stored else want
             if got != want:
-                raise WeightsError(f"{path}: tensor {theirs} has shape {got}, expected {want} "
-                                   f"for emb {cfg.emb_dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}")
+                raise WeightsError(
+                    f"{path}: tensor {theirs} has shape {got}, expected {want} "
+                    f"for emb {cfg.emb_dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}"
+                )
         expected = {theirs for theirs, _ in mapping.values()}
         missing, unexpected = sorted(expected - stored.keys()), sorted(stored.keys() - expected)
         if missing or unexpected:
             raise WeightsError(
                 f"{path} does not hold GPT-2 weights for {cfg.n_layers} layers: missing {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''}"
             )
         model = model.to_empty(device="cpu")
         if cfg.tie_weights:
@@ -214,8 +235,13 @@ def convert_gpt2(name_or_path: str | Path, settings: Settings | None = None) -> 
     settings = settings or get_settings()
     path, named = resolve_weights(name_or_path, settings)
     name = named or f"{path.parent.name}-{sha256_file(path)[:8]}"
-    stage = Stage.declare("load-gpt2", inputs={WEIGHTS_NAME: path}, config={"source": str(name_or_path)}, code=CODE,
-                          folder=settings.stage_dir("models") / name)
+    stage = Stage.declare(
+        "load-gpt2",
+        inputs={WEIGHTS_NAME: path},
+        config={"source": str(name_or_path)},
+        code=CODE,
+        folder=settings.stage_dir("models") / name,
+    )
     with stage.lock():
         if stage.plan().reused:
             return stage.dir / "model.pt", True

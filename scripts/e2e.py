@@ -39,8 +39,16 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--hide-scrollbars", "--window-size=1400,1100"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--window-size=1400,1100",
+]
 PNG_DATA_URL = "data:image/png;base64,"
 
 
@@ -64,12 +72,28 @@ def expectations() -> dict[str, Expectation]:
     return {
         "nightly": Expectation(
             parameters={"params": tiny.model_dump(mode="json")},
-            subflows={"prepare-spam", "prepare-instructions", "prepare-corpus", "pretrain", "finetune-classifier",
-                      "export", "finetune-instructions", "evaluate"},
+            subflows={
+                "prepare-spam",
+                "prepare-instructions",
+                "prepare-corpus",
+                "pretrain",
+                "finetune-classifier",
+                "export",
+                "finetune-instructions",
+                "evaluate",
+            },
             tasks={"train_model", "write_run_report"},
-            artifacts={*pretrain_artifacts, "pipeline-report", "pipeline-stages", "pipeline-report-file",
-                       "evaluation-report", "classify-*-confusion", "classify-*-curves", "export-*-accuracy",
-                       "instruct-*-loss"},
+            artifacts={
+                *pretrain_artifacts,
+                "pipeline-report",
+                "pipeline-stages",
+                "pipeline-report-file",
+                "evaluation-report",
+                "classify-*-confusion",
+                "classify-*-curves",
+                "export-*-accuracy",
+                "instruct-*-loss",
+            },
             min_plots=4,
         ),
         "weekly-pretrain": Expectation(
@@ -90,6 +114,7 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- processes
+
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
@@ -118,8 +143,15 @@ class Service:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path):
         self.name, self.log_path = name, log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -160,8 +192,15 @@ def _signal(pid: int, sig: int) -> None:
 def run_cli(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> None:
     with open(log_path, "wb") as out:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
+            rc = subprocess.run(
+                cmd,
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout_s,
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     if rc != 0:
@@ -192,6 +231,7 @@ def wait_for_health(server: Service, api_url: str, timeout_s: float) -> float:
 
 # ---------------------------------------------------------------------------------------------- chromium
 
+
 def ensure_chromium() -> str:
     """The system Chromium; Debian's package is installed (as root) when it is missing."""
     for name in ("chromium", "chromium-browser"):
@@ -216,8 +256,12 @@ class Browser:
     def __init__(self, executable: str, profile: Path, log_path: Path, env: dict[str, str]):
         from websockets.sync.client import connect
 
-        self.service = Service("chromium", [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                            "--remote-debugging-port=0", "about:blank"], env, log_path)
+        self.service = Service(
+            "chromium",
+            [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+            env,
+            log_path,
+        )
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
         while not port_file.is_file() or not port_file.read_text().strip():
             if not self.service.alive() or time.monotonic() > deadline:
@@ -276,13 +320,14 @@ class Browser:
 
 
 def png_size(data_url: str) -> tuple[int, int]:
-    raw = base64.b64decode(data_url[len(PNG_DATA_URL):][:64] + "==", validate=False)
+    raw = base64.b64decode(data_url[len(PNG_DATA_URL) :][:64] + "==", validate=False)
     if raw[:8] != b"\x89PNG\r\n\x1a\n":
         raise E2EError("plot artifact holds a data URL that is not a PNG")
     return struct.unpack(">II", raw[16:24])
 
 
 # ---------------------------------------------------------------------------------------------- prefect API
+
 
 def deployment_checks(client, pool: str, spec: dict) -> dict[str, Any]:
     """Every deployment of prefect.yaml exists on the pool with its schedules; returns name -> deployment."""
@@ -319,8 +364,10 @@ def wait_for_run(client, run_id, worker: Service, timeout_s: float):
             raise E2EError(f"the worker exited while the run was {run.state_name}:\n{worker.tail()}")
         if time.monotonic() - start > timeout_s:
             client.set_flow_run_state(run_id, Cancelling(), force=True)
-            raise E2EError(f"flow run {run.name} still {run.state_name} after {timeout_s:.0f}s (cancelled); "
-                           f"worker log tail:\n{worker.tail()}")
+            raise E2EError(
+                f"flow run {run.name} still {run.state_name} after {timeout_s:.0f}s (cancelled); "
+                f"worker log tail:\n{worker.tail()}"
+            )
         time.sleep(2)
 
 
@@ -354,22 +401,31 @@ def run_checks(client, run, expect: Expectation) -> dict[str, Any]:
         problems.append(f"{len(plots)} plot artifacts, expected at least {expect.min_plots}")
     if problems:
         raise E2EError("API checks failed:\n  " + "\n  ".join(problems))
-    return {"flow_runs": len(runs), "subflows": sorted(n for n in subflow_names if n), "task_runs": len(tasks),
-            "artifacts": sorted(keys), "plots": plots, "run_artifacts": [a for a in artifacts
-                                                                         if a.flow_run_id == run.id]}
+    return {
+        "flow_runs": len(runs),
+        "subflows": sorted(n for n in subflow_names if n),
+        "task_runs": len(tasks),
+        "artifacts": sorted(keys),
+        "plots": plots,
+        "run_artifacts": [a for a in artifacts if a.flow_run_id == run.id],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- UI checks
 
-STATE_BADGE = ("[...document.querySelectorAll('[data-slot=badge]')].some(b => /state-completed/.test(b.className)"
-               " && b.innerText.trim() === 'Completed')")
+STATE_BADGE = (
+    "[...document.querySelectorAll('[data-slot=badge]')].some(b => /state-completed/.test(b.className)"
+    " && b.innerText.trim() === 'Completed')"
+)
 
 
 def plot_check_js(width: int, height: int) -> str:
-    return (f"[...document.querySelectorAll('img')].filter(i => i.src.startsWith('{PNG_DATA_URL}') && i.complete"
-            f" && i.naturalWidth === {width} && i.naturalHeight === {height})"
-            ".map(i => ({w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width}))"
-            ".filter(i => i.shown > 0)[0]")
+    return (
+        f"[...document.querySelectorAll('img')].filter(i => i.src.startsWith('{PNG_DATA_URL}') && i.complete"
+        f" && i.naturalWidth === {width} && i.naturalHeight === {height})"
+        ".map(i => ({w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width}))"
+        ".filter(i => i.shown > 0)[0]"
+    )
 
 
 def ui_checks(browser: Browser, base: str, run, api: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -390,8 +446,10 @@ def ui_checks(browser: Browser, base: str, run, api: dict[str, Any], out: Path) 
     if table is not None:
         rows = json.loads(table.data) if isinstance(table.data, str) else table.data
         columns = json.dumps(list(rows[0]))
-        js = (f"document.querySelectorAll('table tbody tr').length > 0 && {columns}.every(c => "
-              "[...document.querySelectorAll('table th')].some(th => th.innerText.trim() === c))")
+        js = (
+            f"document.querySelectorAll('table tbody tr').length > 0 && {columns}.every(c => "
+            "[...document.querySelectorAll('table th')].some(th => th.innerText.trim() === c))"
+        )
         if not browser.open(f"{base}/v2/artifacts/artifact/{table.id}", js):
             problems.append(f"table artifact {table.key}: no rendered table with columns {columns}")
         shots.append(browser.save(out, f"table-{table.key}"))
@@ -419,8 +477,9 @@ def ui_checks(browser: Browser, base: str, run, api: dict[str, Any], out: Path) 
     return {"pages": [str(s) for s in shots], "plots_rendered": rendered}
 
 
-def save_failed_run_page(chromium: str, scratch: Path, report: Path, env: dict[str, str],
-                         services: list[Service], base: str, run) -> None:
+def save_failed_run_page(
+    chromium: str, scratch: Path, report: Path, env: dict[str, str], services: list[Service], base: str, run
+) -> None:
     """A screenshot of the run page for the failure report (best effort: the API error is what fails)."""
     try:
         browser = Browser(chromium, scratch / "chromium", report / "chromium.log", env)
@@ -437,10 +496,15 @@ def save_failed_run_page(chromium: str, scratch: Path, report: Path, env: dict[s
 
 # ---------------------------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--deployment", default="nightly", choices=["nightly", "weekly-pretrain"],
-                        help="deployment of prefect.yaml to run, with the tiny parameters of configs/tiny.yaml")
+    parser.add_argument(
+        "--deployment",
+        default="nightly",
+        choices=["nightly", "weekly-pretrain"],
+        help="deployment of prefect.yaml to run, with the tiny parameters of configs/tiny.yaml",
+    )
     parser.add_argument("--prefect-file", type=Path, default=REPO / "prefect.yaml", help="deployments to create")
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds the flow run may take")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway PREFECT_HOME and GPTFLOW_HOME")
@@ -460,11 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="gptflow-e2e-"))
     port = free_port()
     base, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
-    env = {**os.environ,
-           "PREFECT_HOME": str(scratch / "prefect"), "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "GPTFLOW_HOME": str(scratch / "outputs"),
-           "GPTFLOW_REPO": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(scratch / "prefect"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "GPTFLOW_HOME": str(scratch / "outputs"),
+        "GPTFLOW_REPO": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
     if env.get("GPTFLOW_MIRROR"):
         env["GPTFLOW_MIRROR"] = str(Path(env["GPTFLOW_MIRROR"]).resolve())
     os.environ.update(env)  # this process talks to the same API (prefect is imported below, after this)
@@ -472,8 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     services: list[Service] = []
     summary: dict[str, Any] = {"deployment": args.deployment, "report": str(report), "ok": False}
     try:
-        server = Service("server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                         env, report / "server.log")
+        server = Service(
+            "server",
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            report / "server.log",
+        )
         services.append(server)
         log(f"prefect server starting on {base} (PREFECT_HOME {scratch / 'prefect'})")
         summary["server_start_s"] = round(wait_for_health(server, api_url, 180), 1)
@@ -481,20 +556,42 @@ def main(argv: list[str] | None = None) -> int:
 
         run_cli([prefect, "work-pool", "create", pool, "--type", "process"], env, report / "work-pool.log", 120)
         t = time.monotonic()
-        run_cli([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)], env,
-                report / "deploy.log", 300)
+        run_cli(
+            [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+            env,
+            report / "deploy.log",
+            300,
+        )
         log(f"deployed {len(spec['deployments'])} deployments to pool {pool} in {time.monotonic() - t:.0f}s")
 
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
             deployments = deployment_checks(client, pool, spec)
-            flow_run = client.create_flow_run_from_deployment(deployments[args.deployment].id,
-                                                              parameters=expect.parameters)
+            flow_run = client.create_flow_run_from_deployment(
+                deployments[args.deployment].id, parameters=expect.parameters
+            )
             log(f"triggered {args.deployment}: flow run {flow_run.name} with {json.dumps(expect.parameters)}")
-            worker = Service("worker", [prefect, "worker", "start", "--pool", pool, "--type", "process",
-                                        "--install-policy", "never", "--limit", "1", "--name", "gptflow-e2e"],
-                             env, report / "worker.log")
+            worker = Service(
+                "worker",
+                [
+                    prefect,
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--type",
+                    "process",
+                    "--install-policy",
+                    "never",
+                    "--limit",
+                    "1",
+                    "--name",
+                    "gptflow-e2e",
+                ],
+                env,
+                report / "worker.log",
+            )
             services.append(worker)
             t = time.monotonic()
             run = wait_for_run(client, flow_run.id, worker, args.run_timeout)
@@ -505,11 +602,14 @@ def main(argv: list[str] | None = None) -> int:
             except E2EError:
                 save_failed_run_page(chromium, scratch, report, env, services, base, run)
                 raise
-        summary.update(run=run.name, state=run.state_name, **{k: v for k, v in api.items()
-                                                              if k not in ("plots", "run_artifacts")})
+        summary.update(
+            run=run.name, state=run.state_name, **{k: v for k, v in api.items() if k not in ("plots", "run_artifacts")}
+        )
         summary["plot_artifacts"] = [p.key for p in api["plots"]]
-        log(f"API: {run.name} {run.state_name}; {api['flow_runs']} flow runs, {api['task_runs']} task runs, "
-            f"{len(api['artifacts'])} artifacts ({len(api['plots'])} plots), all Completed")
+        log(
+            f"API: {run.name} {run.state_name}; {api['flow_runs']} flow runs, {api['task_runs']} task runs, "
+            f"{len(api['artifacts'])} artifacts ({len(api['plots'])} plots), all Completed"
+        )
 
         browser = Browser(chromium, scratch / "chromium", report / "chromium.log", env)
         services.append(browser.service)
@@ -530,8 +630,10 @@ def main(argv: list[str] | None = None) -> int:
         (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    log(f"{'PASSED' if summary['ok'] else 'FAILED'} in {summary['total_s']:.0f}s; screenshots, DOM dumps, logs "
-        f"and summary.json in {report}")
+    log(
+        f"{'PASSED' if summary['ok'] else 'FAILED'} in {summary['total_s']:.0f}s; screenshots, DOM dumps, logs "
+        f"and summary.json in {report}"
+    )
     return 0 if summary["ok"] else 1
 
 

@@ -23,8 +23,9 @@ CONFUSION = "confusion_test.png"
 
 
 @task(cache_policy=NO_CACHE)
-def finetune_classifier(data_dir: str, config: ClassifierConfig, out_dir: str | None = None,
-                        resume: bool = True) -> dict[str, Any]:
+def finetune_classifier(
+    data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True
+) -> dict[str, Any]:
     logger = get_run_logger()
     name = classifier_stage(data_dir, config, out_dir).dir.name
     progress = TrainingProgress(artifact_key("classify", name, "progress"), f"{name}: fine-tuning epochs done")
@@ -34,12 +35,20 @@ def finetune_classifier(data_dir: str, config: ClassifierConfig, out_dir: str | 
             logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
         elif m["kind"] == "train":
             progress.update(m["epoch"] / config.epochs)
-            logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f", m["step"], m["epoch"], m["loss"],
-                        m["accuracy"])
+            logger.info(
+                "step %d (epoch %.2f): train loss %.4f acc %.4f", m["step"], m["epoch"], m["loss"], m["accuracy"]
+            )
         else:
-            logger.info("step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s", m["step"],
-                        m["epoch"], m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"],
-                        "  best" if m["best"] else "")
+            logger.info(
+                "step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s",
+                m["step"],
+                m["epoch"],
+                m["train_loss"],
+                m["train_accuracy"],
+                m["val_loss"],
+                m["val_accuracy"],
+                "  best" if m["best"] else "",
+            )
 
     result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
@@ -49,8 +58,12 @@ def finetune_classifier(data_dir: str, config: ClassifierConfig, out_dir: str | 
     curves = plot_training_curves(evals, result.out_dir / CURVES, title=f"fine-tuning ({config.init})")
     publish_table(evals, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")
     publish_plot(curves, f"{key}-curves", f"{result.out_dir.name}: loss and accuracy")
-    return {"out_dir": str(result.out_dir), "best": str(result.best), "summary": result.summary,
-            "reused": result.reused}
+    return {
+        "out_dir": str(result.out_dir),
+        "best": str(result.best),
+        "summary": result.summary,
+        "reused": result.reused,
+    }
 
 
 @task(cache_policy=NO_CACHE)
@@ -62,9 +75,22 @@ def evaluate_splits(model_path: str, data_dir: str, out_dir: str) -> dict[str, A
         logger.info("%s accuracy %.4f (n=%d)", split, report["accuracy"], report["n"])
     name = Path(out_dir).name
     key = artifact_key("classify", name)
-    publish_table([{"split": s, "accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4),
-                    "roc_auc": round(r["roc_auc"], 4) if "roc_auc" in r else None, "n": r["n"]}
-                   for s, r in reports.items()], f"{key}-accuracy", f"{name}: accuracy per split")
+    publish_table(
+        [
+            {
+                "split": s,
+                "accuracy": round(r["accuracy"], 4),
+                "macro_f1": round(r["macro_f1"], 4),
+                "roc_auc": round(r["roc_auc"], 4) if "roc_auc" in r else None,
+                "n": r["n"],
+            }
+            for s, r in reports.items()
+        ],
+        f"{key}-accuracy",
+        f"{name}: accuracy per split",
+    )
     publish_table(report_rows(reports["test"]), f"{key}-test-metrics", f"{name}: test metrics per class")
     publish_plot(Path(out_dir) / CONFUSION, f"{key}-confusion", f"{name}: test confusion matrix")
-    return {split: {k: r[k] for k in ("accuracy", "macro_f1", "n", "roc_auc") if k in r} for split, r in reports.items()}
+    return {
+        split: {k: r[k] for k in ("accuracy", "macro_f1", "n", "roc_auc") if k in r} for split, r in reports.items()
+    }

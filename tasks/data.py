@@ -30,12 +30,20 @@ def _labelled_outcome(result: StageResult, key: str) -> dict:
     state = "reused" if result.reused else "built"
     logger.info("%s %s: labels %s", state, result.out_dir, report["labels"])
     logger.info("cleaning: %s", report["cleaning"])
-    logger.info("balance (%s): %s -> %s, %d unused rows", report["balance"]["method"],
-                report["balance"]["before"], report["balance"]["after"], report["balance"]["unused_rows"])
+    logger.info(
+        "balance (%s): %s -> %s, %d unused rows",
+        report["balance"]["method"],
+        report["balance"]["before"],
+        report["balance"]["after"],
+        report["balance"]["unused_rows"],
+    )
     logger.info("splits: %s", {s: c["total"] for s, c in report["splits"].items()})
     publish_table(labelled.summary_rows(report), f"{key}-splits", f"{key}: rows per class and split")
-    publish_table([{"step": k, "rows": v} for k, v in report["cleaning"].items()], f"{key}-cleaning",
-                  f"{key}: rows at each cleaning step")
+    publish_table(
+        [{"step": k, "rows": v} for k, v in report["cleaning"].items()],
+        f"{key}-cleaning",
+        f"{key}: rows at each cleaning step",
+    )
     return {"out_dir": str(result.out_dir), "reused": result.reused, "report": report}
 
 
@@ -68,8 +76,14 @@ def build_instruction_data(path: str, config: InstructionDataConfig, default: bo
 def build_corpus(name_or_path: str, config: CorpusConfig) -> dict:
     result = corpus.prepare_corpus(name_or_path, config)
     meta = result.report
-    get_run_logger().info("%s %s: %d tokens (train %d, val %d)", "reused" if result.reused else "built",
-                          result.out_dir, meta["tokens"], meta["train_tokens"], meta["val_tokens"])
+    get_run_logger().info(
+        "%s %s: %d tokens (train %d, val %d)",
+        "reused" if result.reused else "built",
+        result.out_dir,
+        meta["tokens"],
+        meta["train_tokens"],
+        meta["val_tokens"],
+    )
     key = f"data-corpus-{meta['name']}"
     publish_table(corpus.summary_rows(meta), key, f"{key}: GPT-2 tokens per split")
     return {"out_dir": str(result.out_dir), "reused": result.reused, "report": meta}

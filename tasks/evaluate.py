@@ -34,8 +34,14 @@ def plan_evaluation(path: str, response_keys: list[str], judge: JudgeConfig, out
     entries = load_responses(path, response_keys)
     stage = evaluation_stage(path, response_keys, judge, out_dir)
     done = stage.plan().reused
-    get_run_logger().info("%d entries in %s, scoring %s; outputs in %s%s", len(entries), path,
-                          ", ".join(response_keys), stage.dir, " (already evaluated: reusing it)" if done else "")
+    get_run_logger().info(
+        "%d entries in %s, scoring %s; outputs in %s%s",
+        len(entries),
+        path,
+        ", ".join(response_keys),
+        stage.dir,
+        " (already evaluated: reusing it)" if done else "",
+    )
     return {"out_dir": str(stage.dir), "summary": read_json(stage.dir / SUMMARY_NAME) if done else None}
 
 
@@ -58,21 +64,33 @@ def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, pla
     entries = load_responses(path, response_keys)
     stage = evaluation_stage(path, response_keys, judge, plan["out_dir"])
     with stage.lock():
-        summary = evaluate_responses(entries, response_keys, OllamaJudge(judge), stage.dir, source=str(path),
-                                     judge_info=judge_info)
+        summary = evaluate_responses(
+            entries, response_keys, OllamaJudge(judge), stage.dir, source=str(path), judge_info=judge_info
+        )
     fields = summary["fields"]
     for key, f in fields.items():
-        logger.info("%s: %d scored, %d unscored %s, mean %s, 95%% CI %s", key, f["n_scored"], f["n_unscored"],
-                    f["unscored_reasons"] or "", f["mean"], f["ci95"])
+        logger.info(
+            "%s: %d scored, %d unscored %s, mean %s, 95%% CI %s",
+            key,
+            f["n_scored"],
+            f["n_unscored"],
+            f["unscored_reasons"] or "",
+            f["mean"],
+            f["ci95"],
+        )
     if summary["paired"]:
         logger.info("paired: %s", paired_line(summary["paired"]))
     failed = sum(f["unscored_reasons"].get("request failed", 0) for f in fields.values())
     if failed:  # no manifest: the next run asks again for these (every other judgement is cached)
         logger.warning("%d judge requests failed; rerun to retry them", failed)
     else:
-        stage.complete([SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
-                       {key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
-                        for key, f in fields.items()})
+        stage.complete(
+            [SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
+            {
+                key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
+                for key, f in fields.items()
+            },
+        )
     return summary
 
 

@@ -15,8 +15,9 @@ from tasks.artifacts import artifact_key, publish_table
 @task(cache_policy=NO_CACHE)
 def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    report = export_classifier(checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(),
-                               tokenizer_files=tokenizer_files())
+    report = export_classifier(
+        checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(), tokenizer_files=tokenizer_files()
+    )
     logger.info("%s bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("test accuracy %s; parity %s", report["accuracy"], report["parity"])
     sizes = report["sizes_bytes"]
@@ -27,6 +28,9 @@ def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir:
         row["file_mb"] = round(size / 1e6, 2) if size else None
     key = artifact_key("export", report["checkpoint_sha256"][:12])
     publish_table(rows, f"{key}-accuracy", "export: test accuracy and file size per model")
-    publish_table([{"check": k, "value": v} for k, v in report["parity"].items()], f"{key}-parity",
-                  "export: ONNX parity on the test split")
+    publish_table(
+        [{"check": k, "value": v} for k, v in report["parity"].items()],
+        f"{key}-parity",
+        "export: ONNX parity on the test split",
+    )
     return report

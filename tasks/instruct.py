@@ -19,8 +19,9 @@ from tasks.artifacts import TrainingProgress, artifact_key, publish_link, publis
 
 
 @task(cache_policy=NO_CACHE)
-def finetune_model(data_dir: str, config: InstructConfig, out_dir: str | None = None,
-                   resume: bool = True) -> dict[str, Any]:
+def finetune_model(
+    data_dir: str, config: InstructConfig, out_dir: str | None = None, resume: bool = True
+) -> dict[str, Any]:
     """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
     logger = get_run_logger()
     name = instruct_stage(data_dir, config, out_dir).dir.name
@@ -34,19 +35,34 @@ def finetune_model(data_dir: str, config: InstructConfig, out_dir: str | None = 
         if m["kind"] == "resume":
             logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
         elif m["kind"] == "train":
-            logger.info("step %d (epoch %.2f)  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["epoch"],
-                        m["loss"], m["lr"], m["tokens_per_s"])
+            logger.info(
+                "step %d (epoch %.2f)  loss %.4f  lr %.2e  %.0f tokens/s",
+                m["step"],
+                m["epoch"],
+                m["loss"],
+                m["lr"],
+                m["tokens_per_s"],
+            )
         else:
             logger.info("step %d  val loss %.4f", m["step"], m["val_loss"])
 
     result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
-    plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png",
-                           f"instruction fine-tuning ({config.style}, {config.init.label(config.preset)})")
+    plot = plot_loss_curve(
+        result.history,
+        result.out_dir / "loss_curve.png",
+        f"instruction fine-tuning ({config.style}, {config.init.label(config.preset)})",
+    )
     publish_training_result(result, plot, "instruct", "fine-tuning")
-    return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
-            "plot": str(plot), "reused": result.reused, "metrics": result.metrics}
+    return {
+        "out_dir": str(result.out_dir),
+        "model": str(result.model_path),
+        "checkpoint": str(result.checkpoint),
+        "plot": str(plot),
+        "reused": result.reused,
+        "metrics": result.metrics,
+    }
 
 
 @task(cache_policy=NO_CACHE)
@@ -57,15 +73,26 @@ def answer_test_split(model_path: str, test_path: str, config: InstructConfig) -
     def on_response(index: int, entry: dict[str, Any]) -> None:
         logger.info("test entry %d: %r", index, entry["model_response"][:120])
 
-    result = generate_responses(model_path, test_path, None, config, tokenizer=get_tokenizer(),
-                                on_response=on_response)
-    logger.info("%s %s: %d entries (%d generated now in %.1f s)", "reused" if result.reused else "wrote",
-                result.path, result.n_entries, result.n_generated, result.seconds)
+    result = generate_responses(model_path, test_path, None, config, tokenizer=get_tokenizer(), on_response=on_response)
+    logger.info(
+        "%s %s: %d entries (%d generated now in %.1f s)",
+        "reused" if result.reused else "wrote",
+        result.path,
+        result.n_entries,
+        result.n_generated,
+        result.seconds,
+    )
     name = Path(model_path).parent.name
     key = artifact_key("instruct", name, "responses")
     if config.sample_rows:
-        publish_table(sample_rows(result.path, config.sample_rows), key,
-                      f"{name}: first {config.sample_rows} test responses")
+        publish_table(
+            sample_rows(result.path, config.sample_rows), key, f"{name}: first {config.sample_rows} test responses"
+        )
     publish_link(result.path, f"{key}-file", "test entries with model_response (input of `gptflow evaluate`)")
-    return {"responses": str(result.path), "entries": result.n_entries, "generated": result.n_generated,
-            "generation_seconds": result.seconds, "responses_reused": result.reused}
+    return {
+        "responses": str(result.path),
+        "entries": result.n_entries,
+        "generated": result.n_generated,
+        "generation_seconds": result.seconds,
+        "responses_reused": result.reused,
+    }

@@ -40,8 +40,7 @@ def write_run_report(params: BaseModel, stages: dict[str, dict[str, Any]]) -> di
     deliverables = _deliverables(stages)
     markdown = render_run_report(run_name, params.model_dump(mode="json"), stages, deliverables)
     report = write_text_atomic(run_dir / "report.md", markdown)
-    summary = {"run": run_name, "report": str(report), "deliverables": deliverables,
-               "stages": stage_rows(stages)}
+    summary = {"run": run_name, "report": str(report), "deliverables": deliverables, "stages": stage_rows(stages)}
     write_json_atomic(run_dir / "summary.json", summary)
 
     publish_markdown(markdown, "pipeline-report", "run report: stages, lineage, parameters")

@@ -6,7 +6,6 @@ their stage is already complete.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -20,8 +19,9 @@ from tasks.artifacts import TrainingProgress, artifact_key, publish_training_res
 
 
 @task(cache_policy=NO_CACHE)
-def train_model(data_dir: str, config: PretrainConfig, out_dir: str | None = None,
-                resume: bool = True) -> dict[str, Any]:
+def train_model(
+    data_dir: str, config: PretrainConfig, out_dir: str | None = None, resume: bool = True
+) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
     logger = get_run_logger()
     name = pretrain_stage(data_dir, config, out_dir).dir.name
@@ -34,16 +34,26 @@ def train_model(data_dir: str, config: PretrainConfig, out_dir: str | None = Non
         elif m["kind"] == "train":
             logger.info("step %d  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["loss"], m["lr"], m["tokens_per_s"])
         else:
-            logger.info("step %d  val loss %.4f  ppl %.1f  sample %r", m["step"], m["val_loss"], m["val_ppl"],
-                        m.get("sample", ""))
+            logger.info(
+                "step %d  val loss %.4f  ppl %.1f  sample %r",
+                m["step"],
+                m["val_loss"],
+                m["val_ppl"],
+                m.get("sample", ""),
+            )
 
     result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", f"{config.preset} pretraining")
     publish_training_result(result, plot, "pretrain", "pretraining")
-    return {"out_dir": str(result.out_dir), "model": str(result.model_path), "checkpoint": str(result.checkpoint),
-            "reused": result.reused, "metrics": result.metrics}
+    return {
+        "out_dir": str(result.out_dir),
+        "model": str(result.model_path),
+        "checkpoint": str(result.checkpoint),
+        "reused": result.reused,
+        "metrics": result.metrics,
+    }
 
 
 @task(cache_policy=NO_CACHE)

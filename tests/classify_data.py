@@ -22,8 +22,7 @@ def make_texts(n_per_class: int, seed: int) -> pd.DataFrame:
     for label, words in TOPICS.items():
         for _ in range(n_per_class):
             n = int(rng.integers(3, 12))
-            picks = [words[i] if rng.random() < 0.4 else FILLER[i % len(FILLER)]
-                     for i in rng.integers(0, 7, size=n)]
+            picks = [words[i] if rng.random() < 0.4 else FILLER[i % len(FILLER)] for i in rng.integers(0, 7, size=n)]
             rows.append({"text": " ".join([words[int(rng.integers(0, 7))], *picks]), "label": label})
     return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
 

@@ -18,8 +18,7 @@ def mirror_root() -> Path:
     configured = os.environ.get("GPTFLOW_MIRROR")
     path = Path(configured) if configured else REPO_ROOT.parent / "shared" / "mirror"
     if not path.is_dir():
-        pytest.fail(f"the tests read public inputs from the offline mirror; {path} does not exist "
-                    "(set GPTFLOW_MIRROR)")
+        pytest.fail(f"the tests read public inputs from the offline mirror; {path} does not exist (set GPTFLOW_MIRROR)")
     return path.resolve()
 
 

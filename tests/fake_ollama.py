@@ -69,8 +69,9 @@ class FakeOllama:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._server.handle_error = lambda request, address: None  # clients hang up on slow/cut replies
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-ollama",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="fake-ollama", daemon=True
+        )
 
     @property
     def host(self) -> str:
@@ -165,12 +166,26 @@ def _make_handler(fake: FakeOllama):
             if self.path == "/api/version":
                 self._send_json({"version": "0.6.5"})
             elif self.path == "/api/tags":
-                self._send_json({"models": [
-                    {"name": m, "model": m, "modified_at": _CREATED_AT, "size": 4_661_224_676,
-                     "digest": "365c0bd3c000" + "0" * 52,
-                     "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B",
-                                 "quantization_level": "Q4_0"}}
-                    for m in fake.models]})
+                self._send_json(
+                    {
+                        "models": [
+                            {
+                                "name": m,
+                                "model": m,
+                                "modified_at": _CREATED_AT,
+                                "size": 4_661_224_676,
+                                "digest": "365c0bd3c000" + "0" * 52,
+                                "details": {
+                                    "format": "gguf",
+                                    "family": "llama",
+                                    "parameter_size": "8.0B",
+                                    "quantization_level": "Q4_0",
+                                },
+                            }
+                            for m in fake.models
+                        ]
+                    }
+                )
             else:
                 self._send_json({"error": "404 page not found"}, status=404)
 
@@ -181,13 +196,23 @@ def _make_handler(fake: FakeOllama):
             if self.path == "/api/show":
                 if not fake._knows(model):
                     return self._not_found(model)
-                self._send_json({"modelfile": f"FROM {model}", "parameters": "", "template": "{{ .Prompt }}",
-                                 "details": {"format": "gguf", "family": "llama"}, "model_info": {},
-                                 "modified_at": _CREATED_AT})
+                self._send_json(
+                    {
+                        "modelfile": f"FROM {model}",
+                        "parameters": "",
+                        "template": "{{ .Prompt }}",
+                        "details": {"format": "gguf", "family": "llama"},
+                        "model_info": {},
+                        "modified_at": _CREATED_AT,
+                    }
+                )
             elif self.path == "/api/pull":
                 fake.models.append(model if ":" in model else model + ":latest")
-                statuses = [{"status": "pulling manifest"}, {"status": "verifying sha256 digest"},
-                            {"status": "success"}]
+                statuses = [
+                    {"status": "pulling manifest"},
+                    {"status": "verifying sha256 digest"},
+                    {"status": "success"},
+                ]
                 if body.get("stream", True):
                     self._send_stream(statuses)
                 else:
@@ -221,7 +246,7 @@ def _make_handler(fake: FakeOllama):
                 return out
 
             if body.get("stream", True):
-                pieces = [text[i:i + 3] for i in range(0, len(text), 3)] or [""]
+                pieces = [text[i : i + 3] for i in range(0, len(text), 3)] or [""]
                 self._send_stream([part(p, False) for p in pieces] + [part("", True)], cut=cut)
             elif cut:  # promise a longer body than is sent, then hang up
                 data = json.dumps(part(text, True)).encode()

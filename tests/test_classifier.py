@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from classify_data import write_splits
-from model.classifier import (
-    ClassifierConfig, ClassifierError, SequenceClassifier, collate, finetune, load_classifier, read_split,
-)
+
+from edge.text import encode_texts
 from eval.plots import plot_training_curves
+from model.classifier import (
+    ClassifierConfig,
+    ClassifierError,
+    SequenceClassifier,
+    collate,
+    finetune,
+    load_classifier,
+    read_split,
+)
 from model.config import GPTConfig
 from model.gpt import GPTModel
-from edge.text import encode_texts
 
 
 def tiny_classifier(n_classes: int = 3, pooling: str = "last_real") -> SequenceClassifier:
@@ -95,8 +101,9 @@ def test_bad_config_and_bad_split(tmp_path):
         read_split(tmp_path / "test.csv", {"a": 0, "b": 1})
 
 
-CONFIG = dict(preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3,
-              patience=None)
+CONFIG = dict(
+    preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3, patience=None
+)
 
 
 def evals(history):

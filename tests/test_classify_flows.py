@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from classify_data import make_texts
+
 from model.classifier import ClassifierConfig
 from model.onnx_export import ExportConfig
 
@@ -30,6 +31,11 @@ def test_finetune_then_export_flows(prefect_harness, settings, tmp_path):
     report = export_flow(out["best"], out["data_dir"], ExportConfig(int8=False))
     bundle = Path(report["bundle"])
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "encoder.json", "labels.json", "manifest.json", "model.onnx", "vocab.bpe"]
+        "encoder.json",
+        "labels.json",
+        "manifest.json",
+        "model.onnx",
+        "vocab.bpe",
+    ]
     assert report["parity"]["fp32_prediction_matches"] == 12
     assert export_flow(out["best"], out["data_dir"], ExportConfig(int8=False))["reused"]

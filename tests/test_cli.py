@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from pydantic import BaseModel, Field
 
 from cli import build_parser, main
-from cli.common import Stage, add_stage_options, stage_config, table
+from cli.common import VerbConfig, add_stage_options, stage_config, table
 from gptflow.errors import GptflowError
 
 
@@ -34,7 +34,7 @@ class Demo(BaseModel):
     inner: Inner = Inner()
 
 
-def parse(argv: list[str], stage: Stage = Stage(f"{__name__}:Demo")) -> argparse.Namespace:
+def parse(argv: list[str], stage: VerbConfig = VerbConfig(f"{__name__}:Demo")) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_stage_options(parser, stage)
     return parser.parse_args(argv)
@@ -42,7 +42,7 @@ def parse(argv: list[str], stage: Stage = Stage(f"{__name__}:Demo")) -> argparse
 
 def test_a_flag_per_field_typed_from_its_annotation():
     parser = argparse.ArgumentParser()
-    add_stage_options(parser, Stage(f"{__name__}:Demo"))
+    add_stage_options(parser, VerbConfig(f"{__name__}:Demo"))
     flags = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     assert sorted(flags) == sorted(set(Demo.model_fields) - {"inner"})  # a nested model is set in the file only
     assert flags["lr"].type is float and flags["steps"].type is int and flags["limit"].type is int
@@ -64,8 +64,12 @@ def test_every_field_of_every_stage_config_has_a_flag():
         parser = verbs.choices[verb]
         model = parser.get_default("stage").model
         options = {s for a in parser._actions for s in a.option_strings}
-        scalar = [n for n, f in model.model_fields.items() if not isinstance(f.default, BaseModel)
-                  and not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+        scalar = [
+            n
+            for n, f in model.model_fields.items()
+            if not isinstance(f.default, BaseModel)
+            and not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))
+        ]
         assert "--config" in options and {"--" + n.replace("_", "-") for n in scalar} <= options, verb
 
 
@@ -73,23 +77,25 @@ def test_config_file_then_flags(tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text("name: run\nsteps: 7\nlr: 0.1\nbetas: [0.8, 0.9]\ninner: {depth: 3}\n")
     config = stage_config(parse(["--config", str(path), "--lr", "0.5", "--no-bf16", "--style", "phi3"]))
-    assert config == Demo(name="run", steps=7, lr=0.5, betas=(0.8, 0.9), inner=Inner(depth=3), bf16=False,
-                          style="phi3")
+    assert config == Demo(name="run", steps=7, lr=0.5, betas=(0.8, 0.9), inner=Inner(depth=3), bf16=False, style="phi3")
     path.write_text(json.dumps({"name": "j"}))
     assert stage_config(parse(["--config", str(path), "--betas", "0.5", "0.6"])) == Demo(name="j", betas=(0.5, 0.6))
-    assert stage_config(parse(["--name", "x"], Stage(f"{__name__}:Demo", {"steps": 3}))).steps == 3  # verb default
+    assert stage_config(parse(["--name", "x"], VerbConfig(f"{__name__}:Demo", {"steps": 3}))).steps == 3  # verb default
 
 
-@pytest.mark.parametrize("argv, file, message", [
-    (["--name", "x", "--lr", "-1"], None, "--lr: Input should be greater than 0"),
-    ([], None, "--name: Field required"),
-    (["--name", "x"], "steps: 0\n", "{path}: steps: Input should be greater than 0"),
-    (["--name", "x", "--steps", "2"], "steps: 0\nlimit: 0\n", "{path}: limit: Input should be greater than 0"),
-    (["--name", "x"], "inner: {depth: deep}\n", "{path}: inner.depth: Input should be a valid integer"),
-    (["--name", "x"], "stpes: 3\n", "{path}: stpes: not a Demo field; fields: lr, steps,"),
-    (["--name", "x"], "[1, 2]\n", "--config: {path} holds a list, not a mapping of config fields"),
-    (["--name", "x"], "a: [\n", "--config: {path} is not valid YAML/JSON: "),
-])
+@pytest.mark.parametrize(
+    "argv, file, message",
+    [
+        (["--name", "x", "--lr", "-1"], None, "--lr: Input should be greater than 0"),
+        ([], None, "--name: Field required"),
+        (["--name", "x"], "steps: 0\n", "{path}: steps: Input should be greater than 0"),
+        (["--name", "x", "--steps", "2"], "steps: 0\nlimit: 0\n", "{path}: limit: Input should be greater than 0"),
+        (["--name", "x"], "inner: {depth: deep}\n", "{path}: inner.depth: Input should be a valid integer"),
+        (["--name", "x"], "stpes: 3\n", "{path}: stpes: not a Demo field; fields: lr, steps,"),
+        (["--name", "x"], "[1, 2]\n", "--config: {path} holds a list, not a mapping of config fields"),
+        (["--name", "x"], "a: [\n", "--config: {path} is not valid YAML/JSON: "),
+    ],
+)
 def test_bad_values_are_one_line_naming_the_flag_or_the_file_and_field(tmp_path, argv, file, message):
     path = tmp_path / "bad.yaml"
     if file is not None:
@@ -114,17 +120,23 @@ def test_verbs_exit_2_with_one_line(settings, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # argparse's own errors are one line too
         main(["pretrain", "--steps", "many"])
     assert info.value.code == 2
-    assert capsys.readouterr().err == ("gptflow pretrain: error: argument --steps: invalid int value: 'many' "
-                                       "(see gptflow pretrain --help)\n")
+    assert capsys.readouterr().err == (
+        "gptflow pretrain: error: argument --steps: invalid int value: 'many' (see gptflow pretrain --help)\n"
+    )
 
 
 def test_help_imports_no_config_torch_or_prefect():
-    code = ("import sys\nfrom cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'prefect', 'model', 'flows') if m in sys.modules))")
+    code = (
+        "import sys\nfrom cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'prefect', 'model', 'flows') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert proc.stdout.splitlines()[-1] == "[]" and "finetune-classifier" in proc.stdout
 
 
 def test_table():
     assert table([{"split": "train", "n": 1045}, {"split": "test", "n": 300, "auc": "0.97"}]).splitlines() == [
-        "split  n     auc", "train  1045", "test    300  0.97"]
+        "split  n     auc",
+        "train  1045",
+        "test    300  0.97",
+    ]

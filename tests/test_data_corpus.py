@@ -22,10 +22,17 @@ def test_the_verdict(settings, tokenizer):
     assert out == settings.home / "data" / "corpus" / "the-verdict"
     meta = read_json(out / "meta.json")
     assert meta == result.report
-    assert {k: meta[k] for k in ["chars", "tokens", "train_tokens", "val_tokens", "dtype", "vocab_size",
-                                 "tokenizer"]} == {
-        "chars": 20479, "tokens": 5145, "train_tokens": 4630, "val_tokens": 515, "dtype": "uint16",
-        "vocab_size": 50257, "tokenizer": "gpt2"}
+    assert {
+        k: meta[k] for k in ["chars", "tokens", "train_tokens", "val_tokens", "dtype", "vocab_size", "tokenizer"]
+    } == {
+        "chars": 20479,
+        "tokens": 5145,
+        "train_tokens": 4630,
+        "val_tokens": 515,
+        "dtype": "uint16",
+        "vocab_size": 50257,
+        "tokenizer": "gpt2",
+    }
     assert meta["source_sha256"] == "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
     assert (out / "train.bin").stat().st_size == 4630 * 2 and (out / "val.bin").stat().st_size == 515 * 2
     text = fetch_source("the-verdict", settings).read_text(encoding="utf-8")

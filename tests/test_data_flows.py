@@ -16,17 +16,28 @@ def test_prepare_spam_flow_and_rerun(prefect_harness, settings):
     outcome = prepare_spam(SpamDataConfig())
     assert outcome["out_dir"] == str(settings.home / "data" / "spam") and not outcome["reused"]
     assert {s: c["total"] for s, c in outcome["report"]["splits"].items()} == {
-        "train": 898, "validation": 128, "test": 258}
+        "train": 898,
+        "validation": 128,
+        "test": 258,
+    }
     assert outcome["report"]["cleaning"]["duplicates_dropped"] == 414
     assert prepare_spam(SpamDataConfig())["reused"]
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-spam-splits"])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-spam-splits"]))
+        )
     assert artifacts and artifacts[0].type == "table"
     table = artifacts[0].data if isinstance(artifacts[0].data, list) else json.loads(artifacts[0].data)
-    assert table[0] == {"split": "train", "ham": 449, "spam": 449, "total": 898, "tokens_p50": 32.0,
-                        "tokens_p95": 56.0, "tokens_max": 139}
+    assert table[0] == {
+        "split": "train",
+        "ham": 449,
+        "spam": 449,
+        "total": 898,
+        "tokens_p50": 32.0,
+        "tokens_p95": 56.0,
+        "tokens_max": 139,
+    }
 
 
 def test_prepare_csv_flow(prefect_harness, settings, tmp_path):
@@ -67,5 +78,7 @@ def test_cli_bad_csv(prefect_harness, settings, tmp_path, capsys):
     code = main(["data", "csv", str(path), "--text-column", "text", "--label-column", "kind"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
-    assert err == (f"gptflow data: error: {path}: no column 'text' in the header; the columns found "
-                   "(comma-separated) are ['body', 'kind']")
+    assert err == (
+        f"gptflow data: error: {path}: no column 'text' in the header; the columns found "
+        "(comma-separated) are ['body', 'kind']"
+    )

@@ -27,8 +27,12 @@ def test_book_instructions(source, settings):
     result = prepare_instructions(source, settings=settings, default=True)
     assert result.out_dir == settings.home / "data" / "instructions"
     assert result.report["cleaning"] == {
-        "entries_read": 1100, "fields_stripped": 0, "empty_outputs_dropped": 0, "duplicates_dropped": 0,
-        "entries_clean": 1100, "entries_with_input": 325,
+        "entries_read": 1100,
+        "fields_stripped": 0,
+        "empty_outputs_dropped": 0,
+        "duplicates_dropped": 0,
+        "entries_clean": 1100,
+        "entries_with_input": 325,
     }
     assert result.report["splits"] == {"train": 935, "validation": 55, "test": 110}
     assert result.report["token_lengths"]["train"]["max"] == 62
@@ -67,10 +71,18 @@ def test_clean_counts():
         {"instruction": "Say hi", "output": "hi"},
     ]
     kept, counts = clean(entries)
-    assert counts == {"entries_read": 4, "fields_stripped": 2, "empty_outputs_dropped": 1,
-                      "duplicates_dropped": 1, "entries_clean": 2, "entries_with_input": 1}
-    assert kept == [{"instruction": "Add", "input": "1, 2", "output": "3"},
-                    {"instruction": "Say hi", "input": "", "output": "hi"}]
+    assert counts == {
+        "entries_read": 4,
+        "fields_stripped": 2,
+        "empty_outputs_dropped": 1,
+        "duplicates_dropped": 1,
+        "entries_clean": 2,
+        "entries_with_input": 1,
+    }
+    assert kept == [
+        {"instruction": "Add", "input": "1, 2", "output": "3"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ]
 
 
 @pytest.mark.parametrize(
@@ -79,10 +91,16 @@ def test_clean_counts():
         ("{not json", r"not valid JSON \(line 1, column 2"),
         ('{"instruction": "x"}', r"expected a non-empty JSON list .* got dict"),
         ("[]", r"got an empty list"),
-        (json.dumps([{"instruction": "a", "output": "b"}] * 3 + [{"instruction": 1, "output": "b"}]
-                    + [{"instruction": "a"}] * 12 + ["text", {"instruction": "a", "input": None, "output": "b"}]),
-         r"15 of 18 entries are not .*: indices 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 and 5 more "
-         r"\(entry 3 'instruction' is a int, not a string\)"),
+        (
+            json.dumps(
+                [{"instruction": "a", "output": "b"}] * 3
+                + [{"instruction": 1, "output": "b"}]
+                + [{"instruction": "a"}] * 12
+                + ["text", {"instruction": "a", "input": None, "output": "b"}]
+            ),
+            r"15 of 18 entries are not .*: indices 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 and 5 more "
+            r"\(entry 3 'instruction' is a int, not a string\)",
+        ),
         (json.dumps([{"instruction": "a", "output": "b"}]), r"1 entries after cleaning are too few"),
     ],
     ids=["json", "not-list", "empty", "bad-entries", "too-few"],

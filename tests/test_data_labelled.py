@@ -38,12 +38,22 @@ def test_spam_stage_counts_and_files(spam_source, settings):
     out, report = result.out_dir, result.report
     assert out == settings.home / "data" / "spam" and not result.reused
     assert report["cleaning"] == {
-        "rows_read": 5574, "texts_whitespace_normalized": 424, "labels_case_normalized": 0,
-        "empty_texts_dropped": 0, "empty_labels_dropped": 0, "duplicates_dropped": 414,
-        "conflicting_texts": 0, "conflicting_rows_dropped": 0, "rows_clean": 5160,
+        "rows_read": 5574,
+        "texts_whitespace_normalized": 424,
+        "labels_case_normalized": 0,
+        "empty_texts_dropped": 0,
+        "empty_labels_dropped": 0,
+        "duplicates_dropped": 414,
+        "conflicting_texts": 0,
+        "conflicting_rows_dropped": 0,
+        "rows_clean": 5160,
     }
-    assert report["balance"] == {"method": "undersample", "before": {"ham": 4518, "spam": 642},
-                                 "after": {"ham": 642, "spam": 642}, "unused_rows": 3876}
+    assert report["balance"] == {
+        "method": "undersample",
+        "before": {"ham": 4518, "spam": 642},
+        "after": {"ham": 642, "spam": 642},
+        "unused_rows": 3876,
+    }
     assert report["splits"] == {
         "train": {"ham": 449, "spam": 449, "total": 898},
         "validation": {"ham": 64, "spam": 64, "total": 128},
@@ -104,20 +114,29 @@ def test_spam_deterministic_and_reused(spam_source, settings, tmp_path):
 
 
 def test_clean_counts_every_step():
-    df = pd.DataFrame({
-        "text": ["  hi   there ", "hi there", "hi there", "   ", "both", "both", "ok", "x"],
-        "label": ["Ham", "ham", "ham", "spam", "ham", "SPAM ", "spam", ""],
-    })
+    df = pd.DataFrame(
+        {
+            "text": ["  hi   there ", "hi there", "hi there", "   ", "both", "both", "ok", "x"],
+            "label": ["Ham", "ham", "ham", "spam", "ham", "SPAM ", "spam", ""],
+        }
+    )
     cleaned, counts = clean(df)
     assert counts == {
-        "rows_read": 8, "texts_whitespace_normalized": 2, "labels_case_normalized": 2,
-        "empty_texts_dropped": 1, "empty_labels_dropped": 1, "duplicates_dropped": 2,
-        "conflicting_texts": 1, "conflicting_rows_dropped": 2, "rows_clean": 2,
+        "rows_read": 8,
+        "texts_whitespace_normalized": 2,
+        "labels_case_normalized": 2,
+        "empty_texts_dropped": 1,
+        "empty_labels_dropped": 1,
+        "duplicates_dropped": 2,
+        "conflicting_texts": 1,
+        "conflicting_rows_dropped": 2,
+        "rows_clean": 2,
     }
     assert cleaned.to_dict("list") == {"text": ["hi there", "ok"], "label": ["ham", "spam"]}
 
 
 # --- a user's CSV/TSV ------------------------------------------------------------------------------------
+
 
 def rows(classes: dict[str, int]) -> list[tuple[str, str]]:
     return [(f"message {i} about {name}", name) for name, n in classes.items() for i in range(n)]
@@ -162,8 +181,11 @@ def test_csv_quoted_commas_and_newlines_with_bom(tmp_path, settings):
     path = tmp_path / "quoted.csv"
     path.write_bytes(("\ufefftext,label,notes\n" + body + "\n").encode("utf-8"))
     result = prepare_csv(path, csv_config(), settings)
-    assert result.report["read"] == {"encoding": "utf-8-sig", "delimiter": "comma",
-                                     "columns": ["text", "label", "notes"]}
+    assert result.report["read"] == {
+        "encoding": "utf-8-sig",
+        "delimiter": "comma",
+        "columns": ["text", "label", "notes"],
+    }
     assert result.report["cleaning"]["rows_read"] == 20
     texts = set(pd.concat(read_split(result.out_dir, s) for s in ["train", "validation", "test"])["text"])
     assert "hello, friend 3 see you, at 3" in texts and len(texts) == 20
@@ -187,15 +209,21 @@ def test_csv_cp1252_fallback_warns(tmp_path, settings, caplog):
         (b"text,label\nhello,ham\n\x00\x01\x02binary", {}, r"looks binary \(NUL byte at offset 21\)"),
         (b"text,label\n\x81\x8d\x90 x,ham\n", {}, r"unreadable encoding: not UTF-8 .*nor cp1252"),
         (b"message,category\nhello,ham\n", {}, r"no column 'text' or 'label' .*found.*\['message', 'category'\]"),
-        ("\n".join(f"t{i},ham" for i in range(30)).encode(), {"header": True},
-         r"at least 2 classes; after cleaning the labels hold only 'ham' \(30 rows\)"),
-        (None, {"classes": {"a": 20, "b": 20, "c": 3}}, r"class 'c' has only 3 row\(s\) after cleaning: too few"
-         r".*0\.7/0\.1/0\.2 \(each class needs at least 10 rows\)"),
+        (
+            "\n".join(f"t{i},ham" for i in range(30)).encode(),
+            {"header": True},
+            r"at least 2 classes; after cleaning the labels hold only 'ham' \(30 rows\)",
+        ),
+        (
+            None,
+            {"classes": {"a": 20, "b": 20, "c": 3}},
+            r"class 'c' has only 3 row\(s\) after cleaning: too few"
+            r".*0\.7/0\.1/0\.2 \(each class needs at least 10 rows\)",
+        ),
         (b"text,label\nhello,ham,oops\n", {}, r"line 2 has 3 fields but the header names 2 columns"),
         (b"text,label\n,ham\nhello,\n", {}, r"no labelled rows \(2 read, none with both a text and a label\)"),
     ],
-    ids=["empty", "binary", "encoding", "missing-column", "one-class", "small-class", "extra-fields",
-         "no-rows"],
+    ids=["empty", "binary", "encoding", "missing-column", "one-class", "small-class", "extra-fields", "no-rows"],
 )
 def test_csv_bad_input(tmp_path, settings, content, kwargs, message):
     path = tmp_path / "empty.csv" if content == b"" else tmp_path / "bad.csv"

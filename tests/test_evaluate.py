@@ -15,24 +15,44 @@ from eval.judge import JudgeConfig, JudgeUnavailable, OllamaJudge
 from eval.report import ResponsesFileError, evaluate_responses, load_responses
 
 ENTRIES = [
-    {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
-     "output": "The car is as fast as lightning.",
-     "model_response": "The car is as fast as a bullet.", "baseline": "The car is fast."},
-    {"instruction": "What type of cloud is typically associated with thunderstorms?", "input": "",
-     "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
-     "model_response": "A thunderstorm cloud is a cumulonimbus.", "baseline": "Clouds."},
-    {"instruction": "Name the author of 'Pride and Prejudice'.", "input": "",
-     "output": "Jane Austen.", "model_response": "Jane Austen.", "baseline": "Jane Austen."},
-    {"instruction": "Convert 45 kilometers to meters.", "input": "",
-     "output": "45 kilometers is 45000 meters.", "model_response": "45 kilometers is 4500 meters.",
-     "baseline": "I do not know."},
+    {
+        "instruction": "Rewrite the sentence using a simile.",
+        "input": "The car is very fast.",
+        "output": "The car is as fast as lightning.",
+        "model_response": "The car is as fast as a bullet.",
+        "baseline": "The car is fast.",
+    },
+    {
+        "instruction": "What type of cloud is typically associated with thunderstorms?",
+        "input": "",
+        "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
+        "model_response": "A thunderstorm cloud is a cumulonimbus.",
+        "baseline": "Clouds.",
+    },
+    {
+        "instruction": "Name the author of 'Pride and Prejudice'.",
+        "input": "",
+        "output": "Jane Austen.",
+        "model_response": "Jane Austen.",
+        "baseline": "Jane Austen.",
+    },
+    {
+        "instruction": "Convert 45 kilometers to meters.",
+        "input": "",
+        "output": "45 kilometers is 45000 meters.",
+        "model_response": "45 kilometers is 4500 meters.",
+        "baseline": "I do not know.",
+    },
 ]
 # What the scripted judge says about each response: one reply is unusable twice, so that item is unscored.
 REPLIES = {
-    "The car is as fast as a bullet.": '{"score": 85}', "The car is fast.": '{"score": 60}',
-    "A thunderstorm cloud is a cumulonimbus.": "Score: 90 (accurate)", "Clouds.": '{"score": 10}',
+    "The car is as fast as a bullet.": '{"score": 85}',
+    "The car is fast.": '{"score": 60}',
+    "A thunderstorm cloud is a cumulonimbus.": "Score: 90 (accurate)",
+    "Clouds.": '{"score": 10}',
     "Jane Austen.": '{"score": 100}',
-    "45 kilometers is 4500 meters.": "The conversion is wrong.", "I do not know.": '{"score": 0}',
+    "45 kilometers is 4500 meters.": "The conversion is wrong.",
+    "I do not know.": '{"score": 0}',
 }
 
 
@@ -47,8 +67,13 @@ def responses(tmp_path, fake_ollama):
 def test_report_two_fields(responses, fake_ollama, settings, tmp_path):
     out = tmp_path / "report"
     judge = OllamaJudge(JudgeConfig(host=fake_ollama.host, concurrency=2, backoff_s=0))
-    summary = evaluate_responses(load_responses(responses, ["model_response", "baseline"]),
-                                 ["model_response", "baseline"], judge, out, source=str(responses))
+    summary = evaluate_responses(
+        load_responses(responses, ["model_response", "baseline"]),
+        ["model_response", "baseline"],
+        judge,
+        out,
+        source=str(responses),
+    )
     model, base = summary["fields"]["model_response"], summary["fields"]["baseline"]
     assert (model["n_scored"], model["n_unscored"], model["mean"], model["median"]) == (3, 1, 275 / 3, 90.0)
     assert model["unscored"] == [{"index": 3, "reason": "no number in reply: 'The conversion is wrong.'"}]
@@ -74,17 +99,22 @@ def test_report_two_fields(responses, fake_ollama, settings, tmp_path):
         assert (out / f"hist-{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("[{", "not valid JSON"),
-    ('{"a": 1}', "expected a non-empty JSON list of entries, got a JSON dict"),
-    ("[]", "got an empty list"),
-    ('[{"instruction": "i", "output": "o", "model_response": "r"}, 3]', "entry 1 is a int, expected an object"),
-    ('[{"instruction": "i", "output": "o", "model_response": "r"}, {"instruction": "i", "output": "o"}]',
-     "entry 1 has no 'model_response' key (expected instruction, output, model_response; found instruction, "
-     "output)"),
-    ('[{"instruction": "i", "output": 5, "model_response": "r"}]', "entry 0: 'output' must be a string, got int"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("[{", "not valid JSON"),
+        ('{"a": 1}', "expected a non-empty JSON list of entries, got a JSON dict"),
+        ("[]", "got an empty list"),
+        ('[{"instruction": "i", "output": "o", "model_response": "r"}, 3]', "entry 1 is a int, expected an object"),
+        (
+            '[{"instruction": "i", "output": "o", "model_response": "r"}, {"instruction": "i", "output": "o"}]',
+            "entry 1 has no 'model_response' key (expected instruction, output, model_response; found instruction, "
+            "output)",
+        ),
+        ('[{"instruction": "i", "output": 5, "model_response": "r"}]', "entry 0: 'output' must be a string, got int"),
+    ],
+)
 def test_bad_responses_file(tmp_path, content, message):
     path = tmp_path / "bad.json"
     if content is not None:
@@ -132,8 +162,22 @@ def test_flow_skips_when_judge_unreachable(prefect_harness, responses, settings)
 
 
 def test_cli_evaluate(prefect_harness, responses, fake_ollama, settings, capsys, tmp_path):
-    rc = main(["evaluate", str(responses), "--host", fake_ollama.host, "--response-key", "model_response",
-               "--response-key", "baseline", "--concurrency", "2", "--out-dir", str(tmp_path / "cli")])
+    rc = main(
+        [
+            "evaluate",
+            str(responses),
+            "--host",
+            fake_ollama.host,
+            "--response-key",
+            "model_response",
+            "--response-key",
+            "baseline",
+            "--concurrency",
+            "2",
+            "--out-dir",
+            str(tmp_path / "cli"),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0
     lines = captured.out.splitlines()
@@ -151,7 +195,8 @@ def test_cli_errors_are_one_line(responses, tmp_path, capsys):
     assert err.startswith(f"gptflow evaluate: error: {responses}: entry 0 has no 'nope' key")
     host = closed_port_host()
     assert main(["evaluate", str(responses), "--host", host, "--require-judge"]) == 2
-    assert capsys.readouterr().err == (f"gptflow evaluate: error: Ollama is not reachable at {host}; "
-                                       "start it with `ollama serve` (ConnectionError)\n")
+    assert capsys.readouterr().err == (
+        f"gptflow evaluate: error: Ollama is not reachable at {host}; start it with `ollama serve` (ConnectionError)\n"
+    )
     assert main(["evaluate", str(responses), "--concurrency", "0"]) == 2
     assert "--concurrency: Input should be greater than or equal to 1" in capsys.readouterr().err

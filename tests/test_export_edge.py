@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from classify_data import make_texts, write_splits
+from conftest import REPO_ROOT
+
 from edge import BundleError
 from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, pad_batch, softmax
@@ -27,8 +28,6 @@ from model.gpt import GPTModel
 from model.onnx_export import ExportConfig, ExportError, check_parity, export_classifier, export_onnx, onnx_logits
 from model.quantize import QuantizationGateError, check_accuracy_gate, quantize_torch_dynamic
 
-from conftest import REPO_ROOT
-
 TEXTS = ["the invoice payment was charged twice", "football match today, great goal", "", "garlic soup recipe"]
 
 
@@ -38,8 +37,14 @@ def exported(tmp_path_factory, tokenizer, mirror):
     data = write_splits(root / "data", (20, 5, 34))  # 60 train, 102 test texts
     config = ClassifierConfig(preset="tiny", trainable="all", lr=2e-3, epochs=3, batch_size=8, patience=None)
     tuned = finetune(data, root / "clf", config, tokenizer=tokenizer)
-    report = export_classifier(tuned.best, data, root / "export", ExportConfig(), tokenizer=tokenizer,
-                               tokenizer_files=tokenizer_files(load_settings(mirror=mirror)))
+    report = export_classifier(
+        tuned.best,
+        data,
+        root / "export",
+        ExportConfig(),
+        tokenizer=tokenizer,
+        tokenizer_files=tokenizer_files(load_settings(mirror=mirror)),
+    )
     return {"root": root, "data": data, "best": tuned.best, "report": report, "bundle": root / "export" / "bundle"}
 
 
@@ -99,8 +104,9 @@ def test_tampered_bundle_is_refused(exported, tmp_path, settings, capsys):
         f.write(b"\x00" * 4)
     with pytest.raises(BundleError, match="model.int8.onnx does not match its sha256"):
         EdgeClassifier(bundle, int8=True)
-    proc = subprocess.run([sys.executable, "-m", "edge", str(bundle), "hi"], capture_output=True, text=True,
-                          cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge", str(bundle), "hi"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
     assert proc.returncode == 2 and "refusing the bundle" in proc.stderr
     assert main(["classify", "hi", "--model", str(bundle), "--int8"]) == 2  # the CLI prints it as one line too
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -134,8 +140,9 @@ def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
     shutil.copytree(exported["bundle"], tmp_path / "bundle")
     texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
     args = [str(tmp_path), sysconfig.get_paths()["purelib"], "bundle", *texts] + (["--int8"] if int8 else [])
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line.split("\t") for line in proc.stdout.splitlines()]
     loaded = load_classifier(exported["best"])
@@ -170,15 +177,18 @@ def test_classify_cli_checkpoint_and_bundle(exported, settings, capsys):
     assert outputs[0] == outputs[1] and len(outputs[0]) == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["classify", "hi", "--model", "nowhere.pt"], "does not exist"),
-    (["classify", "--model", "x"], "nothing to classify"),
-    (["export", "nowhere.pt"], "does not exist"),
-    (["finetune-classifier", "--data", "missing.csv"], "--data: missing.csv"),
-    (["finetune-classifier", "--data", "spam", "--init", "bogus"], "--init"),
-    (["finetune-classifier", "--preset", "huge"], "unknown model preset"),
-    (["finetune-classifier", "--epochs", "0"], "--epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["classify", "hi", "--model", "nowhere.pt"], "does not exist"),
+        (["classify", "--model", "x"], "nothing to classify"),
+        (["export", "nowhere.pt"], "does not exist"),
+        (["finetune-classifier", "--data", "missing.csv"], "--data: missing.csv"),
+        (["finetune-classifier", "--data", "spam", "--init", "bogus"], "--init"),
+        (["finetune-classifier", "--preset", "huge"], "unknown model preset"),
+        (["finetune-classifier", "--epochs", "0"], "--epochs"),
+    ],
+)
 def test_cli_bad_input_exits_2(argv, message, settings, capsys):
     from cli import main
 

@@ -10,22 +10,35 @@ import pytest
 import torch
 
 from cli import main
+from eval.plots import plot_loss_curve
+from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
 from model.checkpoint import load_checkpoint, load_model
 from model.config import GPTConfig
 from model.gpt import GPTModel
-from model.pretrain import lm_loss
-from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
-from eval.plots import plot_loss_curve
 from model.instruct import (
-    PROGRESS, InstructConfig, collate, encode_entries, finetune, generate_responses, respond,
+    PROGRESS,
+    InstructConfig,
+    collate,
+    encode_entries,
+    finetune,
+    generate_responses,
+    respond,
 )
+from model.pretrain import lm_loss
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "The cat was sitting."}
 NO_INPUT = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
-ENTRIES = [{"instruction": f"What is {i} plus one?", "input": "" if i % 2 else f"Number: {i}",
-            "output": f"The answer is {i + 1}."} for i in range(20)]
-TINY = dict(preset="tiny", batch_size=2, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=4,
-            max_new_tokens=6)
+ENTRIES = [
+    {
+        "instruction": f"What is {i} plus one?",
+        "input": "" if i % 2 else f"Number: {i}",
+        "output": f"The answer is {i + 1}.",
+    }
+    for i in range(20)
+]
+TINY = dict(
+    preset="tiny", batch_size=2, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=4, max_new_tokens=6
+)
 
 
 class Interrupted(Exception):
@@ -42,18 +55,20 @@ def data_dir(tmp_path):
 
 
 def test_alpaca_prompt_is_the_books():
-    preamble = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                "the request.")
-    assert format_prompt(ENTRY) == (f"{preamble}\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\n"
-                                    "The cat sat.\n\n### Response:\n")
+    preamble = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
+    assert format_prompt(ENTRY) == (
+        f"{preamble}\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cat sat.\n\n### Response:\n"
+    )
     assert format_example(ENTRY) == format_prompt(ENTRY) + "The cat was sitting."
-    assert format_example(NO_INPUT) == (f"{preamble}\n\n### Instruction:\nName a primary color.\n\n"
-                                        "### Response:\nRed.")
+    assert format_example(NO_INPUT) == (f"{preamble}\n\n### Instruction:\nName a primary color.\n\n### Response:\nRed.")
 
 
 def test_phi3_prompt():
-    assert format_example(ENTRY, "phi3") == ("<|user|>\nRewrite the sentence.\nThe cat sat.\n<|assistant|>:\n"
-                                             "The cat was sitting.")
+    assert format_example(ENTRY, "phi3") == (
+        "<|user|>\nRewrite the sentence.\nThe cat sat.\n<|assistant|>:\nThe cat was sitting."
+    )
     assert format_example(NO_INPUT, "phi3") == "<|user|>\nName a primary color.\n<|assistant|>:\nRed."
 
 
@@ -64,7 +79,7 @@ def test_prompt_tokens_are_a_prefix_of_the_example(tokenizer):
     assert tokenizer.decode(ids[n_prompt:]) == "The cat was sitting."
     assert tokenizer.decode(ids2[n_prompt2:]) == "Red."
     # A literal end-of-text marker in the data stays text.
-    (ids3, _), = encode_entries([{**NO_INPUT, "output": "<|endoftext|>"}], tokenizer, "alpaca")
+    ((ids3, _),) = encode_entries([{**NO_INPUT, "output": "<|endoftext|>"}], tokenizer, "alpaca")
     assert 50256 not in ids3
 
 
@@ -82,19 +97,17 @@ BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
 
 def test_collate_is_the_books():
     inputs, targets = collate(BATCH)
-    assert torch.equal(inputs, torch.tensor([[0, 1, 2, 3, 4],
-                                             [5, 6, 50256, 50256, 50256],
-                                             [7, 8, 9, 50256, 50256]]))
-    assert torch.equal(targets, torch.tensor([[1, 2, 3, 4, 50256],
-                                              [6, 50256, -100, -100, -100],
-                                              [8, 9, 50256, -100, -100]]))
+    assert torch.equal(inputs, torch.tensor([[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]))
+    assert torch.equal(
+        targets, torch.tensor([[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]])
+    )
 
 
 def test_collate_masks_prompt_and_truncates():
     inputs, targets = collate(BATCH, [3, 1, 2])
-    assert torch.equal(targets, torch.tensor([[-100, -100, 3, 4, 50256],
-                                              [6, 50256, -100, -100, -100],
-                                              [-100, 9, 50256, -100, -100]]))
+    assert torch.equal(
+        targets, torch.tensor([[-100, -100, 3, 4, 50256], [6, 50256, -100, -100, -100], [-100, 9, 50256, -100, -100]])
+    )
     inputs, targets = collate(BATCH, [3, 1, 2], max_length=3)
     assert torch.equal(inputs, torch.tensor([[0, 1, 2], [5, 6, 50256], [7, 8, 9]]))
     assert torch.equal(targets, torch.tensor([[-100, -100, 3], [6, 50256, -100], [-100, 9, 50256]]))
@@ -120,7 +133,9 @@ def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
     losses = [h["loss"] for h in result.history if h["kind"] == "train"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 2.0  # nats per token
     assert result.metrics["val_loss"] < losses[0]
-    assert plot_loss_curve(result.history, tmp_path / "loss.png", "fine-tuning").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        plot_loss_curve(result.history, tmp_path / "loss.png", "fine-tuning").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    )
     assert load_checkpoint(result.model_path)["style"] == "alpaca"
     again = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
     assert again.reused and again.metrics == result.metrics
@@ -164,15 +179,15 @@ def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer,
-                           on_response=stop_after_2)
+        generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer, on_response=stop_after_2)
     progress = tmp_path / "split" / PROGRESS
     assert len(progress.read_text().splitlines()) == 3  # key line + 2 responses
     with open(progress, "a") as handle:
         handle.write('{"index": 2, "model_resp')  # a line cut short by a crash
     seen = []
-    resumed = generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer,
-                                 on_response=lambda i, e: seen.append(i))
+    resumed = generate_responses(
+        model_path, test, tmp_path / "split", config, tokenizer=tokenizer, on_response=lambda i, e: seen.append(i)
+    )
     assert seen == [2, 3, 4] and resumed.n_generated == 3
     assert resumed.path.read_bytes() == whole.path.read_bytes()
     assert not progress.exists()
@@ -182,8 +197,22 @@ def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
 def test_flow_through_cli(prefect_harness, settings, tmp_path, capsys):
     data = tmp_path / "mine.json"
     data.write_text(json.dumps(ENTRIES))
-    args = ["finetune-instructions", "--data", str(data), "--preset", "tiny", "--epochs", "1", "--batch-size", "4",
-            "--max-new-tokens", "4", "--style", "phi3", "--mask-prompt"]
+    args = [
+        "finetune-instructions",
+        "--data",
+        str(data),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--style",
+        "phi3",
+        "--mask-prompt",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert re.match(r"trained tiny \(phi3\): 4 steps, train loss \d+\.\d+, val loss \d+\.\d+", out)
@@ -197,13 +226,19 @@ def test_flow_through_cli(prefect_harness, settings, tmp_path, capsys):
     assert out.startswith("reused tiny (phi3): 4 steps") and "(2 test entries, reused)" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--preset", "nope"], "--preset: unknown model preset 'nope'"),
-    (["--init", "bogus"], "--init: Value error, expected random | gpt2:<preset-or-safetensors> | checkpoint:<path>"),
-    (["--init", "checkpoint:/no/such.pt"], "init checkpoint:/no/such.pt: no such checkpoint"),
-    (["--data", "/no/such.json"], "--data /no/such.json: no such file or folder"),
-    (["--epochs", "0"], "--epochs: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "nope"], "--preset: unknown model preset 'nope'"),
+        (
+            ["--init", "bogus"],
+            "--init: Value error, expected random | gpt2:<preset-or-safetensors> | checkpoint:<path>",
+        ),
+        (["--init", "checkpoint:/no/such.pt"], "init checkpoint:/no/such.pt: no such checkpoint"),
+        (["--data", "/no/such.json"], "--data /no/such.json: no such file or folder"),
+        (["--epochs", "0"], "--epochs: Input should be greater than 0"),
+    ],
+)
 def test_bad_input_is_one_line(settings, capsys, argv, message):
     assert main(["finetune-instructions", *argv]) == 2
     err = capsys.readouterr().err

@@ -7,13 +7,25 @@ import threading
 import httpx
 import ollama
 import pytest
-
-from eval.judge import (SCORE_SCHEMA, JudgeConfig, JudgementCache, JudgeOptions, JudgeUnavailable, OllamaJudge,
-                        judge_prompt, parse_score)
 from fake_ollama import closed_port_host, response_in_prompt
 
-ENTRY = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
-         "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."}
+from eval.judge import (
+    SCORE_SCHEMA,
+    JudgeConfig,
+    JudgementCache,
+    JudgeOptions,
+    JudgeUnavailable,
+    OllamaJudge,
+    judge_prompt,
+    parse_score,
+)
+
+ENTRY = {
+    "instruction": "Rewrite the sentence using a simile.",
+    "input": "The car is very fast.",
+    "output": "The car is as fast as lightning.",
+    "model_response": "The car is as fast as a bullet.",
+}
 BOOK_PROMPT = (
     "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\n"
@@ -29,6 +41,7 @@ def make_judge(fake_ollama, tmp_path):
     def make(cache: str = "cache", **config) -> OllamaJudge:
         config = {"host": fake_ollama.host, "backoff_s": 0.0, "timeout_s": 5.0, **config}
         return OllamaJudge(JudgeConfig(cache_dir=tmp_path / cache, **config))
+
     return make
 
 
@@ -61,19 +74,22 @@ def test_streaming_and_custom_options(fake_ollama, make_judge):
     assert body["options"] == {"seed": 7, "temperature": 0, "num_ctx": 4096, "top_k": 1}
 
 
-@pytest.mark.parametrize("reply, score, reason", [
-    ('{"score": 85}', 85, None),
-    ("85", 85, None),
-    ("Score: 85\nThe response keeps the meaning.", 85, None),
-    ("0", 0, None),
-    ("100.", 100, None),
-    ("150", None, "score out of range 0..100: 150"),
-    ("-5", None, "score out of range 0..100: -5"),
-    ('{"score": 101}', None, "score out of range 0..100: 101"),
-    ('{"score": "85"}', None, "score not an integer: '85'"),
-    ("85.5", None, "score not an integer: 85.5"),
-    ("The response is excellent.", None, "no number in reply: 'The response is excellent.'"),
-])
+@pytest.mark.parametrize(
+    "reply, score, reason",
+    [
+        ('{"score": 85}', 85, None),
+        ("85", 85, None),
+        ("Score: 85\nThe response keeps the meaning.", 85, None),
+        ("0", 0, None),
+        ("100.", 100, None),
+        ("150", None, "score out of range 0..100: 150"),
+        ("-5", None, "score out of range 0..100: -5"),
+        ('{"score": 101}', None, "score out of range 0..100: 101"),
+        ('{"score": "85"}', None, "score not an integer: '85'"),
+        ("85.5", None, "score not an integer: 85.5"),
+        ("The response is excellent.", None, "no number in reply: 'The response is excellent.'"),
+    ],
+)
 def test_parse_score(reply, score, reason):
     assert parse_score(reply) == (score, reason)
 
@@ -85,10 +101,13 @@ def test_score_with_extra_text_without_structured_output(fake_ollama, make_judge
     assert "format" not in chats(fake_ollama)[0]
 
 
-@pytest.mark.parametrize("reply, reason", [
-    ("I would rate it highly.", "no number in reply: 'I would rate it highly.'"),
-    ("150", "score out of range 0..100: 150"),
-])
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        ("I would rate it highly.", "no number in reply: 'I would rate it highly.'"),
+        ("150", "score out of range 0..100: 150"),
+    ],
+)
 def test_unusable_reply_is_retried_once_then_unscored_and_cached(fake_ollama, make_judge, reply, reason):
     fake_ollama.reply = lambda prompt, fmt: reply
     judgement = make_judge().score(BOOK_PROMPT)
@@ -115,8 +134,9 @@ def test_http_500_exhausts_retries_unscored_and_not_cached(fake_ollama, make_jud
     fake_ollama.fail_next("http_500", "http_500")
     judgement = make_judge(retries=1).score(BOOK_PROMPT)
     assert judgement.score is None
-    assert judgement.reason == ("request failed: HTTP 500: llama runner process has terminated: exit status 2; "
-                                "gave up after 2 attempts")
+    assert judgement.reason == (
+        "request failed: HTTP 500: llama runner process has terminated: exit status 2; gave up after 2 attempts"
+    )
     assert make_judge(retries=1).score(BOOK_PROMPT).score == OVERLAP  # not cached: asked again
     assert len(chats(fake_ollama)) == 3
 
@@ -140,10 +160,13 @@ def test_slow_server_times_out_and_retries(fake_ollama, make_judge):
     assert len(chats(fake_ollama)) == 3
 
 
-@pytest.mark.parametrize("stream, detail", [
-    (True, "incomplete chunked read"),
-    (False, "peer closed connection without sending complete message body"),
-])
+@pytest.mark.parametrize(
+    "stream, detail",
+    [
+        (True, "incomplete chunked read"),
+        (False, "peer closed connection without sending complete message body"),
+    ],
+)
 def test_cut_reply_is_retried(fake_ollama, make_judge, stream, detail):
     fake_ollama.fail_next("cut")
     judgement = make_judge(stream=stream, retries=0).score(BOOK_PROMPT)
@@ -165,33 +188,39 @@ def test_preflight_unreachable():
     host = closed_port_host()
     with pytest.raises(JudgeUnavailable) as exc:
         OllamaJudge(JudgeConfig(host=host, timeout_s=2)).preflight()
-    assert str(exc.value) == (f"Ollama is not reachable at {host}; start it with `ollama serve` "
-                              "(ConnectionError)")
+    assert str(exc.value) == (f"Ollama is not reachable at {host}; start it with `ollama serve` (ConnectionError)")
 
 
 def test_preflight_model_missing_and_pull(fake_ollama, make_judge):
     fake_ollama.models[:] = ["mistral:latest"]
     with pytest.raises(JudgeUnavailable) as exc:
         make_judge().preflight()
-    assert str(exc.value) == (f"model llama3 is not available on {fake_ollama.host}; run `ollama pull llama3` "
-                              "(or pass --pull)")
+    assert str(exc.value) == (
+        f"model llama3 is not available on {fake_ollama.host}; run `ollama pull llama3` (or pass --pull)"
+    )
     assert make_judge(pull=True).preflight()["model"] == "llama3"
-    assert [r.body for r in fake_ollama.requests_to("/api/pull")] == [{"model": "llama3", "insecure": False,
-                                                                       "stream": False}]
+    assert [r.body for r in fake_ollama.requests_to("/api/pull")] == [
+        {"model": "llama3", "insecure": False, "stream": False}
+    ]
     assert "llama3:latest" in fake_ollama.models
 
 
 def test_server_gone_mid_evaluation_stops_and_keeps_judgements(tmp_path):
     host = closed_port_host()
     judge = OllamaJudge(JudgeConfig(host=host, retries=1, backoff_s=0, cache_dir=tmp_path))
-    with pytest.raises(JudgeUnavailable, match=r"Ollama stopped answering at .*connection refused 2 times.*"
-                                               r"rerun to resume"):
+    with pytest.raises(
+        JudgeUnavailable,
+        match=r"Ollama stopped answering at .*connection refused 2 times.*"
+        r"rerun to resume",
+    ):
         judge.score_many([BOOK_PROMPT, BOOK_PROMPT + " "])
 
 
 def test_interrupted_evaluation_resumes_and_rerun_asks_nothing(fake_ollama, make_judge):
-    prompts = [judge_prompt({**ENTRY, "model_response": f"The car is as fast as {thing}."}, "model_response")
-               for thing in ("a bullet", "lightning", "a snail", "a rocket", "a horse", "light")]
+    prompts = [
+        judge_prompt({**ENTRY, "model_response": f"The car is as fast as {thing}."}, "model_response")
+        for thing in ("a bullet", "lightning", "a snail", "a rocket", "a horse", "light")
+    ]
     first = make_judge().score_many(prompts[:3])  # the run that was interrupted after three judgements
     assert len(chats(fake_ollama)) == 3
     resumed = make_judge().score_many(prompts)

@@ -9,7 +9,6 @@ import ast
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 # The layers each layer may import (besides itself): `cli -> flows -> tasks -> (model, eval, data) -> gptflow`,
@@ -57,9 +56,12 @@ def broken_rule(layer: str, module: str) -> str | None:
 def test_layer_imports_follow_the_rules(layer):
     files = sorted((REPO_ROOT / layer).rglob("*.py"))
     assert files, f"no Python files under {layer}/"
-    violations = [f"{path.relative_to(REPO_ROOT)}:{line}: `{statement}`: {rule}"
-                  for path in files for line, module, statement in imported_modules(path)
-                  if (rule := broken_rule(layer, module))]
+    violations = [
+        f"{path.relative_to(REPO_ROOT)}:{line}: `{statement}`: {rule}"
+        for path in files
+        for line, module, statement in imported_modules(path)
+        if (rule := broken_rule(layer, module))
+    ]
     assert not violations, f"{len(violations)} import(s) break the layer rules:\n" + "\n".join(violations)
 
 
@@ -67,5 +69,14 @@ def test_the_checker_catches_what_it_should():
     assert broken_rule("model", "eval") == "model/ may import only edge, gptflow"
     assert broken_rule("edge", "gptflow") == "edge/ imports nothing of ours"
     assert broken_rule("eval", "prefect") and broken_rule("edge", "torch") and broken_rule("edge", "filelock")
-    assert not any(broken_rule(*pair) for pair in [("tasks", "prefect"), ("cli", "model"), ("edge", "numpy"),
-                                                    ("model", "torch"), ("gptflow", "edge"), ("edge", "json")])
+    assert not any(
+        broken_rule(*pair)
+        for pair in [
+            ("tasks", "prefect"),
+            ("cli", "model"),
+            ("edge", "numpy"),
+            ("model", "torch"),
+            ("gptflow", "edge"),
+            ("edge", "json"),
+        ]
+    )

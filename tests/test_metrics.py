@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.metrics import MetricsError, accuracy, classification_report, confusion_matrix, per_class, roc_auc, report_rows
+from eval.metrics import (
+    MetricsError,
+    accuracy,
+    classification_report,
+    confusion_matrix,
+    per_class,
+    report_rows,
+    roc_auc,
+)
 
 Y_TRUE = [0, 0, 1, 1, 1, 2]
 Y_PRED = [0, 1, 1, 1, 0, 2]

@@ -16,8 +16,23 @@ def _path(out: str, label: str) -> str:
 
 
 def test_pretrain_then_generate(prefect_harness, settings, capsys):
-    args = ["pretrain", "--corpus", "the-verdict", "--preset", "tiny", "--steps", "4", "--batch-size", "2",
-            "--context-length", "32", "--eval-every", "2", "--checkpoint-every", "2"]
+    args = [
+        "pretrain",
+        "--corpus",
+        "the-verdict",
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--context-length",
+        "32",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     model_path = _path(out, "model")
@@ -36,8 +51,9 @@ def test_pretrain_then_generate(prefect_harness, settings, capsys):
 
 def test_load_gpt2_converts_safetensors(prefect_harness, settings, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32,
-                                                               n_layer=1, n_head=2)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    ).eval()
     hf.save_pretrained(tmp_path / "hf")
     assert main(["load-gpt2", str(tmp_path / "hf")]) == 0
     model_path = _path(capsys.readouterr().out, "model")
@@ -49,12 +65,15 @@ def test_load_gpt2_converts_safetensors(prefect_harness, settings, tmp_path, cap
     assert capsys.readouterr().out.startswith("Hello")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pretrain", "--preset", "nope"], "--preset: unknown model preset 'nope'"),
-    (["pretrain", "--steps", "0"], "--steps: Input should be greater than 0"),
-    (["load-gpt2", "/no/such/folder"], "neither a GPT-2 preset"),
-    (["generate", "x", "--model", "/no/such.pt"], "neither a GPT-2 preset"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "--preset", "nope"], "--preset: unknown model preset 'nope'"),
+        (["pretrain", "--steps", "0"], "--steps: Input should be greater than 0"),
+        (["load-gpt2", "/no/such/folder"], "neither a GPT-2 preset"),
+        (["generate", "x", "--model", "/no/such.pt"], "neither a GPT-2 preset"),
+    ],
+)
 def test_bad_input_is_one_line(settings, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err

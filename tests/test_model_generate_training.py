@@ -10,12 +10,26 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, save_model, set_rng_state
+from model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    rng_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
 from model.config import GPTConfig
 from model.generate import generate, sample_next, trim_at_eos
 from model.gpt import GPTModel
 from model.training import (
-    NonFiniteLossError, TrainingCheckpoint, TrainState, build_optimizer, build_scheduler, check_finite, warmup_cosine,
+    NonFiniteLossError,
+    TrainingCheckpoint,
+    TrainState,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    warmup_cosine,
 )
 
 CFG = GPTConfig.from_preset("tiny", context_length=32)
@@ -73,11 +87,15 @@ def test_sampling_seeded_topk_topp(model):
     c = generate(model, prompt, 10, temperature=1.0, top_k=50, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
-    assert {sample_next(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item()
-            for s in range(40)} == {1, 2}
+    assert {
+        sample_next(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(40)
+    } == {1, 2}
     # top_p=0.5: token 1 alone holds > 50% of the mass.
-    assert {sample_next(logits, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)).item()
-            for s in range(20)} == {1}
+    assert {
+        sample_next(logits, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(20)
+    } == {1}
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, temperature=1.0, top_p=0.0)
 

@@ -9,14 +9,25 @@ import pytest
 import torch
 
 import model.pretrain as pretrain_mod
-from model.checkpoint import load_checkpoint, load_model
 from eval.plots import plot_loss_curve
 from gptflow.stage import StageError
+from model.checkpoint import load_checkpoint, load_model
 from model.pretrain import PretrainConfig, PretrainError, TokenWindows, pretrain
 from model.training import NonFiniteLossError
 
-CONFIG = PretrainConfig(preset="tiny", context_length=16, batch_size=4, steps=8, warmup_steps=2, lr=3e-3,
-                        log_every=1, eval_every=4, eval_batches=2, checkpoint_every=4, sample_tokens=5)
+CONFIG = PretrainConfig(
+    preset="tiny",
+    context_length=16,
+    batch_size=4,
+    steps=8,
+    warmup_steps=2,
+    lr=3e-3,
+    log_every=1,
+    eval_every=4,
+    eval_batches=2,
+    checkpoint_every=4,
+    sample_tokens=5,
+)
 
 
 class Killed(Exception):
@@ -90,8 +101,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
 
 
 def test_grad_accumulation_and_changed_config(corpus, tmp_path):
-    cfg = CONFIG.model_copy(update={"steps": 2, "grad_accum": 2, "batch_size": 2, "checkpoint_every": 1,
-                                    "sampling": "strided"})
+    cfg = CONFIG.model_copy(
+        update={"steps": 2, "grad_accum": 2, "batch_size": 2, "checkpoint_every": 1, "sampling": "strided"}
+    )
     result = pretrain(corpus, tmp_path / "run", cfg, progress=False)
     assert result.metrics["tokens_seen"] == 2 * 2 * 2 * 16
     (tmp_path / "run" / "manifest.json").unlink()  # unfinished-looking folder, then a different config

@@ -45,7 +45,12 @@ def test_presets_match_transformers_configs(name):
     hf = GPT2Config(**HF_CONFIGS[name], n_positions=1024, vocab_size=50257)
     ours = PRESETS[name]
     assert (ours.emb_dim, ours.n_layers, ours.n_heads, ours.context_length, ours.vocab_size) == (
-        hf.n_embd, hf.n_layer, hf.n_head, hf.n_positions, hf.vocab_size)
+        hf.n_embd,
+        hf.n_layer,
+        hf.n_head,
+        hf.n_positions,
+        hf.vocab_size,
+    )
     assert hf.activation_function == "gelu_new" and hf.layer_norm_epsilon == 1e-5 and hf.tie_word_embeddings
 
 

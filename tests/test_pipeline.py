@@ -12,8 +12,8 @@ import yaml
 from prefect.flows import load_flow_from_entrypoint
 
 import flows.pipeline
-from flows.params import RECIPE, PipelineConfigError, PipelineParams, load_params
 from cli import main as cli_main
+from flows.params import RECIPE, PipelineConfigError, PipelineParams, load_params
 from gptflow.storage import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,17 +49,19 @@ def test_the_recipe_file_is_the_default_of_cli_flow_and_nightly_deployment(monke
     [
         ("weights: gpt3\n", "weights: Value error, expected 'pretrain' or 'gpt2:<name-or-path>', got 'gpt3'"),
         ("pretrain: {steps: 0}\n", "pretrain.steps: Input should be greater than 0"),
-        ("pretrain: {preset: huge}\n", "pretrain.preset 'huge' is not one of"),
+        ("pretrain: {preset: huge}\n", "pretrain.preset: unknown model preset 'huge'; presets: gpt2-small"),
         ("classifier: {epochz: 3}\n", "classifier.epochz: Extra inputs are not permitted"),
-        ("- 1\n- 2\n", "expected a mapping of pipeline parameters, got list"),
+        ("- 1\n- 2\n", "holds a list, not a mapping of config fields"),
         ("a: [1\n", "is not valid YAML/JSON"),
     ],
 )
 def test_bad_config_files_name_the_field(tmp_path, content, message):
     path = tmp_path / "params.yaml"
     path.write_text(content)
-    with pytest.raises(PipelineConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")) as info:
+    with pytest.raises(
+        PipelineConfigError,
+        match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ) as info:
         load_params(path)
     assert str(path) in str(info.value)
 
@@ -87,7 +89,13 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     deliverables = {k: Path(v) for k, v in first["deliverables"].items()}
     bundle = deliverables["edge bundle"]
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "encoder.json", "labels.json", "manifest.json", "model.int8.onnx", "model.onnx", "vocab.bpe"]
+        "encoder.json",
+        "labels.json",
+        "manifest.json",
+        "model.int8.onnx",
+        "model.onnx",
+        "vocab.bpe",
+    ]
     responses = json.loads(deliverables["test responses"].read_text())
     assert len(responses) == 4 and all("model_response" in r for r in responses)
     report = Path(first["report"])
@@ -100,8 +108,10 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     mtime = checkpoint.stat().st_mtime_ns
     second = pipeline(params)
     status = _stage_status(second)
-    assert all(status[s] == "reused" for s in ("data-spam", "data-instructions", "base-model", "classifier",
-                                               "export", "instruct")), status
+    assert all(
+        status[s] == "reused"
+        for s in ("data-spam", "data-instructions", "base-model", "classifier", "export", "instruct")
+    ), status
     assert checkpoint.stat().st_mtime_ns == mtime
 
     third = pipeline(params.merged({"instruct": {"max_steps": 12}}))

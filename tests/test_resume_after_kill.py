@@ -16,16 +16,40 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_pretrain_killed_mid_run_resumes_from_last_checkpoint(tmp_path, mirror):
-    env = {**os.environ, "GPTFLOW_HOME": str(tmp_path / "out"), "GPTFLOW_MIRROR": str(mirror),
-           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "GPTFLOW_HOME": str(tmp_path / "out"),
+        "GPTFLOW_MIRROR": str(mirror),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("PREFECT_API_URL", None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli", "pretrain", "--corpus", "the-verdict", "--preset", "tiny",
-           "--steps", "40", "--checkpoint-every", "5", "--eval-every", "1000", "--batch-size", "2",
-           "--out", str(out)]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "pretrain",
+        "--corpus",
+        "the-verdict",
+        "--preset",
+        "tiny",
+        "--steps",
+        "40",
+        "--checkpoint-every",
+        "5",
+        "--eval-every",
+        "1000",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     checkpoint = out / "last.pt"
     deadline = time.monotonic() + 400
     while not checkpoint.is_file():

@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from classify_data import write_splits
 
 import gptflow.stage as stage_mod
-from classify_data import write_splits
 from gptflow.stage import Stage, StageError, describe_change
 from model.checkpoint import load_checkpoint, save_model
 from model.classifier import ClassifierConfig, finetune
@@ -98,8 +98,18 @@ def corpus(tmp_path):
     return folder
 
 
-TINY = PretrainConfig(preset="tiny", context_length=16, batch_size=2, steps=4, warmup_steps=1, eval_every=2, log_every=1,
-                      eval_batches=1, checkpoint_every=2, sample_tokens=0)
+TINY = PretrainConfig(
+    preset="tiny",
+    context_length=16,
+    batch_size=2,
+    steps=4,
+    warmup_steps=1,
+    eval_every=2,
+    log_every=1,
+    eval_batches=1,
+    checkpoint_every=2,
+    sample_tokens=0,
+)
 
 
 def test_code_change_retrains_and_never_restamps_a_finished_checkpoint(corpus, settings, monkeypatch):
