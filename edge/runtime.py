@@ -7,25 +7,19 @@ unlisted-but-required file refuses the whole bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from edge import BundleError
+from edge import BundleError, sha256_file
 from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
 BUNDLE_MANIFEST = "manifest.json"
 ORT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 REQUIRED = (ORT_FILES["fp32"], "encoder.json", "vocab.bpe", "labels.json")  # int8 is optional
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def verify_bundle(bundle: str | Path) -> dict:

@@ -14,19 +14,13 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
+from edge import sha256_file  # noqa: F401 (re-exported: the one file hash)
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -25,20 +25,18 @@ from gptflow.settings import Settings
 from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID
-from model.checkpoint import load_checkpoint, load_model, save_model
+from model.checkpoint import load_checkpoint, load_model
 from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
 from model.init import INIT_HELP, InitSpec
-from model.pretrain import lm_loss
+from model.pretrain import LMResult, finish_lm_stage, lm_loss, run_lm_stage
 from model.training import (
-    CHECKPOINT,
     Betas,
     Bf16,
     EpochBatches,
     GradClip,
     TrainConfig,
-    TrainingCheckpoint,
     autocast,
     eval_mode,
     set_threads,
@@ -56,8 +54,6 @@ CODE = (
     "gptflow.prompts",
 )
 
-MODEL = "model.pt"
-METRICS = "metrics.json"
 RESPONSES_DIR = "responses"
 RESPONSES = "test_responses.json"
 PROGRESS = "progress.jsonl"
@@ -209,16 +205,6 @@ def evaluate(
 # --- training --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class InstructResult:
-    out_dir: Path
-    checkpoint: Path
-    model_path: Path
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    reused: bool = False
-
-
 def instruct_stage(
     data_dir: str | Path, config: InstructConfig, out_dir: str | Path | None = None, settings: Settings | None = None
 ) -> Stage:
@@ -246,18 +232,12 @@ def finetune(
     settings: Settings | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
-) -> InstructResult:
+) -> LMResult:
     """Fine-tune on `data_dir/{train,validation}.json` into the stage folder (`out_dir`, else named by the stage
     contract, which also decides reuse and resume). `on_log` receives every train/eval record."""
     config = config or InstructConfig()
     stage = instruct_stage(data_dir, config, out_dir, settings)
-    with stage.lock():
-        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
-            saved = read_json(stage.dir / METRICS)
-            return InstructResult(
-                stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
-            )
-        return _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log)
+    return run_lm_stage(stage, resume, lambda: _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log))
 
 
 def _finetune(
@@ -267,7 +247,7 @@ def _finetune(
     tokenizer: Any,
     settings: Settings | None,
     on_log: Callable[[dict[str, Any]], None] | None,
-) -> InstructResult:
+) -> LMResult:
     model = config.init.build(
         config.preset, dropout=config.dropout, seed=config.seed, context_length=config.context_length, settings=settings
     )
@@ -303,22 +283,7 @@ def _finetune(
         steps_per_epoch=steps_per_epoch,
         on_log=on_log,
     )
-    trains = [h for h in state.history if h["kind"] == "train"]
-    evals = [h for h in state.history if h["kind"] == "eval"]
-    final = {
-        "steps": state.step,
-        "epochs": state.step / steps_per_epoch,
-        "tokens_seen": state.tokens_seen,
-        "train_loss": trains[-1]["loss"] if trains else None,
-        "val_loss": evals[-1]["val_loss"] if evals else None,
-        "best_val_loss": min((e["val_loss"] for e in evals), default=None),
-        "params": model.num_params(),
-        "style": config.style,
-    }
-    save_model(stage.dir / MODEL, model, style=config.style, metrics=final)
-    write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
-    stage.complete([CHECKPOINT, MODEL, METRICS], final)
-    return InstructResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, final, state.history)
+    return finish_lm_stage(stage, model, state, epochs=state.step / steps_per_epoch, style=config.style)
 
 
 # --- responses -------------------------------------------------------------------------------------------

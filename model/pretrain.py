@@ -31,6 +31,7 @@ from model.training import (
     MinLrRatio,
     TrainConfig,
     TrainingCheckpoint,
+    TrainState,
     WarmupSteps,
     autocast,
     eval_mode,
@@ -142,13 +143,46 @@ def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int,
 
 
 @dataclass
-class PretrainResult:
+class LMResult:
+    """What a language-model stage (pretraining, instruction tuning) made: `last.pt`, `model.pt`, metrics."""
+
     out_dir: Path
     checkpoint: Path
     model_path: Path
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
+
+
+def run_lm_stage(stage: Stage, resume: bool, build: Callable[[], LMResult]) -> LMResult:
+    """Under the stage's lock: the finished product if the contract reuses it, else `build()`."""
+    with stage.lock():
+        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
+            saved = read_json(stage.dir / METRICS)
+            return LMResult(
+                stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
+            )
+        return build()
+
+
+def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: Any) -> LMResult:
+    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one),
+    `metrics.json` and the manifest."""
+    trains = [h for h in state.history if h["kind"] == "train"]
+    evals = [h for h in state.history if h["kind"] == "eval"]
+    final = {
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "train_loss": trains[-1]["loss"] if trains else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+        "params": model.num_params(),
+        **extra,
+    }
+    save_model(stage.dir / MODEL, model, metrics=final, **{k: v for k, v in extra.items() if k == "style"})
+    write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
+    stage.complete([CHECKPOINT, MODEL, METRICS], final)
+    return LMResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, final, state.history)
 
 
 def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | Path | None = None) -> Stage:
@@ -174,19 +208,13 @@ def pretrain(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
     progress: bool = True,
-) -> PretrainResult:
+) -> LMResult:
     """Train a `config.preset` model on `data_dir/{train,val}.bin` into the stage folder (`out_dir`, else named
     by the stage contract). Reused, resumed or run as the stage contract decides. `tokenizer` (tiktoken) enables
     text samples at each evaluation; `on_log` receives every train/eval record."""
     config = config or PretrainConfig()
     stage = pretrain_stage(data_dir, config, out_dir)
-    with stage.lock():
-        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
-            saved = read_json(stage.dir / METRICS)
-            return PretrainResult(
-                stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
-            )
-        return _train(stage, Path(data_dir), config, tokenizer, on_log, progress)
+    return run_lm_stage(stage, resume, lambda: _train(stage, Path(data_dir), config, tokenizer, on_log, progress))
 
 
 def _train(
@@ -196,7 +224,7 @@ def _train(
     tokenizer: Any,
     on_log: Callable[[dict[str, Any]], None] | None,
     progress: bool,
-) -> PretrainResult:
+) -> LMResult:
     train_tokens, val_tokens = (load_tokens(data_dir / name) for name in TOKEN_FILES)
     torch.manual_seed(config.seed)
     model = GPTModel(config.model_config_for())
@@ -226,21 +254,8 @@ def _train(
         on_log=on_log,
         progress=progress,
     )
-    trains = [h for h in state.history if h["kind"] == "train"]
-    evals = [h for h in state.history if h["kind"] == "eval"]
-    final = {
-        "steps": state.step,
-        "tokens_seen": state.tokens_seen,
-        "train_loss": trains[-1]["loss"] if trains else None,
-        "val_loss": evals[-1]["val_loss"] if evals else None,
-        "val_ppl": evals[-1]["val_ppl"] if evals else None,
-        "best_val_loss": min((e["val_loss"] for e in evals), default=None),
-        "params": model.num_params(),
-    }
-    save_model(stage.dir / MODEL, model, metrics=final)
-    write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
-    stage.complete([CHECKPOINT, MODEL, METRICS], final)
-    return PretrainResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, final, state.history)
+    last_eval = next((h for h in reversed(state.history) if h["kind"] == "eval"), {})
+    return finish_lm_stage(stage, model, state, val_ppl=last_eval.get("val_ppl"))
 
 
 def sample_text(model: GPTModel, tokenizer: Any, prompt: str, n_tokens: int) -> str:
