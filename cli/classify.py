@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import VerbConfig, check_init, stage_config, table
+from cli.common import VerbConfig, add_folder_options, check_init, stage_config, table
 from gptflow.errors import GptflowError
 
 
@@ -22,8 +22,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--text-column")
     p.add_argument("--label-column")
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/classify/<data>-<init>-<config hash>)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
+    add_folder_options(p, "classify/<data>-<init>-<key>")
     p.set_defaults(handler=run_finetune, stage=VerbConfig("model.classifier:ClassifierConfig"))
 
     p = verbs.add_parser(
@@ -34,7 +33,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt, or its fine-tuning folder")
     p.add_argument("--data", help="data folder with test.csv (default: the one it was fine-tuned on)")
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/export/<checkpoint folder>-<config hash>)")
+    add_folder_options(p, "export/<checkpoint folder>-<key>", resumable=False)
     p.set_defaults(handler=run_export, stage=VerbConfig("model.onnx_export:ExportConfig", {"int8": False}))
 
     p = verbs.add_parser("classify", help="label texts with a classifier checkpoint or an exported bundle")

@@ -52,6 +52,22 @@ def add_stage_options(parser: argparse.ArgumentParser, stage: VerbConfig) -> Non
     parser.set_defaults(stage=stage)
 
 
+def add_folder_options(parser: argparse.ArgumentParser, default: str, resumable: bool = True) -> None:
+    """`--out` (and `--no-resume` for a training stage); `default` is the folder the stage contract names."""
+    parser.add_argument(
+        "--out",
+        help=f"output folder (default GPTFLOW_HOME/{default}, named by the stage contract; "
+        "in a folder you choose, a checkpoint of other inputs or config is refused)",
+    )
+    if resumable:
+        parser.add_argument(
+            "--no-resume",
+            dest="resume",
+            action="store_false",
+            help="start over instead of resuming or reusing the stage folder",
+        )
+
+
 def _argparse_type(annotation: Any) -> dict[str, Any] | None:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, types.UnionType):  # X | None: a flag gives X

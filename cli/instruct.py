@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.common import VerbConfig, check_init, stage_config
+from cli.common import VerbConfig, add_folder_options, check_init, stage_config
 from gptflow.errors import GptflowError
 
 
@@ -22,8 +22,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="a JSON list of {instruction, input, output} (split by the data stage) or a "
         "folder with train/validation/test.json (default: the book's instruction-data.json)",
     )
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/instruct/<data>-<init>-<style>-<hash>)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
+    add_folder_options(p, "instruct/<data>-<init>-<style>-<key>")
     p.set_defaults(handler=run_finetune_instructions, stage=VerbConfig("model.instruct:InstructConfig"))
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import VerbConfig, stage_config, table
+from cli.common import VerbConfig, add_folder_options, stage_config, table
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -22,8 +22,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="the-verdict, tinyshakespeare, a UTF-8 text file, or a folder with train.bin/val.bin",
     )
     p.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
-    p.add_argument("--out", help="output folder (default GPTFLOW_HOME/pretrain/<corpus>-<preset>-<config hash>)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
+    add_folder_options(p, "pretrain/<corpus>-<preset>-<key>")
     p.set_defaults(handler=run_pretrain, stage=VerbConfig("model.pretrain:PretrainConfig"))
 
     p = verbs.add_parser(
