@@ -32,14 +32,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _spam(args: argparse.Namespace) -> int:
-    from flows.data import prepare_spam
+    from flows.prepare import prepare_spam
 
     _print_labelled(prepare_spam(stage_config(args)))
     return 0
 
 
 def _csv(args: argparse.Namespace) -> int:
-    from flows.data import prepare_csv
+    from flows.prepare import prepare_csv
 
     _print_labelled(prepare_csv(args.path, stage_config(args)))
     return 0
@@ -47,7 +47,7 @@ def _csv(args: argparse.Namespace) -> int:
 
 def _instructions(args: argparse.Namespace) -> int:
     from data.instructions import summary_rows
-    from flows.data import prepare_instructions
+    from flows.prepare import prepare_instructions
 
     outcome = prepare_instructions(args.path, stage_config(args))
     print(table([{"step": k, "entries": v} for k, v in outcome["report"]["cleaning"].items()]), end="\n\n")
@@ -58,7 +58,7 @@ def _instructions(args: argparse.Namespace) -> int:
 
 def _corpus(args: argparse.Namespace) -> int:
     from data.corpus import summary_rows
-    from flows.data import prepare_corpus
+    from flows.prepare import prepare_corpus
 
     outcome = prepare_corpus(args.corpus, stage_config(args))
     print(table(summary_rows(outcome["report"])), end="\n\n")

@@ -22,7 +22,7 @@ def finetune_classifier_flow(
 ) -> dict:
     """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
     `out_dir`, else to the folder the stage contract names: `<home>/classify/<data>-<init>-<key>`."""
-    from flows.data import prepare_csv, prepare_spam
+    from flows.prepare import prepare_csv, prepare_spam
 
     if (Path(data) / "train.csv").is_file():
         data_dir = data  # a data stage folder that is already prepared

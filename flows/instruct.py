@@ -22,7 +22,7 @@ def finetune_instructions(
     if data is not None and all((Path(data) / name).is_file() for name in SPLITS):
         data_dir = data
     else:
-        from flows.data import prepare_instructions
+        from flows.prepare import prepare_instructions
 
         data_dir = prepare_instructions(data)["out_dir"]
     trained = finetune_model(data_dir, config, out_dir, resume)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.classify import finetune_classifier_flow
-from flows.data import prepare_instructions, prepare_spam
 from flows.evaluate import evaluate_responses_flow
 from flows.export import export_flow
 from flows.instruct import finetune_instructions
 from flows.params import PipelineParams
+from flows.prepare import prepare_instructions, prepare_spam
 from flows.pretrain import load_gpt2_flow, pretrain_flow
 from tasks.pipeline import write_run_report
 

@@ -24,7 +24,7 @@ def pretrain_flow(
     if (Path(corpus) / "train.bin").is_file():
         data_dir = corpus
     else:
-        from flows.data import prepare_corpus
+        from flows.prepare import prepare_corpus
 
         data_dir = prepare_corpus(corpus)["out_dir"]
     return train_model(data_dir, config, out_dir, resume)

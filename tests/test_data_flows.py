@@ -9,7 +9,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from cli import main
 from data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
-from flows.data import prepare_corpus, prepare_csv, prepare_instructions, prepare_spam
+from flows.prepare import prepare_corpus, prepare_csv, prepare_instructions, prepare_spam
 
 
 def test_prepare_spam_flow_and_rerun(prefect_harness, settings):

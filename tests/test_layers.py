@@ -80,3 +80,10 @@ def test_the_checker_catches_what_it_should():
             ("edge", "json"),
         ]
     )
+
+
+def test_no_flow_module_shadows_a_package():
+    """Prefect loads a deployment's entrypoint (`flows/pipeline.py:pipeline`) as a script, with `flows/` first on
+    sys.path: a `flows/data.py` there would be imported as the `data` package."""
+    shadowing = sorted(p.name for p in (REPO_ROOT / "flows").glob("*.py") if p.stem in MAY_IMPORT)
+    assert not shadowing, f"flows/{shadowing[0]} shadows the package {shadowing[0][:-3]}/ when Prefect loads a flow"

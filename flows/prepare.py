@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
-from tasks.data import build_corpus, build_csv_data, build_instruction_data, build_spam_data, fetch_input
+from tasks.prepare import build_corpus, build_csv_data, build_instruction_data, build_spam_data, fetch_input
 
 
 @flow(name="prepare-spam")
