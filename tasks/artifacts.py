@@ -9,8 +9,9 @@ import base64
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -69,6 +70,26 @@ class TrainingProgress:
 
     def finish(self) -> None:
         update_progress_artifact(self._id, 100.0)
+
+
+def training_logger(stage: str, name: str, fraction: Callable[[dict[str, Any]], float]) -> tuple[Callable, Any]:
+    """A training stage's `on_log`: one log line per record of the training loop and a progress artifact moved by
+    `fraction(record)`; returns (on_log, the progress artifact)."""
+    logger = get_run_logger()
+    progress = TrainingProgress(artifact_key(stage, name, "progress"), f"{name}: training done")
+
+    def on_log(m: dict[str, Any]) -> None:
+        if m["kind"] == "resume":
+            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
+            return
+        progress.update(fraction(m))
+        epoch = f" (epoch {m['epoch']:.2f})" if "epoch" in m else ""
+        values = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("step", "epoch") and isinstance(v, float))
+        best = ", best so far" if m.get("best") else ""
+        sample = f" | sample {m['sample']!r}" if "sample" in m else ""
+        logger.info("step %d%s %s: %s%s%s", m["step"], epoch, m["kind"], values, best, sample)
+
+    return on_log, progress
 
 
 def publish_training_result(result: Any, plot: Path, stage: str, what: str) -> None:

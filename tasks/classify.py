@@ -16,7 +16,7 @@ from eval.metrics import report_rows, write_split_reports
 from eval.plots import plot_training_curves
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import ClassifierConfig, classifier_stage, finetune, split_logits
-from tasks.artifacts import TrainingProgress, artifact_key, publish_plot, publish_table
+from tasks.artifacts import artifact_key, publish_plot, publish_table, training_logger
 
 CURVES = "curves.png"
 CONFUSION = "confusion_test.png"
@@ -28,28 +28,7 @@ def finetune_classifier(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     name = classifier_stage(data_dir, config, out_dir).dir.name
-    progress = TrainingProgress(artifact_key("classify", name, "progress"), f"{name}: fine-tuning epochs done")
-
-    def on_log(m: dict[str, Any]) -> None:
-        if m["kind"] == "resume":
-            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
-        elif m["kind"] == "train":
-            progress.update(m["epoch"] / config.epochs)
-            logger.info(
-                "step %d (epoch %.2f): train loss %.4f acc %.4f", m["step"], m["epoch"], m["loss"], m["accuracy"]
-            )
-        else:
-            logger.info(
-                "step %d (epoch %.2f): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s",
-                m["step"],
-                m["epoch"],
-                m["train_loss"],
-                m["train_accuracy"],
-                m["val_loss"],
-                m["val_accuracy"],
-                "  best" if m["best"] else "",
-            )
-
+    on_log, progress = training_logger("classify", name, lambda m: m["epoch"] / config.epochs)
     result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
 from model.instruct import InstructConfig, finetune, generate_responses, instruct_stage, sample_rows
-from tasks.artifacts import TrainingProgress, artifact_key, publish_link, publish_table, publish_training_result
+from tasks.artifacts import artifact_key, publish_link, publish_table, publish_training_result, training_logger
 
 
 @task(cache_policy=NO_CACHE)
@@ -25,27 +25,9 @@ def finetune_model(
     """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
     logger = get_run_logger()
     name = instruct_stage(data_dir, config, out_dir).dir.name
-    progress = TrainingProgress(artifact_key("instruct", name, "progress"), f"{name}: fine-tuning done")
-
-    def on_log(m: dict[str, Any]) -> None:
-        if config.max_steps:
-            progress.update(m["step"] / config.max_steps)
-        elif "epoch" in m:
-            progress.update(m["epoch"] / config.epochs)
-        if m["kind"] == "resume":
-            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
-        elif m["kind"] == "train":
-            logger.info(
-                "step %d (epoch %.2f)  loss %.4f  lr %.2e  %.0f tokens/s",
-                m["step"],
-                m["epoch"],
-                m["loss"],
-                m["lr"],
-                m["tokens_per_s"],
-            )
-        else:
-            logger.info("step %d  val loss %.4f", m["step"], m["val_loss"])
-
+    on_log, progress = training_logger(
+        "instruct", name, lambda m: m["step"] / config.max_steps if config.max_steps else m["epoch"] / config.epochs
+    )
     result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)

@@ -15,7 +15,7 @@ from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
 from model.pretrain import PretrainConfig, pretrain, pretrain_stage
 from model.weights import convert_gpt2
-from tasks.artifacts import TrainingProgress, artifact_key, publish_training_result
+from tasks.artifacts import publish_training_result, training_logger
 
 
 @task(cache_policy=NO_CACHE)
@@ -25,23 +25,7 @@ def train_model(
     """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
     logger = get_run_logger()
     name = pretrain_stage(data_dir, config, out_dir).dir.name
-    progress = TrainingProgress(artifact_key("pretrain", name, "progress"), f"{name}: pretraining steps done")
-
-    def on_log(m: dict[str, Any]) -> None:
-        progress.update(m["step"] / config.steps)
-        if m["kind"] == "resume":
-            logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
-        elif m["kind"] == "train":
-            logger.info("step %d  loss %.4f  lr %.2e  %.0f tokens/s", m["step"], m["loss"], m["lr"], m["tokens_per_s"])
-        else:
-            logger.info(
-                "step %d  val loss %.4f  ppl %.1f  sample %r",
-                m["step"],
-                m["val_loss"],
-                m["val_ppl"],
-                m.get("sample", ""),
-            )
-
+    on_log, progress = training_logger("pretrain", name, lambda m: m["step"] / config.steps)
     result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
