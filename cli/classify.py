@@ -55,6 +55,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             raise GptflowError("--data PATH needs --text-column and --label-column")
 
     from flows.classify import finetune_classifier_flow
+    from tasks.classify import CONFUSION, CURVES
 
     out = finetune_classifier_flow(args.data, config, args.text_column, args.label_column, args.out, args.resume)
     s = out["summary"]
@@ -79,10 +80,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     out_dir = Path(out["out_dir"])
     print(f"model: {out['best']}")
-    print(
-        f"metrics: {out_dir / 'metrics.json'}  curves: {out_dir / 'curves.png'}  "
-        f"confusion matrix: {out_dir / 'confusion_test.png'}"
-    )
+    print(f"metrics: {out_dir / 'metrics.json'}  curves: {out_dir / CURVES}  confusion matrix: {out_dir / CONFUSION}")
     return 0
 
 

@@ -323,16 +323,18 @@ def finetune(
     resume)."""
     config = config or ClassifierConfig()
     stage = classifier_stage(data_dir, config, out_dir, settings)
+    checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
     with stage.lock():
-        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
+        if stage.plan(resume, checkpoint=checkpoint.stage_key).reused:
             return FinetuneResult(
                 stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY), stage.manifest()["metrics"], reused=True
             )
-        return _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log)
+        return _finetune(stage, checkpoint, Path(data_dir), config, tokenizer, settings, on_log)
 
 
 def _finetune(
     stage: Stage,
+    checkpoint: TrainingCheckpoint,
     data_dir: Path,
     config: ClassifierConfig,
     tokenizer,
@@ -385,6 +387,7 @@ def _finetune(
         model,
         config,
         stage=stage,
+        checkpoint=checkpoint,
         total_steps=steps_per_epoch * config.epochs,
         batch=batch,
         loss=loss,

@@ -37,6 +37,7 @@ from model.training import (
     EpochBatches,
     GradClip,
     TrainConfig,
+    TrainingCheckpoint,
     autocast,
     eval_mode,
     set_threads,
@@ -210,8 +211,9 @@ def instruct_stage(
 ) -> Stage:
     data_dir = Path(data_dir)
     inputs: dict[str, Path | str] = {n: data_dir / n for n in ("train.json", "validation.json")}
-    for path in inputs.values():
-        load_split(path)
+    for path in inputs.values():  # a missing split: what to run, before anything is hashed (content: in training)
+        if not path.is_file():
+            raise InstructError(f"{path} does not exist; run `gptflow data instructions` first")
     inputs["init"] = config.init.stage_input(settings)
     return Stage.declare(
         "instruct",
@@ -237,11 +239,14 @@ def finetune(
     contract, which also decides reuse and resume). `on_log` receives every train/eval record."""
     config = config or InstructConfig()
     stage = instruct_stage(data_dir, config, out_dir, settings)
-    return run_lm_stage(stage, resume, lambda: _finetune(stage, Path(data_dir), config, tokenizer, settings, on_log))
+    return run_lm_stage(
+        stage, resume, lambda ckpt: _finetune(stage, ckpt, Path(data_dir), config, tokenizer, settings, on_log)
+    )
 
 
 def _finetune(
     stage: Stage,
+    checkpoint: TrainingCheckpoint,
     data_dir: Path,
     config: InstructConfig,
     tokenizer: Any,
@@ -274,6 +279,7 @@ def _finetune(
         model,
         config,
         stage=stage,
+        checkpoint=checkpoint,
         total_steps=total_steps,
         batch=lambda i: batch_tensors([examples[j] for j in order.indices(i)], config, max_length),
         loss=loss,

@@ -154,15 +154,17 @@ class LMResult:
     reused: bool = False
 
 
-def run_lm_stage(stage: Stage, resume: bool, build: Callable[[], LMResult]) -> LMResult:
-    """Under the stage's lock: the finished product if the contract reuses it, else `build()`."""
+def run_lm_stage(stage: Stage, resume: bool, build: Callable[[TrainingCheckpoint], LMResult]) -> LMResult:
+    """Under the stage's lock: the finished product if the contract reuses it, else `build(checkpoint)` with the
+    checkpoint the plan read (loaded once)."""
+    checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
     with stage.lock():
-        if stage.plan(resume, checkpoint=TrainingCheckpoint(stage.dir / CHECKPOINT).stage_key).reused:
+        if stage.plan(resume, checkpoint=checkpoint.stage_key).reused:
             saved = read_json(stage.dir / METRICS)
             return LMResult(
                 stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
             )
-        return build()
+        return build(checkpoint)
 
 
 def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: Any) -> LMResult:
@@ -214,11 +216,14 @@ def pretrain(
     text samples at each evaluation; `on_log` receives every train/eval record."""
     config = config or PretrainConfig()
     stage = pretrain_stage(data_dir, config, out_dir)
-    return run_lm_stage(stage, resume, lambda: _train(stage, Path(data_dir), config, tokenizer, on_log, progress))
+    return run_lm_stage(
+        stage, resume, lambda ckpt: _train(stage, ckpt, Path(data_dir), config, tokenizer, on_log, progress)
+    )
 
 
 def _train(
     stage: Stage,
+    checkpoint: TrainingCheckpoint,
     data_dir: Path,
     config: PretrainConfig,
     tokenizer: Any,
@@ -247,6 +252,7 @@ def _train(
         model,
         config,
         stage=stage,
+        checkpoint=checkpoint,
         total_steps=config.steps,
         batch=windows.batch,
         loss=loss,

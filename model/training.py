@@ -109,9 +109,11 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def check_finite(loss: torch.Tensor | float, step: int, where: str = "training") -> None:
+def check_finite(loss: torch.Tensor | float, step: int, where: str | Callable[[], str] = "training") -> None:
+    """Raise NonFiniteLossError for a NaN/inf loss; `where` may be a callable, evaluated only then."""
     value = torch.as_tensor(loss)
     if not torch.isfinite(value).all():
+        where = where() if callable(where) else where
         raise NonFiniteLossError(
             f"{where} loss is {value.item()} at step {step}; stopped. Lower the learning rate "
             "or turn off bf16; the last good checkpoint is kept"
@@ -236,8 +238,11 @@ class TrainingCheckpoint:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        self._state = None  # free the tensors
         return TrainState(**ckpt["train_state"])
+
+    def release(self) -> None:
+        """Forget the loaded contents (its tensors can be freed)."""
+        self._state = None
 
 
 CHECKPOINT = "last.pt"  # the resumable training state in every training stage's folder
@@ -258,32 +263,38 @@ def train(
     select: Selection = Selection(),
     on_best: Callable[[TrainState], None] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
-    checkpoint_extra: dict[str, Any] | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
     progress: bool = False,
 ) -> TrainState:
     """Train `model` for `total_steps` optimizer steps of `config.grad_accum` micro-batches each.
 
     `batch(i)` is micro-batch i (the same i always gives the same batch); `loss(batch)` returns the mean loss and
     stats to sum between logs ("tokens", and "correct"/"n" for an accuracy); `evaluate(final)` (if any) returns
-    validation metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` is resumed when the stage's
-    plan says so (`stage.decision`), written every `config.checkpoint_every` steps and at the end. `on_log`
-    receives every train and eval record (also kept in the returned state's history)."""
+    validation metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` (`checkpoint`: the one the
+    stage's plan already read) is resumed when that plan says so (`stage.decision`), written every
+    `config.checkpoint_every` steps and at the end. `on_log` receives every train and eval record (also kept in
+    the returned state's history)."""
     set_threads(config.threads)
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
     scheduler = build_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
-    ckpt = TrainingCheckpoint(stage.dir / CHECKPOINT)
     state = TrainState()
+    ckpt = checkpoint or TrainingCheckpoint(stage.dir / CHECKPOINT)
     if stage.decision is not None and stage.decision.action == "resume":
         stage.check_checkpoint(ckpt.stage_key(), ckpt.path)
         state = ckpt.restore(model, optimizer, scheduler)
         _emit(state, on_log, {"kind": "resume", "step": state.step, "checkpoint": str(ckpt.path)})
+    ckpt.release()  # a checkpoint the plan read but training does not resume is not held in memory
+
+    def last_good() -> str:
+        return f"training (last good checkpoint: {ckpt.path if ckpt.path.is_file() else 'none yet'})"
+
     stage.dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     epoch = (lambda step: round(step / steps_per_epoch, 4)) if steps_per_epoch else (lambda step: None)
 
     def save() -> None:
-        ckpt.save(model, optimizer, scheduler, state, stage.key, **(checkpoint_extra or {}))
+        ckpt.save(model, optimizer, scheduler, state, stage.key)
 
     bar = _progress_bar(total_steps, state.step, progress, stage.name)
     clock = time.perf_counter()
@@ -296,11 +307,7 @@ def train(
                 tensors = [t.to(device) for t in batch(state.step * config.grad_accum + micro)]
                 with autocast(config.bf16, device):
                     value, stats = loss(tensors)
-                check_finite(
-                    value,
-                    state.step + 1,
-                    f"training (last good checkpoint: {ckpt.path if ckpt.path.is_file() else 'none yet'})",
-                )
+                check_finite(value, state.step + 1, last_good)
                 (value / config.grad_accum).backward()
                 step_loss += value.item() / config.grad_accum
                 state.tokens_seen += int(stats.get("tokens", 0))
