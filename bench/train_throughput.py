@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from bench.naive_gpt import naive_from
 from model.config import GPTConfig
+from model.device import autocast
 from model.gpt import GPTModel
 from model.pretrain import lm_loss
-from model.training import autocast, build_optimizer
+from model.training import build_optimizer
 
 LR, WD = 4e-4, 0.1  # the book's pretraining settings
 
@@ -59,7 +60,7 @@ def train_steps(model, optimizer, batches, *, bf16: bool, compile: bool, clip: f
             return F.cross_entropy(fwd(x).flatten(0, 1).float(), y.flatten())
 
     def step(x, y):
-        with autocast(bf16):
+        with autocast("bf16" if bf16 else "fp32"):
             loss = loss_of(x, y)
         loss.backward()
         if clip is not None:

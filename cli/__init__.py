@@ -59,6 +59,7 @@ def _prepare_environment() -> None:
 def main(argv: list[str] | None = None) -> int:
     from edge import BundleError  # edge imports nothing of ours: its error is not a GptflowError
     from gptflow.errors import GptflowError
+    from gptflow.ranks import process_ranks
     from gptflow.settings import get_settings
 
     _prepare_environment()  # before anything imports Prefect
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         get_settings()  # a bad GPTFLOW_* / OLLAMA_HOST value stops every verb here, naming the variable
-        result = args.handler(args)
+        ranks = process_ranks()  # half-set torchrun variables stop here too
+        if ranks.distributed:
+            result = _run_distributed(args, ranks.is_main)
+        else:
+            result = args.handler(args)
     except (GptflowError, BundleError) as exc:
         print(f"gptflow {args.verb}: error: {exc}", file=sys.stderr)
         return 2
@@ -76,3 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _run_distributed(args: argparse.Namespace, is_main: bool) -> int | None:
+    """`torchrun ... gptflow VERB`: rank 0 runs the verb (flows, reports, artifacts) and every other rank joins
+    the training stages it calls (model.distributed)."""
+    from model import distributed
+
+    try:
+        if not is_main:
+            distributed.follow()
+            return 0
+        with distributed.lead():
+            return args.handler(args)
+    finally:
+        distributed.destroy()

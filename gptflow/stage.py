@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 from pydantic import BaseModel
 
 from gptflow.errors import GptflowError
+from gptflow.ranks import process_ranks
 from gptflow.settings import get_settings
 from gptflow.storage import (
     MANIFEST_NAME,
@@ -155,10 +156,11 @@ class Stage:
     def plan(self, resume: bool = True, checkpoint: Callable[[], dict | None] | None = None) -> Decision:
         """Decide reuse / resume / run and log why. `checkpoint()` returns the key stored in the stage's
         checkpoint (None when there is none); it is called only when reuse is ruled out. Anything but reuse
-        removes the manifest first, so a folder being rewritten is never taken for the finished product."""
+        removes the manifest first, so a folder being rewritten is never taken for the finished product. The
+        other ranks of a torchrun job decide the same from the same files and change nothing."""
         manifest = self.manifest()
         decision = self._decide(resume, manifest, checkpoint)
-        if decision.action != "reuse":
+        if decision.action != "reuse" and process_ranks().is_main:
             self.manifest_path.unlink(missing_ok=True)
         log.info(
             "%s %s: %s",
@@ -225,7 +227,11 @@ class Stage:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator["Stage"]:
-        """Hold the stage's lock while it is planned and written (a second run of the same stage waits)."""
+        """Hold the stage's lock while it is planned and written (a second run of the same stage waits). Only rank 0
+        of a torchrun job takes it: the others join its training, they do not queue behind it."""
+        if not process_ranks().is_main:
+            yield self
+            return
         with stage_lock(self.dir):
             yield self
 

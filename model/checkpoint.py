@@ -72,9 +72,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states in a form `torch.load(weights_only=True)` accepts."""
+    """Python, NumPy and torch RNG states (and the current GPU's, where CUDA is in use) in a form
+    `torch.load(weights_only=True)` accepts."""
     np_state = np.random.get_state(legacy=False)
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
     return {
+        **cuda,
         "python": _to_lists(random.getstate()),
         "numpy": {
             "bit_generator": np_state["bit_generator"],
@@ -99,7 +102,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
             "gauss": n["gauss"],
         }
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():  # a CPU run resumed from a GPU checkpoint has no GPU RNG
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def _to_lists(value: Any) -> Any:

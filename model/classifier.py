@@ -30,8 +30,11 @@ from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
 from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
+from gptflow.tokenizer import get_tokenizer
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import GPTConfig
+from model.device import autocast
+from model.distributed import replicated
 from model.gpt import GPTModel
 from model.init import INIT_HELP, InitSpec
 from model.training import (
@@ -41,12 +44,11 @@ from model.training import (
     Selection,
     TrainConfig,
     TrainingCheckpoint,
-    autocast,
     eval_mode,
     train,
 )
 
-CODE = (__name__, "model.gpt", "model.training", "model.init", "edge.text")
+CODE = (__name__, "model.gpt", "model.training", "model.init", "model.device", "edge.text")
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +202,13 @@ def collate(
 
 @torch.no_grad()
 def predict_logits(
-    model: SequenceClassifier, ids: Sequence[Sequence[int]], batch_size: int = 32, bf16: bool = False
+    model: SequenceClassifier, ids: Sequence[Sequence[int]], batch_size: int = 32, precision: str = "fp32"
 ) -> np.ndarray:
-    """Logits (N, n_classes) in the input order; batches of similar length pad least."""
+    """Logits (N, n_classes) in the input order, on the model's device; batches of similar length pad least."""
     order = np.argsort([len(r) for r in ids], kind="stable")
     out = np.zeros((len(ids), model.n_classes), dtype=np.float32)
     device = next(model.parameters()).device
-    with eval_mode(model), autocast(bf16, device):
+    with eval_mode(model), autocast(precision, device):
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             x, mask, _ = collate([ids[j] for j in idx])
@@ -214,8 +216,8 @@ def predict_logits(
     return out
 
 
-def evaluate_split(model: SequenceClassifier, data: LabelledTexts, batch_size: int, bf16: bool = False) -> dict:
-    logits = predict_logits(model, data.ids, batch_size, bf16)
+def evaluate_split(model: SequenceClassifier, data: LabelledTexts, batch_size: int, precision: str = "fp32") -> dict:
+    logits = predict_logits(model, data.ids, batch_size, precision)
     target = torch.tensor(data.labels)
     loss = F.cross_entropy(torch.from_numpy(logits), target).item()
     accuracy = float((logits.argmax(1) == np.asarray(data.labels)).mean())
@@ -307,12 +309,13 @@ def classifier_stage(
     )
 
 
+@replicated
 def finetune(
     data_dir: str | Path,
     out_dir: str | Path | None = None,
     config: ClassifierConfig | None = None,
     *,
-    tokenizer,
+    tokenizer=None,
     settings=None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
@@ -329,6 +332,7 @@ def finetune(
             return FinetuneResult(
                 stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY), stage.manifest()["metrics"], reused=True
             )
+        tokenizer = tokenizer or get_tokenizer(settings)
         return _finetune(stage, checkpoint, Path(data_dir), config, tokenizer, settings, on_log)
 
 
@@ -391,7 +395,7 @@ def _finetune(
         total_steps=steps_per_epoch * config.epochs,
         batch=batch,
         loss=loss,
-        evaluate=lambda final: evaluate_split(model, val, config.eval_batch_size, config.bf16),
+        evaluate=lambda final: evaluate_split(model, val, config.eval_batch_size, config.runtime().precision),
         steps_per_epoch=steps_per_epoch,
         select=select,
         on_best=keep,
@@ -409,6 +413,7 @@ def _finetune(
         "trainable_params": n_trainable,
         "max_length": max_length,
         "n_classes": len(labels),
+        **state.setup,
         "source": source,
     }
     write_json_atomic(stage.dir / HISTORY, state.history)

@@ -24,8 +24,10 @@ from gptflow.prompts import RESPONSE_MARKERS, Style, clean_response, format_exam
 from gptflow.settings import Settings
 from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
-from gptflow.tokenizer import EOT_ID
+from gptflow.tokenizer import EOT_ID, get_tokenizer
 from model.checkpoint import load_checkpoint, load_model
+from model.device import autocast
+from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
@@ -33,12 +35,10 @@ from model.init import INIT_HELP, InitSpec
 from model.pretrain import LMResult, finish_lm_stage, lm_loss, run_lm_stage
 from model.training import (
     Betas,
-    Bf16,
     EpochBatches,
     GradClip,
     TrainConfig,
     TrainingCheckpoint,
-    autocast,
     eval_mode,
     set_threads,
     train,
@@ -50,6 +50,7 @@ CODE = (
     "model.pretrain",
     "model.fused_loss",
     "model.training",
+    "model.device",
     "model.init",
     "model.generate",
     "gptflow.prompts",
@@ -139,7 +140,6 @@ class InstructConfig(TrainConfig):
     max_steps: int | None = Field(default=None, gt=0, description="stop after this many steps (quick runs)")
     betas: Betas = (0.9, 0.999)
     grad_clip: GradClip = None
-    bf16: Bf16 = True
     log_every: int = Field(default=5, gt=0, description="log training loss every N steps")
     eval_batches: int | None = Field(default=5, gt=0, description="validation batches per evaluation (None: all)")
     max_new_tokens: int = Field(default=256, ge=1, description="response length limit")
@@ -194,7 +194,7 @@ def evaluate(
     total, count = 0.0, 0
     starts = list(range(0, len(examples), config.batch_size))[:max_batches]
     device = next(model.parameters()).device
-    with eval_mode(model), autocast(config.bf16, device):
+    with eval_mode(model), autocast(config.runtime().precision, device):
         for s in starts:
             x, y = (t.to(device) for t in batch_tensors(examples[s : s + config.batch_size], config, max_length))
             n = int((y != IGNORE_INDEX).sum())
@@ -225,12 +225,13 @@ def instruct_stage(
     )
 
 
+@replicated
 def finetune(
     data_dir: str | Path,
     out_dir: str | Path | None = None,
     config: InstructConfig | None = None,
     *,
-    tokenizer: Any,
+    tokenizer: Any = None,
     settings: Settings | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
@@ -238,6 +239,7 @@ def finetune(
     """Fine-tune on `data_dir/{train,validation}.json` into the stage folder (`out_dir`, else named by the stage
     contract, which also decides reuse and resume). `on_log` receives every train/eval record."""
     config = config or InstructConfig()
+    tokenizer = tokenizer or get_tokenizer(settings)
     stage = instruct_stage(data_dir, config, out_dir, settings)
     return run_lm_stage(
         stage, resume, lambda ckpt: _finetune(stage, ckpt, Path(data_dir), config, tokenizer, settings, on_log)
@@ -311,7 +313,7 @@ def respond(model: GPTModel, tokenizer: Any, entry: dict[str, str], style: Style
     ids = encode_text(tokenizer, format_prompt(entry, style))
     out = generate(
         model,
-        torch.tensor([ids]),
+        torch.tensor([ids], device=next(model.parameters()).device),
         config.max_new_tokens,
         temperature=config.temperature,
         top_k=config.top_k,
@@ -363,6 +365,7 @@ def generate_responses(
         if decision.reused:
             return ResponsesResult(stage.dir / RESPONSES, len(entries), 0, 0.0, reused=True)
         model, style = load_instruct_model(model_path)
+        model.to(config.runtime().device)
         set_threads(config.threads)
         done = _read_progress(progress_path) if decision.action == "resume" else {}
         if not done:

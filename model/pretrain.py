@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from gptflow.errors import GptflowError
@@ -20,12 +21,13 @@ from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import save_model
 from model.config import GPTConfig
-from model.fused_loss import linear_cross_entropy
+from model.device import autocast
+from model.distributed import replicated
+from model.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from model.generate import generate
 from model.gpt import GPTModel
 from model.training import (
     CHECKPOINT,
-    Bf16,
     EvalEvery,
     LearningRate,
     MinLrRatio,
@@ -33,12 +35,14 @@ from model.training import (
     TrainingCheckpoint,
     TrainState,
     WarmupSteps,
-    autocast,
     eval_mode,
     train,
 )
 
-CODE = (__name__, "model.gpt", "model.fused_loss", "model.training", "model.checkpoint")
+CODE = (__name__, "model.gpt", "model.fused_loss", "model.training", "model.checkpoint", "model.device")
+# Devices where the fused LM-head loss (model.fused_loss) is the faster one; elsewhere the loss is F.linear +
+# F.cross_entropy, whose kernels a GPU runs well (bench/loss_head.py measures both on the device at hand).
+FUSED_LOSS_DEVICES = frozenset({"cpu"})
 TOKEN_FILES = ("train.bin", "val.bin")
 MODEL = "model.pt"
 METRICS = "metrics.json"
@@ -67,7 +71,6 @@ class PretrainConfig(TrainConfig):
     sampling: Literal["random", "strided"] = Field(
         default="random", description="random: seeded random windows; strided: consecutive windows, wrapping"
     )
-    bf16: Bf16 = True
     compile: bool = Field(default=False, description="torch.compile the model (slow start, small gain on CPU)")
     eval_every: EvalEvery = 50
     eval_batches: int = Field(default=10, gt=0, description="validation batches per evaluation (at most)")
@@ -119,13 +122,19 @@ class TokenWindows:
 
 def lm_loss(features: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of the LM head on `features` (B, T, E) over the targets that are not
-    IGNORE_INDEX (0, not NaN, when there are none). The head and the loss are fused, so the (B*T, vocab) fp32
-    logits never exist (about 2x faster training steps on CPU; see model.fused_loss). Pretraining and
-    instruction fine-tuning both train through it."""
-    return linear_cross_entropy(features.flatten(0, 1), head_weight, targets.flatten())
+    IGNORE_INDEX (0, not NaN, when there are none). On the CPU the head and the loss are fused, so the
+    (B*T, vocab) fp32 logits never exist (see model.fused_loss); on other devices it is the plain head and
+    `F.cross_entropy`. Pretraining and instruction fine-tuning both train through it."""
+    hidden, targets = features.flatten(0, 1), targets.flatten()
+    if hidden.device.type in FUSED_LOSS_DEVICES:
+        return linear_cross_entropy(hidden, head_weight, targets)
+    total = F.cross_entropy(F.linear(hidden, head_weight).float(), targets, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int, max_batches: int, bf16: bool) -> float:
+def evaluate(
+    model: GPTModel, tokens: np.ndarray, context: int, batch_size: int, max_batches: int, precision: str
+) -> float:
     """Mean loss over up to `max_batches` batches of strided windows spread evenly over `tokens`."""
     windows = TokenWindows(tokens, context, batch_size, "strided", seed=0)
     n = min(windows.n_windows, max_batches * batch_size)
@@ -134,7 +143,7 @@ def evaluate(model: GPTModel, tokens: np.ndarray, context: int, batch_size: int,
     chosen = np.linspace(0, windows.n_windows - 1, n).round().astype(np.int64) * context
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    with eval_mode(model), autocast(bf16, device):
+    with eval_mode(model), autocast(precision, device):
         for i in range(0, n, batch_size):
             x, y = (t.to(device) for t in windows.rows(chosen[i : i + batch_size]))
             total += lm_loss(model.features(x), model.out_head.weight, y).item() * len(x)
@@ -179,6 +188,7 @@ def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: A
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min((e["val_loss"] for e in evals), default=None),
         "params": model.num_params(),
+        **state.setup,
         **extra,
     }
     save_model(stage.dir / MODEL, model, metrics=final, **{k: v for k, v in extra.items() if k == "style"})
@@ -201,6 +211,7 @@ def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | 
     )
 
 
+@replicated
 def pretrain(
     data_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -242,7 +253,7 @@ def _train(
         return lm_loss(features(x), model.out_head.weight, y), {"tokens": x.numel()}
 
     def validate(final: bool) -> dict[str, Any]:
-        val = evaluate(model, val_tokens, ctx, config.batch_size, config.eval_batches, config.bf16)
+        val = evaluate(model, val_tokens, ctx, config.batch_size, config.eval_batches, config.runtime().precision)
         metrics: dict[str, Any] = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
         if tokenizer is not None and config.sample_tokens:
             metrics["sample"] = sample_text(model, tokenizer, config.sample_prompt, config.sample_tokens)
@@ -266,5 +277,6 @@ def _train(
 
 def sample_text(model: GPTModel, tokenizer: Any, prompt: str, n_tokens: int) -> str:
     ids = tokenizer.encode(prompt, allowed_special="all") or [50256]
-    out = generate(model, torch.tensor([ids]), n_tokens, temperature=0.0)
+    device = next(model.parameters()).device
+    out = generate(model, torch.tensor([ids], device=device), n_tokens, temperature=0.0)
     return tokenizer.decode(out[0, len(ids) :].tolist())

@@ -2,10 +2,11 @@
 accuracy bench's domain pretraining), and the config fields they share.
 
 A stage supplies its model, a batch for each micro-batch index, its loss and its evaluation; the loop does the
-rest: placement of batches on the model's device, bf16 autocast, gradient accumulation, clipping, the fused AdamW,
-the warmup + cosine schedule, checkpoints and exact resume (model, optimizer, schedule, counters, RNG; batches are
-a pure function of their index, so the step count is the data position), the non-finite loss guard, evaluation
-cadence, keeping the best or the last weights with early stopping, logging and a progress bar.
+rest: the device and precision (model.device), data-parallel training under torchrun (model.distributed),
+gradient accumulation, clipping, the fused AdamW, the warmup + cosine schedule, checkpoints and exact resume
+(model, optimizer, schedule, counters, RNG of every rank; batches are a pure function of their index, so the step
+count is the data position), the non-finite loss guard, evaluation cadence, keeping the best or the last weights
+with early stopping, logging and a progress bar.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Sequen
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from gptflow.errors import GptflowError
+from gptflow.ranks import process_ranks
 from gptflow.stage import Stage
+from model import distributed
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.config import Preset
+from model.device import DeviceSpec, Precision, Runtime, runtime
+from model.distributed import Launcher
 
 # Constrained field types: a stage config may change a default (`lr: LearningRate = 2e-3`) without restating them.
 LearningRate = Annotated[float, Field(gt=0, description="peak learning rate")]
@@ -35,7 +41,6 @@ MinLrRatio = Annotated[
 WarmupSteps = Annotated[int, Field(ge=0, description="linear LR warmup steps")]
 GradClip = Annotated[float | None, Field(gt=0, description="clip the gradient norm to this (None: no clipping)")]
 Betas = Annotated[tuple[float, float], Field(description="AdamW betas")]
-Bf16 = Annotated[bool, Field(description="bf16 autocast (faster on CPUs with bf16 matmuls)")]
 EvalEvery = Annotated[
     int | None, Field(gt=0, description="evaluate every N steps (None: once per epoch, or only at the end)")
 ]
@@ -43,10 +48,11 @@ EvalEvery = Annotated[
 
 class TrainConfig(BaseModel):
     """Fields every training stage shares. `RUN_ONLY` names the fields that may change between a run and its
-    resume (they do not define the product); `identity()` is the rest, the config part of the stage key."""
+    resume (they do not define the product); `identity()` is the rest, plus the number of training
+    processes: the config part of the stage key."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"threads", "log_every", "checkpoint_every"})
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "launcher", "threads", "log_every", "checkpoint_every"})
 
     preset: Preset = Field(default="mini", description="model preset for a model built from scratch")
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -59,14 +65,23 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=8, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     seed: int = Field(default=123, description="seed of the initial weights, data order and dropout")
-    bf16: Bf16 = False
+    device: DeviceSpec = "auto"
+    precision: Precision = "auto"
+    launcher: Launcher = Field(default_factory=Launcher, description="run training in this process or under torchrun")
     threads: int | None = Field(default=None, gt=0, description="torch intra-op threads (None: torch's default)")
     log_every: int = Field(default=10, gt=0, description="log training loss every N steps")
     eval_every: EvalEvery = 50
     checkpoint_every: int = Field(default=100, gt=0, description="write the resumable checkpoint every N steps")
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY}
+        """The fields that define the product, and `world_size`: with more processes each step sees more batches
+        (the global batch is batch_size x grad_accum x world_size)."""
+        fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY}
+        return {**fields, "world_size": distributed.world_size(self.launcher)}
+
+    def runtime(self) -> Runtime:
+        """The device and precision this config resolves to on this machine (decided once per process)."""
+        return runtime(self.device, self.precision)
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> "TrainConfig":
         """A validated copy (pydantic's own `model_copy` does not validate `update`)."""
@@ -116,7 +131,7 @@ def check_finite(loss: torch.Tensor | float, step: int, where: str | Callable[[]
         where = where() if callable(where) else where
         raise NonFiniteLossError(
             f"{where} loss is {value.item()} at step {step}; stopped. Lower the learning rate "
-            "or turn off bf16; the last good checkpoint is kept"
+            "or use --precision fp32; the last good checkpoint is kept"
         )
 
 
@@ -125,11 +140,6 @@ def set_threads(n: int | None) -> int:
     if n is not None:
         torch.set_num_threads(n)
     return torch.get_num_threads()
-
-
-def autocast(enabled: bool, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` when enabled, else a no-op context."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @contextlib.contextmanager
@@ -154,6 +164,7 @@ class TrainState:
     best_step: int = 0
     bad_evals: int = 0
     stopped_early: bool = False
+    setup: dict[str, Any] = field(default_factory=dict)  # device, precision, world_size, global_batch
     history: list[dict[str, Any]] = field(default_factory=list)
     since_log: dict[str, float] = field(default_factory=dict)  # sums of step losses and batch stats
     since_eval: dict[str, float] = field(default_factory=dict)
@@ -210,10 +221,12 @@ class TrainingCheckpoint:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
+        scaler: torch.amp.GradScaler,
         state: TrainState,
         stage_key: dict[str, Any],
-        **extra: Any,
+        rng_ranks: list[dict[str, Any]] | None = None,
     ) -> None:
+        """`rng_ranks`: every rank's RNG state in a data-parallel run (this process's alone otherwise)."""
         cfg = getattr(model, "cfg", None)
         save_checkpoint(
             self.path,
@@ -222,14 +235,24 @@ class TrainingCheckpoint:
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
             train_state=asdict(state),
-            rng=rng_state(),
+            rng=rng_ranks[0] if rng_ranks else rng_state(),
+            rng_ranks=rng_ranks or [],
             stage=stage_key,
-            **extra,
         )
         self._state = None
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    def restore(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler,
+        rank: int,
+    ) -> TrainState:
+        """Load the state into objects already on their device (tensors are read to the CPU and copied there, so a
+        checkpoint written on a GPU resumes on a CPU and the other way round); rank `rank` takes its own RNG."""
         ckpt = self.load()
         for key in ("model", "optimizer", "train_state"):
             if key not in ckpt:
@@ -237,7 +260,10 @@ class TrainingCheckpoint:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
         return TrainState(**ckpt["train_state"])
 
     def release(self) -> None:
@@ -248,6 +274,19 @@ class TrainingCheckpoint:
 CHECKPOINT = "last.pt"  # the resumable training state in every training stage's folder
 Batch = Sequence[torch.Tensor]
 LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class _LossStep(nn.Module):
+    """A stage's loss function as a module over its model, so that DistributedDataParallel runs the forward
+    pass that makes the gradients it averages."""
+
+    def __init__(self, model: nn.Module, loss: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss(batch)
 
 
 def train(
@@ -266,61 +305,94 @@ def train(
     checkpoint: TrainingCheckpoint | None = None,
     progress: bool = False,
 ) -> TrainState:
-    """Train `model` for `total_steps` optimizer steps of `config.grad_accum` micro-batches each.
+    """Train `model` for `total_steps` optimizer steps of `config.grad_accum` micro-batches each, on
+    `config.device` in `config.precision` (the model is moved there), in every process of a torchrun job.
 
-    `batch(i)` is micro-batch i (the same i always gives the same batch); `loss(batch)` returns the mean loss and
-    stats to sum between logs ("tokens", and "correct"/"n" for an accuracy); `evaluate(final)` (if any) returns
-    validation metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` (`checkpoint`: the one the
-    stage's plan already read) is resumed when that plan says so (`stage.decision`), written every
+    `batch(i)` is micro-batch i of the global order (the same i always gives the same batch; rank r of W reads
+    i = (step x grad_accum + micro) x W + r); `loss(batch)` returns the mean loss and stats to sum between logs
+    ("tokens", and "correct"/"n" for an accuracy); `evaluate(final)` (if any, run by rank 0) returns validation
+    metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` (`checkpoint`: the one the stage's
+    plan already read) is resumed when that plan says so (`stage.decision`), written every
     `config.checkpoint_every` steps and at the end. `on_log` receives every train and eval record (also kept in
-    the returned state's history)."""
+    the returned state's history). On a rank > 0 the call ends in `FollowerDone` once training is over."""
     set_threads(config.threads)
-    device = next(model.parameters()).device
+    ranks = process_ranks()
+    world = ranks.world_size
+    rt = config.runtime()
+    model.to(rt.device)
+    if ranks.distributed:
+        distributed.init()
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
     scheduler = build_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     state = TrainState()
     ckpt = checkpoint or TrainingCheckpoint(stage.dir / CHECKPOINT)
-    if stage.decision is not None and stage.decision.action == "resume":
+    resumed = stage.decision is not None and stage.decision.action == "resume"
+    if resumed:
         stage.check_checkpoint(ckpt.stage_key(), ckpt.path)
-        state = ckpt.restore(model, optimizer, scheduler)
+        state = ckpt.restore(model, optimizer, scheduler, scaler, ranks.rank)
         _emit(state, on_log, {"kind": "resume", "step": state.step, "checkpoint": str(ckpt.path)})
     ckpt.release()  # a checkpoint the plan read but training does not resume is not held in memory
+    state.setup = {
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "world_size": world,
+        "global_batch": config.batch_size * config.grad_accum * world,
+    }
+    step_fn: nn.Module = _LossStep(model, loss)
+    if ranks.distributed:
+        step_fn = DistributedDataParallel(step_fn, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if not resumed and ranks.rank > 0:
+            torch.manual_seed(config.seed + ranks.rank)  # dropout masks of its own (rank 0 keeps the seed's)
 
     def last_good() -> str:
         return f"training (last good checkpoint: {ckpt.path if ckpt.path.is_file() else 'none yet'})"
 
-    stage.dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        stage.dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     epoch = (lambda step: round(step / steps_per_epoch, 4)) if steps_per_epoch else (lambda step: None)
 
     def save() -> None:
-        ckpt.save(model, optimizer, scheduler, state, stage.key)
+        """Rank 0 writes (with every rank's RNG); the others wait until the file is there."""
+        rngs = distributed.gather(rng_state()) if ranks.distributed else None
+        if ranks.is_main:
+            ckpt.save(model, optimizer, scheduler, scaler, state, stage.key, rngs)
+        if ranks.distributed:
+            distributed.barrier()
 
-    bar = _progress_bar(total_steps, state.step, progress, stage.name)
+    bar = _progress_bar(total_steps, state.step, progress and ranks.is_main, stage.name)
     clock = time.perf_counter()
     tokens_at_log = state.tokens_seen
     model.train()
     try:
         while state.step < total_steps and not state.stopped_early:
-            step_loss = 0.0
+            step_loss, step_stats = 0.0, {}
             for micro in range(config.grad_accum):
-                tensors = [t.to(device) for t in batch(state.step * config.grad_accum + micro)]
-                with autocast(config.bf16, device):
-                    value, stats = loss(tensors)
-                check_finite(value, state.step + 1, last_good)
-                (value / config.grad_accum).backward()
+                index = (state.step * config.grad_accum + micro) * world + ranks.rank
+                tensors = [t.to(rt.device, non_blocking=True) for t in batch(index)]
+                # gradients are averaged across ranks once per step, after the last micro-batch
+                syncs = not ranks.distributed or micro == config.grad_accum - 1
+                with contextlib.nullcontext() if syncs else step_fn.no_sync():
+                    with rt.autocast():
+                        value, stats = step_fn(tensors)
+                    check_finite(value, state.step + 1, last_good)
+                    scaler.scale(value / config.grad_accum).backward()
                 step_loss += value.item() / config.grad_accum
-                state.tokens_seen += int(stats.get("tokens", 0))
-                for running in (state.since_log, state.since_eval):
-                    _add(running, stats)
+                _add(step_stats, stats)
+            if ranks.distributed:
+                step_loss, step_stats = _sum_over_ranks(step_loss, step_stats, rt.device, world)
+            state.tokens_seen += int(step_stats.get("tokens", 0))
             if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
             for running in (state.since_log, state.since_eval):
-                _add(running, {"loss": step_loss, "steps": 1})
+                _add(running, {**step_stats, "loss": step_loss, "steps": 1})
             bar.update(1)
             last = state.step == total_steps
             if state.step % config.log_every == 0 or last:
@@ -345,13 +417,15 @@ def train(
                 else (steps_per_epoch is not None and state.step % steps_per_epoch == 0)
             )
             if (due or last) and evaluate is not None:
-                metrics = evaluate(last)
+                metrics = evaluate(last) if ranks.is_main else None
+                if ranks.distributed:
+                    metrics = distributed.broadcast(metrics)
                 check_finite(metrics.get("val_loss", 0.0), state.step, "validation")
                 value = metrics[select.metric]
                 improved = last if select.keep == "last" else select.improved(value, state.best)
                 if improved:
                     state.best, state.best_step, state.bad_evals = value, state.step, 0
-                    if on_best is not None:
+                    if on_best is not None and ranks.is_main:
                         on_best(state)
                 else:
                     state.bad_evals += 1
@@ -370,7 +444,7 @@ def train(
                         "tokens_seen": state.tokens_seen,
                     },
                 )
-                if progress:
+                if progress and ranks.is_main:
                     bar.write(
                         f"step {state.step}: "
                         + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
@@ -382,7 +456,21 @@ def train(
                 save()
     finally:
         bar.close()
+    if not ranks.is_main:
+        raise distributed.FollowerDone
     return state
+
+
+def _sum_over_ranks(
+    step_loss: float, stats: dict[str, float], device: torch.device, world: int
+) -> tuple[float, dict[str, float]]:
+    """The step's mean loss over all ranks and its stats summed over them (one all-reduce)."""
+    keys = sorted(stats)
+    on = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors, gloo CPU ones
+    values = torch.tensor([step_loss, *(stats[k] for k in keys)], dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(values)
+    values = values.tolist()
+    return values[0] / world, dict(zip(keys, values[1:]))
 
 
 def _add(sums: dict[str, float], stats: dict[str, float]) -> None:
