@@ -42,6 +42,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--file", help="a text file (one message per line) or a CSV with a text column")
     p.add_argument("--text-column", default="text", help="text column of a --file CSV (default text)")
     p.add_argument("--int8", action="store_true", help="bundle: use model.int8.onnx")
+    p.add_argument("--device", default="auto", help="checkpoint: auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.set_defaults(handler=run_classify)
 
 
@@ -137,17 +138,19 @@ def run_classify(args: argparse.Namespace) -> int:
     else:
         if args.int8:
             raise GptflowError("--int8 applies to an exported bundle; export with `gptflow export --int8`")
-        predictions = _torch_predict(model, texts)
+        predictions = _torch_predict(model, texts, args.device)
     for text, (label, prob) in zip(texts, predictions):
         sys.stdout.write(f"{label}\t{prob:.4f}\t{text}\n")
     return 0
 
 
-def _torch_predict(path: Path, texts: list[str]) -> list[tuple[str, float]]:
+def _torch_predict(path: Path, texts: list[str], device: str) -> list[tuple[str, float]]:
     from edge.text import encode_texts, softmax
     from gptflow.tokenizer import get_tokenizer
     from model.classifier import load_classifier, predict_logits
+    from model.device import runtime
 
     loaded = load_classifier(path)
-    probs = softmax(predict_logits(loaded.model, encode_texts(get_tokenizer(), texts, loaded.max_length)))
+    model = loaded.model.to(runtime(device).device)
+    probs = softmax(predict_logits(model, encode_texts(get_tokenizer(), texts, loaded.max_length)))
     return [(loaded.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]

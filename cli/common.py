@@ -112,7 +112,7 @@ def stage_config(args: argparse.Namespace) -> Any:
             f"{args.config}: {unknown[0]}: not a {model.__name__} field; fields: {', '.join(model.model_fields)}"
         )
     try:
-        return model.model_validate({**stage.defaults, **data, **flags})
+        config = model.model_validate({**stage.defaults, **data, **flags})
     except ValidationError as exc:
 
         def where(loc: tuple) -> str:
@@ -120,6 +120,20 @@ def stage_config(args: argparse.Namespace) -> Any:
             return f"{args.config}: {dotted(loc)}" if from_file else "--" + str(loc[0]).replace("_", "-")
 
         raise GptflowError(validation_message(exc, where, args.config or "options")) from None
+    check_device(config)
+    return config
+
+
+def check_device(config: BaseModel) -> None:
+    """A device or precision this machine lacks: one line before any flow starts."""
+    fields = type(config).model_fields
+    if "device" in fields:
+        from model.device import resolve_device, runtime
+
+        if "precision" in fields:
+            runtime(config.device, config.precision)
+        else:
+            resolve_device(config.device)
 
 
 def check_init(init: Any) -> None:

@@ -52,6 +52,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute without a KV cache")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.set_defaults(handler=run_generate)
 
 
@@ -121,17 +122,19 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
+    from model.device import runtime
     from model.generate import generate
     from model.training import set_threads
 
     set_threads(args.threads)
-    model = load_any_model(args.model).eval()
+    device = runtime(args.device).device
+    model = load_any_model(args.model).eval().to(device)
     tok = get_tokenizer()
     ids = encode(tok, args.prompt) or [EOT_ID]
     try:
         out = generate(
             model,
-            torch.tensor([ids]),
+            torch.tensor([ids], device=device),
             args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,

@@ -18,6 +18,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="YAML/JSON with any subset of the pipeline parameters (see configs/ and flows/params.py)",
     )
     parser.add_argument("--preset", help="model preset of the pretrained base model (e.g. tiny, mini)")
+    parser.add_argument("--device", help="device of every training stage: auto | cpu | cuda | cuda:N | mps")
     parser.add_argument(
         "--require-judge",
         action="store_true",
@@ -32,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
     params = load_params(args.config, args.preset)  # validated before any work starts
     if args.require_judge:
         params = params.merged({"require_judge": True})
+    if args.device:
+        params = params.merged({"device": args.device})
 
     from flows.pipeline import pipeline
 

@@ -18,11 +18,13 @@ from eval.judge import JudgeConfig
 from gptflow.errors import GptflowError, validation_message
 from gptflow.storage import read_config_file
 from model.classifier import ClassifierConfig
+from model.device import DeviceSpec
 from model.instruct import InstructConfig
 from model.onnx_export import ExportConfig
 from model.pretrain import PretrainConfig
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pipeline.yaml"
+TRAINING_STAGES = ("pretrain", "classifier", "instruct")
 
 
 class PipelineConfigError(GptflowError, ValueError):
@@ -41,6 +43,9 @@ class PipelineParams(BaseModel):
         "gpt2:<gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|path to model.safetensors>",
     )
     corpus: str = Field(default="tinyshakespeare", description="pretraining corpus: name or UTF-8 text file")
+    device: DeviceSpec | None = Field(
+        default=None, description="device of every training stage left at auto (None: each stage's own)"
+    )
     spam: SpamDataConfig = SpamDataConfig()
     instructions: InstructionDataConfig = InstructionDataConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -53,7 +58,17 @@ class PipelineParams(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _recipe_defaults(cls, data: Any) -> Any:
-        return _deep_merge(recipe(), data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        data = _deep_merge(recipe(), data)
+        if data.get("device"):  # the default for every training stage that keeps `auto`
+            for stage in TRAINING_STAGES:
+                config = data.get(stage) or {}
+                if isinstance(config, BaseModel):
+                    config = config.model_dump()
+                if config.get("device", "auto") == "auto":
+                    data[stage] = {**config, "device": data["device"]}
+        return data
 
     @field_validator("weights")
     @classmethod

@@ -59,7 +59,10 @@ def available_devices() -> list[str]:
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """The torch device for `spec`; a device this machine lacks ends in one line naming what it has."""
-    _check_device_spec(spec)
+    try:
+        _check_device_spec(spec)
+    except ValueError as exc:
+        raise DeviceError(str(exc)) from None
     local_rank = process_ranks().local_rank
     if spec == "auto":
         if torch.cuda.is_available():
@@ -83,10 +86,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
-        # TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer; ignored elsewhere)
+    return device
+
+
+def allow_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for the fp32 matmuls of training on a GPU that has them (Ampere and newer). Inference
+    (generation, classification, export parity) keeps full fp32."""
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return device
 
 
 def resolve_precision(requested: str, device: torch.device) -> Resolved:

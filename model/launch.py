@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from gptflow.ranks import process_ranks
 from gptflow.storage import write_json_atomic
+from gptflow.tokenizer import get_tokenizer
 from model.distributed import Launcher, LaunchError, destroy, run_call
 
 RECORDS = "records.jsonl"
@@ -123,6 +124,7 @@ def main(call_file: str) -> None:
     config = getattr(importlib.import_module(module), name).model_validate(call["config"])
     kwargs = {**call["kwargs"], "config": config}
     if process_ranks().is_main:
+        kwargs["tokenizer"] = get_tokenizer()  # rank 0 evaluates (pretraining's text samples need it)
         records = open(call["records"], "a", encoding="utf-8")
         kwargs["on_log"] = lambda record: (records.write(json.dumps(record, default=str) + "\n"), records.flush())
     try:

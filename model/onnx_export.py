@@ -33,6 +33,7 @@ from model.classifier import (
     predict_logits,
     read_split,
 )
+from model.device import DeviceSpec, runtime
 from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
 
 CODE = (__name__, "model.classifier", "model.quantize", "model.gpt", "edge.text")
@@ -179,6 +180,13 @@ class ExportConfig(BaseModel):
     max_int8_drop: float = Field(default=1.0, ge=0, description="largest allowed int8 test-accuracy drop, points")
     onnx_int8_ops: tuple[str, ...] = Field(default=DEFAULT_ONNX_OPS, description="ONNX op types quantized")
     batch_size: int = Field(default=32, gt=0)
+    device: DeviceSpec = Field(
+        default="cpu", description="device of the PyTorch reference pass (the ONNX graph is always traced on the CPU)"
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """The stage key's config: every field but the device, which does not change the bundle."""
+        return self.model_dump(mode="json", exclude={"device"})
 
 
 def export_classifier(
@@ -226,7 +234,8 @@ def _export(
     meta = model_metadata(loaded.labels, loaded.max_length, ckpt_sha, loaded.model.pooling)
     export_onnx(loaded.model, fp32_path, meta)
 
-    torch_fp32 = predict_logits(loaded.model, test.ids, config.batch_size)
+    torch_fp32 = predict_logits(loaded.model.to(runtime(config.device).device), test.ids, config.batch_size)
+    loaded.model.cpu()  # dynamic int8 quantization is CPU-only
     onnx_fp32 = onnx_logits(fp32_path, test.ids, config.batch_size)
     onnx_int8 = None
     accuracy = {"torch_fp32": _acc(torch_fp32, y), "onnx_fp32": _acc(onnx_fp32, y)}

@@ -30,7 +30,7 @@ from gptflow.stage import Stage
 from model import distributed
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.config import Preset
-from model.device import DeviceSpec, Precision, Runtime, runtime
+from model.device import DeviceSpec, Precision, Runtime, allow_tf32, runtime
 from model.distributed import Launcher
 
 # Constrained field types: a stage config may change a default (`lr: LearningRate = 2e-3`) without restating them.
@@ -319,6 +319,7 @@ def train(
     ranks = process_ranks()
     world = ranks.world_size
     rt = config.runtime()
+    allow_tf32(rt.device)
     model.to(rt.device)
     if ranks.distributed:
         distributed.init()

@@ -17,6 +17,7 @@ from eval.plots import plot_training_curves
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import ClassifierConfig, classifier_stage, finetune, split_logits
 from tasks.artifacts import artifact_key, publish_plot, publish_table, training_logger
+from tasks.training import run_training
 
 CURVES = "curves.png"
 CONFUSION = "confusion_test.png"
@@ -29,7 +30,9 @@ def finetune_classifier(
     logger = get_run_logger()
     name = classifier_stage(data_dir, config, out_dir).dir.name
     on_log, progress = training_logger("classify", name, lambda m: m["epoch"] / config.epochs)
-    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    result = run_training(
+        finetune, data_dir, out_dir, config, name=name, on_log=on_log, resume=resume, tokenizer=get_tokenizer()
+    )
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
     key = artifact_key("classify", result.out_dir.name)

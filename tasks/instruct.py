@@ -16,6 +16,7 @@ from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
 from model.instruct import InstructConfig, finetune, generate_responses, instruct_stage, sample_rows
 from tasks.artifacts import artifact_key, publish_link, publish_table, publish_training_result, training_logger
+from tasks.training import run_training
 
 
 @task(cache_policy=NO_CACHE)
@@ -28,7 +29,9 @@ def finetune_model(
     on_log, progress = training_logger(
         "instruct", name, lambda m: m["step"] / config.max_steps if config.max_steps else m["epoch"] / config.epochs
     )
-    result = finetune(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    result = run_training(
+        finetune, data_dir, out_dir, config, name=name, on_log=on_log, resume=resume, tokenizer=get_tokenizer()
+    )
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(

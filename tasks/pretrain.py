@@ -16,6 +16,7 @@ from gptflow.tokenizer import get_tokenizer
 from model.pretrain import PretrainConfig, pretrain, pretrain_stage
 from model.weights import convert_gpt2
 from tasks.artifacts import publish_training_result, training_logger
+from tasks.training import run_training
 
 
 @task(cache_policy=NO_CACHE)
@@ -26,7 +27,9 @@ def train_model(
     logger = get_run_logger()
     name = pretrain_stage(data_dir, config, out_dir).dir.name
     on_log, progress = training_logger("pretrain", name, lambda m: m["step"] / config.steps)
-    result = pretrain(data_dir, out_dir, config, tokenizer=get_tokenizer(), on_log=on_log, resume=resume)
+    result = run_training(
+        pretrain, data_dir, out_dir, config, name=name, on_log=on_log, resume=resume, tokenizer=get_tokenizer()
+    )
     progress.finish()
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", f"{config.preset} pretraining")

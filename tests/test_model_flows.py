@@ -72,6 +72,10 @@ def test_load_gpt2_converts_safetensors(prefect_harness, settings, tmp_path, cap
         (["pretrain", "--steps", "0"], "--steps: Input should be greater than 0"),
         (["load-gpt2", "/no/such/folder"], "neither a GPT-2 preset"),
         (["generate", "x", "--model", "/no/such.pt"], "neither a GPT-2 preset"),
+        (["pretrain", "--device", "cuda:1"], "device cuda:1 is not available on this machine; available: cpu"),
+        (["pretrain", "--device", "gpu"], "--device: Value error, 'gpu' is not a device"),
+        (["pretrain", "--precision", "fp16", "--device", "cpu"], "precision fp16 is not supported on the CPU"),
+        (["generate", "x", "--model", "gpt2-small", "--device", "mps"], "device mps is not available"),
     ],
 )
 def test_bad_input_is_one_line(settings, capsys, argv, message):

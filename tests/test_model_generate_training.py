@@ -162,13 +162,17 @@ def test_training_checkpoint_resume_roundtrip(tmp_path):
     m(ids).mean().backward()
     opt.step(), sched.step()
     key = {"stage": "pretrain", "inputs": {}, "config": {}, "code": {}}
-    TrainingCheckpoint(tmp_path / "c.pt").save(m, opt, sched, TrainState(step=1, tokens_seen=16), key, data={"pos": 3})
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    # two ranks' RNG states: each rank resumes with its own
+    rngs = [rng_state(), {**rng_state(), "torch": torch.Generator().manual_seed(7).get_state()}]
+    TrainingCheckpoint(tmp_path / "c.pt").save(m, opt, sched, scaler, TrainState(step=1, tokens_seen=16), key, rngs)
     m2 = GPTModel(CFG)
     opt2 = build_optimizer(m2, lr=1e-3)
     sched2 = build_scheduler(opt2, 2, 10)
     ckpt = TrainingCheckpoint(tmp_path / "c.pt")
-    assert ckpt.stage_key() == key and ckpt.load()["data"] == {"pos": 3}
-    state = ckpt.restore(m2, opt2, sched2)
+    assert ckpt.stage_key() == key and len(ckpt.load()["rng_ranks"]) == 2
+    state = ckpt.restore(m2, opt2, sched2, scaler, rank=1)
+    assert torch.equal(torch.get_rng_state(), rngs[1]["torch"])
     assert state.step == 1 and state.tokens_seen == 16
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
     assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]

@@ -1,0 +1,118 @@
+"""Data-parallel training from the product's two entry points: `torchrun ... gptflow pretrain` (rank 0 runs the
+verb and its Prefect flow, rank 1 joins the training) and a Prefect flow whose stage config says
+`launcher: {kind: torchrun}` (the task starts the ranks and streams rank 0's records into the flow run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+from flows.pretrain import pretrain_flow
+from model.pretrain import PretrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = {
+    "preset": "tiny",
+    "context_length": 32,
+    "batch_size": 2,
+    "steps": 4,
+    "eval_every": 2,
+    "eval_batches": 2,
+    "checkpoint_every": 2,
+    "precision": "fp32",
+    "sample_tokens": 0,
+}
+
+
+def token_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rng.integers(0, 50257, 4000).astype(np.uint16).tofile(folder / "train.bin")
+    rng.integers(0, 50257, 1000).astype(np.uint16).tofile(folder / "val.bin")
+    return folder
+
+
+@pytest.mark.slow
+def test_torchrun_gptflow_pretrain(tmp_path, mirror):
+    """Rank 0 runs the CLI verb (Prefect flow, data stage, report); rank 1 follows into the training stage."""
+    env = {
+        **os.environ,
+        "GPTFLOW_HOME": str(tmp_path / "home"),
+        "GPTFLOW_MIRROR": str(mirror),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+    }
+    env.pop("PREFECT_API_URL", None)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", str(BIN / "gptflow")]
+    run = subprocess.run(
+        [*command, "pretrain", "--corpus", "the-verdict", *flags, "--out", str(tmp_path / "run")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "trained tiny: 4 steps" in run.stdout
+    assert run.stdout.count("trained tiny") == 1  # rank 1 printed nothing of its own
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["world_size"] == 2
+    assert {k: manifest["metrics"][k] for k in ("world_size", "global_batch", "device", "precision")} == {
+        "world_size": 2,
+        "global_batch": 4,
+        "device": "cpu",
+        "precision": "fp32",
+    }
+    assert (tmp_path / "home" / "data" / "corpus" / "the-verdict" / "train.bin").is_file()  # rank 0's data stage
+
+
+@pytest.mark.slow
+def test_flow_launches_training_under_torchrun(prefect_harness, settings, tmp_path):
+    data = token_folder(tmp_path / "tokens")
+    config = PretrainConfig(**TINY, threads=1, launcher={"kind": "torchrun", "nproc_per_node": 2})
+    state = pretrain_flow(str(data), config, out_dir=str(tmp_path / "run"), return_state=True)
+    result = state.result()
+    assert not result["reused"] and result["metrics"]["world_size"] == 2 and result["metrics"]["steps"] == 4
+    assert not (settings.home / "launch").exists() or not any((settings.home / "launch").iterdir())
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    messages = [log.message for log in logs]
+    assert any("training under torchrun, 1 node(s) x 2 process(es)" in m for m in messages), messages
+    # rank 0's records reached the flow run's log: the training loss at the last step, evaluations at 2 and 4
+    assert sum(m.startswith("step 4 train: loss ") for m in messages) == 1, messages
+    assert sum(m.startswith(("step 2 eval: ", "step 4 eval: ")) for m in messages) == 2, messages
+
+    # same weights as one process with the same global batch (grad_accum 2 on one rank)
+    single = PretrainConfig(**TINY, threads=1, grad_accum=2)
+    local = pretrain_flow(str(data), single, out_dir=str(tmp_path / "single"))
+    a = torch.load(result["model"], weights_only=True)["model"]
+    b = torch.load(local["model"], weights_only=True)["model"]
+    assert max(((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)).item() for k in b) <= 1e-5
+
+
+@pytest.mark.slow
+def test_failed_rank_fails_the_task_with_its_log(prefect_harness, settings, tmp_path):
+    data = token_folder(tmp_path / "tokens")
+    (data / "val.bin").write_bytes(b"\x00\x00" * 10)  # fewer tokens than one validation window: rank 0 fails
+    config = PretrainConfig(**TINY, threads=1, launcher={"kind": "torchrun", "nproc_per_node": 2})
+    state = pretrain_flow(str(data), config, out_dir=str(tmp_path / "run"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "model.pretrain:pretrain under torchrun failed" in message
+    assert "fewer than one window" in message and "stderr.log" in message
