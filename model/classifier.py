@@ -359,7 +359,7 @@ def _finetune(
     model = SequenceClassifier(backbone, len(labels), config.pooling)
     n_trainable = model.set_trainable(config.trainable, config.last_k)
     order = EpochBatches(len(train_split), config.batch_size, config.seed)
-    steps_per_epoch = max(1, order.per_epoch // config.grad_accum)
+    steps_per_epoch = max(1, order.per_epoch // (config.grad_accum * config.world_size))
     log.info(
         "finetune: %d classes, %d train / %d validation texts, %d trainable parameters",
         len(labels),

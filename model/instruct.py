@@ -268,7 +268,7 @@ def _finetune(
         order = EpochBatches(len(examples), config.batch_size, config.seed, drop_last=True)
     except ValueError as exc:
         raise InstructError(str(exc)) from None
-    steps_per_epoch = max(1, order.per_epoch // config.grad_accum)
+    steps_per_epoch = max(1, order.per_epoch // (config.grad_accum * config.world_size))
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)

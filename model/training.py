@@ -77,7 +77,12 @@ class TrainConfig(BaseModel):
         """The fields that define the product, and `world_size`: with more processes each step sees more batches
         (the global batch is batch_size x grad_accum x world_size)."""
         fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY}
-        return {**fields, "world_size": distributed.world_size(self.launcher)}
+        return {**fields, "world_size": self.world_size}
+
+    @property
+    def world_size(self) -> int:
+        """The training processes: this torchrun job's, else the ones `launcher` will start."""
+        return distributed.world_size(self.launcher)
 
     def runtime(self) -> Runtime:
         """The device and precision this config resolves to on this machine (decided once per process)."""

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from classify_data import write_splits
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.pretrain import pretrain_flow
+from model.classifier import ClassifierConfig, finetune
+from model.launch import launch
 from model.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,3 +119,32 @@ def test_failed_rank_fails_the_task_with_its_log(prefect_harness, settings, tmp_
     message = str(failure.value)
     assert "model.pretrain:pretrain under torchrun failed" in message
     assert "fewer than one window" in message and "stderr.log" in message
+
+
+@pytest.mark.slow
+def test_classifier_data_parallel_matches_one_process(settings, tmp_path, tokenizer):
+    """Two ranks with grad_accum 1 take the same steps over the same epochs as one process with grad_accum 2."""
+    data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 texts, batch 4: 8 batches (the last short) per epoch
+    base = dict(preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=4, eval_every=2, precision="fp32")
+    base |= dict(threads=1, patience=None, keep="last")
+    records: list[dict] = []
+    config = ClassifierConfig(**base, launcher={"kind": "torchrun", "nproc_per_node": 2})
+    launch(
+        "model.classifier:finetune",
+        (data, tmp_path / "ddp"),
+        {"resume": True},
+        config=config,
+        workdir=tmp_path / "launch",
+        on_record=records.append,
+    )
+    single = finetune(data, tmp_path / "single", ClassifierConfig(**base, grad_accum=2), tokenizer=tokenizer)
+    assert (
+        [r["step"] for r in records if r["kind"] == "eval"]
+        == [2, 4, 6, 8]
+        == [h["step"] for h in single.history if h["kind"] == "eval"]
+    )
+    summary = json.loads((tmp_path / "ddp" / "manifest.json").read_text())["metrics"]
+    assert summary["steps"] == single.summary["steps"] == 8 and summary["world_size"] == 2
+    a = torch.load(tmp_path / "ddp" / "best.pt", weights_only=True)["model"]
+    b = torch.load(single.best, weights_only=True)["model"]
+    assert max(((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)).item() for k in b) <= 1e-5
