@@ -82,3 +82,10 @@ def test_bad_input_is_one_line(settings, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_half_set_torchrun_variables_are_refused(settings, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pretrain", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE is set but RANK is not" in err and err.count("\n") == 1
