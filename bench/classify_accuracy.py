@@ -9,8 +9,8 @@ By default: two classifiers, one per DAPT seed, and their ensemble (about 9 minu
 The recipe (configs/spam-best.yaml; each DAPT checkpoint is shared by the fine-tuning seeds):
 1. Domain-adaptive pretraining (DAPT) of a 6x256 GPT from random init on the training split's texts plus the
    unused (balanced-away) messages; never a validation or test text. Random 64-token windows of the message
-   stream, batch 32, AdamW lr 2e-3 with warmup + cosine, bf16 autocast, in a compact vocabulary (the tokens
-   that occur in that corpus), saved back in GPT-2 token ids.
+   stream, batch 32, AdamW lr 2e-3 with warmup + cosine, precision auto (bf16 where it is faster), in a compact
+   vocabulary (the tokens that occur in that corpus), saved back in GPT-2 token ids.
 2. Fine-tune all weights as a classifier (model/classifier.py, head on the last real token) for the whole
    cosine schedule and keep the final weights (`keep="last"`, no early stopping). Once per fine-tuning seed:
    on 898 training messages the seed alone moves test accuracy by a point or more, so one seed would mislead.
