@@ -128,7 +128,9 @@ def lm_loss(features: torch.Tensor, head_weight: torch.Tensor, targets: torch.Te
     hidden, targets = features.flatten(0, 1), targets.flatten()
     if hidden.device.type in FUSED_LOSS_DEVICES:
         return linear_cross_entropy(hidden, head_weight, targets)
-    total = F.cross_entropy(F.linear(hidden, head_weight).float(), targets, reduction="sum")
+    logits = F.linear(hidden, head_weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 autocast logits: fp32 softmax
+    total = F.cross_entropy(logits, targets, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 

@@ -85,3 +85,24 @@ def test_each_thread_has_its_own_logits_buffer():
     mine = _workspace((4, 8), torch.float32, cpu)
     assert mine.data_ptr() == _workspace((2, 8), torch.float32, cpu).data_ptr()  # reused within a thread
     assert other[0].data_ptr() != mine.data_ptr()
+
+
+@pytest.mark.parametrize("ignore_every", [None, 3, 1])
+def test_lm_loss_plain_path_matches_the_fused_one(monkeypatch, ignore_every):
+    """`lm_loss` runs the fused kernel on the devices listed in FUSED_LOSS_DEVICES and the plain head +
+    cross-entropy elsewhere (GPUs): both give the same loss and gradients, and 0 (not NaN) when every target is
+    ignored."""
+    from model import pretrain
+
+    hidden, weight, targets = _inputs(n=40, ignore_every=ignore_every)
+    features, targets = hidden.view(4, 10, -1), targets.view(4, 10)
+    fused = pretrain.lm_loss(features, weight, targets)
+    fused_grads = torch.autograd.grad(fused, (hidden, weight))
+    monkeypatch.setattr(pretrain, "FUSED_LOSS_DEVICES", frozenset())
+    plain = pretrain.lm_loss(features, weight, targets)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    assert plain.item() == pytest.approx(fused.item(), rel=1e-12, abs=1e-12)
+    if ignore_every == 1:
+        assert plain.item() == 0.0
+    for a, b in zip(plain_grads, fused_grads):
+        assert (a - b).abs().max().item() <= 1e-12 + 1e-9 * b.abs().max().item()
