@@ -17,9 +17,12 @@ and the manifest, is rank 0's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import functools
 import importlib
+import signal
+import sys
 from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import torch
@@ -76,10 +79,26 @@ def init() -> None:
     global _control
     if dist.is_initialized():
         return
+    die_with_parent()
     ranks = process_ranks()
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size)
     _control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def death_signal(sig: int) -> Callable[[], None]:
+    """A function that makes the process calling it receive `sig` when its parent dies (Linux; elsewhere it does
+    nothing). libc is looked up now, so the function is safe as a `preexec_fn` between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, sig)  # 1: PR_SET_PDEATHSIG
+
+
+def die_with_parent() -> None:
+    """torchrun starts each rank in a session of its own: without this, a torchrun killed with SIGKILL would leave
+    its ranks training (and writing the stage folder) with nobody waiting for them."""
+    death_signal(signal.SIGKILL)()
 
 
 def broadcast(value: Any = None) -> Any:

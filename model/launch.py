@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from gptflow.ranks import process_ranks
 from gptflow.storage import write_json_atomic
 from gptflow.tokenizer import get_tokenizer
-from model.distributed import Launcher, LaunchError, destroy, run_call
+from model.distributed import Launcher, LaunchError, death_signal, destroy, run_call
 
 RECORDS = "records.jsonl"
 CALL = "call.json"
@@ -72,7 +73,14 @@ def launch(
     write_json_atomic(workdir / CALL, call)
     logs = workdir / "ranks"
     command = torchrun_command(launcher, workdir / CALL, logs, workdir.name)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # torchrun is told to stop (and stops its ranks) when this process dies, even by SIGKILL
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=death_signal(signal.SIGTERM),
+    )
     seen = 0
     try:
         while True:

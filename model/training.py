@@ -323,6 +323,11 @@ def train(
     set_threads(config.threads)
     ranks = process_ranks()
     world = ranks.world_size
+    if config.world_size != world:  # the stage key names the launcher's world size: train with exactly that
+        raise distributed.LaunchError(
+            f"{stage.name}: the config's launcher runs {config.world_size} training processes but this is a job of "
+            f"{world}; start it through its Prefect task or `model.launch`, or set launcher kind local"
+        )
     rt = config.runtime()
     allow_tf32(rt.device)
     model.to(rt.device)

@@ -19,6 +19,7 @@ from gptflow.settings import get_settings
 from gptflow.stage import StageError
 from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import load_checkpoint, load_model
+from model.distributed import LaunchError
 from model.launch import CALL, RECORDS, launch, torchrun_command
 from model.pretrain import PretrainConfig, pretrain
 
@@ -153,13 +154,11 @@ def gone(pid: int) -> bool:
 
 
 def kill_job(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun's process group and the ranks' (torchrun starts each rank in a session of its own, so
-    killing torchrun alone leaves them running), and wait until all are dead."""
+    """SIGKILL torchrun's process group alone, and wait until the ranks are dead too: torchrun starts each rank in
+    a session of its own, and only their death signal (model.distributed.die_with_parent) takes them down."""
     ranks = children(process.pid)
     assert len(ranks) == 2, ranks
     os.killpg(process.pid, signal.SIGKILL)
-    for pid in ranks:
-        os.killpg(pid, signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 60
@@ -224,3 +223,11 @@ def test_a_two_rank_checkpoint_is_refused_by_one_process(env, corpus, tmp_path, 
     with pytest.raises(StageError, match=r"config world_size 2 -> 1"):
         pretrain(corpus, chosen, CONFIG, progress=False)
     assert load_checkpoint(chosen / "last.pt")["stage"]["config"]["world_size"] == 2
+
+
+def test_a_torchrun_launcher_config_does_not_train_in_one_process(env, corpus, tmp_path):
+    """The stage key names the launcher's 2 processes: training it in 1 would certify the wrong product."""
+    config = CONFIG.model_copy(update={"launcher": TWO_RANKS})
+    with pytest.raises(LaunchError, match="the config's launcher runs 2 training processes but this is a job of 1"):
+        pretrain(corpus, tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
