@@ -45,6 +45,10 @@ _leading = False
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class LaunchError(GptflowError, RuntimeError):
+    """A torchrun launch failed, or a config asks for another number of processes than the job has."""
+
+
 class FollowerDone(Exception):
     """Raised on a rank > 0 at the end of training: the rest of the stage (writing its products) is rank 0's."""
 
@@ -171,7 +175,3 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _control = None
-
-
-class LaunchError(GptflowError, RuntimeError):
-    """A rank of a torchrun launch failed."""
