@@ -132,7 +132,8 @@ def main(call_file: str) -> None:
     config = getattr(importlib.import_module(module), name).model_validate(call["config"])
     kwargs = {**call["kwargs"], "config": config}
     if process_ranks().is_main:
-        kwargs["tokenizer"] = get_tokenizer()  # rank 0 evaluates (pretraining's text samples need it)
+        if getattr(config, "sample_tokens", 0):  # rank 0 evaluates: pretraining's text samples need the tokenizer
+            kwargs["tokenizer"] = get_tokenizer()
         records = open(call["records"], "a", encoding="utf-8")
         kwargs["on_log"] = lambda record: (records.write(json.dumps(record, default=str) + "\n"), records.flush())
     try:
