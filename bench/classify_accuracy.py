@@ -152,6 +152,12 @@ def tfidf_baseline(data_dir: Path) -> tuple[float, float]:
     return float(clf.score(tf(test["text"]), test["label"])), time.perf_counter() - t0
 
 
+def print_validation(record: dict) -> None:
+    """The fine-tuning's validation accuracy after each evaluation (the loop also logs training records)."""
+    if record["kind"] == "eval":
+        print(f"  epoch {record['epoch']:.2f}: val acc {record['val_accuracy']:.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     seeds = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
@@ -211,7 +217,7 @@ def main() -> None:
                 config,
                 tokenizer=tok,
                 resume=False,
-                on_log=lambda m: print(f"  epoch {m['epoch']:.2f}: val acc {m['val_accuracy']:.4f}", flush=True),
+                on_log=print_validation,
             )
             classifier = load_classifier(tuned.best).model
             val_logits, test_logits = predict_logits(classifier, val.ids), predict_logits(classifier, test.ids)
