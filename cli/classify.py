@@ -148,9 +148,9 @@ def _torch_predict(path: Path, texts: list[str], device: str) -> list[tuple[str,
     from edge.text import encode_texts, softmax
     from gptflow.tokenizer import get_tokenizer
     from model.classifier import load_classifier, predict_logits
-    from model.device import runtime
+    from model.device import resolve_device
 
     loaded = load_classifier(path)
-    model = loaded.model.to(runtime(device).device)
+    model = loaded.model.to(resolve_device(device))
     probs = softmax(predict_logits(model, encode_texts(get_tokenizer(), texts, loaded.max_length)))
     return [(loaded.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]

@@ -122,12 +122,12 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
-    from model.device import runtime
+    from model.device import resolve_device
     from model.generate import generate
     from model.training import set_threads
 
     set_threads(args.threads)
-    device = runtime(args.device).device
+    device = resolve_device(args.device)
     model = load_any_model(args.model).eval().to(device)
     tok = get_tokenizer()
     ids = encode(tok, args.prompt) or [EOT_ID]

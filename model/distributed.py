@@ -69,14 +69,6 @@ class Launcher(BaseModel):
         return self.nproc_per_node * self.nnodes if self.kind == "torchrun" else 1
 
 
-def world_size(launcher: Launcher | None = None) -> int:
-    """The number of training processes: this torchrun job's, else what `launcher` will start."""
-    ranks = process_ranks()
-    if ranks.distributed or launcher is None:
-        return ranks.world_size
-    return launcher.world_size
-
-
 def init() -> None:
     """Join the job's process group (once per process): NCCL for CUDA tensors on a machine with GPUs, gloo for
     CPU tensors, plus the gloo control group."""

@@ -26,7 +26,7 @@ from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
 from model.checkpoint import load_checkpoint, load_model
-from model.device import autocast
+from model.device import autocast, resolve_device
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
@@ -239,7 +239,6 @@ def finetune(
     """Fine-tune on `data_dir/{train,validation}.json` into the stage folder (`out_dir`, else named by the stage
     contract, which also decides reuse and resume). `on_log` receives every train/eval record."""
     config = config or InstructConfig()
-    tokenizer = tokenizer or get_tokenizer(settings)
     stage = instruct_stage(data_dir, config, out_dir, settings)
     return run_lm_stage(
         stage, resume, lambda ckpt: _finetune(stage, ckpt, Path(data_dir), config, tokenizer, settings, on_log)
@@ -255,6 +254,7 @@ def _finetune(
     settings: Settings | None,
     on_log: Callable[[dict[str, Any]], None] | None,
 ) -> LMResult:
+    tokenizer = tokenizer or get_tokenizer(settings)
     model = config.init.build(
         config.preset, dropout=config.dropout, seed=config.seed, context_length=config.context_length, settings=settings
     )
@@ -365,7 +365,7 @@ def generate_responses(
         if decision.reused:
             return ResponsesResult(stage.dir / RESPONSES, len(entries), 0, 0.0, reused=True)
         model, style = load_instruct_model(model_path)
-        model.to(config.runtime().device)
+        model.to(resolve_device(config.device))  # generation runs in fp32: no precision to decide
         set_threads(config.threads)
         done = _read_progress(progress_path) if decision.action == "resume" else {}
         if not done:

@@ -9,6 +9,7 @@ names the failed ranks and carries the end of their stderr.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import shutil
@@ -25,6 +26,7 @@ from gptflow.tokenizer import get_tokenizer
 from model.distributed import Launcher, LaunchError, death_signal, destroy, run_call
 
 RECORDS = "records.jsonl"
+TORCHRUN_LOG = "torchrun.log"
 CALL = "call.json"
 RANK_LOG_TAIL = 30  # lines of each failed rank's stderr in the error
 
@@ -73,14 +75,11 @@ def launch(
     write_json_atomic(workdir / CALL, call)
     logs = workdir / "ranks"
     command = torchrun_command(launcher, workdir / CALL, logs, workdir.name)
-    # torchrun is told to stop (and stops its ranks) when this process dies, even by SIGKILL
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=death_signal(signal.SIGTERM),
-    )
+    with open(workdir / TORCHRUN_LOG, "wb") as torchrun_log:
+        # torchrun is told to stop (and stops its ranks) when this process dies, even by SIGKILL
+        process = subprocess.Popen(
+            command, stdout=torchrun_log, stderr=subprocess.STDOUT, preexec_fn=death_signal(signal.SIGTERM)
+        )
     seen = 0
     try:
         while True:
@@ -93,9 +92,8 @@ def launch(
         process.terminate()
         process.wait(timeout=60)
         raise
-    torchrun_output = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:
-        raise LaunchError(_failure(target, process.returncode, logs, torchrun_output))
+        raise LaunchError(_failure(target, process.returncode, logs, workdir / TORCHRUN_LOG))
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -113,7 +111,7 @@ def _follow(records: Path, seen: int, on_record: Callable[[dict[str, Any]], None
     return seen + len(complete)
 
 
-def _failure(target: str, code: int, logs: Path, torchrun_output: str) -> str:
+def _failure(target: str, code: int, logs: Path, torchrun_log: Path) -> str:
     parts = [f"{target} under torchrun failed (exit code {code}); rank logs: {logs}"]
     for stderr in sorted(logs.rglob("stderr.log")):
         lines = stderr.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -121,7 +119,7 @@ def _failure(target: str, code: int, logs: Path, torchrun_output: str) -> str:
             parts.append(f"--- {stderr.relative_to(logs)} (last {RANK_LOG_TAIL} lines):")
             parts += lines[-RANK_LOG_TAIL:]
     if len(parts) == 1:
-        parts += torchrun_output.strip().splitlines()[-RANK_LOG_TAIL:]
+        parts += torchrun_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-RANK_LOG_TAIL:]
     return "\n".join(parts)
 
 
@@ -131,15 +129,19 @@ def main(call_file: str) -> None:
     module, _, name = call["config_class"].partition(":")
     config = getattr(importlib.import_module(module), name).model_validate(call["config"])
     kwargs = {**call["kwargs"], "config": config}
-    if process_ranks().is_main:
-        if getattr(config, "sample_tokens", 0):  # rank 0 evaluates: pretraining's text samples need the tokenizer
-            kwargs["tokenizer"] = get_tokenizer()
-        records = open(call["records"], "a", encoding="utf-8")
-        kwargs["on_log"] = lambda record: (records.write(json.dumps(record, default=str) + "\n"), records.flush())
-    try:
+    with contextlib.ExitStack() as stack:
+        if process_ranks().is_main:
+            if getattr(config, "sample_tokens", 0):  # rank 0 evaluates: pretraining's text samples need it
+                kwargs["tokenizer"] = get_tokenizer()
+            records = stack.enter_context(open(call["records"], "a", encoding="utf-8"))
+
+            def write_record(record: dict[str, Any]) -> None:
+                records.write(json.dumps(record, default=str) + "\n")
+                records.flush()  # launch() follows the file while the ranks train
+
+            kwargs["on_log"] = write_record
+        stack.callback(destroy)
         run_call(call["target"], tuple(call["args"]), kwargs)
-    finally:
-        destroy()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from model.classifier import (
     predict_logits,
     read_split,
 )
-from model.device import DeviceSpec, runtime
+from model.device import DeviceSpec, resolve_device
 from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
 
 CODE = (__name__, "model.classifier", "model.quantize", "model.gpt", "edge.text")
@@ -234,7 +234,7 @@ def _export(
     meta = model_metadata(loaded.labels, loaded.max_length, ckpt_sha, loaded.model.pooling)
     export_onnx(loaded.model, fp32_path, meta)
 
-    torch_fp32 = predict_logits(loaded.model.to(runtime(config.device).device), test.ids, config.batch_size)
+    torch_fp32 = predict_logits(loaded.model.to(resolve_device(config.device)), test.ids, config.batch_size)
     loaded.model.cpu()  # dynamic int8 quantization is CPU-only
     onnx_fp32 = onnx_logits(fp32_path, test.ids, config.batch_size)
     onnx_int8 = None

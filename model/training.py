@@ -82,7 +82,8 @@ class TrainConfig(BaseModel):
     @property
     def world_size(self) -> int:
         """The training processes: this torchrun job's, else the ones `launcher` will start."""
-        return distributed.world_size(self.launcher)
+        ranks = process_ranks()
+        return ranks.world_size if ranks.distributed else self.launcher.world_size
 
     def runtime(self) -> Runtime:
         """The device and precision this config resolves to on this machine (decided once per process)."""
