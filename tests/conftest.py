@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gptflow.settings import Settings, get_settings, load_settings
@@ -20,6 +21,31 @@ def mirror_root() -> Path:
     if not path.is_dir():
         pytest.fail(f"the tests read public inputs from the offline mirror; {path} does not exist (set GPTFLOW_MIRROR)")
     return path.resolve()
+
+
+def write_random_tokens(folder: Path, n_train: int, n_val: int, seed: int) -> Path:
+    """Random GPT-2 token ids in `folder` as the corpus stage writes them (uint16 train.bin and val.bin)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng.integers(0, 50257, n_train).astype(np.uint16).tofile(folder / "train.bin")
+    rng.integers(0, 50257, n_val).astype(np.uint16).tofile(folder / "val.bin")
+    return folder
+
+
+def command_env(tmp_path: Path, mirror: Path) -> dict[str, str]:
+    """The environment of a `gptflow` command run as a subprocess: outputs and Prefect state under `tmp_path`, the
+    mirror, a generous Prefect start-up timeout, and no Prefect API of the outside world."""
+    env = {
+        **os.environ,
+        "GPTFLOW_HOME": str(tmp_path / "home"),
+        "GPTFLOW_MIRROR": str(mirror),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    return env
 
 
 @pytest.fixture(scope="session", autouse=True)

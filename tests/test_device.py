@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_random_tokens
 from pydantic import ValidationError
 
 from gptflow.ranks import DistributedEnvError, Ranks, process_ranks
@@ -111,13 +111,7 @@ class Killed(Exception):
 
 @pytest.fixture
 def corpus(tmp_path):
-    """Random uint16 token files, as the corpus stage writes them."""
-    rng = np.random.default_rng(7)
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    rng.integers(0, 50257, 4000).astype(np.uint16).tofile(folder / "train.bin")
-    rng.integers(0, 50257, 1000).astype(np.uint16).tofile(folder / "val.bin")
-    return folder
+    return write_random_tokens(tmp_path / "corpus", 4000, 1000, seed=7)
 
 
 @pytest.fixture

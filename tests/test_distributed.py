@@ -11,9 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_random_tokens
 
 from gptflow.settings import get_settings
 from gptflow.stage import StageError
@@ -59,12 +59,7 @@ def env(tmp_path_factory, mirror):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Random uint16 token files, as the corpus stage writes them."""
-    rng = np.random.default_rng(11)
-    folder = tmp_path_factory.mktemp("corpus")
-    rng.integers(0, 50257, 20_000).astype(np.uint16).tofile(folder / "train.bin")
-    rng.integers(0, 50257, 2_000).astype(np.uint16).tofile(folder / "val.bin")
-    return folder
+    return write_random_tokens(tmp_path_factory.mktemp("corpus"), 20_000, 2_000, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ verb and its Prefect flow, rank 1 joins the training) and a Prefect flow whose s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from classify_data import write_splits
+from conftest import command_env, write_random_tokens
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -37,25 +36,10 @@ TINY = {
 }
 
 
-def token_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rng.integers(0, 50257, 4000).astype(np.uint16).tofile(folder / "train.bin")
-    rng.integers(0, 50257, 1000).astype(np.uint16).tofile(folder / "val.bin")
-    return folder
-
-
 @pytest.mark.slow
 def test_torchrun_gptflow_pretrain(tmp_path, mirror):
     """Rank 0 runs the CLI verb (Prefect flow, data stage, report); rank 1 follows into the training stage."""
-    env = {
-        **os.environ,
-        "GPTFLOW_HOME": str(tmp_path / "home"),
-        "GPTFLOW_MIRROR": str(mirror),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-    }
-    env.pop("PREFECT_API_URL", None)
+    env = command_env(tmp_path, mirror)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", str(BIN / "gptflow")]
     run = subprocess.run(
@@ -82,7 +66,7 @@ def test_torchrun_gptflow_pretrain(tmp_path, mirror):
 
 @pytest.mark.slow
 def test_flow_launches_training_under_torchrun(prefect_harness, settings, tmp_path):
-    data = token_folder(tmp_path / "tokens")
+    data = write_random_tokens(tmp_path / "tokens", 4000, 1000, seed=0)
     config = PretrainConfig(**TINY, threads=1, launcher={"kind": "torchrun", "nproc_per_node": 2})
     state = pretrain_flow(str(data), config, out_dir=str(tmp_path / "run"), return_state=True)
     result = state.result()
@@ -109,7 +93,7 @@ def test_flow_launches_training_under_torchrun(prefect_harness, settings, tmp_pa
 
 @pytest.mark.slow
 def test_failed_rank_fails_the_task_with_its_log(prefect_harness, settings, tmp_path):
-    data = token_folder(tmp_path / "tokens")
+    data = write_random_tokens(tmp_path / "tokens", 4000, 1000, seed=0)
     (data / "val.bin").write_bytes(b"\x00\x00" * 10)  # fewer tokens than one validation window: rank 0 fails
     config = PretrainConfig(**TINY, threads=1, launcher={"kind": "torchrun", "nproc_per_node": 2})
     state = pretrain_flow(str(data), config, out_dir=str(tmp_path / "run"), return_state=True)

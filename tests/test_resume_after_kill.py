@@ -10,22 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import command_env
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_pretrain_killed_mid_run_resumes_from_last_checkpoint(tmp_path, mirror):
-    env = {
-        **os.environ,
-        "GPTFLOW_HOME": str(tmp_path / "out"),
-        "GPTFLOW_MIRROR": str(mirror),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("PREFECT_API_URL", None)
+    env = command_env(tmp_path, mirror)
     out = tmp_path / "run"
     cmd = [
         sys.executable,
