@@ -1,4 +1,5 @@
-"""Load public GPT-2 weights (Hugging Face `model.safetensors`) into `GPTModel`.
+"""Load public GPT-2 weights (Hugging Face `model.safetensors`) into `GPTModel`, and write a `GPTModel` back out
+as a Hugging Face GPT-2 folder (`save_hf_gpt2`).
 
 Only safetensors: a JSON header plus raw little-endian tensors, so nothing is unpickled. The model is built
 on the meta device and given uninitialised storage; each tensor is then read from the file straight into
@@ -9,18 +10,23 @@ model plus its largest tensor, not two full copies (a memory map would keep the 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from gptflow.download import fetch
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings, get_settings
 from gptflow.stage import Stage
-from gptflow.storage import sha256_file
+from gptflow.storage import atomic_path, sha256_file, write_json_atomic
+from gptflow.tokenizer import ENDOFTEXT, EOT_ID
 from model.checkpoint import save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
 from model.gpt import GPTModel
@@ -29,6 +35,9 @@ CODE = (__name__, "model.gpt", "model.checkpoint")
 
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
 WEIGHTS_NAME = "model.safetensors"
+# What `save_hf_gpt2` writes: the model files always, the tokenizer files when it is given them.
+HF_MODEL_FILES = ("config.json", "generation_config.json", WEIGHTS_NAME)
+HF_TOKENIZER_FILES = ("merges.txt", "tokenizer_config.json", "vocab.json")
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Hugging Face buffers that are not weights: the causal mask and its fill value in older GPT-2 files.
@@ -249,3 +258,134 @@ def convert_gpt2(name_or_path: str | Path, settings: Settings | None = None) -> 
         save_model(stage.dir / "model.pt", model, source=str(name_or_path))
         stage.complete(["model.pt"], {"params": model.num_params(), "model": cfg.to_dict()})
     return stage.dir / "model.pt", False
+
+
+def hf_config(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The `config.json` of `GPT2LMHeadModel` for our shape: tanh-GELU is HF's `gelu_new`, every dropout is ours.
+    bos/eos are `<|endoftext|>` when the vocabulary holds it (a smaller test vocabulary has none)."""
+    eot = EOT_ID if cfg.vocab_size > EOT_ID else None
+    return {
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": cfg.dropout,
+        "bos_token_id": eot,
+        "dtype": str(dtype).removeprefix("torch."),
+        "embd_pdrop": cfg.dropout,
+        "eos_token_id": eot,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-5,
+        "model_type": "gpt2",
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "n_layer": cfg.n_layers,
+        "n_positions": cfg.context_length,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": cfg.dropout,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
+        "tie_word_embeddings": cfg.tie_weights,
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_name_map`, named as `save_pretrained` names them (`transformer.` prefix, `lm_head.weight`
+    only when untied): Conv1D weights transposed to [in, out], CPU, contiguous, in the model's dtype. HF GPT-2
+    always has a `c_attn.bias`, so a model without q/k/v bias gets zeros (the same function)."""
+    cfg = model.cfg
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {}
+    for ours, (theirs, conv1d) in hf_name_map(cfg).items():
+        tensor = params[ours].detach().to("cpu")
+        tensors[theirs if theirs == "lm_head.weight" else f"transformer.{theirs}"] = (
+            tensor.t() if conv1d else tensor
+        ).contiguous()
+    if not cfg.qkv_bias:
+        dtype = params["tok_emb.weight"].dtype
+        for i in range(cfg.n_layers):
+            tensors[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim, dtype=dtype)
+    return tensors
+
+
+def _replace_dir(built: Path, folder: Path) -> None:
+    """Rename `built` to `folder`; an existing `folder` is first moved aside, so the swap is two renames."""
+    old = None
+    if folder.exists():
+        old = _sibling(folder, "old")
+        os.replace(folder, old)
+    os.replace(built, folder)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _sibling(folder: Path, kind: str) -> Path:
+    return folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def save_hf_gpt2(model: GPTModel, folder: str | Path, *, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
+    """Write `model` as a Hugging Face GPT-2 folder that `GPT2LMHeadModel.from_pretrained` loads and `load_gpt2`
+    reads back: config.json, generation_config.json, model.safetensors, and with `tokenizer_files` =
+    (encoder.json, vocab.bpe) the files `GPT2Tokenizer` reads (vocab.json, merges.txt, tokenizer_config.json).
+
+    Built in a temporary sibling folder and renamed into place, so a half-written export is never visible. An
+    existing export is replaced; a folder holding anything else is refused rather than deleted.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise WeightsError(f"{folder} exists and is not a folder; cannot write a Hugging Face GPT-2 export there")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in HF_MODEL_FILES + HF_TOKENIZER_FILES)
+        if foreign:
+            raise WeightsError(
+                f"{folder} holds files that are not a Hugging Face GPT-2 export ({', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}); not replacing it"
+            )
+    if tokenizer_files is not None:
+        for path in tokenizer_files:
+            if not Path(path).is_file():
+                raise WeightsError(f"tokenizer file {path} does not exist (expected encoder.json and vocab.bpe)")
+    cfg = model.cfg
+    tensors = hf_state_dict(model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(folder, "tmp")
+    tmp.mkdir()
+    try:
+        with atomic_path(tmp / WEIGHTS_NAME) as part:  # also gives the file the usual mode (safetensors: 0600)
+            save_file(tensors, part, metadata={"format": "pt"})
+        del tensors
+        config = hf_config(cfg, model.tok_emb.weight.dtype)
+        write_json_atomic(tmp / "config.json", config)
+        write_json_atomic(
+            tmp / "generation_config.json",
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
+        )
+        if tokenizer_files is not None:
+            encoder_json, vocab_bpe = tokenizer_files
+            shutil.copyfile(encoder_json, tmp / "vocab.json")
+            shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+            write_json_atomic(
+                tmp / "tokenizer_config.json",
+                {
+                    "tokenizer_class": "GPT2Tokenizer",
+                    "add_prefix_space": False,
+                    "bos_token": ENDOFTEXT,
+                    "eos_token": ENDOFTEXT,
+                    "unk_token": ENDOFTEXT,
+                    "errors": "replace",
+                    "model_max_length": cfg.context_length,
+                },
+            )
+        _replace_dir(tmp, folder)
+    except OSError as exc:
+        raise WeightsError(f"cannot write a Hugging Face GPT-2 export to {folder}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
