@@ -105,7 +105,7 @@ def run_export(args: argparse.Namespace) -> int:
         + (f", int8 agreement {100 * p['int8_agreement']:.2f}%" if "int8_agreement" in p else "")
     )
     print(table([{"file": name, "MB": f"{size / 1e6:.1f}"} for name, size in report["sizes_bytes"].items()]))
-    print(f'bundle: {report["bundle"]}  (run: python -m edge {report["bundle"]} "text")')
+    print(f'bundle: {report["bundle"]}  (run: python -m edge classify {report["bundle"]} "text")')
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Edge inference for exported classifiers: onnxruntime, NumPy and tiktoken only.
+"""Edge inference for exported bundles: onnxruntime, NumPy and tiktoken only.
 
-    python -m edge BUNDLE "text" ["text" ...] [--int8]
+    python -m edge classify BUNDLE "text" ["text" ...] [--int8]
+    python -m edge generate BUNDLE "instruction" [--input TEXT] [--int8] [--max-new-tokens N] ...
 
 A leaf: it imports nothing of this project, so the folder copied alone beside a bundle runs on a device.
 """

@@ -1,4 +1,7 @@
-"""`python -m edge BUNDLE "text" ["text" ...] [--int8]`: label and probability per text, one per line."""
+"""`python -m edge classify BUNDLE TEXT...` and `python -m edge generate BUNDLE "instruction"`.
+
+Bundle hashes are verified before anything is loaded; errors are one line on stderr with exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +9,90 @@ import argparse
 import sys
 
 from edge import BundleError
-from edge.runtime import EdgeClassifier
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m edge",
-        description="Classify texts with an exported bundle "
-        "(onnxruntime only; the bundle's hashes are verified first).",
+        prog="python -m edge", description="Run an exported bundle with onnxruntime alone (hashes verified first)."
     )
-    parser.add_argument("bundle", help="bundle folder written by `gptflow export`")
-    parser.add_argument("texts", nargs="+", metavar="TEXT")
-    parser.add_argument("--int8", action="store_true", help="use model.int8.onnx")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("classify", help="label texts with a classifier bundle (label, probability, text per line)")
+    p.add_argument("bundle", help="bundle folder written by `gptflow export`")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--int8", action="store_true", help="use model.int8.onnx")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.set_defaults(handler=classify)
+
+    p = verbs.add_parser(
+        "generate",
+        help="answer instructions with a language-model bundle",
+        description="The bundle's prompt template (Alpaca or Phi-3) is applied; greedy unless --temperature > 0. "
+        "One instruction streams its answer as it is produced; several are answered as one left-padded batch.",
+    )
+    p.add_argument("bundle", help="language-model bundle folder written by `gptflow export`")
+    p.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
+    p.add_argument("--input", default="", help="the input text of the instruction(s) (Alpaca's `### Input:`)")
+    p.add_argument("--raw", action="store_true", help="use the text as the prompt, without the template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute without the KV cache")
+    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt longer than the context")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None, help="default: on for one prompt")
+    p.add_argument("--int8", action="store_true", help="use model.int8.onnx")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.set_defaults(handler=generate)
+
     args = parser.parse_args(argv)
     try:
-        classifier = EdgeClassifier(args.bundle, int8=args.int8, threads=args.threads)
-    except BundleError as exc:
+        return args.handler(args)
+    except (BundleError, ValueError) as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return 2
+
+
+def classify(args: argparse.Namespace) -> int:
+    from edge.runtime import EdgeClassifier
+
+    classifier = EdgeClassifier(args.bundle, int8=args.int8, threads=args.threads)
     for text, (label, prob) in zip(args.texts, classifier.predict(args.texts)):
         print(f"{label}\t{prob:.4f}\t{text}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from edge.lm import EdgeGenerator, PromptTemplate
+
+    generator = EdgeGenerator(args.bundle, int8=args.int8, threads=args.threads)
+    template = PromptTemplate(None) if args.raw else generator.template
+    prompts = [template.format(text, args.input) for text in args.instructions]
+    stream = len(prompts) == 1 if args.stream is None else args.stream
+    if stream and len(prompts) > 1:
+        raise ValueError("--stream shows one answer as it is produced: give one instruction")
+
+    def write(_row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    answers = generator.generate(
+        prompts,
+        args.max_new_tokens,
+        truncate=args.truncate,
+        on_text=write if stream else None,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=args.use_cache,
+    )
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for instruction, answer in zip(args.instructions, answers):
+            sys.stdout.write(f"### {instruction}\n{answer}\n" if len(answers) > 1 else f"{answer}\n")
     return 0
 
 

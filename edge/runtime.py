@@ -1,8 +1,9 @@
-"""Load a verified edge bundle and classify texts with onnxruntime.
+"""Verified edge bundles, and classification with onnxruntime.
 
-A bundle folder holds model.onnx, model.int8.onnx, encoder.json, vocab.bpe, labels.json and manifest.json
-(the sha256 of every other file). Every hash is checked before anything is loaded: a changed, missing or
-unlisted-but-required file refuses the whole bundle.
+A bundle folder holds model.onnx (and model.int8.onnx), encoder.json, vocab.bpe and manifest.json (the sha256
+of every other file and the bundle's kind): a classifier bundle adds labels.json; a language-model bundle
+(edge.lm) adds the onnxruntime-genai and Hugging Face tokenizer files and a card. Every hash is checked before
+anything is loaded: a changed, missing or unlisted-but-required file refuses the whole bundle.
 """
 
 from __future__ import annotations
@@ -19,11 +20,22 @@ from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
 BUNDLE_MANIFEST = "manifest.json"
 ORT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-REQUIRED = (ORT_FILES["fp32"], "encoder.json", "vocab.bpe", "labels.json")  # int8 is optional
+CLASSIFIER, LM = "classifier", "lm"
+# Files each kind must list (int8 is optional); bundles written before kinds existed are classifiers.
+REQUIRED = {
+    CLASSIFIER: (ORT_FILES["fp32"], "encoder.json", "vocab.bpe", "labels.json"),
+    LM: (ORT_FILES["fp32"], "encoder.json", "vocab.bpe"),
+}
+RUN_WITH = {CLASSIFIER: "python -m edge classify BUNDLE TEXT...", LM: 'python -m edge generate BUNDLE "instruction"'}
 
 
-def verify_bundle(bundle: str | Path) -> dict:
-    """The bundle's manifest, after checking the sha256 of every file it lists."""
+def bundle_kind(manifest: dict) -> str:
+    return manifest.get("kind", CLASSIFIER)
+
+
+def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
+    """The bundle's manifest, after checking that it is of `kind` (when given) and the sha256 of every file
+    it lists."""
     bundle = Path(bundle)
     manifest_path = bundle / BUNDLE_MANIFEST
     if not manifest_path.is_file():
@@ -34,8 +46,14 @@ def verify_bundle(bundle: str | Path) -> dict:
         raise BundleError(f"{manifest_path} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: expected format {BUNDLE_FORMAT!r}")
+    found = bundle_kind(manifest)
+    if found not in REQUIRED:
+        raise BundleError(f"{manifest_path}: unknown bundle kind {found!r}; kinds: {', '.join(REQUIRED)}")
+    if kind is not None and found != kind:
+        what = {CLASSIFIER: "a classifier", LM: "a language-model"}[found]
+        raise BundleError(f"{bundle} is {what} bundle, not {kind}; run it with `{RUN_WITH[found]}`")
     files = manifest.get("files", {})
-    unlisted = [name for name in REQUIRED if name not in files]
+    unlisted = [name for name in REQUIRED[found] if name not in files]
     if unlisted:
         raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")
     for name, digest in files.items():
@@ -51,6 +69,7 @@ def verify_bundle(bundle: str | Path) -> dict:
 
 
 def session(onnx_path: str | Path, threads: int | None = None):
+    """A CPU onnxruntime session (`threads`: intra-op threads, default onnxruntime's choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -79,7 +98,7 @@ class EdgeClassifier:
 
     def __init__(self, bundle: str | Path, *, int8: bool = False, threads: int | None = None) -> None:
         self.bundle = Path(bundle)
-        self.manifest = verify_bundle(self.bundle)
+        self.manifest = verify_bundle(self.bundle, CLASSIFIER)
         labels = self.manifest["labels"]
         self.names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
         self.max_length = int(self.manifest["max_length"])

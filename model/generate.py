@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.gpt import GPTModel
+from model.gpt import GPTModel, mask_positions
 
 
 @torch.no_grad()
@@ -25,7 +25,8 @@ def generate(
 
     Greedy when `temperature == 0`. Generation stops once every row has produced `eos_id`; the EOS token is
     kept and a row that finished early is padded with `eos_id` (see `trim_at_eos`). `attention_mask`
-    (B, T), 1 = real token, supports left-padded batches. Past the context length the window is cropped
+    (B, T), 1 = real token, supports left-padded batches: positions count real tokens only, so each row
+    continues as it would alone. Past the context length the window is cropped
     to the last `context_length` tokens and recomputed each step (positions shift, so a cache cannot help).
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -41,14 +42,15 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             if use_cache and out.shape[1] <= ctx:
+                new = out if cache is None else out[:, -1:]
                 if cache is None:
                     cache = model.new_kv_cache(out.shape[0])
-                    logits = model(out, attention_mask=mask, kv_cache=cache)
-                else:
-                    logits = model(out[:, -1:], attention_mask=mask, kv_cache=cache)
+                positions = mask_positions(mask)[:, -new.shape[1] :] if mask is not None else None
+                logits = model(new, attention_mask=mask, kv_cache=cache, position_ids=positions)
             else:
                 window_mask = mask[:, -ctx:] if mask is not None else None
-                logits = model(out[:, -ctx:], attention_mask=window_mask)
+                positions = mask_positions(window_mask) if window_mask is not None else None
+                logits = model(out[:, -ctx:], attention_mask=window_mask, position_ids=positions)
             next_ids = sample_next(
                 logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )

@@ -43,6 +43,37 @@ class KVCache:
         self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class ConcatCache:
+    """Keys/values that come in and go out as tensors, as in the ONNX decoder (`past_key_values` in, `present`
+    out): each layer's new keys/values are concatenated to its past, nothing is written in place, so the graph
+    exports with a dynamic past length, 0 included. `present[i]` is layer i's (keys, values) after the step."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.past = past
+        self.pos = past[0][0].shape[2]
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.past[layer]
+        self.present.append((torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)))
+        return self.present[-1]
+
+    def advance(self, n: int) -> None:
+        """Nothing to do: the past length is the tensors' own."""
+
+
+Cache = KVCache | ConcatCache
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) that count real tokens only: a left-padded row starts at 0 like an unpadded one
+    (padding itself gets 0). The same rule as Hugging Face and onnxruntime-genai."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -52,16 +83,16 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, E = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # Without a mask: no past (the kernel's top-left causal mask is exact) or one new token (no mask).
-        is_causal = kv_cache is None or kv_cache.pos == 0
+        past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)
+            # No mask: no past (the kernel's top-left causal mask is exact) or one new token (nothing to hide).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past == 0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, E)))
@@ -86,7 +117,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, layer: int) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask, kv_cache, layer)
         return x + self.mlp(self.norm2(x))
 
@@ -144,29 +175,39 @@ class GPTModel(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=param.device, dtype=param.dtype)
 
     def features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final LayerNorm, (B, T, E).
 
         With `kv_cache`, `input_ids` are the new tokens and `attention_mask` (if any) covers the cached and
-        the new tokens, (B, past+T); the cache advances by T.
+        the new tokens, (B, past+T); the cache advances by T. `position_ids` (B, T) default to the tokens'
+        indices; a left-padded batch passes `mask_positions(attention_mask)` so that padding shifts nothing.
         """
         T = input_ids.shape[1]
         past = kv_cache.pos if kv_cache is not None else 0
-        pos = torch.arange(past, past + T, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
         mask = attention_bias(attention_mask, T, past, input_ids.device)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         return self.final_norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits, (B, T, vocab_size)."""
-        return self.out_head(self.features(input_ids, attention_mask, kv_cache))
+        return self.out_head(self.features(input_ids, attention_mask, kv_cache, position_ids))
 
     def num_params(self) -> int:
         """Unique parameters (a tied head counts once)."""

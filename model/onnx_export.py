@@ -19,7 +19,7 @@ import onnx
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, ORT_FILES, run_session, session
+from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, CLASSIFIER, ORT_FILES, run_session, session
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
 from gptflow.stage import Stage
@@ -58,25 +58,40 @@ class ExportError(GptflowError):
 def export_onnx(model: SequenceClassifier, path: str | Path, metadata: dict[str, str]) -> Path:
     """Write `model` as one self-contained ONNX file (inputs input_ids, attention_mask int64 (batch, seq); output
     logits (batch, n_classes)); `metadata` goes to metadata_props. Checked with onnx.checker."""
-    path = Path(path)
-    model = model.eval()
     context = model.cfg.context_length
     seq = min(8, context)  # example sizes >= 2: the exporter specializes sizes 0 and 1
     example = (torch.full((2, seq), PAD_ID, dtype=torch.long), torch.ones(2, seq, dtype=torch.long))
     batch_dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq_dim = torch.export.Dim("seq", min=1, max=context)
     shapes = {"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: seq_dim}}
+    return export_graph(model, example, path, ["input_ids", "attention_mask"], ["logits"], shapes, metadata)
+
+
+def export_graph(
+    module: torch.nn.Module,
+    example: tuple,
+    path: str | Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict[str, Any],
+    metadata: dict[str, str],
+    dim_names: dict[str, str] | None = None,
+) -> Path:
+    """`module` as one self-contained ONNX file (dynamo exporter, opset EXPORT_OPSET), written atomically and
+    checked with onnx.checker; `metadata` goes to metadata_props, `dim_names` renames symbolic dimensions."""
+    path = Path(path)
+    module = module.eval()
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
         onnx_path = tmp.with_suffix(".onnx")
         try:
             torch.onnx.export(
-                model,
+                module,
                 example,
                 onnx_path,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_shapes=shapes,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
                 external_data=False,
                 dynamo=True,
                 opset_version=EXPORT_OPSET,
@@ -92,6 +107,10 @@ def export_onnx(model: SequenceClassifier, path: str | Path, metadata: dict[str,
         del proto.metadata_props[:]
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)
+        for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim_names and dim.dim_param in dim_names:
+                    dim.dim_param = dim_names[dim.dim_param]
         onnx.save(proto, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
@@ -143,28 +162,24 @@ def check_parity(
 
 
 def write_bundle(
-    out_dir: str | Path,
-    fp32_onnx: Path,
-    int8_onnx: Path | None,
-    tokenizer_files: tuple[Path, Path],
-    labels: dict[str, int],
-    info: dict[str, Any],
+    out_dir: str | Path, kind: str, copies: dict[str, Path], documents: dict[str, Any], info: dict[str, Any]
 ) -> Path:
-    """The edge bundle: model files, tokenizer files, labels.json and a manifest with every file's sha256.
-    Built in a temporary folder and renamed into place, so a bundle is never half-written."""
+    """An edge bundle of `kind`: the files of `copies` (bundle name -> source path), `documents` (name -> JSON
+    value, or text for a str) and a manifest with every file's sha256 plus `info`. Built in a temporary
+    folder and renamed into place, so a bundle is never half-written."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    encoder_json, vocab_bpe = tokenizer_files
-    shutil.copyfile(fp32_onnx, tmp / ORT_FILES["fp32"])
-    if int8_onnx is not None:
-        shutil.copyfile(int8_onnx, tmp / ORT_FILES["int8"])
-    shutil.copyfile(encoder_json, tmp / "encoder.json")
-    shutil.copyfile(vocab_bpe, tmp / "vocab.bpe")
-    write_json_atomic(tmp / "labels.json", labels)
+    for name, source in copies.items():
+        shutil.copyfile(source, tmp / name)
+    for name, value in documents.items():
+        if isinstance(value, str):
+            (tmp / name).write_text(value, encoding="utf-8")
+        else:
+            write_json_atomic(tmp / name, value)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    write_json_atomic(tmp / BUNDLE_MANIFEST, {"format": BUNDLE_FORMAT, "files": files, "labels": labels, **info})
+    write_json_atomic(tmp / BUNDLE_MANIFEST, {"format": BUNDLE_FORMAT, "kind": kind, "files": files, **info})
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -266,8 +281,12 @@ def _export(
         "opset": report["opset"],
         "test_accuracy": accuracy,
     }
+    encoder_json, vocab_bpe = tokenizer_files
+    copies = {ORT_FILES["fp32"]: fp32_path, "encoder.json": encoder_json, "vocab.bpe": vocab_bpe}
+    if config.int8:
+        copies[ORT_FILES["int8"]] = int8_path
     bundle = write_bundle(
-        out_dir / BUNDLE_DIR, fp32_path, int8_path if config.int8 else None, tokenizer_files, loaded.labels, info
+        out_dir / BUNDLE_DIR, CLASSIFIER, copies, {"labels.json": loaded.labels}, {"labels": loaded.labels, **info}
     )
     report["bundle"] = str(bundle)
     report["sizes_bytes"] = {

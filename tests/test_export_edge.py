@@ -105,7 +105,7 @@ def test_tampered_bundle_is_refused(exported, tmp_path, settings, capsys):
     with pytest.raises(BundleError, match="model.int8.onnx does not match its sha256"):
         EdgeClassifier(bundle, int8=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "edge", str(bundle), "hi"], capture_output=True, text=True, cwd=REPO_ROOT
+        [sys.executable, "-m", "edge", "classify", str(bundle), "hi"], capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert proc.returncode == 2 and "refusing the bundle" in proc.stderr
     assert main(["classify", "hi", "--model", str(bundle), "--int8"]) == 2  # the CLI prints it as one line too
@@ -139,7 +139,9 @@ def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
     shutil.copytree(REPO_ROOT / "edge", tmp_path / "edge", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(exported["bundle"], tmp_path / "bundle")
     texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
-    args = [str(tmp_path), sysconfig.get_paths()["purelib"], "bundle", *texts] + (["--int8"] if int8 else [])
+    args = [str(tmp_path), sysconfig.get_paths()["purelib"], "classify", "bundle", *texts] + (
+        ["--int8"] if int8 else []
+    )
     proc = subprocess.run(
         [sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True, cwd=tmp_path
     )
