@@ -71,7 +71,7 @@ Cache = KVCache | ConcatCache
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, T) that count real tokens only: a left-padded row starts at 0 like an unpadded one
-    (padding itself gets 0). The same rule as Hugging Face and onnxruntime-genai."""
+    (padding itself gets 0), as Hugging Face transformers does."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 

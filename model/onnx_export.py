@@ -12,7 +12,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import onnx
@@ -198,6 +198,19 @@ class ExportConfig(BaseModel):
     device: DeviceSpec = Field(
         default="cpu", description="device of the PyTorch reference pass (the ONNX graph is always traced on the CPU)"
     )
+    format: Literal["onnx", "hf"] = Field(
+        default="onnx", description="onnx: the edge bundle; hf: a Hugging Face GPT-2 folder (language models)"
+    )
+    # Language models (the LM bundle).
+    max_ppl_increase: float = Field(
+        default=3.0, ge=0, description="largest allowed int8 perplexity increase over fp32, percent"
+    )
+    int8_block_size: int = Field(default=128, ge=16, description="int8 weight block size (a power of two)")
+    agreement_tokens: int = Field(default=32, gt=0, description="greedy tokens per test prompt compared fp32 vs int8")
+    max_eval_rows: int | None = Field(
+        default=128, gt=0, description="validation rows for perplexity and test prompts for agreement (None: all)"
+    )
+    lm_parity_atol: float = Field(default=1e-4, gt=0, description="largest fp32 ONNX vs PyTorch logit difference")
 
     def identity(self) -> dict[str, Any]:
         """The stage key's config: every field but the device, which does not change the bundle."""
