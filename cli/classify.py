@@ -1,4 +1,5 @@
-"""`gptflow finetune-classifier`, `gptflow export CHECKPOINT [--int8]`, `gptflow classify TEXT... --model PATH`."""
+"""`gptflow finetune-classifier`, `gptflow export CHECKPOINT [--int8] [--format onnx|hf]`,
+`gptflow classify TEXT... --model PATH`."""
 
 from __future__ import annotations
 
@@ -27,12 +28,20 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser(
         "export",
-        help="export a classifier to ONNX (+ int8) and write the edge bundle",
-        description="Checks fp32 parity with PyTorch and int8 agreement on the whole test split "
-        "and fails when int8 loses more than --max-int8-drop accuracy points.",
+        help="export a classifier or a language model to ONNX (+ int8) and write its edge bundle",
+        description="A classifier: fp32 parity with PyTorch and int8 agreement on the whole test split; fails when "
+        "int8 loses more than --max-int8-drop accuracy points. A language model (pretrained, converted GPT-2 or "
+        "instruction-tuned model.pt): one ONNX decoder with a KV cache, parity over a left-padded prompt pass and "
+        "32 cached steps, validation perplexity fp32 vs int8 (fails above --max-ppl-increase percent) and greedy "
+        "agreement on the test prompts; --format hf writes a Hugging Face GPT-2 folder instead.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt, or its fine-tuning folder")
-    p.add_argument("--data", help="data folder with test.csv (default: the one it was fine-tuned on)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt or LM model.pt, or their folder")
+    p.add_argument(
+        "--data",
+        help="classifier: data folder with test.csv (default: the one it was tuned on); language model: an "
+        "instructions data folder or a corpus folder with val.bin (default for instruction models: "
+        "<home>/data/instructions)",
+    )
     add_folder_options(p, "export/<checkpoint folder>-<key>", resumable=False)
     p.set_defaults(handler=run_export, stage=VerbConfig("model.onnx_export:ExportConfig", {"int8": False}))
 
@@ -87,9 +96,16 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from model.classifier import load_classifier
+    from model.lm_export import is_lm_checkpoint
 
     config = stage_config(args)
-    loaded = load_classifier(args.checkpoint)  # not a classifier: one-line error before the flow
+    if is_lm_checkpoint(args.checkpoint):
+        return _export_lm(args, config)
+    if config.format == "hf":
+        raise GptflowError(
+            f"{args.checkpoint} is not a language-model checkpoint: --format hf writes GPT-2 language models"
+        )
+    loaded = load_classifier(args.checkpoint)  # neither kind: one-line error before the flow
     data_dir = args.data or loaded.data_dir
     if not data_dir or not (Path(data_dir) / "test.csv").is_file():
         raise GptflowError(f"--data: no test.csv in {data_dir}; pass the data folder the classifier was tuned on")
@@ -107,6 +123,63 @@ def run_export(args: argparse.Namespace) -> int:
     print(table([{"file": name, "MB": f"{size / 1e6:.1f}"} for name, size in report["sizes_bytes"].items()]))
     print(f'bundle: {report["bundle"]}  (run: python -m edge classify {report["bundle"]} "text")')
     return 0
+
+
+def _export_lm(args: argparse.Namespace, config) -> int:
+    from flows.export import export_lm_flow
+
+    if config.format == "hf":
+        report = export_lm_flow(args.checkpoint, "", config, args.out)
+        print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face GPT-2 folder: {report['folder']}")
+        print("  (transformers: GPT2LMHeadModel.from_pretrained(folder); GPT2Tokenizer.from_pretrained(folder))")
+        return 0
+    data_dir = Path(args.data) if args.data else _default_lm_data(args.checkpoint)
+    report = export_lm_flow(args.checkpoint, str(data_dir), config, args.out)
+    q = report["quality"]
+    rows = []
+    for model, file in (
+        ("torch_fp32", "torch_checkpoint"),
+        ("onnx_fp32", "model.onnx"),
+        ("onnx_int8", "model.int8.onnx"),
+    ):
+        if file in report["sizes_bytes"]:
+            rows.append(
+                {
+                    "model": model,
+                    "MB": f"{report['sizes_bytes'][file] / 1e6:.1f}",
+                    "perplexity": f"{q['perplexity'][model]:.4f}" if model in q["perplexity"] else "",
+                    "tokens/s": f"{q['tokens_per_second'][model]:.1f}" if model in q["tokens_per_second"] else "",
+                }
+            )
+    print(table(rows))
+    p = q["parity"]
+    print(
+        f"parity: max |logit diff| prompt pass {p['prompt_max_abs_logit_diff']:.2e}, "
+        f"{p['steps']} cached steps {p['steps_max_abs_logit_diff']:.2e}"
+    )
+    if "int8_agreement" in q:
+        a = q["int8_agreement"]
+        print(
+            f"int8: perplexity {q['int8_perplexity_increase_pct']:+.2f}% (allowed {config.max_ppl_increase:g}%), "
+            f"greedy-token agreement {100 * a['token_agreement']:.2f}%, identical continuations "
+            f"{100 * a['identical_continuations']:.1f}%"
+        )
+    print(f'bundle: {report["bundle"]}  (run: python -m edge generate {report["bundle"]} "instruction")')
+    return 0
+
+
+def _default_lm_data(checkpoint: str) -> Path:
+    from gptflow.settings import get_settings
+    from model.checkpoint import load_checkpoint
+    from model.lm_export import lm_checkpoint_path
+
+    folder = get_settings().home / "data" / "instructions"
+    if load_checkpoint(lm_checkpoint_path(checkpoint)).get("style") and (folder / "validation.json").is_file():
+        return folder
+    raise GptflowError(
+        "--data: give the folder to measure perplexity and int8 agreement on: an instructions data folder "
+        "(validation.json, test.json) or a corpus folder (val.bin)"
+    )
 
 
 def read_texts(path: str, text_column: str) -> list[str]:

@@ -36,10 +36,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser(
         "generate",
-        help="continue a prompt with a trained model",
-        description="Greedy by default; --temperature > 0 samples (with --top-k/--top-p).",
+        help="continue a prompt, or answer an instruction, with a trained model",
+        description="Greedy by default; --temperature > 0 samples (with --top-k/--top-p). An instruction-tuned "
+        "checkpoint applies its prompt template (Alpaca or Phi-3) and prints the response; --raw continues the "
+        "text as it is.",
     )
     p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--input", default="", help="instruction models: the input text (Alpaca's `### Input:`)")
+    p.add_argument("--raw", action="store_true", help="no prompt template: continue PROMPT as it is")
+    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt longer than the context")
     p.add_argument(
         "--model",
         required=True,
@@ -106,31 +111,47 @@ def run_load_gpt2(args: argparse.Namespace) -> int:
 
 
 def load_any_model(spec: str):
-    """A gptflow checkpoint (file or folder with model.pt), else GPT-2 weights (preset or safetensors)."""
-    from model.checkpoint import load_model
+    """(model, prompt style or None): a gptflow checkpoint (file or folder with model.pt), else GPT-2 weights
+    (preset or safetensors)."""
+    from model.checkpoint import load_checkpoint, load_model
     from model.weights import load_gpt2
 
     path = Path(spec)
     if path.is_dir() and (path / "model.pt").is_file():
         path = path / "model.pt"
     if path.is_file() and path.suffix != ".safetensors":
-        return load_model(path)[0]
-    return load_gpt2(spec)[0]
+        return load_model(path)[0], load_checkpoint(path).get("style")
+    return load_gpt2(spec)[0], None
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from gptflow.errors import GptflowError
+    from gptflow.prompts import format_prompt
     from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
     from model.device import resolve_device
-    from model.generate import generate
+    from model.generate import generate, trim_at_eos
     from model.training import set_threads
 
     set_threads(args.threads)
     device = resolve_device(args.device)
-    model = load_any_model(args.model).eval().to(device)
+    model, style = load_any_model(args.model)
+    model = model.eval().to(device)
     tok = get_tokenizer()
-    ids = encode(tok, args.prompt) or [EOT_ID]
+    if style and not args.raw:
+        prompt = format_prompt({"instruction": args.prompt, "input": args.input}, style)
+    else:
+        prompt = args.prompt + (f"\n{args.input}" if args.input else "")
+    ids = encode(tok, prompt) or [EOT_ID]
+    context = model.cfg.context_length
+    if len(ids) > context:
+        if not args.truncate:
+            raise GptflowError(
+                f"the prompt is {len(ids)} tokens; the model's context is {context} "
+                "(shorten it, or pass --truncate to keep its last tokens)"
+            )
+        ids = ids[-context:]
     try:
         out = generate(
             model,
@@ -144,9 +165,10 @@ def run_generate(args: argparse.Namespace) -> int:
             use_cache=args.use_cache,
         )
     except ValueError as exc:
-        from gptflow.errors import GptflowError
-
         raise GptflowError(str(exc)) from None
-    new = [t for t in out[0, len(ids) :].tolist() if t != EOT_ID]
-    sys.stdout.write(args.prompt + tok.decode(new) + "\n")
+    new = trim_at_eos(out[0, len(ids) :].tolist(), EOT_ID)
+    if style and not args.raw:
+        sys.stdout.write(tok.decode(new) + "\n")  # the response alone, as `python -m edge generate` prints it
+    else:
+        sys.stdout.write(prompt + tok.decode(new) + "\n")
     return 0

@@ -1,11 +1,11 @@
-"""Export flow: classifier checkpoint -> ONNX fp32/int8 with parity and int8 gate -> edge bundle."""
+"""Export flows: a classifier to its edge bundle; a language model to its LM bundle or a Hugging Face folder."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from model.onnx_export import ExportConfig
-from tasks.export import export_bundle
+from tasks.export import export_bundle, export_hf_folder, export_lm_bundle
 
 
 @flow(name="export")
@@ -16,3 +16,15 @@ def export_flow(
     else to the folder the stage contract names (`<home>/export/<checkpoint folder>-<key>`); the bundle is its
     `bundle/` folder."""
     return export_bundle(str(checkpoint), data_dir, config, out_dir)
+
+
+@flow(name="export-lm")
+def export_lm_flow(
+    checkpoint: str, data_dir: str, config: ExportConfig = ExportConfig(), out_dir: str | None = None
+) -> dict:
+    """`data_dir`: an instructions data folder (validation perplexity, test prompts for int8 agreement) or a
+    corpus folder (val.bin). The LM bundle is the stage folder's `bundle/`; with `config.format == "hf"` the
+    stage writes a Hugging Face GPT-2 folder `hf/` instead."""
+    if config.format == "hf":
+        return export_hf_folder(str(checkpoint), out_dir)
+    return export_lm_bundle(str(checkpoint), data_dir, config, out_dir)

@@ -1,4 +1,5 @@
-"""The end-to-end pipeline: data -> base model -> classifier -> instruction model -> judge -> edge bundle.
+"""The end-to-end pipeline: data -> base model -> classifier -> edge bundle; instruction model -> judge and LM
+edge bundle.
 
 Entry point for `gptflow pipeline`, `make run` and the `prefect.yaml` deployments: `flows/pipeline.py:pipeline`.
 Every stage is a subflow whose outputs live in content-addressed stage folders under GPTFLOW_HOME (reused
@@ -11,7 +12,7 @@ from prefect import flow
 
 from flows.classify import finetune_classifier_flow
 from flows.evaluate import evaluate_responses_flow
-from flows.export import export_flow
+from flows.export import export_flow, export_lm_flow
 from flows.instruct import finetune_instructions
 from flows.params import PipelineParams
 from flows.prepare import prepare_instructions, prepare_spam
@@ -35,6 +36,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
 
     instruct = finetune_instructions(instructions["out_dir"], params.instruct.model_copy(update={"init": init}))
     judged = evaluate_responses_flow(instruct["responses"], judge=params.judge, require_judge=params.require_judge)
+    lm_bundle = export_lm_flow(instruct["model"], instructions["out_dir"], params.export)
 
     stages = {
         "data-spam": spam,
@@ -44,5 +46,6 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         "export": bundle,
         "instruct": instruct,
         "evaluate": judged.model_dump(),
+        "export-lm": lm_bundle,
     }
     return write_run_report(params, stages)

@@ -40,7 +40,7 @@ from model.config import GPTConfig
 from model.genai import genai_config, hf_tokenizer_json, tokenizer_config
 from model.gpt import ConcatCache, GPTModel, mask_positions
 from model.onnx_export import BUNDLE_DIR, REPORT, ExportConfig, ExportError, export_graph, onnx_opset, write_bundle
-from model.quantize import QuantizationGateError
+from model.quantize import check_perplexity_gate
 
 CODE = (__name__, "model.gpt", "model.onnx_export", "model.genai", "edge.lm", "edge.text", "gptflow.prompts")
 
@@ -434,16 +434,10 @@ def _export(
         int8 = Decoder(int8_path, cfg.context_length)
         ppl = quality["perplexity"]
         ppl["onnx_int8"] = perplexity(int8.sequence_logits, rows)
-        increase = 100.0 * (ppl["onnx_int8"] / ppl["onnx_fp32"] - 1.0)
-        quality["int8_perplexity_increase_pct"] = increase
+        quality["int8_perplexity_increase_pct"] = 100.0 * (ppl["onnx_int8"] / ppl["onnx_fp32"] - 1.0)
         quality["int8_agreement"] = token_agreement(fp32, int8, prompts, config.agreement_tokens)
         speed["onnx_int8"] = tokens_per_second(int8, prompts[0], config.agreement_tokens)
-        if increase > config.max_ppl_increase:
-            raise QuantizationGateError(
-                f"int8 of {path}: perplexity {ppl['onnx_int8']:.3f} is {increase:.2f}% "
-                f"above fp32 {ppl['onnx_fp32']:.3f} (allowed: {config.max_ppl_increase:g}%); raise "
-                "--max-ppl-increase only if that loss is acceptable, or ship fp32"
-            )
+        check_perplexity_gate(ppl["onnx_fp32"], ppl["onnx_int8"], config.max_ppl_increase, f"int8 of {path}")
     quality["tokens_per_second"] = speed
     opset = onnx_opset(onnx.load(fp32_path, load_external_data=False))
     shape = {
@@ -534,3 +528,43 @@ def model_card(info: dict[str, Any], sizes: dict[str, int]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+HF_DIR = "hf"
+
+
+def export_hf(
+    checkpoint: str | Path, out_dir: str | Path | None, *, tokenizer_files: tuple[Path, Path], resume: bool = True
+) -> dict[str, Any]:
+    """Language-model checkpoint -> a Hugging Face GPT-2 folder (`hf/` in the stage folder: config.json,
+    model.safetensors, tokenizer files) that transformers loads; read back through our loader and compared."""
+    from model.weights import load_gpt2, save_hf_gpt2
+
+    path = lm_checkpoint_path(checkpoint)
+    if load_checkpoint(path).get("format") != GPT_FORMAT:
+        raise ExportError(
+            f"{path} is not a language-model checkpoint: --format hf writes GPT-2 language models (a classifier "
+            "exports to an edge bundle: `gptflow export best.pt`)"
+        )
+    stage = Stage.declare(
+        "export",
+        inputs={"checkpoint": path},
+        config={"format": "hf"},
+        code=CODE,
+        label=f"hf-{path.parent.name}",
+        out_dir=out_dir,
+    )
+    with stage.lock():
+        if stage.plan(resume).reused:
+            return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
+        model, _ = load_model(path)
+        folder = save_hf_gpt2(model.eval(), stage.dir / HF_DIR, tokenizer_files=tokenizer_files)
+        reloaded, _ = load_gpt2(folder)
+        row = torch.arange(min(16, model.cfg.context_length)).unsqueeze(0) % model.cfg.vocab_size
+        diff = float(np.abs(torch_logits(model, row[0].tolist()) - torch_logits(reloaded, row[0].tolist())).max())
+        if diff > 0:
+            raise ExportError(f"{folder} does not read back to the same model (max |logit diff| {diff:.3g})")
+        report = {"checkpoint": str(path), "kind": "hf", "folder": str(folder), "roundtrip_max_abs_logit_diff": diff}
+        write_json_atomic(stage.dir / REPORT, report)
+        stage.complete([REPORT] + [f"{HF_DIR}/{p.name}" for p in sorted(folder.iterdir())], {"roundtrip": diff})
+    return {**report, "out_dir": str(stage.dir), "reused": False}

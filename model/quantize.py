@@ -69,3 +69,14 @@ def check_accuracy_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_poi
             "is acceptable, or ship fp32"
         )
     return drop
+
+
+def check_perplexity_gate(fp32_ppl: float, int8_ppl: float, max_increase_pct: float, what: str) -> float:
+    """The int8 perplexity increase over fp32 in percent; raises QuantizationGateError above `max_increase_pct`."""
+    increase = 100.0 * (int8_ppl / fp32_ppl - 1.0)
+    if increase > max_increase_pct:
+        raise QuantizationGateError(
+            f"{what}: int8 perplexity {int8_ppl:.3f} is {increase:.2f}% above fp32 {fp32_ppl:.3f} (allowed: "
+            f"{max_increase_pct:g}%); raise --max-ppl-increase only if that loss is acceptable, or ship fp32"
+        )
+    return increase

@@ -1,15 +1,18 @@
-"""Prefect task of the export stage: quantize, export, parity, int8 gate, edge bundle; publish the figures."""
+"""Prefect tasks of the export stage: the classifier's edge bundle, the language model's bundle and its Hugging
+Face folder; each publishes its figures."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gptflow.tokenizer import get_tokenizer, tokenizer_files
+from model.lm_export import export_hf, export_lm
 from model.onnx_export import ExportConfig, export_classifier
-from tasks.artifacts import artifact_key, publish_table
+from tasks.artifacts import artifact_key, publish_markdown, publish_table
 
 
 @task(cache_policy=NO_CACHE)
@@ -33,4 +36,45 @@ def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir:
         f"{key}-parity",
         "export: ONNX parity on the test split",
     )
+    return report
+
+
+@task(cache_policy=NO_CACHE)
+def export_lm_bundle(
+    checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    report = export_lm(
+        checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(), tokenizer_files=tokenizer_files()
+    )
+    q = report["quality"]
+    logger.info("%s LM bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
+    logger.info("perplexity %s; parity %s", q["perplexity"], q["parity"])
+    files = {"torch_fp32": "torch_checkpoint", "onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+    rows = []
+    for model, file in files.items():
+        size = report["sizes_bytes"].get(file)
+        rows.append(
+            {
+                "model": model,
+                "file_mb": round(size / 1e6, 2) if size else None,
+                "perplexity": round(q["perplexity"][model], 4) if model in q["perplexity"] else None,
+                "tokens_per_s": round(q["tokens_per_second"][model], 1) if model in q["tokens_per_second"] else None,
+            }
+        )
+    key = artifact_key("export-lm", report["checkpoint_sha256"][:12])
+    publish_table(rows, f"{key}-models", "LM export: file size, validation perplexity and tokens/s per model")
+    checks = [{"check": f"parity: {k}", "value": v} for k, v in q["parity"].items()]
+    if "int8_agreement" in q:
+        checks.append({"check": "int8 perplexity increase %", "value": round(q["int8_perplexity_increase_pct"], 3)})
+        checks += [{"check": f"int8 {k}", "value": v} for k, v in q["int8_agreement"].items()]
+    publish_table(checks, f"{key}-checks", "LM export: ONNX parity with PyTorch and int8 agreement with fp32")
+    publish_markdown((Path(report["bundle"]) / "card.md").read_text(encoding="utf-8"), f"{key}-card", "LM bundle card")
+    return report
+
+
+@task(cache_policy=NO_CACHE)
+def export_hf_folder(checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
+    report = export_hf(checkpoint, out_dir, tokenizer_files=tokenizer_files())
+    get_run_logger().info("%s Hugging Face folder %s", "reused" if report["reused"] else "wrote", report["folder"])
     return report

@@ -23,6 +23,7 @@ def _deliverables(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
         "instruction model": ("instruct", "model"),
         "test responses": ("instruct", "responses"),
         "evaluation report": ("evaluate", "out_dir"),
+        "LM edge bundle": ("export-lm", "bundle"),
     }
     found = {}
     for name, (stage, key) in wanted.items():
