@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from edge.text import ENDOFTEXT, EOT_ID
-from gptflow.storage import write_json_atomic
 from model.config import GPTConfig
 
-__all__ = ["GENAI_CONFIG", "genai_config", "hf_tokenizer_json", "tokenizer_config", "write_genai_files"]
+__all__ = ["GENAI_CONFIG", "genai_config", "hf_tokenizer_json", "tokenizer_config", "genai_files"]
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -171,17 +170,11 @@ def tokenizer_config(context_length: int) -> dict[str, Any]:
     }
 
 
-def write_genai_files(
-    folder: Path, cfg: GPTConfig, tokenizer_files: tuple[Path, Path], model_file: str = "model.onnx"
-) -> list[str]:
-    """Write genai_config.json, tokenizer.json and tokenizer_config.json into `folder` (beside `model_file`);
-    return the names written."""
-    folder = Path(folder)
-    files = {
+def genai_files(cfg: GPTConfig, tokenizer_files: tuple[Path, Path], model_file: str = "model.onnx") -> dict[str, Any]:
+    """genai_config.json, tokenizer.json and tokenizer_config.json (name -> JSON content) for a folder that holds
+    the decoder as `model_file`."""
+    return {
         GENAI_CONFIG: genai_config(cfg, model_file=model_file),
         "tokenizer.json": hf_tokenizer_json(*tokenizer_files),
         "tokenizer_config.json": tokenizer_config(cfg.context_length),
     }
-    for name, content in files.items():
-        write_json_atomic(folder / name, content)
-    return list(files)

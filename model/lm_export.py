@@ -37,7 +37,7 @@ from gptflow.storage import atomic_path, read_json, write_json_atomic
 from model.checkpoint import FORMAT as GPT_FORMAT
 from model.checkpoint import CheckpointError, load_checkpoint, load_model
 from model.config import GPTConfig
-from model.genai import genai_config, hf_tokenizer_json, tokenizer_config
+from model.genai import genai_files
 from model.gpt import ConcatCache, GPTModel, mask_positions
 from model.onnx_export import BUNDLE_DIR, REPORT, ExportConfig, ExportError, export_graph, onnx_opset, write_bundle
 from model.quantize import check_perplexity_gate
@@ -464,12 +464,7 @@ def _export(
         "source_checkpoint_sha256": ckpt_sha,
         "quality": quality,
     }
-    documents = {
-        "genai_config.json": genai_config(cfg, model_file=ORT_FILES["fp32"]),
-        "tokenizer.json": hf_tokenizer_json(encoder_json, vocab_bpe),
-        "tokenizer_config.json": tokenizer_config(cfg.context_length),
-        "card.md": model_card(info, sizes),
-    }
+    documents = {**genai_files(cfg, tokenizer_files, ORT_FILES["fp32"]), "card.md": model_card(info, sizes)}
     bundle = write_bundle(out_dir / BUNDLE_DIR, LM, copies, documents, info)
     report = {
         "checkpoint": str(path),

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from gptflow.settings import load_settings
+from gptflow.storage import write_json_atomic
 from gptflow.tokenizer import EOT_ID, encode, tokenizer_files
 from model.config import GPTConfig
-from model.genai import GENAI_CONFIG, genai_config, write_genai_files
+from model.genai import GENAI_CONFIG, genai_config, genai_files
 from model.generate import generate
 from model.gpt import GPTModel
 from model.lm_export import export_decoder
@@ -34,8 +35,10 @@ def bundle(tmp_path_factory, mirror):
             param.normal_(0.0, 0.1)
     folder = tmp_path_factory.mktemp("genai")
     export_decoder(model, folder / "model.onnx", {"preset": "tiny"})
-    written = write_genai_files(folder, cfg, tokenizer_files(load_settings(mirror=mirror)))
-    assert written == [GENAI_CONFIG, "tokenizer.json", "tokenizer_config.json"]
+    files = genai_files(cfg, tokenizer_files(load_settings(mirror=mirror)))
+    assert list(files) == [GENAI_CONFIG, "tokenizer.json", "tokenizer_config.json"]
+    for name, content in files.items():
+        write_json_atomic(folder / name, content)
     return folder, model
 
 

@@ -250,3 +250,22 @@ def test_export_cli_lm_bundle_and_hf_folder(lm, tmp_path, settings, capsys):
     printed = capsys.readouterr().out
     assert "parity: max |logit diff| prompt pass" in printed and f"python -m edge generate {out / 'bundle'}" in printed
     assert verify_bundle(out / "bundle", "lm")["prompt"]["style"] == "alpaca"
+
+
+def test_onnxruntime_genai_runs_the_bundle_with_our_greedy_tokens(lm, tokenizer):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(lm["bundle"]))
+    decoder = EdgeGenerator(lm["bundle"]).decoder
+    for instruction in INSTRUCTIONS:
+        ids = _prompt_ids(tokenizer, instruction)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + 16)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        ours = decoder.generate([ids], 16)[0]  # both stop at end-of-text, which they keep
+        assert tokens == ours
+    assert og.Tokenizer(model).encode("Hello, world").tolist() == [15496, 11, 995]
