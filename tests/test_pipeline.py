@@ -96,13 +96,20 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
         "model.onnx",
         "vocab.bpe",
     ]
+    lm_bundle = deliverables["LM edge bundle"]
+    lm_manifest = json.loads((lm_bundle / "manifest.json").read_text())
+    assert lm_manifest["kind"] == "lm" and lm_manifest["prompt"]["style"] == "alpaca"
+    assert {"model.onnx", "model.int8.onnx", "genai_config.json", "card.md"} <= set(lm_manifest["files"])
+    assert "LM edge bundle" in Path(first["report"]).read_text()
     responses = json.loads(deliverables["test responses"].read_text())
     assert len(responses) == 4 and all("model_response" in r for r in responses)
     report = Path(first["report"])
     assert report.parent.parent == settings.home / "runs" and "## Lineage" in report.read_text()
     status = _stage_status(first)
     assert status["evaluate"] == "skipped"  # no judge reachable: skipped with the reason, not failed
-    assert all(status[s] == "done" for s in ("data-spam", "base-model", "classifier", "export", "instruct"))
+    assert all(
+        status[s] == "done" for s in ("data-spam", "base-model", "classifier", "export", "instruct", "export-lm")
+    )
 
     checkpoint = deliverables["classifier checkpoint"]
     mtime = checkpoint.stat().st_mtime_ns
@@ -110,13 +117,13 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     status = _stage_status(second)
     assert all(
         status[s] == "reused"
-        for s in ("data-spam", "data-instructions", "base-model", "classifier", "export", "instruct")
+        for s in ("data-spam", "data-instructions", "base-model", "classifier", "export", "instruct", "export-lm")
     ), status
     assert checkpoint.stat().st_mtime_ns == mtime
 
     third = pipeline(params.merged({"instruct": {"max_steps": 12}}))
     status = _stage_status(third)
-    assert status["instruct"] == "done"
+    assert status["instruct"] == status["export-lm"] == "done"
     assert all(status[s] == "reused" for s in ("data-spam", "base-model", "classifier", "export")), status
 
     # The base model rewritten in place (as when its stage's code changes and it re-finishes from its final
