@@ -216,17 +216,15 @@ class EdgeGenerator:
         done = [False] * len(prompts)
 
         def on_step(next_ids: np.ndarray) -> None:
+            if on_text is None:
+                return
             for row, token in enumerate(next_ids.tolist()):
                 if done[row] or token == self.eos_id:
                     done[row] = True
                     continue
                 piece = decoders[row].decode(self.tokenizer.decode_single_token_bytes(token))
-                if piece and on_text is not None:
+                if piece:
                     on_text(row, piece)
 
         new = self.decoder.generate(ids, max_new_tokens, eos_id=self.eos_id, on_step=on_step, **options)
-        return [self.tokenizer.decode([t for t in _until(row, self.eos_id)]) for row in new]
-
-
-def _until(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+        return [self.tokenizer.decode(row[: row.index(self.eos_id)] if self.eos_id in row else row) for row in new]

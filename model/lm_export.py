@@ -301,9 +301,9 @@ def eval_rows(data_dir: Path, tokenizer: Any, style: str | None, context: int, c
     if (data_dir / "validation.json").is_file() and (data_dir / "test.json").is_file():
         style = style or "alpaca"
         val, test = read_json(data_dir / "validation.json"), read_json(data_dir / "test.json")
-        rows = [_encode(tokenizer, format_example(e, style))[:context] + [EOT_ID] for e in val[:limit]]
+        rows = [(_encode(tokenizer, format_example(e, style)) + [EOT_ID])[: context + 1] for e in val[:limit]]
         prompts = [_encode(tokenizer, format_prompt(e, style))[-room:] for e in test[:limit]]
-        return [r[: context + 1] for r in rows], prompts
+        return rows, prompts
     if (data_dir / "val.bin").is_file():
         from model.pretrain import load_tokens
 
