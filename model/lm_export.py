@@ -477,10 +477,11 @@ def _export(
     }
     shutil.rmtree(work)
     write_json_atomic(out_dir / REPORT, report)
-    stage.complete(
-        [REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())],
-        {"perplexity": quality["perplexity"], **parity},
-    )
+    metrics = {"perplexity": quality["perplexity"], **parity}
+    if config.int8:
+        metrics["int8_perplexity_increase_pct"] = quality["int8_perplexity_increase_pct"]
+        metrics["int8_token_agreement"] = quality["int8_agreement"]["token_agreement"]
+    stage.complete([REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())], metrics)
     return report
 
 
