@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_random_tokens
 from test_export_edge import STANDALONE
 
 from cli import main
@@ -23,8 +23,10 @@ from edge.runtime import verify_bundle
 from gptflow.prompts import format_prompt
 from gptflow.settings import load_settings
 from gptflow.tokenizer import tokenizer_files
-from model.checkpoint import load_checkpoint, load_model
+from model.checkpoint import load_checkpoint, load_model, save_model
+from model.config import GPTConfig
 from model.generate import generate
+from model.gpt import GPTModel
 from model.instruct import InstructConfig, finetune
 from model.lm_export import export_lm, prompt_template
 from model.onnx_export import ExportConfig, ExportError
@@ -269,3 +271,24 @@ def test_onnxruntime_genai_runs_the_bundle_with_our_greedy_tokens(lm, tokenizer)
         ours = decoder.generate([ids], 16)[0]  # both stop at end-of-text, which they keep
         assert tokens == ours
     assert og.Tokenizer(model).encode("Hello, world").tolist() == [15496, 11, 995]
+
+
+def test_pretrained_model_exports_on_a_corpus_without_template(tmp_path, tokenizer, mirror):
+    """A base model (no prompt style) is measured on a corpus folder's val.bin; its bundle uses plain prompts."""
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig.from_preset("tiny"))
+    checkpoint = save_model(tmp_path / "base" / "model.pt", model)
+    corpus = write_random_tokens(tmp_path / "corpus", 300, 129 * 3, seed=4)
+    files = tokenizer_files(load_settings(mirror=mirror))
+    config = ExportConfig(int8=False, max_eval_rows=2)
+    report = export_lm(checkpoint, corpus, tmp_path / "export", config, tokenizer=tokenizer, tokenizer_files=files)
+    assert report["quality"]["perplexity_rows"] == 2 and "int8_agreement" not in report["quality"]
+    manifest = verify_bundle(tmp_path / "export" / "bundle", "lm")
+    assert manifest["prompt"] is None and "model.int8.onnx" not in manifest["files"]
+    generator = EdgeGenerator(tmp_path / "export" / "bundle")
+    ids = tokenizer.encode("Hello, world")
+    expected = generate(model.eval(), torch.tensor([ids]), 8, eos_id=50256)[0, len(ids) :].tolist()
+    assert generator.decoder.generate([ids], 8)[0] == expected
+    assert generator.template.format("Hello, world") == "Hello, world"
+    again = export_lm(checkpoint, corpus, tmp_path / "export", config, tokenizer=tokenizer, tokenizer_files=files)
+    assert again["reused"] and again["quality"] == report["quality"]
