@@ -23,7 +23,7 @@ from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, CLASSIFIER, ORT_FILES, 
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
 from gptflow.stage import Stage
-from gptflow.storage import atomic_path, read_json, sha256_file, write_json_atomic
+from gptflow.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 from model.classifier import (
     ClassifierError,
     SequenceClassifier,
@@ -167,23 +167,17 @@ def write_bundle(
     """An edge bundle of `kind`: the files of `copies` (bundle name -> source path), `documents` (name -> JSON
     value, or text for a str) and a manifest with every file's sha256 plus `info`. Built in a temporary
     folder and renamed into place, so a bundle is never half-written."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, source in copies.items():
-        shutil.copyfile(source, tmp / name)
-    for name, value in documents.items():
-        if isinstance(value, str):
-            (tmp / name).write_text(value, encoding="utf-8")
-        else:
-            write_json_atomic(tmp / name, value)
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    write_json_atomic(tmp / BUNDLE_MANIFEST, {"format": BUNDLE_FORMAT, "kind": kind, "files": files, **info})
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        for name, source in copies.items():
+            shutil.copyfile(source, tmp / name)
+        for name, value in documents.items():
+            if isinstance(value, str):
+                write_text_atomic(tmp / name, value)
+            else:
+                write_json_atomic(tmp / name, value)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        write_json_atomic(tmp / BUNDLE_MANIFEST, {"format": BUNDLE_FORMAT, "kind": kind, "files": files, **info})
+    return Path(out_dir)
 
 
 class ExportConfig(BaseModel):

@@ -10,11 +10,9 @@ model plus its largest tensor, not two full copies (a memory map would keep the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,11 @@ from gptflow.download import fetch
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings, get_settings
 from gptflow.stage import Stage
-from gptflow.storage import atomic_path, sha256_file, write_json_atomic
-from gptflow.tokenizer import ENDOFTEXT, EOT_ID
+from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_atomic
+from gptflow.tokenizer import EOT_ID
 from model.checkpoint import save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
+from model.genai import tokenizer_config
 from model.gpt import GPTModel
 
 CODE = (__name__, "model.gpt", "model.checkpoint")
@@ -315,21 +314,6 @@ def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _replace_dir(built: Path, folder: Path) -> None:
-    """Rename `built` to `folder`; an existing `folder` is first moved aside, so the swap is two renames."""
-    old = None
-    if folder.exists():
-        old = _sibling(folder, "old")
-        os.replace(folder, old)
-    os.replace(built, folder)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _sibling(folder: Path, kind: str) -> Path:
-    return folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.{kind}")
-
-
 def save_hf_gpt2(model: GPTModel, folder: str | Path, *, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
     """Write `model` as a Hugging Face GPT-2 folder that `GPT2LMHeadModel.from_pretrained` loads and `load_gpt2`
     reads back: config.json, generation_config.json, model.safetensors, and with `tokenizer_files` =
@@ -354,38 +338,22 @@ def save_hf_gpt2(model: GPTModel, folder: str | Path, *, tokenizer_files: tuple[
                 raise WeightsError(f"tokenizer file {path} does not exist (expected encoder.json and vocab.bpe)")
     cfg = model.cfg
     tensors = hf_state_dict(model)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(folder, "tmp")
-    tmp.mkdir()
     try:
-        with atomic_path(tmp / WEIGHTS_NAME) as part:  # also gives the file the usual mode (safetensors: 0600)
-            save_file(tensors, part, metadata={"format": "pt"})
-        del tensors
-        config = hf_config(cfg, model.tok_emb.weight.dtype)
-        write_json_atomic(tmp / "config.json", config)
-        write_json_atomic(
-            tmp / "generation_config.json",
-            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
-        )
-        if tokenizer_files is not None:
-            encoder_json, vocab_bpe = tokenizer_files
-            shutil.copyfile(encoder_json, tmp / "vocab.json")
-            shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+        with atomic_dir(folder) as tmp:
+            with atomic_path(tmp / WEIGHTS_NAME) as part:  # also gives the file the usual mode (safetensors: 0600)
+                save_file(tensors, part, metadata={"format": "pt"})
+            del tensors
+            config = hf_config(cfg, model.tok_emb.weight.dtype)
+            write_json_atomic(tmp / "config.json", config)
             write_json_atomic(
-                tmp / "tokenizer_config.json",
-                {
-                    "tokenizer_class": "GPT2Tokenizer",
-                    "add_prefix_space": False,
-                    "bos_token": ENDOFTEXT,
-                    "eos_token": ENDOFTEXT,
-                    "unk_token": ENDOFTEXT,
-                    "errors": "replace",
-                    "model_max_length": cfg.context_length,
-                },
+                tmp / "generation_config.json",
+                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
             )
-        _replace_dir(tmp, folder)
+            if tokenizer_files is not None:
+                encoder_json, vocab_bpe = tokenizer_files
+                shutil.copyfile(encoder_json, tmp / "vocab.json")
+                shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+                write_json_atomic(tmp / "tokenizer_config.json", tokenizer_config(cfg.context_length))
     except OSError as exc:
         raise WeightsError(f"cannot write a Hugging Face GPT-2 export to {folder}: {exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -205,3 +205,21 @@ def test_stage_lock_makes_a_second_writer_wait(tmp_path):
         order.append("second in")
     thread.join()
     assert order == ["first in", "first out", "second in"]
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    from gptflow.storage import atomic_dir
+
+    final = tmp_path / "bundle"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert sorted(p.name for p in final.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with atomic_dir(final) as tmp:
+            (tmp / "b.txt").write_text("two")
+            raise RuntimeError("mid-write")
+    assert sorted(p.name for p in final.iterdir()) == ["a.txt"]  # the old folder is untouched
+    with atomic_dir(final) as tmp:
+        (tmp / "c.txt").write_text("three")
+    assert sorted(p.name for p in final.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary or old folder left
