@@ -170,11 +170,10 @@ def _export_lm(args: argparse.Namespace, config) -> int:
 
 def _default_lm_data(checkpoint: str) -> Path:
     from gptflow.settings import get_settings
-    from model.checkpoint import load_checkpoint
-    from model.lm_export import lm_checkpoint_path
+    from model.lm_export import read_lm_checkpoint
 
     folder = get_settings().home / "data" / "instructions"
-    if load_checkpoint(lm_checkpoint_path(checkpoint)).get("style") and (folder / "validation.json").is_file():
+    if read_lm_checkpoint(checkpoint)[1].get("style") and (folder / "validation.json").is_file():
         return folder
     raise GptflowError(
         "--data: give the folder to measure perplexity and int8 agreement on: an instructions data folder "

@@ -34,12 +34,16 @@ def save_checkpoint(path: str | Path, **state: Any) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
+    """`mmap`: map the file instead of reading it, so tensors are read only when used (cheap to look at a
+    checkpoint's plain fields)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -55,7 +59,12 @@ def save_model(path: str | Path, model: GPTModel, **extra: Any) -> Path:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPTModel, GPTConfig]:
     """Rebuild a `GPTModel` from any of our checkpoints (model-only or a training checkpoint)."""
-    state = load_checkpoint(path, map_location)
+    model, cfg = model_from_state(load_checkpoint(path, map_location), path)
+    return model.to(map_location), cfg
+
+
+def model_from_state(state: dict[str, Any], path: str | Path) -> tuple[GPTModel, GPTConfig]:
+    """The `GPTModel` (on the CPU) of a loaded checkpoint; `path` names it in errors."""
     if state.get("format") != FORMAT or "config" not in state or "model" not in state:
         raise CheckpointError(
             f"{path} is not a gptflow model checkpoint (expected format {FORMAT!r} with 'config' and 'model'); "
@@ -68,7 +77,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         raise CheckpointError(
             f"{path}: weights do not fit the stored config: missing {missing}, unexpected {unexpected}"
         )
-    return model.to(map_location), cfg
+    return model, cfg
 
 
 def rng_state() -> dict[str, Any]:

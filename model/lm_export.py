@@ -31,23 +31,22 @@ from torch import nn
 from edge.lm import Decoder
 from edge.runtime import LM, ORT_FILES
 from edge.text import EOT_ID, PAD_ID
-from gptflow.prompts import RESPONSE_MARKERS, format_example, format_prompt
+from gptflow.prompts import format_example, format_prompt
 from gptflow.stage import Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic
 from model.checkpoint import FORMAT as GPT_FORMAT
-from model.checkpoint import CheckpointError, load_checkpoint, load_model
+from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
 from model.config import GPTConfig
 from model.genai import genai_files
 from model.gpt import ConcatCache, GPTModel, mask_positions
-from model.onnx_export import BUNDLE_DIR, REPORT, ExportConfig, ExportError, export_graph, onnx_opset, write_bundle
+from model.onnx_export import BUNDLE_DIR, REPORT, ExportConfig, ExportError, export_graph, write_bundle
 from model.quantize import check_perplexity_gate
+from model.weights import load_gpt2, save_hf_gpt2
 
 CODE = (__name__, "model.gpt", "model.onnx_export", "model.genai", "edge.lm", "edge.text", "gptflow.prompts")
 
 MAX_BATCH = 1024
 PARITY_STEPS = 32
-DIM_NAMES = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length"}
-TOTAL = "total_sequence_length"
 
 
 class DecoderGraph(nn.Module):
@@ -91,23 +90,14 @@ def export_decoder(model: GPTModel, path: str | Path, metadata: dict[str, str]) 
         "past": [({0: batch_dim, 2: past_dim}, {0: batch_dim, 2: past_dim}) for _ in range(cfg.n_layers)],
     }
     inputs, outputs = io_names(cfg.n_layers)
-    path = export_graph(DecoderGraph(model.eval()), example, path, inputs, outputs, shapes, metadata)
-    _name_total_length(path)
-    return path
-
-
-def _name_total_length(path: Path) -> None:
-    """Give the past + new length one readable name (the exporter writes an expression or a generated symbol)."""
-    proto = onnx.load(path)
-    for value in [*proto.graph.input, *proto.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        for dim in dims:
-            if dim.dim_param in DIM_NAMES:
-                dim.dim_param = DIM_NAMES[dim.dim_param]
-        if value.name == "attention_mask" or value.name.startswith("present."):
-            dims[1 if value.name == "attention_mask" else 2].dim_param = TOTAL
-    with atomic_path(path) as tmp:
-        onnx.save(proto, tmp)
+    tokens = {0: "batch_size", 1: "sequence_length"}
+    axes = {"input_ids": tokens, "position_ids": tokens, "logits": tokens}
+    axes["attention_mask"] = {0: "batch_size", 1: "total_sequence_length"}
+    for name in inputs[3:]:
+        axes[name] = {0: "batch_size", 2: "past_sequence_length"}
+    for name in outputs[1:]:
+        axes[name] = {0: "batch_size", 2: "total_sequence_length"}
+    return export_graph(DecoderGraph(model.eval()), example, path, inputs, outputs, shapes, metadata, axes)
 
 
 # ------------------------------------------------------------------------------------------------ int8
@@ -325,16 +315,26 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def is_lm_checkpoint(path: str | Path) -> bool:
-    """A gptflow language-model checkpoint (pretrained, converted GPT-2 or instruction-tuned)?"""
+    """A gptflow language-model checkpoint (pretrained, converted GPT-2 or instruction-tuned)? Reads no weights."""
     try:
-        return load_checkpoint(lm_checkpoint_path(path)).get("format") == GPT_FORMAT
-    except CheckpointError:
+        read_lm_checkpoint(path)
+    except (CheckpointError, ExportError):
         return False
+    return True
 
 
-def lm_checkpoint_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path / "model.pt" if path.is_dir() else path
+def read_lm_checkpoint(checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(file, state) of a language-model checkpoint (a file, or a folder holding model.pt); the state is
+    memory-mapped, so its weights are read only when a model is built from it."""
+    path = Path(checkpoint)
+    path = path / "model.pt" if path.is_dir() else path
+    state = load_checkpoint(path, mmap=True)
+    if state.get("format") != GPT_FORMAT:
+        raise ExportError(
+            f"{path} is not a language-model checkpoint (format {state.get('format')!r}); a classifier exports to "
+            "its edge bundle with its test split: `gptflow export best.pt`"
+        )
+    return path, state
 
 
 def prompt_template(style: str | None) -> dict[str, str] | None:
@@ -352,7 +352,6 @@ def prompt_template(style: str | None) -> dict[str, str] | None:
         "style": style,
         "with_input": template({"instruction": marker_i, "input": marker_n}),
         "without_input": template({"instruction": marker_i, "input": ""}),
-        "response_marker": RESPONSE_MARKERS[style],
     }
 
 
@@ -369,13 +368,7 @@ def export_lm(
     """Language-model checkpoint -> ONNX decoder fp32 (+ int8 with the perplexity gate), parity, agreement,
     LM bundle in `bundle/`, report and manifest in the stage folder. Raises ExportError /
     QuantizationGateError loudly."""
-    path = lm_checkpoint_path(checkpoint)
-    state = load_checkpoint(path)
-    if state.get("format") != GPT_FORMAT:
-        raise ExportError(
-            f"{path} is not a language-model checkpoint (format {state.get('format')!r}); a classifier is exported "
-            "with its test split instead: `gptflow export best.pt`"
-        )
+    path, state = read_lm_checkpoint(checkpoint)
     data_dir = Path(data_dir)
     data_files = [data_dir / n for n in ("validation.json", "test.json", "val.bin") if (data_dir / n).is_file()]
     stage = Stage.declare(
@@ -389,7 +382,7 @@ def export_lm(
     with stage.lock():
         if stage.plan(resume).reused:
             return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
-        model, cfg = load_model(path)
+        model, cfg = model_from_state(state, path)
         report = _export(
             path, model.eval(), cfg, state.get("style"), stage, data_dir, config, tokenizer, tokenizer_files
         )
@@ -439,7 +432,7 @@ def _export(
         speed["onnx_int8"] = tokens_per_second(int8, prompts[0], config.agreement_tokens)
         check_perplexity_gate(ppl["onnx_fp32"], ppl["onnx_int8"], config.max_ppl_increase, f"int8 of {path}")
     quality["tokens_per_second"] = speed
-    opset = onnx_opset(onnx.load(fp32_path, load_external_data=False))
+    opset = int(fp32.session.get_modelmeta().custom_metadata_map["opset"])
     shape = {
         "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads,
@@ -534,14 +527,7 @@ def export_hf(
 ) -> dict[str, Any]:
     """Language-model checkpoint -> a Hugging Face GPT-2 folder (`hf/` in the stage folder: config.json,
     model.safetensors, tokenizer files) that transformers loads; read back through our loader and compared."""
-    from model.weights import load_gpt2, save_hf_gpt2
-
-    path = lm_checkpoint_path(checkpoint)
-    if load_checkpoint(path).get("format") != GPT_FORMAT:
-        raise ExportError(
-            f"{path} is not a language-model checkpoint: --format hf writes GPT-2 language models (a classifier "
-            "exports to an edge bundle: `gptflow export best.pt`)"
-        )
+    path, state = read_lm_checkpoint(checkpoint)
     stage = Stage.declare(
         "export",
         inputs={"checkpoint": path},
@@ -553,11 +539,11 @@ def export_hf(
     with stage.lock():
         if stage.plan(resume).reused:
             return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
-        model, _ = load_model(path)
+        model, cfg = model_from_state(state, path)
         folder = save_hf_gpt2(model.eval(), stage.dir / HF_DIR, tokenizer_files=tokenizer_files)
         reloaded, _ = load_gpt2(folder)
-        row = torch.arange(min(16, model.cfg.context_length)).unsqueeze(0) % model.cfg.vocab_size
-        diff = float(np.abs(torch_logits(model, row[0].tolist()) - torch_logits(reloaded, row[0].tolist())).max())
+        row = [i % cfg.vocab_size for i in range(min(16, cfg.context_length))]
+        diff = float(np.abs(torch_logits(model, row) - torch_logits(reloaded, row)).max())
         if diff > 0:
             raise ExportError(f"{folder} does not read back to the same model (max |logit diff| {diff:.3g})")
         report = {"checkpoint": str(path), "kind": "hf", "folder": str(folder), "roundtrip_max_abs_logit_diff": diff}

@@ -75,10 +75,11 @@ def export_graph(
     output_names: list[str],
     dynamic_shapes: dict[str, Any],
     metadata: dict[str, str],
-    dim_names: dict[str, str] | None = None,
+    axis_names: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """`module` as one self-contained ONNX file (dynamo exporter, opset EXPORT_OPSET), written atomically and
-    checked with onnx.checker; `metadata` goes to metadata_props, `dim_names` renames symbolic dimensions."""
+    checked with onnx.checker; `metadata` goes to metadata_props. `axis_names` (graph input/output name -> axis ->
+    name) names dynamic axes the exporter leaves as generated symbols or expressions (`s53`, `past + seq`)."""
     path = Path(path)
     module = module.eval()
     with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -107,10 +108,9 @@ def export_graph(
         del proto.metadata_props[:]
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)
-        for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-            for dim in value.type.tensor_type.shape.dim:
-                if dim_names and dim.dim_param in dim_names:
-                    dim.dim_param = dim_names[dim.dim_param]
+        for value in [*proto.graph.input, *proto.graph.output]:
+            for axis, name in (axis_names or {}).get(value.name, {}).items():
+                value.type.tensor_type.shape.dim[axis].dim_param = name
         onnx.save(proto, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
