@@ -374,7 +374,7 @@ def export_lm(
     stage = Stage.declare(
         "export",
         inputs={"checkpoint": path, **{f.name: f for f in data_files}},
-        config=config,
+        config=config.identity(LM),
         code=CODE,
         label=f"lm-{path.parent.name}",
         out_dir=out_dir,

@@ -206,9 +206,16 @@ class ExportConfig(BaseModel):
     )
     lm_parity_atol: float = Field(default=1e-4, gt=0, description="largest fp32 ONNX vs PyTorch logit difference")
 
-    def identity(self) -> dict[str, Any]:
-        """The stage key's config: every field but the device, which does not change the bundle."""
-        return self.model_dump(mode="json", exclude={"device"})
+    def identity(self, kind: str) -> dict[str, Any]:
+        """The stage key's config for a `kind` bundle: the fields that shape it. Not the device, the output format
+        (a Hugging Face folder is a stage of its own) or the other kind's fields, so that changing the LM gate
+        does not re-export the classifier."""
+        other = _LM_FIELDS if kind == CLASSIFIER else _CLASSIFIER_FIELDS
+        return self.model_dump(mode="json", exclude={"device", "format", *other})
+
+
+_CLASSIFIER_FIELDS = {"max_int8_drop", "onnx_int8_ops", "batch_size"}
+_LM_FIELDS = {"max_ppl_increase", "int8_block_size", "agreement_tokens", "max_eval_rows", "lm_parity_atol"}
 
 
 def export_classifier(
@@ -232,7 +239,7 @@ def export_classifier(
     stage = Stage.declare(
         "export",
         inputs={"checkpoint": loaded.path, "test.csv": data_dir / "test.csv"},
-        config=config,
+        config=config.identity(CLASSIFIER),
         code=CODE,
         label=loaded.path.parent.name,
         out_dir=out_dir,

@@ -292,3 +292,14 @@ def test_pretrained_model_exports_on_a_corpus_without_template(tmp_path, tokeniz
     assert generator.template.format("Hello, world") == "Hello, world"
     again = export_lm(checkpoint, corpus, tmp_path / "export", config, tokenizer=tokenizer, tokenizer_files=files)
     assert again["reused"] and again["quality"] == report["quality"]
+
+
+def test_each_bundle_kind_is_keyed_by_its_own_export_fields():
+    base, changed = ExportConfig(), ExportConfig(max_ppl_increase=5.0, max_int8_drop=2.0)
+    assert base.identity("classifier") == ExportConfig(max_ppl_increase=5.0).identity("classifier")
+    assert base.identity("lm") == ExportConfig(max_int8_drop=2.0).identity("lm")
+    assert base.identity("lm") != changed.identity("lm") and base.identity("classifier") != changed.identity(
+        "classifier"
+    )
+    keyed = set(base.identity("classifier")) | set(base.identity("lm"))
+    assert keyed | {"device", "format"} == set(ExportConfig.model_fields)  # a new field lands in a key
