@@ -126,10 +126,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _export_lm(args: argparse.Namespace, config) -> int:
-    from flows.export import export_lm_flow
+    from flows.export import export_hf_flow, export_lm_flow
 
     if config.format == "hf":
-        report = export_lm_flow(args.checkpoint, "", config, args.out)
+        report = export_hf_flow(args.checkpoint, args.out)
         print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face GPT-2 folder: {report['folder']}")
         print("  (transformers: GPT2LMHeadModel.from_pretrained(folder); GPT2Tokenizer.from_pretrained(folder))")
         return 0

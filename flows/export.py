@@ -1,4 +1,4 @@
-"""Export flows: a classifier to its edge bundle; a language model to its LM bundle or a Hugging Face folder."""
+"""Export flows: a classifier to its edge bundle; a language model to its LM bundle, or to a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ def export_lm_flow(
     checkpoint: str, data_dir: str, config: ExportConfig = ExportConfig(), out_dir: str | None = None
 ) -> dict:
     """`data_dir`: an instructions data folder (validation perplexity, test prompts for int8 agreement) or a
-    corpus folder (val.bin). The LM bundle is the stage folder's `bundle/`; with `config.format == "hf"` the
-    stage writes a Hugging Face GPT-2 folder `hf/` instead."""
-    if config.format == "hf":
-        return export_hf_folder(str(checkpoint), out_dir)
+    corpus folder (val.bin). The LM bundle is the stage folder's `bundle/`."""
     return export_lm_bundle(str(checkpoint), data_dir, config, out_dir)
+
+
+@flow(name="export-hf")
+def export_hf_flow(checkpoint: str, out_dir: str | None = None) -> dict:
+    """A language model as a Hugging Face GPT-2 folder: the stage folder's `hf/`."""
+    return export_hf_folder(str(checkpoint), out_dir)
