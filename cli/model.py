@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cli.common import VerbConfig, add_folder_options, stage_config, table
+from edge.options import add_generation_options
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -42,20 +43,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "text as it is.",
     )
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--input", default="", help="instruction models: the input text (Alpaca's `### Input:`)")
-    p.add_argument("--raw", action="store_true", help="no prompt template: continue PROMPT as it is")
-    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt longer than the context")
     p.add_argument(
         "--model",
         required=True,
         help="a gptflow checkpoint (.pt, or a folder with model.pt), a GPT-2 preset or a .safetensors",
     )
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute without a KV cache")
+    add_generation_options(p, max_new_tokens=50)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.set_defaults(handler=run_generate)
@@ -127,6 +120,7 @@ def load_any_model(spec: str):
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from edge.options import fit_context
     from gptflow.errors import GptflowError
     from gptflow.prompts import format_prompt
     from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
@@ -143,16 +137,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = format_prompt({"instruction": args.prompt, "input": args.input}, style)
     else:
         prompt = args.prompt + (f"\n{args.input}" if args.input else "")
-    ids = encode(tok, prompt) or [EOT_ID]
-    context = model.cfg.context_length
-    if len(ids) > context:
-        if not args.truncate:
-            raise GptflowError(
-                f"the prompt is {len(ids)} tokens; the model's context is {context} "
-                "(shorten it, or pass --truncate to keep its last tokens)"
-            )
-        ids = ids[-context:]
     try:
+        ids = fit_context(encode(tok, prompt) or [EOT_ID], model.cfg.context_length, args.truncate)
         out = generate(
             model,
             torch.tensor([ids], device=device),

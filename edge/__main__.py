@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from edge import BundleError
+from edge.options import add_generation_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("bundle", help="language-model bundle folder written by `gptflow export`")
     p.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
-    p.add_argument("--input", default="", help="the input text of the instruction(s) (Alpaca's `### Input:`)")
-    p.add_argument("--raw", action="store_true", help="use the text as the prompt, without the template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="recompute without the KV cache")
-    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt longer than the context")
+    add_generation_options(p, max_new_tokens=256)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None, help="default: on for one prompt")
     p.add_argument("--int8", action="store_true", help="use model.int8.onnx")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")

@@ -18,14 +18,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge import BundleError
+from edge.options import fit_context
 from edge.runtime import LM, ORT_FILES, session, verify_bundle
 from edge.text import ENDOFTEXT, EOT_ID, load_gpt2_encoding
 
 PAST = "past_key_values.{layer}.{kind}"
-
-
-class PromptTooLong(BundleError):
-    """A prompt has more tokens than the model's context (and truncation was not asked for)."""
 
 
 def mask_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -190,14 +187,7 @@ class EdgeGenerator:
     def encode(self, text: str, *, truncate: bool = False) -> list[int]:
         """Token ids of a prompt; longer than the context: an error, or its last `context_length` tokens."""
         ids = self.tokenizer.encode(text, allowed_special={ENDOFTEXT}) or [self.eos_id]
-        if len(ids) > self.context_length:
-            if not truncate:
-                raise PromptTooLong(
-                    f"the prompt is {len(ids)} tokens; the model's context is {self.context_length} "
-                    "(shorten it, or pass --truncate to keep its last tokens)"
-                )
-            ids = ids[-self.context_length :]
-        return ids
+        return fit_context(ids, self.context_length, truncate)
 
     def generate(
         self,
