@@ -31,7 +31,7 @@ from torch import nn
 from edge.lm import Decoder
 from edge.runtime import LM, ORT_FILES
 from edge.text import EOT_ID, PAD_ID
-from gptflow.prompts import format_example, format_prompt
+from gptflow.prompts import format_prompt
 from gptflow.stage import Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic
 from model.checkpoint import FORMAT as GPT_FORMAT
@@ -39,11 +39,24 @@ from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
 from model.config import GPTConfig
 from model.genai import genai_files
 from model.gpt import ConcatCache, GPTModel, mask_positions
+from model.instruct import encode_entries, encode_text
 from model.onnx_export import BUNDLE_DIR, REPORT, ExportConfig, ExportError, export_graph, write_bundle
+from model.pretrain import load_tokens
 from model.quantize import check_perplexity_gate
 from model.weights import load_gpt2, save_hf_gpt2
 
-CODE = (__name__, "model.gpt", "model.onnx_export", "model.genai", "edge.lm", "edge.text", "gptflow.prompts")
+CODE = (
+    __name__,
+    "model.gpt",
+    "model.onnx_export",
+    "model.quantize",
+    "model.instruct",
+    "model.genai",
+    "model.weights",
+    "edge.lm",
+    "edge.text",
+    "gptflow.prompts",
+)
 
 MAX_BATCH = 1024
 PARITY_STEPS = 32
@@ -106,7 +119,7 @@ def export_decoder(model: GPTModel, path: str | Path, metadata: dict[str, str]) 
 def quantize_decoder(fp32_path: str | Path, int8_path: str | Path, block_size: int = 128) -> Path:
     """Weight-only blockwise int8 of the decoder (module docstring): every MatMul with a weight initializer
     through onnxruntime's MatMulNBits quantizer, then the token embedding (tied head included) here."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"int8 block size {block_size}: expected a power of two >= 16")
@@ -115,8 +128,9 @@ def quantize_decoder(fp32_path: str | Path, int8_path: str | Path, block_size: i
     heads, head_dim = (d.dim_value for d in past.type.tensor_type.shape.dim[1::2])
     while block_size > max(16, heads * head_dim):  # a block wider than the rows would only store padding
         block_size //= 2
-    options = dict(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8, op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(proto, algo_config=DefaultWeightOnlyQuantConfig(**options), **options)
+    quantizer = MatMulNBitsQuantizer(
+        proto, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
+    )
     quantizer.process()
     proto = quantizer.model.model
     _quantize_embedding(proto, block_size)
@@ -291,12 +305,11 @@ def eval_rows(data_dir: Path, tokenizer: Any, style: str | None, context: int, c
     if (data_dir / "validation.json").is_file() and (data_dir / "test.json").is_file():
         style = style or "alpaca"
         val, test = read_json(data_dir / "validation.json"), read_json(data_dir / "test.json")
-        rows = [(_encode(tokenizer, format_example(e, style)) + [EOT_ID])[: context + 1] for e in val[:limit]]
-        prompts = [_encode(tokenizer, format_prompt(e, style))[-room:] for e in test[:limit]]
+        # encoded as fine-tuning encodes them: the example, then one end-of-text
+        rows = [(ids + [EOT_ID])[: context + 1] for ids, _ in encode_entries(val[:limit], tokenizer, style)]
+        prompts = [encode_text(tokenizer, format_prompt(e, style))[-room:] for e in test[:limit]]
         return rows, prompts
     if (data_dir / "val.bin").is_file():
-        from model.pretrain import load_tokens
-
         tokens = load_tokens(data_dir / "val.bin")
         n = min(limit or len(tokens), max(1, (len(tokens) - 1) // context))
         rows = [tokens[i * context : i * context + context + 1].tolist() for i in range(n)]
@@ -305,10 +318,6 @@ def eval_rows(data_dir: Path, tokenizer: Any, style: str | None, context: int, c
         f"{data_dir}: expected an instructions data folder (validation.json, test.json) or a corpus folder "
         "(val.bin) to measure perplexity and int8 agreement; pass --data"
     )
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text, allowed_special={"<|endoftext|>"})
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -427,10 +436,11 @@ def _export(
         int8 = Decoder(int8_path, cfg.context_length)
         ppl = quality["perplexity"]
         ppl["onnx_int8"] = perplexity(int8.sequence_logits, rows)
-        quality["int8_perplexity_increase_pct"] = 100.0 * (ppl["onnx_int8"] / ppl["onnx_fp32"] - 1.0)
+        quality["int8_perplexity_increase_pct"] = check_perplexity_gate(
+            ppl["onnx_fp32"], ppl["onnx_int8"], config.max_ppl_increase, f"int8 of {path}"
+        )
         quality["int8_agreement"] = token_agreement(fp32, int8, prompts, config.agreement_tokens)
         speed["onnx_int8"] = tokens_per_second(int8, prompts[0], config.agreement_tokens)
-        check_perplexity_gate(ppl["onnx_fp32"], ppl["onnx_int8"], config.max_ppl_increase, f"int8 of {path}")
     quality["tokens_per_second"] = speed
     opset = int(fp32.session.get_modelmeta().custom_metadata_map["opset"])
     shape = {
