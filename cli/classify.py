@@ -127,6 +127,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _export_lm(args: argparse.Namespace, config) -> int:
     from flows.export import export_hf_flow, export_lm_flow
+    from model.lm_export import model_rows
 
     if config.format == "hf":
         report = export_hf_flow(args.checkpoint, args.out)
@@ -136,22 +137,7 @@ def _export_lm(args: argparse.Namespace, config) -> int:
     data_dir = Path(args.data) if args.data else _default_lm_data(args.checkpoint)
     report = export_lm_flow(args.checkpoint, str(data_dir), config, args.out)
     q = report["quality"]
-    rows = []
-    for model, file in (
-        ("torch_fp32", "torch_checkpoint"),
-        ("onnx_fp32", "model.onnx"),
-        ("onnx_int8", "model.int8.onnx"),
-    ):
-        if file in report["sizes_bytes"]:
-            rows.append(
-                {
-                    "model": model,
-                    "MB": f"{report['sizes_bytes'][file] / 1e6:.1f}",
-                    "perplexity": f"{q['perplexity'][model]:.4f}" if model in q["perplexity"] else "",
-                    "tokens/s": f"{q['tokens_per_second'][model]:.1f}" if model in q["tokens_per_second"] else "",
-                }
-            )
-    print(table(rows))
+    print(table(model_rows(report)))
     p = q["parity"]
     print(
         f"parity: max |logit diff| prompt pass {p['prompt_max_abs_logit_diff']:.2e}, "

@@ -144,9 +144,10 @@ def check_init(init: Any) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """Rows as an aligned plain-text table: columns in first-seen order, blanks for gaps, numbers right-aligned."""
+    """Rows as an aligned plain-text table: columns in first-seen order, blanks for gaps and None, numbers
+    right-aligned."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    cells = [["" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += [

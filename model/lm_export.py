@@ -40,7 +40,7 @@ from model.config import GPTConfig
 from model.genai import genai_files
 from model.gpt import ConcatCache, GPTModel, mask_positions
 from model.instruct import encode_entries, encode_text
-from model.onnx_export import BUNDLE_DIR, REPORT, ExportConfig, ExportError, export_graph, write_bundle
+from model.onnx_export import BUNDLE_DIR, MODEL_FILES, REPORT, ExportConfig, ExportError, export_graph, write_bundle
 from model.pretrain import load_tokens
 from model.quantize import check_perplexity_gate
 from model.weights import load_gpt2, save_hf_gpt2
@@ -486,6 +486,21 @@ def _export(
         metrics["int8_token_agreement"] = quality["int8_agreement"]["token_agreement"]
     stage.complete([REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())], metrics)
     return report
+
+
+def model_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model of an LM export (PyTorch fp32, ONNX fp32, ONNX int8): file MB, validation perplexity, tokens/s."""
+    q, sizes = report["quality"], report["sizes_bytes"]
+    return [
+        {
+            "model": model,
+            "file_mb": round(sizes[file] / 1e6, 1),
+            "perplexity": round(q["perplexity"][model], 4),
+            "tokens_per_s": round(q["tokens_per_second"][model], 1) if model in q["tokens_per_second"] else None,
+        }
+        for model, file in MODEL_FILES.items()
+        if file in sizes
+    ]
 
 
 def model_card(info: dict[str, Any], sizes: dict[str, int]) -> str:

@@ -48,6 +48,8 @@ MAX_BATCH = 4096
 PARITY_ATOL = 1e-4  # fp32 ONNX vs torch, max |logit difference|
 MIN_INT8_AGREEMENT = 0.99  # int8 ONNX predictions equal to fp32 ONNX predictions
 BUNDLE_DIR = "bundle"
+# The models an export compares -> their key in the report's `sizes_bytes`.
+MODEL_FILES = {"torch_fp32": "torch_checkpoint", "onnx_fp32": ORT_FILES["fp32"], "onnx_int8": ORT_FILES["int8"]}
 REPORT = "export_report.json"
 
 

@@ -10,8 +10,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gptflow.tokenizer import get_tokenizer, tokenizer_files
-from model.lm_export import export_hf, export_lm
-from model.onnx_export import ExportConfig, export_classifier
+from model.lm_export import export_hf, export_lm, model_rows
+from model.onnx_export import MODEL_FILES, ExportConfig, export_classifier
 from tasks.artifacts import artifact_key, publish_markdown, publish_table
 
 
@@ -25,9 +25,8 @@ def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir:
     logger.info("test accuracy %s; parity %s", report["accuracy"], report["parity"])
     sizes = report["sizes_bytes"]
     rows = [{"model": name, "test_accuracy": round(acc, 4)} for name, acc in report["accuracy"].items()]
-    files = {"torch_fp32": "torch_checkpoint", "onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
     for row in rows:
-        size = sizes.get(files.get(row["model"], ""))
+        size = sizes.get(MODEL_FILES.get(row["model"], ""))
         row["file_mb"] = round(size / 1e6, 2) if size else None
     key = artifact_key("export", report["checkpoint_sha256"][:12])
     publish_table(rows, f"{key}-accuracy", "export: test accuracy and file size per model")
@@ -50,20 +49,10 @@ def export_lm_bundle(
     q = report["quality"]
     logger.info("%s LM bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("perplexity %s; parity %s", q["perplexity"], q["parity"])
-    files = {"torch_fp32": "torch_checkpoint", "onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
-    rows = []
-    for model, file in files.items():
-        size = report["sizes_bytes"].get(file)
-        rows.append(
-            {
-                "model": model,
-                "file_mb": round(size / 1e6, 2) if size else None,
-                "perplexity": round(q["perplexity"][model], 4) if model in q["perplexity"] else None,
-                "tokens_per_s": round(q["tokens_per_second"][model], 1) if model in q["tokens_per_second"] else None,
-            }
-        )
     key = artifact_key("export-lm", report["checkpoint_sha256"][:12])
-    publish_table(rows, f"{key}-models", "LM export: file size, validation perplexity and tokens/s per model")
+    publish_table(
+        model_rows(report), f"{key}-models", "LM export: file size, validation perplexity and tokens/s per model"
+    )
     checks = [{"check": f"parity: {k}", "value": v} for k, v in q["parity"].items()]
     if "int8_agreement" in q:
         checks.append({"check": "int8 perplexity increase %", "value": round(q["int8_perplexity_increase_pct"], 3)})
