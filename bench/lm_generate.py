@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import logging
 import os
@@ -40,13 +39,14 @@ import numpy as np
 import torch
 
 from bench.data_parallel import cpu_model, usable_cores
+from bench.edge import state_size
 from edge.lm import Decoder
 from edge.text import EOT_ID
 from model.checkpoint import load_model
 from model.config import GPTConfig
 from model.generate import generate
 from model.gpt import GPTModel
-from model.lm_export import export_decoder, quantize_decoder
+from model.lm_export import export_decoder, quantize_decoder, teacher_forced_matches
 from model.training import set_threads
 from model.weights import save_hf_gpt2
 
@@ -163,17 +163,7 @@ def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
 def teacher_forced(decoder: Decoder, prompts: np.ndarray, reference: np.ndarray) -> float:
     """Share of positions where `decoder`'s greedy pick, given the reference continuation so far, is the
     reference token (one pass per row over prompt + reference)."""
-    same = 0
-    for prompt, ref in zip(prompts, reference):
-        logits = decoder.sequence_logits(list(prompt) + list(ref[:-1]))
-        same += int((logits[len(prompt) - 1 :].argmax(-1) == ref).sum())
-    return same / reference.size
-
-
-def state_bytes(model: torch.nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
+    return sum(teacher_forced_matches(decoder, p, ref) for p, ref in zip(prompts, reference)) / reference.size
 
 
 def versions() -> dict[str, str]:
@@ -272,7 +262,7 @@ def main() -> None:
         work = Path(tmp.name)
     fp32_path, int8_path, hf_dir = work / "model.onnx", work / "model.int8.onnx", work / "hf"
 
-    sizes: dict[str, float] = {"torch_state_mb": state_bytes(model) / 1e6}
+    sizes: dict[str, float] = {"torch_state_mb": state_size(model) / 1e6}
     t = time.perf_counter()
     export_decoder(model, fp32_path, {"bench": "lm_generate"})
     export_s = time.perf_counter() - t

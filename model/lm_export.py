@@ -275,14 +275,20 @@ def decoder_parity(model: GPTModel, decoder: Decoder, prompts: Sequence[Sequence
     return {"prompt_max_abs_logit_diff": prompt_diff, "steps": steps, "steps_max_abs_logit_diff": step_diff}
 
 
+def teacher_forced_matches(candidate: Decoder, prompt: Sequence[int], expected: Sequence[int]) -> int:
+    """How many tokens of `expected` (a continuation of `prompt`) `candidate` picks greedily when given the
+    tokens before each one (one pass over prompt + continuation)."""
+    logits = candidate.sequence_logits(list(prompt) + list(expected[:-1]))
+    return int((logits[len(prompt) - 1 :].argmax(-1) == np.asarray(expected)).sum())
+
+
 def token_agreement(reference: Decoder, candidate: Decoder, prompts: Sequence[Sequence[int]], n_tokens: int) -> dict:
     """Greedy agreement of `candidate` with `reference`: teacher-forced (at each position of the reference's
     greedy continuation, does the candidate pick the same token) and whole continuations equal."""
     same = total = identical = 0
     for prompt in prompts:
         expected = reference.generate([prompt], n_tokens, eos_id=None)[0]
-        predicted = candidate.sequence_logits(list(prompt) + expected[:-1])[len(prompt) - 1 :].argmax(-1)
-        same += int((predicted == np.asarray(expected)).sum())
+        same += teacher_forced_matches(candidate, prompt, expected)
         total += len(expected)
         identical += candidate.generate([prompt], n_tokens, eos_id=None)[0] == expected
     return {"token_agreement": same / total, "identical_continuations": identical / len(prompts), "tokens": total}
