@@ -106,14 +106,15 @@ def run_load_gpt2(args: argparse.Namespace) -> int:
 def load_any_model(spec: str):
     """(model, prompt style or None): a gptflow checkpoint (file or folder with model.pt), else GPT-2 weights
     (preset or safetensors)."""
-    from model.checkpoint import load_checkpoint, load_model
+    from model.checkpoint import load_checkpoint, model_from_state
     from model.weights import load_gpt2
 
     path = Path(spec)
     if path.is_dir() and (path / "model.pt").is_file():
         path = path / "model.pt"
     if path.is_file() and path.suffix != ".safetensors":
-        return load_model(path)[0], load_checkpoint(path).get("style")
+        state = load_checkpoint(path)
+        return model_from_state(state, path)[0], state.get("style")
     return load_gpt2(spec)[0], None
 
 

@@ -25,7 +25,7 @@ from gptflow.settings import Settings
 from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
-from model.checkpoint import load_checkpoint, load_model
+from model.checkpoint import load_checkpoint, model_from_state
 from model.device import autocast, resolve_device
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX
@@ -299,8 +299,8 @@ def _finetune(
 
 def load_instruct_model(path: str | Path) -> tuple[GPTModel, Style]:
     """A fine-tuned model and the prompt style it was trained with (recorded in its checkpoint)."""
-    model, _ = load_model(path)
-    style = load_checkpoint(path).get("style")
+    state = load_checkpoint(path)
+    model, style = model_from_state(state, path)[0], state.get("style")
     if style not in RESPONSE_MARKERS:
         raise InstructError(
             f"{path} records no prompt style: not an instruction fine-tune (run `gptflow finetune-instructions`)"
