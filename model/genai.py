@@ -45,8 +45,6 @@ from typing import Any
 from edge.text import ENDOFTEXT, EOT_ID
 from model.config import GPTConfig
 
-__all__ = ["GENAI_CONFIG", "genai_config", "hf_tokenizer_json", "tokenizer_config", "genai_files"]
-
 GENAI_CONFIG = "genai_config.json"
 
 
