@@ -103,21 +103,6 @@ def run_load_gpt2(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_any_model(spec: str):
-    """(model, prompt style or None): a gptflow checkpoint (file or folder with model.pt), else GPT-2 weights
-    (preset or safetensors)."""
-    from model.checkpoint import load_checkpoint, model_from_state
-    from model.weights import load_gpt2
-
-    path = Path(spec)
-    if path.is_dir() and (path / "model.pt").is_file():
-        path = path / "model.pt"
-    if path.is_file() and path.suffix != ".safetensors":
-        state = load_checkpoint(path)
-        return model_from_state(state, path)[0], state.get("style")
-    return load_gpt2(spec)[0], None
-
-
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -128,10 +113,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from model.device import resolve_device
     from model.generate import generate, trim_at_eos
     from model.training import set_threads
+    from model.weights import load_language_model
 
     set_threads(args.threads)
     device = resolve_device(args.device)
-    model, style = load_any_model(args.model)
+    model, style = load_language_model(args.model)
     model = model.eval().to(device)
     tok = get_tokenizer()
     if style and not args.raw:

@@ -6,8 +6,8 @@ Our model checkpoint layout: {"format": FORMAT, "config": GPTConfig dict, "model
 
 from __future__ import annotations
 
-import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,27 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected the zip archive torch.save writes)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or foreign archive raises, the message is ours
         raise CheckpointError(
             f"cannot load checkpoint {path} with weights_only=True (a gptflow checkpoint holds only tensors "
-            f"and plain values): {first_line}"
+            f"and plain values): {_reason(exc)}"
         ) from None
+
+
+def _reason(exc: Exception) -> str:
+    """The line of a loading error that says what is wrong; PyTorch's advice to load with weights_only=False (which
+    runs arbitrary code from the file) is never passed on."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    unpickler = [line for line in lines if "WeightsUnpickler error" in line]
+    if unpickler:
+        return unpickler[0]
+    if lines and "weights_only" not in lines[0]:
+        return lines[0]
+    return type(exc).__name__
 
 
 def save_model(path: str | Path, model: GPTModel, **extra: Any) -> Path:

@@ -118,17 +118,18 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits (B, n_classes) for right-padded `input_ids` (B, T); `attention_mask` 1 on real tokens."""
-        hidden = self.backbone.features(input_ids)
+        return self.head(self.pool(self.backbone.features(input_ids), attention_mask))
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The one vector per row (B, E) the head reads from hidden states (B, T, E)."""
         if self.pooling == "last_real":
             last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
             index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-            pooled = hidden.gather(1, index).squeeze(1)
-        elif self.pooling == "mean":
+            return hidden.gather(1, index).squeeze(1)
+        if self.pooling == "mean":
             real = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
-        else:
-            pooled = hidden[:, -1]
-        return self.head(pooled)
+            return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+        return hidden[:, -1]
 
     def set_trainable(self, part: Trainable, last_k: int = 1) -> int:
         """Freeze everything but `part`; returns the number of trainable parameters."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from model.gpt import GPTModel, mask_positions
 
@@ -76,10 +77,22 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token id per row of `logits` (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = next_token_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token_distribution(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The probabilities (B, V) that sampling draws from: logits scaled by 1/temperature, cut to the `top_k` most
+    likely tokens, then to the smallest set whose probability reaches `top_p`. Temperature 0 is greedy: all the
+    mass on the most likely token."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if top_k is not None:
         if top_k < 1:
@@ -94,8 +107,7 @@ def sample_next(
         drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:

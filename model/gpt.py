@@ -7,7 +7,9 @@ with dynamic batch and sequence.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.recorded: list[torch.Tensor] | None = None  # set by `GPTModel.recording_attention`
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, E = x.shape
@@ -90,12 +93,24 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if mask is None:
+        if self.recorded is not None:
+            y = self._attend_recording(q, k, v, mask, past, dropout)
+        elif mask is None:
             # No mask: no past (the kernel's top-left causal mask is exact) or one new token (nothing to hide).
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past == 0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, E)))
+
+    def _attend_recording(self, q, k, v, mask: torch.Tensor | None, past: int, dropout: float) -> torch.Tensor:
+        """The attention of `F.scaled_dot_product_attention` spelled out, so that its weights (B, H, Tq, Tk) can be
+        kept: the fused kernel never materializes them. Same mask rules (bottom-right causal, or `mask`)."""
+        if mask is None:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=past)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        self.recorded.append(weights.detach())
+        return F.dropout(weights, dropout, training=dropout > 0) @ v
 
 
 class MLP(nn.Module):
@@ -169,6 +184,23 @@ class GPTModel(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @contextlib.contextmanager
+    def recording_attention(self) -> Iterator[list[torch.Tensor]]:
+        """Keep every attention layer's weights (B, H, Tq, Tk), in layer order, for the forward passes run inside:
+
+        with model.recording_attention() as weights:
+            logits = model(ids)
+        """
+        weights: list[torch.Tensor] = []
+        attentions = [block.attn for block in self.blocks]
+        for attn in attentions:
+            attn.recorded = weights
+        try:
+            yield weights
+        finally:
+            for attn in attentions:
+                attn.recorded = None
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         param = self.tok_emb.weight

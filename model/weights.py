@@ -25,7 +25,7 @@ from gptflow.settings import Settings, get_settings
 from gptflow.stage import Stage
 from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from gptflow.tokenizer import EOT_ID
-from model.checkpoint import save_model
+from model.checkpoint import load_checkpoint, model_from_state, save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
 from model.genai import tokenizer_config
 from model.gpt import GPTModel
@@ -357,3 +357,15 @@ def save_hf_gpt2(model: GPTModel, folder: str | Path, *, tokenizer_files: tuple[
     except OSError as exc:
         raise WeightsError(f"cannot write a Hugging Face GPT-2 export to {folder}: {exc}") from None
     return folder
+
+
+def load_language_model(spec: str | Path) -> tuple[GPTModel, str | None]:
+    """(model, prompt style or None) of a gptflow language-model checkpoint (a file, or a folder holding model.pt),
+    else of GPT-2 weights (a preset, a .safetensors file or a folder holding one)."""
+    path = Path(spec)
+    if path.is_dir() and (path / "model.pt").is_file():
+        path = path / "model.pt"
+    if path.is_file() and path.suffix != ".safetensors":
+        state = load_checkpoint(path)
+        return model_from_state(state, path)[0], state.get("style")
+    return load_gpt2(spec)[0], None

@@ -113,9 +113,15 @@ def test_checkpoint_roundtrip_atomic_and_weights_only(tmp_path, model):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
-    with pytest.raises(CheckpointError, match="weights_only"):
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "evil.pkl")
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as caught:
         load_checkpoint(tmp_path / "evil.pt")
+    message = str(caught.value)
+    assert "with weights_only=True" in message and "Unsupported global" in message
+    assert "weights_only` set to `False`" not in message and "\n" not in message  # never PyTorch's unsafe advice
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     save_checkpoint(tmp_path / "other.pt", format="x", model={})

@@ -1,0 +1,407 @@
+"""Look inside a checkpoint: what `gptflow inspect` reports about one probe text.
+
+Tokens and ids; a trace of one forward pass through block 0 and the last block (shape, mean, std and first values
+of every step); every head's attention weights; the next-token distribution and how temperature / top-k / top-p
+reshape it; a logit lens (each block's hidden state read out through the final norm and head); token embeddings in
+2-D. A classifier checkpoint shows its backbone the same way, with class probabilities in place of next tokens.
+
+Everything is read off the model itself: forward hooks on its modules, its own attention-recording API
+(`GPTModel.recording_attention`), its own final norm and head for the lens. No second copy of the architecture.
+The numbers come back as one dict (`inspect_model`), which `eval.introspection` draws and writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from gptflow.errors import GptflowError
+from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
+from model.checkpoint import load_checkpoint
+from model.classifier import BEST, SequenceClassifier, load_classifier
+from model.classifier import FORMAT as CLASSIFIER_FORMAT
+from model.device import DeviceSpec, resolve_device
+from model.generate import next_token_distribution
+from model.gpt import GPTModel
+from model.weights import load_language_model
+
+WORDS = (
+    "king", "queen", "man", "woman", "boy", "girl",
+    "cat", "dog", "horse", "bird",
+    "one", "two", "three", "four",
+    "red", "green", "blue",
+    "Paris", "London", "Rome",
+    "happy", "sad", "good", "bad",
+)  # fmt: skip
+MAX_POSITION_TOKENS = 24  # tokens of the probe drawn in the positions figure
+SAMPLING_TOKENS = 12  # candidates compared in the sampling figure
+TRACE_VALUES = 6
+
+
+class InspectError(GptflowError, ValueError):
+    """The probe text or a requested layer/head does not fit the model, or the file is not a model."""
+
+
+class InspectConfig(BaseModel):
+    """What `gptflow inspect` and the pipeline's inspect stage draw; the probe text is given beside it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer: int | None = Field(default=None, ge=0, description="layer of the large attention map (default: the last)")
+    head: int = Field(default=0, ge=0, description="head of the large attention map")
+    top_k: int = Field(default=10, ge=1, le=100, description="next-token candidates listed, and read out by the lens")
+    words: tuple[str, ...] = Field(default=WORDS, min_length=3, description="words whose embeddings are drawn in 2-D")
+    shuffle_seed: int = Field(default=0, description="seed of the shuffled probe in the positions figure")
+    temperatures: tuple[float, ...] = Field(default=(0.5, 1.0, 2.0), description="temperatures compared (> 0)")
+    sampling_top_k: int = Field(default=5, ge=1, description="the top-k setting compared in the sampling figure")
+    sampling_top_p: float = Field(default=0.9, gt=0, le=1, description="the top-p setting compared")
+    device: DeviceSpec = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the report (the device does not)."""
+        return self.model_dump(mode="json", exclude={"device"})
+
+
+@dataclass
+class Subject:
+    """A checkpoint ready to inspect: a language model, or a classifier (`classifier` set) and its backbone."""
+
+    path: Path
+    model: GPTModel
+    classifier: SequenceClassifier | None = None
+    labels: list[str] | None = None
+    style: str | None = None
+
+    @property
+    def kind(self) -> Literal["lm", "classifier"]:
+        return "lm" if self.classifier is None else "classifier"
+
+
+def load_subject(spec: str | Path) -> Subject:
+    """A gptflow language-model or classifier checkpoint (a file, or a folder holding model.pt / best.pt), or
+    GPT-2 weights (a preset, a .safetensors file or a folder holding one)."""
+    path = Path(spec)
+    if path.is_dir():
+        path = next((path / name for name in ("model.pt", BEST) if (path / name).is_file()), path)
+    if path.is_file() and path.suffix != ".safetensors":
+        if load_checkpoint(path, mmap=True).get("format") == CLASSIFIER_FORMAT:
+            loaded = load_classifier(path)
+            return Subject(path, loaded.model.backbone, loaded.model, loaded.names)
+        model, style = load_language_model(path)
+        return Subject(path, model, style=style)
+    model, _ = load_language_model(spec)
+    return Subject(Path(str(spec)), model)
+
+
+def probe_ids(tokenizer: Any, text: str, context_length: int) -> list[int]:
+    """The probe's token ids; an empty text or one longer than the context is refused."""
+    if not text.strip():
+        raise InspectError('the probe text is empty; give the text to inspect, e.g. "Every effort moves you"')
+    ids = encode(tokenizer, text)
+    if len(ids) > context_length:
+        raise InspectError(
+            f"the probe text is {len(ids)} tokens; the model reads at most {context_length} (its context length)"
+        )
+    return ids
+
+
+def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer: Any) -> dict[str, Any]:
+    """The inspection report of `text` (see the module docstring); `report["attention"]` is a float32 array
+    (layers, heads, T, T), everything else is plain JSON."""
+    model = subject.model
+    cfg = model.cfg
+    layer = cfg.n_layers - 1 if config.layer is None else config.layer
+    if layer >= cfg.n_layers:
+        raise InspectError(f"--layer {layer}: the model has {cfg.n_layers} layers (0-{cfg.n_layers - 1})")
+    if config.head >= cfg.n_heads:
+        raise InspectError(f"--head {config.head}: the model has {cfg.n_heads} heads per layer (0-{cfg.n_heads - 1})")
+    ids = probe_ids(tokenizer, text, cfg.context_length)
+    pieces = [token_piece(tokenizer, i) for i in ids]
+    device = resolve_device(config.device)
+    network = (subject.classifier or model).eval().to(device)
+    input_ids = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        trace, attention, hidden, output = _traced_forward(subject, input_ids)
+        lens = {**_logit_lens(subject, hidden, input_ids, tokenizer, config.top_k), "pieces": pieces}
+        report = {
+            "checkpoint": str(subject.path),
+            "kind": subject.kind,
+            "text": text,
+            "style": subject.style,
+            "model": cfg.model_dump(include={"n_layers", "n_heads", "emb_dim", "context_length", "vocab_size"}),
+            "tokens": [{"position": p, "id": i, "piece": pieces[p], "special": i == EOT_ID} for p, i in enumerate(ids)],
+            "trace": trace,
+            "attention": attention,
+            "heads": head_stats(attention),
+            "focus": {"layer": layer, "head": config.head},
+            "logit_lens": lens,
+            "embeddings": {
+                "words": word_embeddings(model, tokenizer, config.words),
+                "positions": position_embeddings(model, ids, pieces, config.shuffle_seed),
+            },
+        }
+        report["model"]["params"] = sum(p.numel() for p in network.parameters())
+        if subject.classifier is None:
+            last = output[0, -1]
+            report["next_token"] = _top_k(last, tokenizer, config.top_k)
+            report["sampling"] = sampling_effects(last, tokenizer, config)
+        else:
+            probs = output[0].softmax(-1)
+            report["classes"] = [
+                {"label": name, "probability": float(p), "logit": float(z)}
+                for name, p, z in zip(subject.labels, probs, output[0])
+            ]
+    network.to("cpu")
+    return report
+
+
+def token_piece(tokenizer: Any, token_id: int) -> str:
+    """A token's text; bytes that are only part of a UTF-8 character show as U+FFFD."""
+    if token_id == EOT_ID:
+        return ENDOFTEXT
+    return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------------- forward trace
+
+
+def _traced_forward(subject: Subject, input_ids: torch.Tensor) -> tuple[list[dict], np.ndarray, list, torch.Tensor]:
+    """One forward pass with hooks: (trace rows, attention (L, H, T, T), the hidden state entering block 0 and
+    leaving every block, the model's output: logits (B, T, V) or class logits (B, C))."""
+    model = subject.model
+    last = len(model.blocks) - 1
+    trace: list[dict] = []
+    hidden: list[torch.Tensor] = []
+    handles = []
+
+    def capture(module: nn.Module, part: str, step: str, name: str, *, on_input: bool = False) -> None:
+        def record(tensor: torch.Tensor) -> None:
+            trace.append(_trace_row(part, step, name, tensor))
+
+        if on_input:
+            handles.append(module.register_forward_pre_hook(lambda _m, args: record(args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _args, out: record(out)))
+
+    capture(model.tok_emb, "embeddings", "token embedding", "tok_emb")
+    capture(model.pos_emb, "embeddings", "position embedding", "pos_emb")
+    capture(model.drop, "embeddings", "token + position", "drop")
+    handles.append(model.drop.register_forward_hook(lambda _m, _a, out: hidden.append(out)))
+    for index, block in enumerate(model.blocks):
+        handles.append(block.register_forward_hook(lambda _m, _a, out: hidden.append(out)))
+        if index not in (0, last):
+            continue
+        part, prefix = f"block {index}", f"blocks.{index}"
+        capture(block.norm1, part, "LayerNorm 1", f"{prefix}.norm1")
+        handles.append(block.attn.qkv.register_forward_hook(_qkv_hook(trace, part, prefix, model.cfg.n_heads)))
+        capture(block.attn.proj, part, "attention output (heads merged)", f"{prefix}.attn.proj", on_input=True)
+        capture(block.attn, part, "attention projection", f"{prefix}.attn")
+        capture(block.norm2, part, "residual 1 (x + attention)", f"{prefix}.norm2", on_input=True)
+        capture(block.norm2, part, "LayerNorm 2", f"{prefix}.norm2")
+        capture(block.mlp.fc, part, "MLP hidden (fc)", f"{prefix}.mlp.fc")
+        capture(block.mlp.proj, part, "GELU", f"{prefix}.mlp.proj", on_input=True)
+        capture(block.mlp, part, "MLP output", f"{prefix}.mlp")
+        capture(block, part, "residual 2 (block output)", prefix)
+    capture(model.final_norm, "output", "final LayerNorm", "final_norm")
+    try:
+        with model.recording_attention() as weights:
+            if subject.classifier is None:
+                capture(model.out_head, "output", "logits", "out_head")
+                output = model(input_ids)
+            else:
+                capture(subject.classifier.head, "output", "class logits (pooled)", "head")
+                output = subject.classifier(input_ids, torch.ones_like(input_ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    attention = torch.stack([w[0] for w in weights]).float().cpu().numpy()
+    for row in trace:  # the attention weights of each traced block, after its Q/K/V
+        if row["step"] == "V":
+            index = int(row["part"].split()[1])
+            position = trace.index(row) + 1
+            trace.insert(position, _trace_row(row["part"], "attention weights", f"blocks.{index}.attn", weights[index]))
+    return trace, attention, hidden, output
+
+
+def _qkv_hook(trace: list[dict], part: str, prefix: str, n_heads: int) -> Callable:
+    """Q, K and V per head (B, H, T, head_dim) from the fused projection's output."""
+
+    def hook(_module, _args, out: torch.Tensor) -> None:
+        B, T, three_e = out.shape
+        for name, tensor in zip("QKV", out.split(three_e // 3, dim=-1)):
+            per_head = tensor.view(B, T, n_heads, -1).transpose(1, 2)
+            trace.append(_trace_row(part, name, f"{prefix}.attn.qkv", per_head))
+
+    return hook
+
+
+def _trace_row(part: str, step: str, module: str, tensor: torch.Tensor) -> dict[str, Any]:
+    """Shape, mean, std and the first values at the last position (first head, first batch row)."""
+    t = tensor.detach().float()
+    if t.dim() == 4:  # (B, H, T, d)
+        values = t[0, 0, -1]
+    elif t.dim() == 3:  # (B, T, E)
+        values = t[0, -1]
+    elif t.dim() == 2 and module == "pos_emb":  # (T, E)
+        values = t[-1]
+    else:  # (B, C)
+        values = t[0]
+    return {
+        "part": part,
+        "step": step,
+        "module": module,
+        "shape": list(t.shape),
+        "mean": float(t.mean()),
+        "std": float(t.std()) if t.numel() > 1 else 0.0,
+        "values": [float(v) for v in values[:TRACE_VALUES]],
+    }
+
+
+def head_stats(attention: np.ndarray) -> list[dict[str, Any]]:
+    """Per head: mean weight on the previous token, the first token and itself (queries 1..T-1), and mean entropy."""
+    n_layers, n_heads, T, _ = attention.shape
+    rows = []
+    queries = np.arange(1, T)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            a = attention[layer, head].astype(np.float64)
+            entropy = -(a * np.log(np.where(a > 0, a, 1.0))).sum(axis=-1).mean()
+            stats = {"layer": layer, "head": head}
+            if T > 1:
+                stats |= {
+                    "previous_token": float(a[queries, queries - 1].mean()),
+                    "first_token": float(a[queries, 0].mean()),
+                    "self": float(a[queries, queries].mean()),
+                }
+            else:
+                stats |= {"previous_token": None, "first_token": None, "self": None}
+            rows.append({**stats, "entropy": float(entropy)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- read-outs
+
+
+def _logit_lens(subject: Subject, hidden: list, input_ids: torch.Tensor, tokenizer: Any, k: int) -> dict:
+    """Every hidden state (embeddings, then each block's output) read out through the final norm and the head:
+    the LM head at every position, or the classifier's pooling and head."""
+    model = subject.model
+    names = ["embeddings"] + [f"block {i}" for i in range(len(model.blocks))]
+    if subject.classifier is None:
+        probs = [model.out_head(model.final_norm(h))[0].float().softmax(-1) for h in hidden]  # each (T, V)
+        final_id = int(probs[-1][-1].argmax())
+        top1 = [p.max(dim=-1) for p in probs]
+        return {
+            "layers": names,
+            "top1_piece": [[token_piece(tokenizer, int(i)) for i in t.indices] for t in top1],
+            "top1_prob": [[float(v) for v in t.values] for t in top1],
+            "final_prob": [float(p[-1, final_id]) for p in probs],
+            "top_k_last": [
+                [{"piece": token_piece(tokenizer, int(i)), "probability": float(v)} for v, i in zip(*p[-1].topk(k))]
+                for p in probs
+            ],
+        }
+    classifier = subject.classifier
+    mask = torch.ones_like(input_ids)
+    probs = [classifier.head(classifier.pool(model.final_norm(h), mask))[0].float().softmax(-1) for h in hidden]
+    final_id = int(probs[-1].argmax())
+    labels = subject.labels
+    return {
+        "layers": names,
+        "top1_piece": [[labels[int(p.argmax())]] for p in probs],
+        "top1_prob": [[float(p.max())] for p in probs],
+        "final_prob": [float(p[final_id]) for p in probs],
+        "top_k_last": [[{"piece": name, "probability": float(v)} for name, v in zip(labels, p)] for p in probs],
+    }
+
+
+def _top_k(logits: torch.Tensor, tokenizer: Any, k: int) -> list[dict[str, Any]]:
+    probs = logits.float().softmax(-1)
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [
+        {"rank": r + 1, "id": int(i), "piece": token_piece(tokenizer, int(i)), "probability": float(p),
+         "logit": float(logits[i])}
+        for r, (p, i) in enumerate(zip(values, indices))
+    ]  # fmt: skip
+
+
+def sampling_effects(logits: torch.Tensor, tokenizer: Any, config: InspectConfig) -> dict[str, Any]:
+    """The next-token distribution under greedy decoding, each temperature, top-k and top-p (at temperature 1),
+    through the same function that generation samples from."""
+    settings = [("greedy", 0.0, None, None)]
+    settings += [(f"T={t:g}", t, None, None) for t in config.temperatures]
+    settings += [
+        (f"top-k {config.sampling_top_k}", 1.0, config.sampling_top_k, None),
+        (f"top-p {config.sampling_top_p:g}", 1.0, None, config.sampling_top_p),
+    ]
+    base = logits.float().softmax(-1)
+    ids = base.topk(min(SAMPLING_TOKENS, base.numel())).indices
+    rows = []
+    for name, temperature, top_k, top_p in settings:
+        probs = next_token_distribution(logits[None].float(), temperature=temperature, top_k=top_k, top_p=top_p)[0]
+        kept = probs[probs > 0]
+        rows.append(
+            {
+                "name": name,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "probs": [float(probs[i]) for i in ids],
+                "entropy": float(-(kept * kept.log()).sum()) + 0.0,  # + 0.0: greedy gives -0.0
+                "support": int(kept.numel()),
+            }
+        )
+    return {"ids": [int(i) for i in ids], "pieces": [token_piece(tokenizer, int(i)) for i in ids], "settings": rows}
+
+
+# -------------------------------------------------------------------------------------------- embeddings
+
+
+def pca_2d(points: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Points (N, E) projected on their two principal axes, and the share of variance each axis explains."""
+    centered = points.double() - points.double().mean(dim=0)
+    _, s, vt = torch.linalg.svd(centered, full_matrices=False)
+    variance = s**2
+    share = (variance / variance.sum()).tolist() if float(variance.sum()) > 0 else [0.0] * len(variance)
+    axes = vt[:2]
+    if axes.shape[0] < 2:  # fewer than 2 distinct directions: pad with a zero axis
+        axes = torch.cat([axes, torch.zeros(2 - axes.shape[0], axes.shape[1], dtype=axes.dtype)])
+        share += [0.0] * (2 - len(share))
+    return centered @ axes.T, share[:2]
+
+
+def word_embeddings(model: GPTModel, tokenizer: Any, words: tuple[str, ...]) -> dict[str, Any]:
+    """Each word's token embedding (mean over its tokens when it has several, as a word after a space), in 2-D."""
+    weight = model.tok_emb.weight
+    vectors = torch.stack([weight[encode(tokenizer, " " + w)].mean(dim=0) for w in words])
+    xy, share = pca_2d(vectors.float().cpu())
+    return {"labels": list(words), "xy": xy.tolist(), "explained_variance": share}
+
+
+def position_embeddings(model: GPTModel, ids: list[int], pieces: list[str], seed: int) -> dict[str, Any]:
+    """The probe's token vectors, as written and shuffled, without and with positional embeddings added: without
+    them the shuffled tokens land on exactly the same points; positions are what tells the orders apart."""
+    n = min(len(ids), MAX_POSITION_TOKENS)
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    if n > 1 and order == list(range(n)):
+        order = order[::-1]
+    device = model.tok_emb.weight.device
+    tokens = model.tok_emb(torch.tensor(ids[:n], device=device)).float().cpu()
+    positions = model.pos_emb(torch.arange(n, device=device)).float().cpu()
+    shuffled = tokens[order]
+    result: dict[str, Any] = {"sentence": "".join(pieces[:n]), "pieces": pieces[:n], "order": order}
+    for name, original, moved in (
+        ("without", tokens, shuffled),
+        ("with", tokens + positions, shuffled + positions),
+    ):
+        xy, _ = pca_2d(torch.cat([original, moved]))
+        result[name] = {"original": xy[:n].tolist(), "shuffled": xy[n:].tolist()}
+        # token order[i] sits at shuffled position i: how far its vector moved
+        result[f"shift_{name}"] = float((original[order] - moved).norm(dim=-1).mean()) if n else 0.0
+    return result
