@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 from gptflow.storage import atomic_path
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay out `fig` and write it as a PNG (dpi 100) atomically; the Agg canvas is attached here, so no pyplot."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -33,7 +34,7 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path, title: 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
@@ -53,7 +54,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
     if best:
         acc_ax.axvline(best[-1]["epoch"], color="grey", linestyle="--", linewidth=1)
     fig.suptitle(title)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str) -> Path:
@@ -70,4 +71,4 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     for (i, j), value in np.ndenumerate(cm):
         ax.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
     ax.set_title(title, fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
