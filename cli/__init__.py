@@ -24,6 +24,7 @@ VERB_MODULES = [
     "cli.model",
     "cli.classify",
     "cli.instruct",
+    "cli.inspect",
 ]
 
 

@@ -406,7 +406,8 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
     lines += ["## Tokens", "", *_md_table(rows["tokens"]), ""]
     lines += ["## Forward trace", ""]
     lines += [
-        "Each step of the forward pass: the tensor's shape, mean and std, and its first values (row 0, position 0).",
+        "Each step of the forward pass: the tensor's shape, mean and std, and its first values at the last "
+        "position (first head, first row).",
         "",
     ]
     lines += [*_md_table(rows["trace"]), ""]

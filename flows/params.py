@@ -20,6 +20,7 @@ from gptflow.storage import read_config_file
 from model.classifier import ClassifierConfig
 from model.device import DeviceSpec
 from model.instruct import InstructConfig
+from model.introspect import InspectConfig
 from model.onnx_export import ExportConfig
 from model.pretrain import PretrainConfig
 
@@ -54,6 +55,10 @@ class PipelineParams(BaseModel):
     export: ExportConfig = ExportConfig()
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     require_judge: bool = Field(default=False, description="fail (not skip) the run when no judge is reachable")
+    probe_text: str = Field(
+        default="Every effort moves you", min_length=1, description="the text the inspect stage looks at both models on"
+    )
+    inspect: InspectConfig = InspectConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -1,5 +1,5 @@
 """The end-to-end pipeline: data -> base model -> classifier -> edge bundle; instruction model -> judge and LM
-edge bundle.
+edge bundle; last, a look inside the base and the instruction model on a probe text.
 
 Entry point for `gptflow pipeline`, `make run` and the `prefect.yaml` deployments: `flows/pipeline.py:pipeline`.
 Every stage is a subflow whose outputs live in content-addressed stage folders under GPTFLOW_HOME (reused
@@ -13,6 +13,7 @@ from prefect import flow
 from flows.classify import finetune_classifier_flow
 from flows.evaluate import evaluate_responses_flow
 from flows.export import export_flow, export_lm_flow
+from flows.inspect import inspect_flow
 from flows.instruct import finetune_instructions
 from flows.params import PipelineParams
 from flows.prepare import prepare_instructions, prepare_spam
@@ -38,6 +39,9 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     judged = evaluate_responses_flow(instruct["responses"], judge=params.judge, require_judge=params.require_judge)
     lm_bundle = export_lm_flow(instruct["model"], instructions["out_dir"], params.export)
 
+    inspect_base = inspect_flow(base["model"], params.probe_text, params.inspect)
+    inspect_instruct = inspect_flow(instruct["model"], params.probe_text, params.inspect)
+
     stages = {
         "data-spam": spam,
         "data-instructions": instructions,
@@ -47,5 +51,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         "instruct": instruct,
         "evaluate": judged.model_dump(),
         "export-lm": lm_bundle,
+        "inspect-base": inspect_base,
+        "inspect-instruct": inspect_instruct,
     }
     return write_run_report(params, stages)

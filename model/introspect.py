@@ -23,13 +23,15 @@ from torch import nn
 
 from gptflow.errors import GptflowError
 from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
-from model.checkpoint import load_checkpoint
+from model.checkpoint import FORMAT as GPT_FORMAT
+from model.checkpoint import CheckpointError, load_checkpoint
 from model.classifier import BEST, SequenceClassifier, load_classifier
 from model.classifier import FORMAT as CLASSIFIER_FORMAT
+from model.config import GPTConfig
 from model.device import DeviceSpec, resolve_device
 from model.generate import next_token_distribution
 from model.gpt import GPTModel
-from model.weights import load_language_model
+from model.weights import load_language_model, weights_config
 
 WORDS = (
     "king", "queen", "man", "woman", "boy", "girl",
@@ -83,30 +85,49 @@ class Subject:
         return "lm" if self.classifier is None else "classifier"
 
 
-def load_subject(spec: str | Path) -> Subject:
-    """A gptflow language-model or classifier checkpoint (a file, or a folder holding model.pt / best.pt), or
-    GPT-2 weights (a preset, a .safetensors file or a folder holding one)."""
+def locate(spec: str | Path) -> tuple[Path, GPTConfig]:
+    """The file `spec` names and its model config, read without building the model: a gptflow language-model or
+    classifier checkpoint (a file, or a folder holding model.pt / best.pt), or GPT-2 weights (a preset, a
+    .safetensors file or a folder holding one)."""
     path = Path(spec)
     if path.is_dir():
         path = next((path / name for name in ("model.pt", BEST) if (path / name).is_file()), path)
-    if path.is_file() and path.suffix != ".safetensors":
-        if load_checkpoint(path, mmap=True).get("format") == CLASSIFIER_FORMAT:
-            loaded = load_classifier(path)
-            return Subject(path, loaded.model.backbone, loaded.model, loaded.names)
-        model, style = load_language_model(path)
-        return Subject(path, model, style=style)
-    model, _ = load_language_model(spec)
-    return Subject(Path(str(spec)), model)
+    if not (path.is_file() and path.suffix != ".safetensors"):
+        return weights_config(spec)
+    state = load_checkpoint(path, mmap=True)
+    if state.get("format") not in (GPT_FORMAT, CLASSIFIER_FORMAT) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(
+            f"{path} is neither a gptflow language-model nor a classifier checkpoint (format {state.get('format')!r}); "
+            "inspect a model.pt, a classifier's best.pt, or GPT-2 weights"
+        )
+    return path, GPTConfig.from_dict(state["config"])
 
 
-def probe_ids(tokenizer: Any, text: str, context_length: int) -> list[int]:
-    """The probe's token ids; an empty text or one longer than the context is refused."""
+def load_subject(spec: str | Path) -> Subject:
+    """The model `locate(spec)` finds, built and ready to inspect."""
+    path, _ = locate(spec)
+    if path.suffix == ".safetensors":
+        return Subject(path, load_language_model(spec)[0])
+    if load_checkpoint(path, mmap=True)["format"] == CLASSIFIER_FORMAT:
+        loaded = load_classifier(path)
+        return Subject(path, loaded.model.backbone, loaded.model, loaded.names)
+    model, style = load_language_model(path)
+    return Subject(path, model, style=style)
+
+
+def check_request(cfg: GPTConfig, text: str, config: InspectConfig, tokenizer: Any) -> list[int]:
+    """The probe's token ids, once the text and the requested layer/head fit the model: an empty text or one
+    longer than the context is refused."""
+    if config.layer is not None and config.layer >= cfg.n_layers:
+        raise InspectError(f"--layer {config.layer}: the model has {cfg.n_layers} layers (0-{cfg.n_layers - 1})")
+    if config.head >= cfg.n_heads:
+        raise InspectError(f"--head {config.head}: the model has {cfg.n_heads} heads per layer (0-{cfg.n_heads - 1})")
     if not text.strip():
         raise InspectError('the probe text is empty; give the text to inspect, e.g. "Every effort moves you"')
     ids = encode(tokenizer, text)
-    if len(ids) > context_length:
+    if len(ids) > cfg.context_length:
         raise InspectError(
-            f"the probe text is {len(ids)} tokens; the model reads at most {context_length} (its context length)"
+            f"the probe text is {len(ids)} tokens; the model reads at most {cfg.context_length} (its context length)"
         )
     return ids
 
@@ -116,12 +137,8 @@ def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer:
     (layers, heads, T, T), everything else is plain JSON."""
     model = subject.model
     cfg = model.cfg
+    ids = check_request(cfg, text, config, tokenizer)
     layer = cfg.n_layers - 1 if config.layer is None else config.layer
-    if layer >= cfg.n_layers:
-        raise InspectError(f"--layer {layer}: the model has {cfg.n_layers} layers (0-{cfg.n_layers - 1})")
-    if config.head >= cfg.n_heads:
-        raise InspectError(f"--head {config.head}: the model has {cfg.n_heads} heads per layer (0-{cfg.n_heads - 1})")
-    ids = probe_ids(tokenizer, text, cfg.context_length)
     pieces = [token_piece(tokenizer, i) for i in ids]
     device = resolve_device(config.device)
     network = (subject.classifier or model).eval().to(device)

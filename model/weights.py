@@ -183,6 +183,22 @@ def infer_config(reader: SafetensorsReader) -> GPTConfig:
     )
 
 
+def weights_config(name_or_path: str | Path, settings: Settings | None = None) -> tuple[Path, GPTConfig]:
+    """(safetensors file, the config `load_gpt2` builds it with), reading only the file's header."""
+    path, named = resolve_weights(name_or_path, settings)
+    with SafetensorsReader(path) as reader:
+        return path, _weights_config(path, named, reader)
+
+
+def _weights_config(path: Path, preset: str | None, reader: SafetensorsReader) -> GPTConfig:
+    """A named preset's config, else the Hugging Face config.json beside the weights, else the tensor shapes."""
+    if preset:
+        return GPTConfig.from_preset(preset)
+    if (path.parent / "config.json").is_file():
+        return config_from_hf_json(path.parent / "config.json")
+    return infer_config(reader)
+
+
 def load_gpt2(
     name_or_path: str | Path,
     settings: Settings | None = None,
@@ -198,13 +214,7 @@ def load_gpt2(
     """
     path, named = resolve_weights(name_or_path, settings)
     with SafetensorsReader(path) as reader:
-        if named or preset:
-            cfg = GPTConfig.from_preset(named or preset)
-        elif (path.parent / "config.json").is_file():
-            cfg = config_from_hf_json(path.parent / "config.json")
-        else:
-            cfg = infer_config(reader)
-        cfg = cfg.model_copy(update={"dropout": dropout})
+        cfg = _weights_config(path, named or preset, reader).model_copy(update={"dropout": dropout})
         stored = {_strip(n): n for n in reader.entries if not _IGNORED.match(_strip(n))}
         if cfg.tie_weights:
             stored.pop("lm_head.weight", None)  # some exports write the tied head out too

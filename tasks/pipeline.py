@@ -24,6 +24,8 @@ def _deliverables(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
         "test responses": ("instruct", "responses"),
         "evaluation report": ("evaluate", "out_dir"),
         "LM edge bundle": ("export-lm", "bundle"),
+        "base model inspection": ("inspect-base", "report"),
+        "instruction model inspection": ("inspect-instruct", "report"),
     }
     found = {}
     for name, (stage, key) in wanted.items():

@@ -207,5 +207,5 @@ def test_a_file_that_is_not_a_model_is_refused_in_one_line(tmp_path):
         assert str(caught.value) == f"{path} is not a PyTorch checkpoint (expected the zip archive torch.save writes)"
     other = tmp_path / "other.pt"
     torch.save({"format": "something-else", "weights": torch.zeros(2)}, other)
-    with pytest.raises(CheckpointError, match="is not a gptflow model checkpoint"):
+    with pytest.raises(CheckpointError, match="is neither a gptflow language-model nor a classifier checkpoint"):
         load_subject(other)

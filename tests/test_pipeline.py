@@ -108,8 +108,12 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     status = _stage_status(first)
     assert status["evaluate"] == "skipped"  # no judge reachable: skipped with the reason, not failed
     assert all(
-        status[s] == "done" for s in ("data-spam", "base-model", "classifier", "export", "instruct", "export-lm")
+        status[s] == "done"
+        for s in ("data-spam", "base-model", "classifier", "export", "instruct", "export-lm", "inspect-base")
     )
+    inspection = json.loads((deliverables["instruction model inspection"].parent / "report.json").read_text())
+    assert inspection["kind"] == "lm" and inspection["text"] == params.probe_text
+    assert (deliverables["base model inspection"].parent / "logit_lens.png").is_file()
 
     checkpoint = deliverables["classifier checkpoint"]
     mtime = checkpoint.stat().st_mtime_ns
@@ -117,14 +121,26 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     status = _stage_status(second)
     assert all(
         status[s] == "reused"
-        for s in ("data-spam", "data-instructions", "base-model", "classifier", "export", "instruct", "export-lm")
+        for s in (
+            "data-spam",
+            "data-instructions",
+            "base-model",
+            "classifier",
+            "export",
+            "instruct",
+            "export-lm",
+            "inspect-base",
+            "inspect-instruct",
+        )
     ), status
     assert checkpoint.stat().st_mtime_ns == mtime
 
     third = pipeline(params.merged({"instruct": {"max_steps": 12}}))
     status = _stage_status(third)
-    assert status["instruct"] == status["export-lm"] == "done"
-    assert all(status[s] == "reused" for s in ("data-spam", "base-model", "classifier", "export")), status
+    assert status["instruct"] == status["export-lm"] == status["inspect-instruct"] == "done"
+    assert all(status[s] == "reused" for s in ("data-spam", "base-model", "classifier", "export", "inspect-base")), (
+        status
+    )
 
     # The base model rewritten in place (as when its stage's code changes and it re-finishes from its final
     # checkpoint): the stages built on it train afresh in new folders, never resume checkpoints of old weights.
