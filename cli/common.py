@@ -7,7 +7,7 @@ import importlib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
@@ -70,6 +70,8 @@ def add_folder_options(parser: argparse.ArgumentParser, default: str, resumable:
 
 def _argparse_type(annotation: Any) -> dict[str, Any] | None:
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # constraints (PositiveFloat) are pydantic's to check, naming the flag
+        return _argparse_type(args[0])
     if origin in (Union, types.UnionType):  # X | None: a flag gives X
         rest = [a for a in args if a is not type(None)]
         return _argparse_type(rest[0]) if len(rest) == 1 else None

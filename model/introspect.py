@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 
 from gptflow.errors import GptflowError
@@ -60,7 +60,9 @@ class InspectConfig(BaseModel):
     top_k: int = Field(default=10, ge=1, le=100, description="next-token candidates listed, and read out by the lens")
     words: tuple[str, ...] = Field(default=WORDS, min_length=3, description="words whose embeddings are drawn in 2-D")
     shuffle_seed: int = Field(default=0, description="seed of the shuffled probe in the positions figure")
-    temperatures: tuple[float, ...] = Field(default=(0.5, 1.0, 2.0), description="temperatures compared (> 0)")
+    temperatures: tuple[PositiveFloat, ...] = Field(
+        default=(0.5, 1.0, 2.0), min_length=1, description="temperatures compared (> 0)"
+    )
     sampling_top_k: int = Field(default=5, ge=1, description="the top-k setting compared in the sampling figure")
     sampling_top_p: float = Field(default=0.9, gt=0, le=1, description="the top-p setting compared")
     device: DeviceSpec = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")

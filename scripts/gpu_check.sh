@@ -10,7 +10,8 @@
 #    peak memory; then the fp32-vs-bf16 loss curve of config A (skipped if tiny Shakespeare can't be fetched);
 # 3. bench.loss_head --device cuda: fused vs plain LM-head loss, and which one pretraining uses on CUDA;
 # 4. a pretraining smoke run (the-verdict, preset tiny, 20 steps, --device cuda): 2 ranks under torchrun when
-#    2+ GPUs are visible, else 1 process; its metrics.json must say it trained on cuda with that many ranks.
+#    2+ GPUs are visible, else 1 process; its metrics.json must say it trained on cuda with that many ranks;
+# 5. `gptflow inspect` of that model on cuda and on the CPU: same next tokens, attention and lens within 1e-3.
 #
 # Everything printed also goes to outputs/gpu_check/gpu_check-<UTC time>.log. A failed step does not stop the
 # later ones; the exit status is non-zero when any step failed (or at once when there is no usable GPU).
@@ -131,6 +132,30 @@ sys.exit("; ".join(problems) or None)
 PY
 }
 
+# check_inspect CUDA_DIR CPU_DIR: the two inspection reports agree (next tokens, attention, logit lens).
+# shellcheck disable=SC2329 # called through step
+check_inspect() {
+	"$BIN/python" - "$1" "$2" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+cuda, cpu = (Path(d) for d in sys.argv[1:3])
+a, b = (json.loads((d / "report.json").read_text()) for d in (cuda, cpu))
+problems = []
+if [t["id"] for t in a["next_token"]] != [t["id"] for t in b["next_token"]]:
+    problems.append("next-token top-k ids differ")
+probs = max(abs(x["probability"] - y["probability"]) for x, y in zip(a["next_token"], b["next_token"]))
+attention = float(np.abs(np.load(cuda / "attention.npy") - np.load(cpu / "attention.npy")).max())
+lens = max(abs(x - y) for r, s in zip(a["logit_lens"]["top1_prob"], b["logit_lens"]["top1_prob"]) for x, y in zip(r, s))
+print(f"max |diff|: next-token probability {probs:.2e}, attention {attention:.2e}, lens top-1 probability {lens:.2e}")
+problems += [f"{name} differs by {v:.2e}" for name, v in (("probability", probs), ("attention", attention), ("lens", lens)) if v > 1e-3]
+sys.exit("; ".join(problems) or None)
+PY
+}
+
 main() {
 	echo "gptflow GPU check, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), host $(hostname)"
 	command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA driver on this machine"
@@ -157,6 +182,14 @@ main() {
 	fi
 	step "pretrain smoke, $world process(es) on cuda" env GPTFLOW_HOME="$SMOKE_HOME" "${smoke[@]}"
 	step "pretrain smoke trained on cuda with world_size $world" check_smoke "$SMOKE_HOME" "$world"
+
+	local model
+	model=$(find "$SMOKE_HOME/pretrain" -name model.pt 2>/dev/null | head -n 1)
+	for device in cuda cpu; do
+		step "inspect the smoke model on $device" env GPTFLOW_HOME="$SMOKE_HOME" "$BIN/gptflow" inspect "${model:-missing}" \
+			"Every effort moves you" --device "$device" --out "$SMOKE_HOME/inspect-$device"
+	done
+	step "inspect on cuda equals inspect on the CPU" check_inspect "$SMOKE_HOME/inspect-cuda" "$SMOKE_HOME/inspect-cpu"
 
 	echo
 	echo "=== summary"

@@ -112,6 +112,7 @@ def test_inspect_cli_on_a_classifier(prefect_harness, settings, tmp_path, capsys
         (["{model}", "word" + " word" * 199], "the probe text is 200 tokens; the model reads at most 128"),
         (["{model}", PROBE, "--layer", "9"], "--layer 9: the model has 2 layers (0-1)"),
         (["{model}", PROBE, "--top-k", "0"], "--top-k: Input should be greater than or equal to 1"),
+        (["{model}", PROBE, "--temperatures", "1", "-0.5"], "--temperatures: Input should be greater than 0"),
         (["{notes}", PROBE], "is not a PyTorch checkpoint (expected the zip archive torch.save writes)"),
         (["{missing}", PROBE], "is neither a GPT-2 preset"),
     ],
