@@ -139,6 +139,30 @@ def table_rows(report: dict) -> dict[str, list[dict]]:
     return rows
 
 
+def standout_heads(report: dict) -> tuple[dict, dict] | None:
+    """(the head that attends most to the previous token, the one that attends most to the first token); None for a
+    one-token probe, which has no previous token."""
+    heads = [h for h in report["heads"] if h["previous_token"] is not None]
+    if not heads:
+        return None
+    return max(heads, key=lambda h: h["previous_token"]), max(heads, key=lambda h: h["first_token"])
+
+
+def headline(report: dict) -> dict[str, Any]:
+    """The few numbers a run report shows: tokens, the prediction, and the strongest previous-token head."""
+    metrics: dict[str, Any] = {"tokens": len(report["tokens"])}
+    if report["kind"] == "lm":
+        top = report["next_token"][0]
+        metrics |= {"next_token": repr(top["piece"]), "next_token_probability": round(top["probability"], 4)}
+    else:
+        top = max(report["classes"], key=lambda c: c["probability"])
+        metrics |= {"class": top["label"], "class_probability": round(top["probability"], 4)}
+    if standouts := standout_heads(report):
+        previous = standouts[0]
+        metrics["previous_token_head"] = f"L{previous['layer']}H{previous['head']} ({previous['previous_token']:.2f})"
+    return metrics
+
+
 def _previous_token_first(head: dict) -> float:
     """Sort key: highest previous-token weight first; a one-token probe has none (None), and those go last."""
     return math.inf if head["previous_token"] is None else -head["previous_token"]
@@ -413,9 +437,8 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
     lines += [*_md_table(rows["trace"]), ""]
 
     lines += ["## Attention", ""]
-    if len(report["tokens"]) > 1:  # one token has no previous token: the statistics are None
-        previous = max(report["heads"], key=lambda h: h["previous_token"])
-        first = max(report["heads"], key=lambda h: h["first_token"])
+    if standouts := standout_heads(report):
+        previous, first = standouts
         lines += [
             f"Layer {previous['layer']} head {previous['head']} attends most to the previous token (mean weight "
             f"{previous['previous_token']:.3g}); layer {first['layer']} head {first['head']} attends most to the "

@@ -268,7 +268,11 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     path = Path(path)
     if path.is_dir():
         path = path / BEST
-    ckpt = load_checkpoint(path)
+    return classifier_from_state(load_checkpoint(path), path)
+
+
+def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
+    """The classifier of a loaded checkpoint, in eval mode; `path` names it."""
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a gptflow classifier checkpoint (expected format {FORMAT!r}); "

@@ -24,14 +24,14 @@ from torch import nn
 from gptflow.errors import GptflowError
 from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
 from model.checkpoint import FORMAT as GPT_FORMAT
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.classifier import BEST, SequenceClassifier, load_classifier
+from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
+from model.classifier import BEST, SequenceClassifier, classifier_from_state
 from model.classifier import FORMAT as CLASSIFIER_FORMAT
 from model.config import GPTConfig
 from model.device import DeviceSpec, resolve_device
 from model.generate import next_token_distribution
 from model.gpt import GPTModel
-from model.weights import load_language_model, weights_config
+from model.weights import load_gpt2, weights_config
 
 WORDS = (
     "king", "queen", "man", "woman", "boy", "girl",
@@ -106,15 +106,15 @@ def locate(spec: str | Path) -> tuple[Path, GPTConfig]:
 
 
 def load_subject(spec: str | Path) -> Subject:
-    """The model `locate(spec)` finds, built and ready to inspect."""
+    """The model `locate(spec)` finds, built and ready to inspect (its file read once)."""
     path, _ = locate(spec)
     if path.suffix == ".safetensors":
-        return Subject(path, load_language_model(spec)[0])
-    if load_checkpoint(path, mmap=True)["format"] == CLASSIFIER_FORMAT:
-        loaded = load_classifier(path)
+        return Subject(path, load_gpt2(spec)[0])
+    state = load_checkpoint(path)
+    if state["format"] == CLASSIFIER_FORMAT:
+        loaded = classifier_from_state(state, path)
         return Subject(path, loaded.model.backbone, loaded.model, loaded.names)
-    model, style = load_language_model(path)
-    return Subject(path, model, style=style)
+    return Subject(path, model_from_state(state, path)[0], style=state.get("style"))
 
 
 def check_request(cfg: GPTConfig, text: str, config: InspectConfig, tokenizer: Any) -> list[int]:
@@ -147,13 +147,16 @@ def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer:
     input_ids = torch.tensor([ids], device=device)
     with torch.no_grad():
         trace, attention, hidden, output = _traced_forward(subject, input_ids)
-        lens = {**_logit_lens(subject, hidden, input_ids, tokenizer, config.top_k), "pieces": pieces}
+        lens = {**_logit_lens(subject, hidden, output, input_ids, tokenizer, config.top_k), "pieces": pieces}
         report = {
             "checkpoint": str(subject.path),
             "kind": subject.kind,
             "text": text,
             "style": subject.style,
-            "model": cfg.model_dump(include={"n_layers", "n_heads", "emb_dim", "context_length", "vocab_size"}),
+            "model": {
+                **cfg.model_dump(include={"n_layers", "n_heads", "emb_dim", "context_length", "vocab_size"}),
+                "params": sum(p.numel() for p in network.parameters()),
+            },
             "tokens": [{"position": p, "id": i, "piece": pieces[p], "special": i == EOT_ID} for p, i in enumerate(ids)],
             "trace": trace,
             "attention": attention,
@@ -165,7 +168,6 @@ def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer:
                 "positions": position_embeddings(model, ids, pieces, config.shuffle_seed),
             },
         }
-        report["model"]["params"] = sum(p.numel() for p in network.parameters())
         if subject.classifier is None:
             last = output[0, -1]
             report["next_token"] = _top_k(last, tokenizer, config.top_k)
@@ -208,43 +210,50 @@ def _traced_forward(subject: Subject, input_ids: torch.Tensor) -> tuple[list[dic
         else:
             handles.append(module.register_forward_hook(lambda _m, _args, out: record(out)))
 
-    capture(model.tok_emb, "embeddings", "token embedding", "tok_emb")
-    capture(model.pos_emb, "embeddings", "position embedding", "pos_emb")
-    capture(model.drop, "embeddings", "token + position", "drop")
-    handles.append(model.drop.register_forward_hook(lambda _m, _a, out: hidden.append(out)))
-    for index, block in enumerate(model.blocks):
-        handles.append(block.register_forward_hook(lambda _m, _a, out: hidden.append(out)))
-        if index not in (0, last):
-            continue
-        part, prefix = f"block {index}", f"blocks.{index}"
-        capture(block.norm1, part, "LayerNorm 1", f"{prefix}.norm1")
-        handles.append(block.attn.qkv.register_forward_hook(_qkv_hook(trace, part, prefix, model.cfg.n_heads)))
-        capture(block.attn.proj, part, "attention output (heads merged)", f"{prefix}.attn.proj", on_input=True)
-        capture(block.attn, part, "attention projection", f"{prefix}.attn")
-        capture(block.norm2, part, "residual 1 (x + attention)", f"{prefix}.norm2", on_input=True)
-        capture(block.norm2, part, "LayerNorm 2", f"{prefix}.norm2")
-        capture(block.mlp.fc, part, "MLP hidden (fc)", f"{prefix}.mlp.fc")
-        capture(block.mlp.proj, part, "GELU", f"{prefix}.mlp.proj", on_input=True)
-        capture(block.mlp, part, "MLP output", f"{prefix}.mlp")
-        capture(block, part, "residual 2 (block output)", prefix)
-    capture(model.final_norm, "output", "final LayerNorm", "final_norm")
-    try:
-        with model.recording_attention() as weights:
+    def keep_hidden(module: nn.Module) -> None:
+        handles.append(module.register_forward_hook(lambda _m, _a, out: hidden.append(out)))
+
+    with model.recording_attention() as weights:
+
+        def record_weights(block: nn.Module, part: str, name: str) -> None:  # recorded before the heads merge
+            handles.append(
+                block.attn.proj.register_forward_pre_hook(
+                    lambda _m, _a: trace.append(_trace_row(part, "attention weights", name, weights[-1]))
+                )
+            )
+
+        capture(model.tok_emb, "embeddings", "token embedding", "tok_emb")
+        capture(model.pos_emb, "embeddings", "position embedding", "pos_emb")
+        capture(model.drop, "embeddings", "token + position", "drop")
+        keep_hidden(model.drop)
+        for index, block in enumerate(model.blocks):
+            keep_hidden(block)
+            if index not in (0, last):
+                continue
+            part, prefix = f"block {index}", f"blocks.{index}"
+            capture(block.norm1, part, "LayerNorm 1", f"{prefix}.norm1")
+            handles.append(block.attn.qkv.register_forward_hook(_qkv_hook(trace, part, prefix, model.cfg.n_heads)))
+            record_weights(block, part, f"{prefix}.attn")
+            capture(block.attn.proj, part, "attention output (heads merged)", f"{prefix}.attn.proj", on_input=True)
+            capture(block.attn, part, "attention projection", f"{prefix}.attn")
+            capture(block.norm2, part, "residual 1 (x + attention)", f"{prefix}.norm2", on_input=True)
+            capture(block.norm2, part, "LayerNorm 2", f"{prefix}.norm2")
+            capture(block.mlp.fc, part, "MLP hidden (fc)", f"{prefix}.mlp.fc")
+            capture(block.mlp.proj, part, "GELU", f"{prefix}.mlp.proj", on_input=True)
+            capture(block.mlp, part, "MLP output", f"{prefix}.mlp")
+            capture(block, part, "residual 2 (block output)", prefix)
+        capture(model.final_norm, "output", "final LayerNorm", "final_norm")
+        try:
             if subject.classifier is None:
                 capture(model.out_head, "output", "logits", "out_head")
                 output = model(input_ids)
             else:
                 capture(subject.classifier.head, "output", "class logits (pooled)", "head")
                 output = subject.classifier(input_ids, torch.ones_like(input_ids))
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
     attention = torch.stack([w[0] for w in weights]).float().cpu().numpy()
-    for row in trace:  # the attention weights of each traced block, after its Q/K/V
-        if row["step"] == "V":
-            index = int(row["part"].split()[1])
-            position = trace.index(row) + 1
-            trace.insert(position, _trace_row(row["part"], "attention weights", f"blocks.{index}.attn", weights[index]))
     return trace, attention, hidden, output
 
 
@@ -307,37 +316,48 @@ def head_stats(attention: np.ndarray) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- read-outs
 
 
-def _logit_lens(subject: Subject, hidden: list, input_ids: torch.Tensor, tokenizer: Any, k: int) -> dict:
+def _logit_lens(
+    subject: Subject, hidden: list, output: torch.Tensor, input_ids: torch.Tensor, tokenizer: Any, k: int
+) -> dict:
     """Every hidden state (embeddings, then each block's output) read out through the final norm and the head:
-    the LM head at every position, or the classifier's pooling and head."""
+    the LM head at every position, or the classifier's pooling and head; `final_prob` follows the model's own answer
+    (`output`'s top-1). One layer's (T, V) probabilities at a time, so a long probe through a deep model never holds
+    them all."""
     model = subject.model
-    names = ["embeddings"] + [f"block {i}" for i in range(len(model.blocks))]
+    lens: dict[str, Any] = {"layers": ["embeddings"] + [f"block {i}" for i in range(len(model.blocks))]}
     if subject.classifier is None:
-        probs = [model.out_head(model.final_norm(h))[0].float().softmax(-1) for h in hidden]  # each (T, V)
-        final_id = int(probs[-1][-1].argmax())
-        top1 = [p.max(dim=-1) for p in probs]
-        return {
-            "layers": names,
-            "top1_piece": [[token_piece(tokenizer, int(i)) for i in t.indices] for t in top1],
-            "top1_prob": [[float(v) for v in t.values] for t in top1],
-            "final_prob": [float(p[-1, final_id]) for p in probs],
-            "top_k_last": [
-                [{"piece": token_piece(tokenizer, int(i)), "probability": float(v)} for v, i in zip(*p[-1].topk(k))]
-                for p in probs
-            ],
-        }
-    classifier = subject.classifier
-    mask = torch.ones_like(input_ids)
-    probs = [classifier.head(classifier.pool(model.final_norm(h), mask))[0].float().softmax(-1) for h in hidden]
-    final_id = int(probs[-1].argmax())
-    labels = subject.labels
-    return {
-        "layers": names,
-        "top1_piece": [[labels[int(p.argmax())]] for p in probs],
-        "top1_prob": [[float(p.max())] for p in probs],
-        "final_prob": [float(p[final_id]) for p in probs],
-        "top_k_last": [[{"piece": name, "probability": float(v)} for name, v in zip(labels, p)] for p in probs],
-    }
+        final_id = int(output[0, -1].argmax())
+        rows = []
+        for h in hidden:
+            probs = model.out_head(model.final_norm(h))[0].float().softmax(-1)  # (T, V)
+            top1 = probs.max(dim=-1)
+            rows.append(
+                {
+                    "top1_piece": [token_piece(tokenizer, int(i)) for i in top1.indices],
+                    "top1_prob": [float(v) for v in top1.values],
+                    "final_prob": float(probs[-1, final_id]),
+                    "top_k_last": [
+                        {"piece": token_piece(tokenizer, int(i)), "probability": float(v)}
+                        for v, i in zip(*probs[-1].topk(k))
+                    ],
+                }
+            )
+    else:
+        classifier, mask, labels = subject.classifier, torch.ones_like(input_ids), subject.labels
+        class_probs = [
+            classifier.head(classifier.pool(model.final_norm(h), mask))[0].float().softmax(-1) for h in hidden
+        ]
+        final_id = int(output[0].argmax())
+        rows = [
+            {
+                "top1_piece": [labels[int(p.argmax())]],
+                "top1_prob": [float(p.max())],
+                "final_prob": float(p[final_id]),
+                "top_k_last": [{"piece": name, "probability": float(v)} for name, v in zip(labels, p)],
+            }
+            for p in class_probs
+        ]
+    return lens | {key: [row[key] for row in rows] for key in ("top1_piece", "top1_prob", "final_prob", "top_k_last")}
 
 
 def _top_k(logits: torch.Tensor, tokenizer: Any, k: int) -> list[dict[str, Any]]:

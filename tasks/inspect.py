@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from eval.introspection import render_inspection, table_rows
+from eval.introspection import headline, render_inspection, table_rows
 from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
@@ -75,22 +75,6 @@ def inspect_checkpoint(
         stage.complete([SUMMARY, *outputs], summary["metrics"])
     logger.info("inspected %s (%s) on %d tokens: %s", path, report["kind"], len(report["tokens"]), files["report"])
     return {**summary, "reused": False}
-
-
-def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers the run report shows: tokens, the prediction, and the heads that stand out."""
-    heads = [h for h in report["heads"] if h["previous_token"] is not None]
-    metrics: dict[str, Any] = {"tokens": len(report["tokens"])}
-    if report["kind"] == "lm":
-        top = report["next_token"][0]
-        metrics |= {"next_token": repr(top["piece"]), "next_token_probability": round(top["probability"], 4)}
-    else:
-        top = max(report["classes"], key=lambda c: c["probability"])
-        metrics |= {"class": top["label"], "class_probability": round(top["probability"], 4)}
-    if heads:
-        previous = max(heads, key=lambda h: h["previous_token"])
-        metrics["previous_token_head"] = f"L{previous['layer']}H{previous['head']} ({previous['previous_token']:.2f})"
-    return metrics
 
 
 @task(cache_policy=NO_CACHE)
