@@ -16,7 +16,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "finetune-classifier",
         help="fine-tune a GPT text classifier (spam or your CSV), then evaluate it",
         description="Prepares the data (reused if done), fine-tunes with early stopping on validation accuracy "
-        "(best checkpoint kept; rerunning resumes), then reports train/validation/test metrics.",
+        "(best checkpoint kept; rerunning resumes), then reports train/validation/test metrics. With dapt (set in a "
+        "--config file) the model is first pretrained on the training texts; with --ensemble SEED... one classifier "
+        "is trained per seed and their ensemble (one checkpoint) is evaluated too. The best spam recipe: "
+        "--config configs/spam-best.yaml.",
     )
     p.add_argument(
         "--data", default="spam", help="spam, or a labelled CSV/TSV file (with --text-column, --label-column)"
@@ -68,12 +71,17 @@ def run_finetune(args: argparse.Namespace) -> int:
     from tasks.classify import CONFUSION, CURVES
 
     out = finetune_classifier_flow(args.data, config, args.text_column, args.label_column, args.out, args.resume)
-    s = out["summary"]
-    kept = "final weights" if s.get("keep") == "last" else "best validation accuracy"
-    print(
-        f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, kept the {kept}: validation "
-        f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}"
-    )
+    if "members" in out:
+        print(f"{'reused' if out['reused'] else 'built'}: an ensemble of {len(out['members'])} classifiers")
+        print(table([_split_row(m["out_dir"], m["metrics"]) for m in out["members"]]))
+        print("the ensemble (mean class probability):")
+    else:
+        s = out["summary"]
+        kept = "final weights" if s.get("keep") == "last" else "best validation accuracy"
+        print(
+            f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, kept the {kept}: validation "
+            f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}"
+        )
     print(
         table(
             [
@@ -90,8 +98,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     out_dir = Path(out["out_dir"])
     print(f"model: {out['best']}")
-    print(f"metrics: {out_dir / 'metrics.json'}  curves: {out_dir / CURVES}  confusion matrix: {out_dir / CONFUSION}")
+    curves = "" if "members" in out else f"  curves: {out_dir / CURVES}"
+    print(f"metrics: {out_dir / 'metrics.json'}{curves}  confusion matrix: {out_dir / CONFUSION}")
     return 0
+
+
+def _split_row(out_dir: str, metrics: dict) -> dict:
+    """A member's row: its folder and its accuracy on each split."""
+    return {"member": Path(out_dir).name, **{split: f"{100 * m['accuracy']:.2f}%" for split, m in metrics.items()}}
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from prefect import flow
 
 from data.config import CsvDataConfig, SpamDataConfig
 from model.classifier import ClassifierConfig
-from tasks.classify import evaluate_splits, finetune_classifier
+from tasks.classify import ensemble_classifiers, evaluate_splits, finetune_classifier, pretrain_on_domain
 
 
 @flow(name="finetune-classifier")
@@ -20,8 +20,11 @@ def finetune_classifier_flow(
     out_dir: str | None = None,
     resume: bool = True,
 ) -> dict:
-    """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Outputs go to
-    `out_dir`, else to the folder the stage contract names: `<home>/classify/<data>-<init>-<key>`."""
+    """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Each
+    classifier (one, or one per `config.ensemble` seed) is domain-pretrained if `config.dapt` says so, fine-tuned
+    and evaluated; an ensemble's members then become one checkpoint, evaluated in turn. The final classifier goes
+    to `out_dir`, else to the folder the stage contract names: `<home>/classify/<data>-<init>-<key>` (members:
+    always there)."""
     from flows.prepare import prepare_csv, prepare_spam
 
     if (Path(data) / "train.csv").is_file():
@@ -30,6 +33,14 @@ def finetune_classifier_flow(
         data_dir = prepare_spam(SpamDataConfig())["out_dir"]
     else:
         data_dir = prepare_csv(data, CsvDataConfig(text_column=text_column, label_column=label_column))["out_dir"]
-    trained = finetune_classifier(data_dir, config, out_dir, resume)
-    metrics = evaluate_splits(trained["best"], data_dir, trained["out_dir"])
-    return {**trained, "data_dir": data_dir, "metrics": metrics}
+    members = []
+    for member in config.members():
+        if member.dapt is not None:
+            member = pretrain_on_domain(data_dir, member, resume)["config"]
+        trained = finetune_classifier(data_dir, member, None if config.ensemble else out_dir, resume)
+        members.append({**trained, "metrics": evaluate_splits(trained["best"], data_dir, trained["out_dir"])})
+    if not config.ensemble:
+        return {**members[0], "data_dir": data_dir}
+    ensemble = ensemble_classifiers(data_dir, members, out_dir)
+    metrics = evaluate_splits(ensemble["best"], data_dir, ensemble["out_dir"])
+    return {**ensemble, "data_dir": data_dir, "metrics": metrics, "members": members}

@@ -15,7 +15,8 @@ the classifier neither trains, saves nor exports it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -33,10 +34,12 @@ from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import GPTConfig
+from model.dapt import DaptConfig, corpus_tokens, dapt_stage, domain_pretrain
 from model.device import autocast
 from model.distributed import replicated
 from model.gpt import GPTModel
 from model.init import INIT_HELP, InitSpec
+from model.pretrain import LMResult
 from model.training import (
     CHECKPOINT,
     EpochBatches,
@@ -48,11 +51,12 @@ from model.training import (
     train,
 )
 
-CODE = (__name__, "model.gpt", "model.training", "model.init", "model.device", "edge.text")
+CODE = (__name__, "model.gpt", "model.training", "model.init", "model.device", "model.dapt", "edge.text")
 
 log = logging.getLogger(__name__)
 
 FORMAT = "gptflow-classifier/1"
+ENSEMBLE_FORMAT = "gptflow-classifier-ensemble/1"
 BEST = "best.pt"  # classifier weights kept (best validation accuracy, or the final ones)
 HISTORY = "history.json"
 SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
@@ -72,6 +76,18 @@ class ClassifierConfig(TrainConfig):
     RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_batch_size"}
 
     init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
+    shape: GPTConfig | None = Field(
+        default=None, description="the shape of a model built from scratch (init random) instead of the preset's"
+    )
+    dapt: DaptConfig | None = Field(
+        default=None,
+        description="domain-adaptive pretraining on the training texts before fine-tuning (model/dapt.py)",
+    )
+    ensemble: tuple[int, ...] = Field(
+        default=(),
+        description="seeds of an ensemble's members: each member pretrains (with dapt) and fine-tunes with its "
+        "seed, and the ensemble averages their class probabilities; empty: one classifier of `seed`",
+    )
     pooling: Pooling = Field(default="last_real", description="which hidden state the head reads")
     trainable: Trainable = Field(
         default="last_k", description="head | last_k (last k blocks + final norm + head) | all"
@@ -98,6 +114,37 @@ class ClassifierConfig(TrainConfig):
                 raise ValueError("keep='last' trains the whole schedule: patience (early stopping) must be None")
             values = {**values, "patience": None}
         return values
+
+    @model_validator(mode="after")
+    def _shape_and_ensemble(self) -> "ClassifierConfig":
+        if self.shape is not None and self.init.kind != "random":
+            raise ValueError(f"shape builds the model from scratch: init must be random, not {self.init}")
+        if len(self.ensemble) == 1 or len(set(self.ensemble)) != len(self.ensemble):
+            raise ValueError(f"ensemble: expected 2 or more different seeds, got {list(self.ensemble)}")
+        return self
+
+    def members(self) -> list["ClassifierConfig"]:
+        """The configs of the classifiers to train: one per ensemble seed, or this one."""
+        return [self.model_copy(update={"seed": seed, "ensemble": ()}) for seed in self.ensemble] or [self]
+
+    def model_label(self) -> str:
+        """Short name of the starting model, for folder names."""
+        shape = self.shape
+        return self.init.label(self.preset if shape is None else f"{shape.n_layers}x{shape.emb_dim}")
+
+    def start_model(self, dropout: float, settings=None) -> GPTModel:
+        """The model fine-tuning (or domain pretraining) starts from, seeded with `seed` when built from scratch."""
+        return self.init.build(self.preset, shape=self.shape, dropout=dropout, seed=self.seed, settings=settings)
+
+    def after_dapt(self, model_path: str | Path) -> "ClassifierConfig":
+        """This config, fine-tuning from the result of its domain-adaptive pretraining."""
+        return self.model_copy(update={"init": f"checkpoint:{model_path}", "dapt": None, "shape": None})
+
+    def start_input(self, settings=None) -> Path | str:
+        """What a stage built on the starting model is keyed on: the weights file, or the random model's shape."""
+        if self.init.kind == "random" and self.shape is not None:
+            return "random:" + ",".join(f"{k}={v}" for k, v in self.shape.to_dict().items())
+        return self.init.stage_input(settings)
 
 
 class SequenceClassifier(nn.Module):
@@ -145,6 +192,38 @@ class SequenceClassifier(nn.Module):
                 for p in module.parameters():
                     p.requires_grad = True
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class ClassifierEnsemble(nn.Module):
+    """Classifiers whose class probabilities are averaged. `forward` returns the log of that mean: softmax and
+    argmax read it like logits, so everything that runs a classifier (evaluation, ONNX export, the edge runtime)
+    runs an ensemble unchanged, as one graph."""
+
+    def __init__(self, members: Sequence[SequenceClassifier]) -> None:
+        super().__init__()
+        if len({m.n_classes for m in members}) != 1:
+            raise ClassifierError(
+                f"ensemble members disagree on the number of classes: {[m.n_classes for m in members]}"
+            )
+        self.members = nn.ModuleList(members)
+
+    @property
+    def n_classes(self) -> int:
+        return self.members[0].n_classes
+
+    @property
+    def cfg(self) -> GPTConfig:
+        """The shape an input must fit: the first member's, with the shortest context of all."""
+        context = min(m.cfg.context_length for m in self.members)
+        return self.members[0].cfg.model_copy(update={"context_length": context})
+
+    @property
+    def pooling(self) -> str:
+        return "+".join(dict.fromkeys(m.pooling for m in self.members))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(m(input_ids, attention_mask).float(), -1) for m in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -251,12 +330,13 @@ def save_classifier(
 
 @dataclass
 class LoadedClassifier:
-    model: SequenceClassifier
+    model: SequenceClassifier | ClassifierEnsemble
     labels: dict[str, int]
     max_length: int
     source: dict[str, str]
     path: Path
     data_dir: str | None  # the data stage folder it was fine-tuned on
+    members: list[dict[str, Any]] = field(default_factory=list)  # an ensemble's: checkpoint, sha256, accuracies
 
     @property
     def names(self) -> list[str]:
@@ -272,17 +352,33 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
 
 
 def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
-    """The classifier of a loaded checkpoint, in eval mode; `path` names it."""
+    """The classifier (or ensemble) of a loaded checkpoint, in eval mode; `path` names it."""
+    if ckpt.get("format") == ENSEMBLE_FORMAT:
+        ensemble = ClassifierEnsemble([_member_model(m, len(ckpt["labels"])) for m in ckpt["members"]])
+        members = [{k: v for k, v in m.items() if k not in ("config", "model")} for m in ckpt["members"]]
+        source = {"init": f"ensemble of {len(members)}"}
+        return LoadedClassifier(
+            ensemble.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), source, path, ckpt.get("data_dir"), members
+        )
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a gptflow classifier checkpoint (expected format {FORMAT!r}); "
+            f"{path} is not a gptflow classifier checkpoint (expected format {FORMAT!r} or {ENSEMBLE_FORMAT!r}); "
             "fine-tune one with `gptflow finetune-classifier`"
         )
-    model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), len(ckpt["labels"]), ckpt["pooling"])
-    model.load_state_dict(ckpt["model"])
     return LoadedClassifier(
-        model.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), dict(ckpt["source"]), path, ckpt.get("data_dir")
+        _member_model(ckpt, len(ckpt["labels"])).eval(),
+        dict(ckpt["labels"]),
+        int(ckpt["max_length"]),
+        dict(ckpt["source"]),
+        path,
+        ckpt.get("data_dir"),
     )
+
+
+def _member_model(ckpt: dict[str, Any], n_classes: int) -> SequenceClassifier:
+    model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), n_classes, ckpt["pooling"])
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -303,14 +399,14 @@ def classifier_stage(
     data_dir = Path(data_dir)
     load_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
     inputs: dict[str, Path | str] = {n: data_dir / n for n in SPLIT_FILES}
-    inputs["init"] = config.init.stage_input(settings)
+    inputs["init"] = config.start_input(settings)
     return Stage.declare(
         "classify",
         inputs=inputs,
         config=config,
         code=CODE,
         out_dir=out_dir,
-        label=f"{data_dir.name}-{config.init.label(config.preset)}",
+        label=f"{data_dir.name}-{config.model_label()}",
     )
 
 
@@ -351,9 +447,14 @@ def _finetune(
     on_log: Callable[[dict[str, Any]], None] | None,
 ) -> FinetuneResult:
     labels = load_labels(data_dir)
-    backbone = config.init.build(config.preset, dropout=config.dropout, seed=config.seed, settings=settings)
+    if config.dapt is not None or config.ensemble:
+        raise ClassifierError(
+            "finetune trains one classifier: pretrain it with pretrain_domain first (dapt) and train an ensemble's "
+            "members one by one (ClassifierConfig.members), as the finetune-classifier flow does"
+        )
+    backbone = config.start_model(config.dropout, settings)
     source = (
-        {"init": "random", "preset": config.preset}
+        {"init": "random", "preset": config.model_label()}
         if config.init.kind == "random"
         else {"init": str(config.init), "sha256": stage.inputs["init"]}
     )
@@ -424,6 +525,91 @@ def _finetune(
     write_json_atomic(stage.dir / HISTORY, state.history)
     stage.complete([BEST, CHECKPOINT, HISTORY], summary)
     return FinetuneResult(stage.dir, stage.dir / BEST, state.history, summary)
+
+
+def domain_stage(
+    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, *, tokenizer, settings=None
+) -> tuple[Stage, np.ndarray]:
+    """The `dapt` stage of `config` (its `dapt` knobs, run settings and seed) and its corpus, the texts of
+    `data_dir` as tokens."""
+    if config.dapt is None:
+        raise ClassifierError("domain-adaptive pretraining needs a config with dapt set")
+    tokens = corpus_tokens(data_dir, tokenizer)
+    train_config = config.dapt.train_config(config)
+    return dapt_stage(
+        data_dir, config.start_input(settings), train_config, config.model_label(), tokens, out_dir
+    ), tokens
+
+
+@replicated
+def pretrain_domain(
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    config: ClassifierConfig | None = None,
+    *,
+    tokenizer=None,
+    settings=None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = True,
+) -> LMResult:
+    """Domain-adaptive pretraining of the model `config` starts from, on the texts of `data_dir`, in its stage
+    folder (`out_dir`, else named by the stage contract); `config.after_dapt(result.model_path)` fine-tunes
+    from the result."""
+    config = config or ClassifierConfig()
+    stage, tokens = domain_stage(
+        data_dir, config, out_dir, tokenizer=tokenizer or get_tokenizer(settings), settings=settings
+    )
+    return domain_pretrain(
+        stage,
+        lambda: config.start_model(config.dapt.dropout, settings),
+        tokens,
+        config.dapt.train_config(config),
+        on_log=on_log,
+        resume=resume,
+    )
+
+
+def build_ensemble(
+    data_dir: str | Path, members: Sequence[dict[str, Any]], out_dir: str | Path | None = None, *, resume: bool = True
+) -> FinetuneResult:
+    """One classifier checkpoint (`best.pt`, format ENSEMBLE_FORMAT) holding every member's weights, for
+    `members`: {"best": a member's best.pt, "metrics": {split: {"accuracy": ...}}} from the same data folder. A
+    stage keyed on the members' files: rebuilding it after a member changed is automatic."""
+    data_dir = Path(data_dir)
+    labels = load_labels(data_dir)
+    paths = [Path(m["best"]) for m in members]
+    stage = Stage.declare(
+        "classify",
+        inputs={f"member{i}": path for i, path in enumerate(paths)},
+        config={"ensemble": "mean class probability", "members": len(paths)},
+        code=CODE,
+        out_dir=out_dir,
+        label=f"{data_dir.name}-ensemble{len(paths)}",
+    )
+    with stage.lock():
+        if stage.plan(resume).reused:
+            return FinetuneResult(stage.dir, stage.dir / BEST, [], stage.manifest()["metrics"], reused=True)
+        entries = []
+        for i, (path, member) in enumerate(zip(paths, members)):
+            ckpt = load_checkpoint(path)
+            if ckpt.get("format") != FORMAT:
+                raise ClassifierError(f"ensemble member {path} is not a single classifier checkpoint ({FORMAT!r})")
+            if ckpt["labels"] != labels:
+                raise ClassifierError(f"ensemble member {path}: labels {ckpt['labels']} differ from {labels}")
+            accuracy = {split: m["accuracy"] for split, m in member.get("metrics", {}).items()}
+            info = {"checkpoint": str(path), "sha256": stage.inputs[f"member{i}"], "accuracy": accuracy}
+            entries.append({k: ckpt[k] for k in ("config", "model", "pooling", "max_length", "source")} | info)
+        summary = {"members": [{k: e[k] for k in ("checkpoint", "sha256", "accuracy")} for e in entries]}
+        save_checkpoint(
+            stage.dir / BEST,
+            format=ENSEMBLE_FORMAT,
+            members=entries,
+            labels=labels,
+            max_length=min(e["max_length"] for e in entries),
+            data_dir=str(data_dir.resolve()),
+        )
+        stage.complete([BEST], summary)
+    return FinetuneResult(stage.dir, stage.dir / BEST, [], summary)
 
 
 def split_logits(

@@ -85,18 +85,20 @@ class InitSpec(str):
         self,
         preset: str,
         *,
+        shape: GPTConfig | None = None,
         dropout: float = 0.0,
         seed: int = 0,
         context_length: int | None = None,
         settings: Settings | None = None,
     ) -> GPTModel:
-        """The starting model with the requested dropout (seeded when random)."""
+        """The starting model with the requested dropout (seeded when random: the preset's shape, or `shape`)."""
         if self.kind == "random":
             overrides: dict[str, Any] = {"dropout": dropout}
             if context_length is not None:
                 overrides["context_length"] = context_length
             torch.manual_seed(seed)
-            return GPTModel(GPTConfig.from_preset(preset, **overrides))
+            base = shape.to_dict() if shape is not None else GPTConfig.from_preset(preset).to_dict()
+            return GPTModel(GPTConfig.from_dict({**base, **overrides}))
         if self.kind == "gpt2":
             from model.weights import load_gpt2
 

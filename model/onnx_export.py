@@ -288,6 +288,8 @@ def _export(
         report["int8_drop_points"] = check_accuracy_gate(
             accuracy["onnx_fp32"], accuracy["onnx_int8"], config.max_int8_drop, f"ONNX int8 of {loaded.path}"
         )
+    if loaded.members:
+        report["members"] = loaded.members
     info = {
         "max_length": loaded.max_length,
         "pad_id": PAD_ID,
@@ -296,14 +298,14 @@ def _export(
         "source_checkpoint_sha256": ckpt_sha,
         "opset": report["opset"],
         "test_accuracy": accuracy,
+        **({"members": loaded.members} if loaded.members else {}),
     }
     encoder_json, vocab_bpe = tokenizer_files
     copies = {ORT_FILES["fp32"]: fp32_path, "encoder.json": encoder_json, "vocab.bpe": vocab_bpe}
     if config.int8:
         copies[ORT_FILES["int8"]] = int8_path
-    bundle = write_bundle(
-        out_dir / BUNDLE_DIR, CLASSIFIER, copies, {"labels.json": loaded.labels}, {"labels": loaded.labels, **info}
-    )
+    documents = {"labels.json": loaded.labels, "card.md": classifier_card(loaded, report, copies)}
+    bundle = write_bundle(out_dir / BUNDLE_DIR, CLASSIFIER, copies, documents, {"labels": loaded.labels, **info})
     report["bundle"] = str(bundle)
     report["sizes_bytes"] = {
         "torch_checkpoint": loaded.path.stat().st_size,
@@ -316,6 +318,54 @@ def _export(
         {"accuracy": accuracy, **parity},
     )
     return report
+
+
+def classifier_card(loaded, report: dict[str, Any], copies: dict[str, Path]) -> str:
+    """The bundle's card: what it is (an ensemble: its members and their accuracies), how it was checked, how to
+    run it."""
+    cfg, parity = loaded.model.cfg, report["parity"]
+    what = f"an ensemble of {len(loaded.members)} classifiers" if loaded.members else "a classifier"
+    lines = [
+        "# gptflow classifier bundle",
+        "",
+        f"{what.capitalize()} on a GPT-2 architecture backbone ({cfg.n_layers} layers, {cfg.n_heads} heads, width "
+        f"{cfg.emb_dim}, context {cfg.context_length}); labels {', '.join(loaded.labels)}; texts truncated to "
+        f"{loaded.max_length} tokens; pooling {loaded.model.pooling}. Source checkpoint sha256 "
+        f"`{report['checkpoint_sha256']}`; ONNX opset {report['opset']}.",
+    ]
+    if loaded.members:
+        lines += [
+            "",
+            "One ONNX graph runs every member and returns the log of their mean class probability.",
+            "",
+            "| member | sha256 | " + " | ".join(f"{split} accuracy" for split in loaded.members[0]["accuracy"]) + " |",
+            "|---|---|" + "---|" * len(loaded.members[0]["accuracy"]),
+            *[
+                f"| {Path(m['checkpoint']).parent.name} | `{m['sha256'][:12]}` | "
+                + " | ".join(f"{100 * a:.2f}%" for a in m["accuracy"].values())
+                + " |"
+                for m in loaded.members
+            ],
+        ]
+    lines += [
+        "",
+        f"Test accuracy of {what} (n={report['test_n']}):",
+        "",
+        "| model | test accuracy |",
+        "|---|---|",
+        *[f"| {name} | {100 * acc:.2f}% |" for name, acc in report["accuracy"].items()],
+        "",
+        f"fp32 ONNX vs PyTorch: max |logit diff| {parity['fp32_max_abs_logit_diff']:.2e}, "
+        f"{parity['fp32_prediction_matches']}/{parity['n']} predictions equal"
+        + (f"; int8 agrees with fp32 on {100 * parity['int8_agreement']:.2f}%." if "int8_agreement" in parity else ".")
+        + " Files: "
+        + ", ".join(f"{name} {Path(path).stat().st_size / 1e6:.1f} MB" for name, path in copies.items())
+        + ".",
+        "",
+        'Run with onnxruntime alone: `python -m edge classify BUNDLE "a message" [--int8]`.',
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _acc(logits: np.ndarray, y: np.ndarray) -> float:

@@ -13,14 +13,46 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from eval.metrics import report_rows, write_split_reports
-from eval.plots import plot_training_curves
+from eval.plots import plot_loss_curve, plot_training_curves
 from gptflow.tokenizer import get_tokenizer
-from model.classifier import ClassifierConfig, classifier_stage, finetune, split_logits
-from tasks.artifacts import artifact_key, publish_plot, publish_table, training_logger
+from model.classifier import (
+    ClassifierConfig,
+    build_ensemble,
+    classifier_stage,
+    domain_stage,
+    finetune,
+    pretrain_domain,
+    split_logits,
+)
+from tasks.artifacts import artifact_key, publish_plot, publish_table, publish_training_result, training_logger
 from tasks.training import run_training
 
 CURVES = "curves.png"
 CONFUSION = "confusion_test.png"
+
+
+@task(cache_policy=NO_CACHE)
+def pretrain_on_domain(data_dir: str, config: ClassifierConfig, resume: bool = True) -> dict[str, Any]:
+    """Domain-adaptive pretraining of the model `config` starts from (its `dapt`); returns the stage's outputs and
+    the config that fine-tunes from its model."""
+    logger = get_run_logger()
+    tokenizer = get_tokenizer()
+    name = domain_stage(data_dir, config, tokenizer=tokenizer)[0].dir.name
+    on_log, progress = training_logger("dapt", name, lambda m: m["step"] / config.dapt.steps)
+    result = run_training(
+        pretrain_domain, data_dir, None, config, name=name, on_log=on_log, resume=resume, tokenizer=tokenizer
+    )
+    progress.finish()
+    logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
+    plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", "domain-adaptive pretraining")
+    publish_training_result(result, plot, "dapt", "domain-adaptive pretraining")
+    return {
+        "out_dir": str(result.out_dir),
+        "model": str(result.model_path),
+        "reused": result.reused,
+        "metrics": result.metrics,
+        "config": config.after_dapt(result.model_path),
+    }
 
 
 @task(cache_policy=NO_CACHE)
@@ -40,6 +72,29 @@ def finetune_classifier(
     curves = plot_training_curves(evals, result.out_dir / CURVES, title=f"fine-tuning ({config.init})")
     publish_table(evals, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")
     publish_plot(curves, f"{key}-curves", f"{result.out_dir.name}: loss and accuracy")
+    return {
+        "out_dir": str(result.out_dir),
+        "best": str(result.best),
+        "summary": result.summary,
+        "reused": result.reused,
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def ensemble_classifiers(data_dir: str, members: list[dict[str, Any]], out_dir: str | None = None) -> dict[str, Any]:
+    """One checkpoint of the members (fine-tuning results with their split metrics) that averages their class
+    probabilities; publishes the members' accuracies."""
+    result = build_ensemble(data_dir, members, out_dir)
+    get_run_logger().info("%s ensemble %s", "reused" if result.reused else "built", result.best)
+    rows = [
+        {
+            "member": Path(m["checkpoint"]).parent.name,
+            **{f"{s}_accuracy": round(a, 4) for s, a in m["accuracy"].items()},
+        }
+        for m in result.summary["members"]
+    ]
+    name = result.out_dir.name
+    publish_table(rows, f"{artifact_key('classify', name)}-members", f"{name}: the ensemble's members")
     return {
         "out_dir": str(result.out_dir),
         "best": str(result.best),

@@ -1,0 +1,167 @@
+"""Domain-adaptive pretraining (DAPT): next-token training on a classification data set's own texts before the
+classifier is fine-tuned from it, through the one training loop (model.training).
+
+The corpus is the training split plus the messages balancing left unused (`unused.csv`), an end-of-text token
+after each; never a validation or test text. A short-message corpus uses a small part of GPT-2's 50257 tokens
+(about a fifth for SMS spam), so the model trains in a compact vocabulary of only those tokens: the same
+objective on this corpus (a full softmax over every token that can occur as a target) without the cost of
+embedding rows and optimizer state that would never be touched. The trained rows are then scattered back into
+the full-vocabulary model, which is saved in GPT-2 token ids; tokens the corpus lacks keep their starting rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptflow.errors import GptflowError
+from gptflow.stage import Stage
+from gptflow.storage import sha256_bytes
+from gptflow.tokenizer import EOT_ID
+from model.gpt import GPTModel
+from model.pretrain import LMResult, PretrainConfig, TokenWindows, finish_lm_stage, lm_loss, run_lm_stage
+from model.training import LearningRate, MinLrRatio, TrainConfig, WarmupSteps, train
+
+CODE = (__name__, "model.pretrain", "model.training", "model.gpt", "model.init")
+CORPUS_FILES = ("train.csv", "unused.csv")  # unused.csv is optional: only balancing writes rows to it
+
+
+class DaptError(GptflowError, ValueError):
+    """The data set cannot be pretrained on (no texts, or fewer tokens than one window)."""
+
+
+class DaptConfig(BaseModel):
+    """The knobs of domain-adaptive pretraining; the run settings (device, precision, threads, seed, optimizer
+    betas, weight decay, clipping) are the classifier's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(default=800, gt=0, description="optimizer steps")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    window: int = Field(default=64, gt=1, description="tokens per training window (random windows of the corpus)")
+    batch_size: int = Field(default=32, gt=0, description="windows per step")
+    lr: LearningRate = 2e-3
+    warmup_steps: WarmupSteps = 40
+    min_lr_ratio: MinLrRatio = 0.05
+
+    def train_config(self, run: TrainConfig) -> PretrainConfig:
+        """The training config of a DAPT run for the classifier config `run`: its run settings and seed."""
+        shared = ("weight_decay", "betas", "grad_clip", "grad_accum", "seed", "device", "precision")
+        return PretrainConfig(
+            **{name: getattr(run, name) for name in (*shared, "launcher", "threads")},
+            dropout=self.dropout,
+            context_length=self.window,
+            steps=self.steps,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            batch_size=self.batch_size,
+            eval_every=None,
+            sample_tokens=0,
+            log_every=max(1, self.steps // 20),
+            checkpoint_every=max(1, self.steps // 8),
+        )
+
+
+def corpus_tokens(data_dir: str | Path, tokenizer) -> np.ndarray:
+    """The DAPT token stream of a data folder: its training and unused texts, an end-of-text token after each."""
+    data_dir = Path(data_dir)
+    texts: list[str] = []
+    for name in CORPUS_FILES:
+        if (path := data_dir / name).is_file():
+            texts += pd.read_csv(path, dtype={"text": str}, keep_default_na=False)["text"].tolist()
+    if not texts:
+        raise DaptError(f"{data_dir}: no texts to pretrain on (expected a text column in train.csv)")
+    ids = tokenizer.encode_batch(texts, allowed_special="all")
+    return np.fromiter((t for row in ids for t in (*row, EOT_ID)), dtype=np.int64)
+
+
+def dapt_stage(
+    data_dir: str | Path,
+    start: Path | str,
+    config: PretrainConfig,
+    label: str,
+    tokens: np.ndarray,
+    out_dir: str | Path | None = None,
+) -> Stage:
+    """The stage of pretraining the model keyed as `start` (a weights file, or a literal such as the shape of a
+    random model) on `tokens` of `data_dir`; `label` names the starting model in the folder name."""
+    return Stage.declare(
+        "dapt",
+        inputs={"corpus": sha256_bytes(tokens.tobytes()), "start": start},
+        config=config,
+        code=CODE,
+        label=f"{Path(data_dir).name}-{label}-seed{config.seed}",
+        out_dir=out_dir,
+    )
+
+
+def domain_pretrain(
+    stage: Stage,
+    start: Callable[[], GPTModel],
+    tokens: np.ndarray,
+    config: PretrainConfig,
+    *,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = True,
+) -> LMResult:
+    """Pretrain the model `start()` builds (seeded) on `tokens` in `stage` (`dapt_stage`), whose `model.pt` is
+    the full-vocabulary result. Reused, resumed or run as the stage contract decides."""
+    return run_lm_stage(stage, resume, lambda ckpt: _train(stage, ckpt, start, tokens, config, on_log))
+
+
+def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig, on_log):
+    keep, compact_ids = np.unique(tokens, return_inverse=True)
+    full = start()
+    if config.context_length > full.cfg.context_length:
+        raise DaptError(
+            f"dapt.window {config.context_length} exceeds the model's context length {full.cfg.context_length}"
+        )
+    model = compact_vocab(full, torch.from_numpy(keep))
+    windows = TokenWindows(
+        compact_ids.astype(np.int64), config.context_length, config.batch_size, "random", config.seed
+    )
+
+    def loss(batch):
+        x, y = batch
+        return lm_loss(model.features(x), model.out_head.weight, y), {"tokens": x.numel()}
+
+    state = train(
+        model,
+        config,
+        stage=stage,
+        checkpoint=checkpoint,
+        total_steps=config.steps,
+        batch=windows.batch,
+        loss=loss,
+        on_log=on_log,
+    )
+    expand_vocab(full, model.cpu(), torch.from_numpy(keep))
+    return finish_lm_stage(stage, full, state, corpus_tokens=len(tokens), vocab_used=len(keep))
+
+
+def compact_vocab(model: GPTModel, keep: torch.Tensor) -> GPTModel:
+    """A copy of `model` whose vocabulary is the token ids `keep` (sorted), in that order."""
+    compact = GPTModel(model.cfg.model_copy(update={"vocab_size": len(keep)}))
+    state = model.state_dict()
+    state["tok_emb.weight"] = state["tok_emb.weight"][keep]
+    state["out_head.weight"] = state["out_head.weight"][keep]
+    compact.load_state_dict(state)
+    return compact
+
+
+def expand_vocab(full: GPTModel, compact: GPTModel, keep: torch.Tensor) -> None:
+    """Copy the weights of `compact` (vocabulary `keep`) into `full`, in place: its rows `keep` of the token
+    embedding and of the output head are replaced, every other row stays."""
+    state = compact.state_dict()
+    with torch.no_grad():
+        for name in ("tok_emb.weight", "out_head.weight"):
+            target = full.get_parameter(name)
+            target[keep] = state.pop(name)
+        missing = full.load_state_dict(state, strict=False).missing_keys
+    assert set(missing) <= {"tok_emb.weight", "out_head.weight"}, missing
