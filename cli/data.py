@@ -68,8 +68,11 @@ def _corpus(args: argparse.Namespace) -> int:
 
 def _print_labelled(outcome: dict) -> None:
     from data.labelled import summary_rows
+    from data.tabular import rejoined_note
 
     report = outcome["report"]
+    if report["read"].get("spilled_texts_rejoined"):
+        print(rejoined_note(report["read"]))
     print(f"labels: {report['labels']}")
     print(table([{"step": k, "rows": v} for k, v in report["cleaning"].items()]), end="\n\n")
     bal = report["balance"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,47 @@ SPLITS = ("train", "validation", "test")
 
 class DataError(GptflowError, ValueError):
     """An input data file is missing, unreadable or not in the expected shape; the message names it."""
+
+
+def require_file(path: Path, error: type[DataError], expected: str) -> None:
+    """Refuse a missing path or a folder before anything reads or hashes it; `expected` says what should be there."""
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a file (expected {expected})")
+    if not path.is_file():
+        raise error(f"{path}: no such file (expected {expected})")
+
+
+def unicode_encoding(path: Path, data: bytes, error: type[DataError], expected: str) -> str | None:
+    """The encoding a byte order mark declares (utf-8-sig, utf-16), else None; refuses binary data.
+
+    A NUL byte never occurs in UTF-8 or cp1252 text: without a UTF-16 byte order mark such a file is binary
+    (or BOM-less UTF-16, which cannot be told from binary), so it is refused rather than read as tokens.
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise error(f"{path}: looks binary (NUL byte at offset {nul}); expected {expected}")
+    return None
+
+
+def decode_unicode(path: Path, data: bytes, error: type[DataError], expected: str) -> str:
+    """`data` as text: UTF-8, or the UTF-16 a byte order mark declares; binary data and other encodings are refused."""
+    encoding = unicode_encoding(path, data, error, expected) or "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        fix = (
+            "it starts with a UTF-16 byte order mark but is cut short or mixed"
+            if encoding == "utf-16"
+            else "convert it to UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+        )
+        raise error(
+            f"{path}: not {encoding.removesuffix('-sig').upper()} text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); expected {expected}: {fix}"
+        ) from None
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 def _check_fractions(value: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -47,6 +47,12 @@ class CsvDataConfig(LabelledDataConfig):
 
     text_column: str = Field(min_length=1)
     label_column: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> "CsvDataConfig":
+        if self.text_column == self.label_column:
+            raise ValueError(f"the text and the label column are both {self.text_column!r}: name two columns")
+        return self
 
 
 class InstructionDataConfig(BaseModel):

@@ -83,20 +83,25 @@ def balance(
     return df[keep], df[~keep]
 
 
-def split(
-    df: pd.DataFrame, config: LabelledDataConfig, rng: np.random.Generator, source: str
-) -> dict[str, pd.DataFrame]:
-    """Stratified random split; every class must reach every split."""
-    class_counts = dict(sorted(df["label"].value_counts().items()))
-    sizes = stratified_sizes(class_counts, config.fractions)
-    for name, per_split in sizes.items():
-        if min(per_split) < 1:
-            raise DataError(
-                f"{source}: class {name!r} has only {class_counts[name]} row(s) after cleaning"
-                f"{' and balancing' if config.balance != 'none' else ''}: too few to appear in train, "
-                f"validation and test at fractions {'/'.join(f'{f:g}' for f in config.fractions)} "
-                f"(each class needs at least {min_rows_per_split(config.fractions)} rows)"
-            )
+def check_class_sizes(class_counts: dict[str, int], config: LabelledDataConfig, source: str) -> None:
+    """Every class must reach every split. Undersampling cuts every class to the smallest one's size, so then
+    the class to name is the smallest, whichever class the split would leave empty."""
+    undersample = config.balance == "undersample"
+    kept = {name: min(class_counts.values()) for name in class_counts} if undersample else class_counts
+    short = [name for name, sizes in stratified_sizes(kept, config.fractions).items() if min(sizes) < 1]
+    if short:
+        name = min(class_counts if undersample else short, key=class_counts.__getitem__)
+        raise DataError(
+            f"{source}: class {name!r} has only {class_counts[name]} row(s) after cleaning"
+            f"{' (balancing cuts every class to that size)' if undersample else ''}: too few to appear in "
+            f"train, validation and test at fractions {'/'.join(f'{f:g}' for f in config.fractions)} "
+            f"(each class needs at least {min_rows_per_split(config.fractions)} rows)"
+        )
+
+
+def split(df: pd.DataFrame, config: LabelledDataConfig, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """Stratified random split (`check_class_sizes` has made sure every class reaches every split)."""
+    sizes = stratified_sizes(dict(sorted(df["label"].value_counts().items())), config.fractions)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     groups = df.groupby("label").indices
     for name, (n_train, n_val, _) in sizes.items():
@@ -153,9 +158,11 @@ def build_labelled_dataset(
             f"{source}: a classifier needs at least 2 classes; after cleaning the labels hold only "
             f"{next(iter(ids))!r} ({cleaning['rows_clean']} rows)"
         )
+    before = {k: int(v) for k, v in sorted(cleaned["label"].value_counts().items())}
+    check_class_sizes(before, config, source)
     rng = np.random.default_rng(config.seed)
     kept, unused = balance(cleaned, config, rng)
-    splits = split(kept, config, rng, source)
+    splits = split(kept, config, rng)
 
     report = {
         "stage": stage,
@@ -166,7 +173,7 @@ def build_labelled_dataset(
         "labels": ids,
         "balance": {
             "method": config.balance,
-            "before": {k: int(v) for k, v in sorted(cleaned["label"].value_counts().items())},
+            "before": before,
             "after": {k: int(v) for k, v in sorted(kept["label"].value_counts().items())},
             "unused_rows": len(unused),
         },

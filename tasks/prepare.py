@@ -55,8 +55,11 @@ def build_spam_data(source: str, config: SpamDataConfig) -> dict:
 @task(cache_policy=NO_CACHE)
 def build_csv_data(path: str, config: CsvDataConfig) -> dict:
     result = tabular.prepare_csv(path, config)
-    if result.report["read"]["encoding"] == "cp1252":
-        get_run_logger().warning("%s is not UTF-8: read as cp1252 (Windows latin-1); check accents", path)
+    read, logger = result.report["read"], get_run_logger()
+    if read["encoding"] == "cp1252":
+        logger.warning("%s is not UTF-8: read as cp1252 (Windows latin-1); check accents", path)
+    if read["spilled_texts_rejoined"]:
+        logger.warning("%s: %s", path, tabular.rejoined_note(read))
     return _labelled_outcome(result, f"data-{result.out_dir.name}")
 
 

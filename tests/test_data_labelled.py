@@ -157,7 +157,12 @@ def test_csv_three_classes_tsv(tmp_path, settings):
     result = prepare_csv(path, csv_config(), settings)
     assert result.out_dir.parent == settings.home / "data"
     assert result.out_dir.name.startswith("csv-reviews-") and len(result.out_dir.name) == len("csv-reviews-") + 8
-    assert result.report["read"] == {"encoding": "utf-8", "delimiter": "tab", "columns": ["text", "label"]}
+    assert result.report["read"] == {
+        "encoding": "utf-8",
+        "delimiter": "tab",
+        "columns": ["text", "label"],
+        "spilled_texts_rejoined": 0,
+    }
     assert read_json(result.out_dir / "labels.json") == {"mixed": 0, "neg": 1, "pos": 2}
     assert result.report["splits"] == {  # 36 rows after undersampling to 12 per class -> 25/3/8
         "train": {"mixed": 8, "neg": 8, "pos": 9, "total": 25},
@@ -185,6 +190,7 @@ def test_csv_quoted_commas_and_newlines_with_bom(tmp_path, settings):
         "encoding": "utf-8-sig",
         "delimiter": "comma",
         "columns": ["text", "label", "notes"],
+        "spilled_texts_rejoined": 0,
     }
     assert result.report["cleaning"]["rows_read"] == 20
     texts = set(pd.concat(read_split(result.out_dir, s) for s in ["train", "validation", "test"])["text"])
@@ -239,3 +245,194 @@ def test_csv_bad_input(tmp_path, settings, content, kwargs, message):
 def test_csv_missing_file(tmp_path, settings):
     with pytest.raises(TabularError, match="nope.csv: no such file"):
         prepare_csv(tmp_path / "nope.csv", csv_config(), settings)
+
+
+# --- files from the wild ---------------------------------------------------------------------------------
+
+# The widely shared copy of the SMS spam set: header `label,text,,,`, cp1252, CRLF. Unquoted commas spill a
+# message's tail into the unnamed columns (1, 2 and 3 of them below); the rest end in `,,,`.
+SPILLED = [
+    (
+        b'ham,"Go until jurong point, crazy.. Available only in bugis",,,',
+        "Go until jurong point, crazy.. Available only in bugis",
+    ),
+    (b"ham,I'll be there at 5, ok?,,", "I'll be there at 5, ok?"),
+    (b'spam,"part one", part two, part three,', "part one, part two, part three"),
+    (b'spam,"Win \xa3100 now", call 0800, txt STOP,', "Win £100 now, call 0800, txt STOP"),
+    (b"spam,one, two, three, four", "one, two, three, four"),
+    (b"ham,Sorry \xa35 is all,,,", "Sorry £5 is all"),
+]
+
+
+def write_wild_spam(path):
+    lines = [b"label,text,,,"] + [line for line, _ in SPILLED]
+    lines += [b"ham,message %d for you,,," % i for i in range(12)] + [
+        b"spam,offer %d \xa3%d,,," % (i, i) for i in range(12)
+    ]
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    return path
+
+
+def test_csv_spill_over_into_unnamed_columns_is_rejoined(tmp_path, settings):
+    path = write_wild_spam(tmp_path / "spam.csv")
+    result = prepare_csv(path, csv_config(balance="none"), settings)
+    assert result.report["read"] == {
+        "encoding": "cp1252",
+        "delimiter": "comma",
+        "columns": ["label", "text"],  # the three unnamed columns are dropped
+        "spilled_texts_rejoined": 4,
+    }
+    assert read_json(result.out_dir / "report.json")["read"]["spilled_texts_rejoined"] == 4
+    assert result.report["cleaning"]["rows_read"] == 30
+    assert result.report["raw_class_counts"] == {"ham": 15, "spam": 15}
+    parts = pd.concat(read_split(result.out_dir, s) for s in ["train", "validation", "test"])
+    texts = dict(zip(parts["text"], parts["label"]))
+    assert {text: texts[text] for _, text in SPILLED} == {
+        "Go until jurong point, crazy.. Available only in bugis": 0,
+        "I'll be there at 5, ok?": 0,
+        "part one, part two, part three": 1,
+        "Win £100 now, call 0800, txt STOP": 1,
+        "one, two, three, four": 1,
+        "Sorry £5 is all": 0,
+    }
+    assert "offer 7 £7" in texts and len(texts) == 30
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b"label,text,,\nspam,a, b, c, d\n",
+            "line 2 has 5 fields but the header names 2 columns and 2 unnamed ones "
+            "(extra values [' b', ' c', ' d']); quote fields that contain the delimiter 'comma'",
+        ),
+        (
+            b"label,text,notes\nham,fine,\nspam,a, b, c\n",
+            "line 3 has 4 fields but the header names 3 columns "
+            "(extra values [' c']); quote fields that contain the delimiter 'comma'",
+        ),
+        (
+            b"text,label,,\nhello, world,ham,\n",
+            "line 2 has values in unnamed columns after 'label', which only the "
+            "spill-over of a last text column may fill ('text' is not last) (extra values ['ham']); quote fields "
+            "that contain the delimiter 'comma'",
+        ),
+        (
+            b"text,label\nhello,ham,oops\n",
+            "line 2 has 3 fields but the header names 2 columns (extra values "
+            "['oops']); quote fields that contain the delimiter 'comma'",
+        ),
+    ],
+    ids=["more-fields-than-header", "named-extra-column", "text-not-last", "no-unnamed-columns"],
+)
+def test_csv_column_count_errors(tmp_path, settings, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(TabularError) as info:
+        prepare_csv(path, csv_config(), settings)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_csv_smallest_class_named_when_balancing(tmp_path, settings):
+    path = write_table(tmp_path / "three.csv", rows({"ham": 30, "spam": 20, "promo": 4}))
+    with pytest.raises(DataError) as info:
+        prepare_csv(path, csv_config(), settings)
+    assert str(info.value) == (
+        f"{path}: class 'promo' has only 4 row(s) after cleaning (balancing cuts every class to that size): too "
+        "few to appear in train, validation and test at fractions 0.7/0.1/0.2 (each class needs at least 10 rows)"
+    )
+
+
+TEN_EACH = "".join(f"note {i},{'spam' if i % 2 else 'ham'}\n" for i in range(20))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xef\xbb\xbf\r\n", "the file is empty (expected a header row and labelled rows)"),
+        (
+            b"text,label\r\n",
+            "no labelled rows (0 read, none with both a text and a label); expected a header row "
+            "and at least 2 classes of labelled rows",
+        ),
+        (
+            b"text,label\n,ham\n,spam\n  ,ham\n",
+            "no labelled rows (3 read, none with both a text and a label); "
+            "expected a header row and at least 2 classes of labelled rows",
+        ),
+        (
+            ("text,label\n" + TEN_EACH).encode("utf-16-le"),
+            "looks binary (NUL byte at offset 1); expected a UTF-8 or "
+            "cp1252 text CSV/TSV (UTF-16 only with its byte order mark: else save it as 'CSV UTF-8')",
+        ),
+        (
+            b"\xff\xfet\x00e\x00x",
+            "not UTF-16 text (byte 0x78 at offset 6); expected a UTF-8 or cp1252 text CSV/TSV "
+            "(UTF-16 only with its byte order mark: else save it as 'CSV UTF-8'): it starts with a UTF-16 byte "
+            "order mark but is cut short or mixed",
+        ),
+        (
+            b"text,label,text\nhi,ham,ho\n",
+            "the header names column 'text' 2 times (columns [1, 3]); rename all but "
+            "one so that it is clear which one to read",
+        ),
+        (
+            ("text,label\n" + TEN_EACH + '"never closed,ham\n' + TEN_EACH).encode(),
+            "line 22 opens a quoted field "
+            "that is never closed, so the rest of the file (lines 22-42) would be read as one text; close the quote "
+            '(a quote inside a quoted field is written "")',
+        ),
+        (
+            b'text,label\nhi,ham\n"' + b"x" * 200_000 + b",spam\n",
+            "not a readable CSV at line 3: field larger than "
+            "field limit (131072); a quote never closed makes one field of the rest of the file",
+        ),
+    ],
+    ids=[
+        "bom-only",
+        "header-only",
+        "texts-all-empty",
+        "utf16-no-bom",
+        "utf16-odd-bytes",
+        "duplicate-column",
+        "unclosed-quote",
+        "field-limit",
+    ],
+)
+def test_csv_odd_files(tmp_path, settings, content, message):
+    path = tmp_path / "odd.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        prepare_csv(path, csv_config(), settings)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_csv_folder_and_same_columns(tmp_path, settings):
+    with pytest.raises(TabularError) as info:
+        prepare_csv(tmp_path, csv_config(), settings)
+    assert str(info.value) == f"{tmp_path}: is a folder, not a file (expected a CSV/TSV with a header row)"
+    with pytest.raises(ValueError, match="the text and the label column are both 'text': name two columns"):
+        CsvDataConfig(text_column="text", label_column="text")
+
+
+@pytest.mark.parametrize(
+    "encoding, sep, newline, delimiter",
+    [("utf-16", "\t", "\r\n", "tab"), ("utf-8", "\t", "\n", "tab"), ("utf-8", ",", "\r", "comma")],
+    ids=["utf16-excel-unicode-text", "tsv-named-csv", "old-mac-line-ends"],
+)
+def test_csv_read_as_a_user_expects(tmp_path, settings, encoding, sep, newline, delimiter):
+    lines = [f"text{sep}label"] + [f"caf\u00e9 {i}{sep}{'spam' if i % 2 else 'ham'}" for i in range(20)]
+    lines += [f"no label{sep} ", f"{sep}ham"]  # a blank label and a blank text: dropped and counted
+    path = tmp_path / "export.csv"
+    path.write_bytes(newline.join(lines).encode(encoding))
+    result = prepare_csv(path, csv_config(), settings)
+    assert result.report["read"] == {
+        "encoding": encoding,
+        "delimiter": delimiter,
+        "columns": ["text", "label"],
+        "spilled_texts_rejoined": 0,
+    }
+    cleaning = result.report["cleaning"]
+    assert (cleaning["rows_read"], cleaning["empty_texts_dropped"], cleaning["empty_labels_dropped"]) == (22, 1, 1)
+    texts = set(pd.concat(read_split(result.out_dir, s) for s in ["train", "validation", "test"])["text"])
+    assert texts == {f"café {i}" for i in range(20)}
