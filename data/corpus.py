@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.common import DataError, StageResult, floor_count
+from data.common import DataError, StageResult, decode_unicode, floor_count, require_file
 from data.config import CorpusConfig
 from gptflow.download import fetch_source
 from gptflow.settings import Settings, get_settings
@@ -29,10 +29,11 @@ STAGE = "data-corpus"
 NAMED = ("the-verdict", "tinyshakespeare")  # registered download sources
 DTYPE = np.uint16  # 50257 ids fit in 16 bits
 OUTPUTS = ["train.bin", "val.bin", "meta.json"]
+TEXT = "UTF-8 text to pretrain on"
 
 
 class CorpusError(DataError):
-    """A corpus name is unknown, or its file is missing, empty or not UTF-8 text."""
+    """A corpus name is unknown, or its file is missing, empty, binary or not UTF-8 text."""
 
 
 def resolve_corpus(name_or_path: str, settings: Settings) -> tuple[str, Path]:
@@ -40,22 +41,16 @@ def resolve_corpus(name_or_path: str, settings: Settings) -> tuple[str, Path]:
     if name_or_path in NAMED:
         return name_or_path, fetch_source(name_or_path, settings)
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         raise CorpusError(f"{name_or_path}: not a known corpus ({', '.join(NAMED)}) nor an existing text file")
+    require_file(path, CorpusError, TEXT)
     return f"{path.stem}-{sha256_file(path)[:8]}", path
 
 
 def read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorpusError(
-            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "convert it to UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
-        ) from None
+    text = decode_unicode(path, path.read_bytes(), CorpusError, TEXT)
     if not text.strip():
-        raise CorpusError(f"{path}: the file is empty (expected text to pretrain on)")
+        raise CorpusError(f"{path}: the file is empty (expected {TEXT})")
     return text
 
 

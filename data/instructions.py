@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data.common import DataError, StageResult, floor_count, split_sizes, token_length_stats
+from data.common import (
+    DataError,
+    StageResult,
+    decode_unicode,
+    floor_count,
+    require_file,
+    split_sizes,
+    token_length_stats,
+)
 from data.config import InstructionDataConfig
 from gptflow.settings import Settings, get_settings
 from gptflow.stage import Stage
@@ -20,10 +28,11 @@ STAGE = "data-instructions"
 OUTPUTS = ["train.json", "validation.json", "test.json", "report.json"]
 FIELDS = ("instruction", "input", "output")
 SHOW_INDICES = 10
+EXPECTED = "a non-empty JSON list (or JSON Lines) of {instruction, input, output} objects"
 
 
 class InstructionDataError(DataError):
-    """An instruction file is not a JSON list of {instruction, input?, output} string entries."""
+    """An instruction file is not a JSON list (or JSON Lines) of {instruction, input?, output} string entries."""
 
 
 def _entry_problem(entry) -> str | None:
@@ -39,20 +48,45 @@ def _entry_problem(entry) -> str | None:
     return None
 
 
-def load_instructions(path: Path) -> list[dict]:
-    """Parse and validate; an error lists the offending entry indices (the first few) and the first problem."""
+def _json_lines(path: Path, text: str) -> list:
+    """One JSON value per non-blank line (JSON Lines); an error names the line."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InstructionDataError(
+                    f"{path}: line {number} is not valid JSON (column {exc.colno}: {exc.msg}); expected one "
+                    "{instruction, input, output} object per line (JSON Lines)"
+                ) from None
+    return entries
+
+
+def _parse(path: Path):
+    """A JSON document, or the list of a JSON Lines file's values (a `.jsonl` file, or a file whose second value
+    starts a new line); an empty file, binary data and text not UTF-8 (a BOM is fine) are refused."""
+    text = decode_unicode(path, path.read_bytes(), InstructionDataError, EXPECTED)
+    if not text.strip():
+        raise InstructionDataError(f"{path}: the file is empty (expected {EXPECTED})")
+    if path.suffix == ".jsonl":
+        return _json_lines(path, text)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InstructionDataError(f"{path}: not UTF-8 (byte offset {exc.start}); save the file as UTF-8") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and exc.colno == 1:  # a second value starts a line: JSON Lines
+            return _json_lines(path, text)
         raise InstructionDataError(
             f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
+
+
+def load_instructions(path: Path) -> list[dict]:
+    """Parse and validate; an error lists the offending entry indices (the first few) and the first problem."""
+    data = _parse(path)
     if not isinstance(data, list) or not data:
         raise InstructionDataError(
-            f"{path}: expected a non-empty JSON list of {{instruction, input, output}} objects, "
-            f"got {'an empty list' if data == [] else type(data).__name__}"
+            f"{path}: expected {EXPECTED}, got {'an empty list' if data == [] else type(data).__name__}"
         )
     problems = [(i, p) for i, entry in enumerate(data) if (p := _entry_problem(entry))]
     if problems:
@@ -115,8 +149,7 @@ def prepare_instructions(
     config = config or InstructionDataConfig()
     settings = settings or get_settings()
     path = Path(path)
-    if not path.is_file():
-        raise InstructionDataError(f"{path}: no such file (expected a JSON list of instruction entries)")
+    require_file(path, InstructionDataError, EXPECTED)
     digest = sha256_file(path)
     out_dir = instructions_dir(path, digest, settings, default)
     stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config, code=CODE, folder=out_dir)

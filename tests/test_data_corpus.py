@@ -79,6 +79,38 @@ def test_bad_corpus_files(tmp_path, settings, content, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\0" * 4000, "looks binary (NUL byte at offset 0); expected UTF-8 text to pretrain on"),
+        (b"Hello\0world, again and again", "looks binary (NUL byte at offset 5); expected UTF-8 text to pretrain on"),
+    ],
+    ids=["nul-bytes", "nul-inside-text"],
+)
+def test_binary_corpus(tmp_path, settings, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError) as info:
+        prepare_corpus(str(path), settings=settings)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_corpus_folder(tmp_path, settings):
+    with pytest.raises(CorpusError) as info:
+        prepare_corpus(str(tmp_path), settings=settings)
+    assert str(info.value) == f"{tmp_path}: is a folder, not a file (expected UTF-8 text to pretrain on)"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_corpus_byte_order_mark(tmp_path, settings, encoding):
+    """A byte order mark names the encoding and is not text: the tokens are those of the text alone."""
+    path = tmp_path / "marked.txt"
+    path.write_bytes(("Hello, world<|endoftext|>" * 4).encode(encoding))
+    result = prepare_corpus(str(path), settings=settings)
+    assert (result.report["chars"], result.report["tokens"]) == (100, 16)
+    assert tokens(result.out_dir / "train.bin")[:4].tolist() == [15496, 11, 995, 50256]
+
+
 def test_unknown_corpus(settings):
     with pytest.raises(CorpusError, match=r"no-such-corpus: not a known corpus \(the-verdict, tinyshakespeare\)"):
         prepare_corpus("no-such-corpus", settings=settings)

@@ -111,3 +111,81 @@ def test_bad_instruction_files(tmp_path, settings, content, message):
     with pytest.raises(InstructionDataError, match=message) as info:
         prepare_instructions(path, settings=settings)
     assert str(path) in str(info.value)
+
+
+ENTRIES = [{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("bom.json", "\ufeff" + json.dumps(ENTRIES, indent=1)),
+        ("lines.jsonl", "".join(json.dumps(e) + "\n" for e in ENTRIES)),
+        (
+            "lines.json",
+            "\n".join(json.dumps(e) for e in ENTRIES[:10]) + "\n\n" + "\n".join(map(json.dumps, ENTRIES[10:])),
+        ),
+        ("bom-lines.jsonl", "\ufeff" + "\r\n".join(json.dumps(e) for e in ENTRIES)),
+    ],
+    ids=["utf8-bom", "jsonl", "json-lines-by-content", "jsonl-bom-crlf"],
+)
+def test_bom_and_json_lines_are_read(tmp_path, settings, name, content):
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8"))
+    result = prepare_instructions(path, settings=settings)
+    assert result.report["cleaning"]["entries_read"] == 20
+    assert result.report["splits"] == {"train": 17, "validation": 1, "test": 2}
+    parts = [e for name in SPLIT_FILES for e in read_json(result.out_dir / name)]
+    assert sorted(parts, key=lambda e: int(e["output"])) == ENTRIES
+
+
+EXPECTED = "a non-empty JSON list (or JSON Lines) of {instruction, input, output} objects"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.json", b" \n", f"the file is empty (expected {EXPECTED})"),
+        ("zeros.json", b"\0" * 64, f"looks binary (NUL byte at offset 0); expected {EXPECTED}"),
+        (
+            "latin.json",
+            '[{"instruction": "café", "output": "x"}]'.encode("cp1252"),
+            f"not UTF-8 text (byte 0xe9 at offset 21); expected {EXPECTED}: convert it to UTF-8 (e.g. iconv -f "
+            "cp1252 -t utf-8)",
+        ),
+        ("object.json", b'{"instruction": "a", "output": "b"}', f"expected {EXPECTED}, got dict"),
+        (
+            "broken.jsonl",
+            b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": }\n',
+            "line 2 is not valid JSON (column 32: Expecting value); expected one {instruction, input, output} "
+            "object per line (JSON Lines)",
+        ),
+        (
+            "broken-lines.json",
+            b'{"instruction": "a", "output": "b"}\n\n{"instruction": "c"\n',
+            "line 3 is not valid JSON (column 20: Expecting ',' delimiter); expected one {instruction, input, "
+            "output} object per line (JSON Lines)",
+        ),
+        ("trailing.json", b'[{"instruction": "a", "output": "b"}] x', "not valid JSON (line 1, column 39: Extra data)"),
+        (
+            "fields.jsonl",
+            b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ["b"]}\n{"output": "c"}\n',
+            "2 of 3 entries are not {instruction: str, input: str (optional), output: str} objects: indices 1, 2 "
+            "(entry 1 'output' is a list, not a string)",
+        ),
+    ],
+    ids=["empty", "nul-bytes", "cp1252", "object", "jsonl-bad-line", "json-lines-bad-line", "extra-data", "fields"],
+)
+def test_odd_instruction_files(tmp_path, settings, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InstructionDataError) as info:
+        prepare_instructions(path, settings=settings)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_missing_instruction_file_and_folder(tmp_path, settings):
+    for path, problem in [(tmp_path / "nope.json", "no such file"), (tmp_path, "is a folder, not a file")]:
+        with pytest.raises(InstructionDataError) as info:
+            prepare_instructions(path, settings=settings)
+        assert str(info.value) == f"{path}: {problem} (expected {EXPECTED})"
