@@ -10,6 +10,7 @@ model plus its largest tensor, not two full copies (a memory map would keep the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -54,16 +55,43 @@ class SafetensorsReader:
         self.path = path
         self._file = open(path, "rb")
         try:
+            self.entries, self._data_start = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, dict[str, Any]], int]:
+        """(tensor name -> {dtype, shape, data_offsets}, where the data starts), each entry checked against the
+        file's size so that a truncated file fails here, before any model is built."""
+        size = os.fstat(self._file.fileno()).st_size
+        try:
+            if size < 8:
+                raise ValueError(f"{size} bytes, too short for the 8-byte header length that starts one")
             (header_len,) = struct.unpack("<Q", self._file.read(8))
+            if 8 + header_len > size:
+                raise ValueError(f"its header length {header_len} runs past the end of the file, {size} bytes")
             if header_len > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(self._file.read(header_len))
-        except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            self._file.close()
-            raise WeightsError(f"{path} is not a safetensors file ({exc})") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WeightsError(f"{self.path} is not a safetensors file ({exc})") from None
+        if not isinstance(header, dict):
+            raise WeightsError(
+                f"{self.path}: the safetensors header is a JSON {type(header).__name__}, expected an object of "
+                "tensor name -> {dtype, shape, data_offsets}"
+            )
         header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
-        self.entries: dict[str, dict[str, Any]] = header
+        data_size = size - 8 - header_len
+        for name, entry in header.items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise WeightsError(f"{self.path}: header entry {name!r} {problem}")
+            if entry["data_offsets"][1] > data_size:
+                raise WeightsError(
+                    f"{self.path} is truncated: tensor {name} ends at byte {entry['data_offsets'][1]} of the "
+                    f"data section, which holds {data_size} bytes"
+                )
+        return header, 8 + header_len
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -92,6 +120,24 @@ class SafetensorsReader:
         if not direct:
             with torch.no_grad():
                 dest.copy_(buf.t() if transpose else buf)
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one tensor's header entry, or None for {dtype: str, shape: [int >= 0, ...],
+    data_offsets: [begin, end] with 0 <= begin <= end}."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        return "is not an object of dtype, shape and data_offsets"
+    if not isinstance(entry["dtype"], str):
+        return f"has dtype {entry['dtype']!r}, expected a name such as 'F32'"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"has shape {shape!r}, expected a list of sizes"
+    if (
+        not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets))
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end"
+    return None
 
 
 def hf_name_map(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
@@ -144,7 +190,12 @@ def resolve_weights(name_or_path: str | Path, settings: Settings | None = None) 
 
 
 def config_from_hf_json(path: Path) -> GPTConfig:
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not valid JSON ({exc}); expected a Hugging Face GPT-2 config.json") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: a JSON {type(data).__name__}, expected a Hugging Face GPT-2 config.json object")
     try:
         return GPTConfig(
             vocab_size=data["vocab_size"],
@@ -164,6 +215,12 @@ def infer_config(reader: SafetensorsReader) -> GPTConfig:
     if "wte.weight" not in names or "wpe.weight" not in names:
         raise WeightsError(f"{reader.path}: no wte.weight/wpe.weight tensors: not GPT-2 weights")
     prefix = "transformer." if "transformer.wte.weight" in reader.entries else ""
+    for name, dims in (("wte.weight", "[vocab, emb]"), ("wpe.weight", "[context, emb]")):
+        if len(reader.shape(prefix + name)) != 2:
+            raise WeightsError(
+                f"{reader.path}: tensor {prefix + name} has shape {reader.shape(prefix + name)}, expected 2 "
+                f"dimensions {dims}: not GPT-2 weights"
+            )
     vocab, emb = reader.shape(prefix + "wte.weight")
     ctx = reader.shape(prefix + "wpe.weight")[0]
     layers = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"h\.(\d+)\.", n))), default=-1)

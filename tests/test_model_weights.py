@@ -122,3 +122,112 @@ def test_bad_inputs(tmp_path):
     empty_mirror.mkdir()
     with pytest.raises(DownloadError, match="not in the mirror"):
         load_gpt2("gpt2-medium", load_settings(mirror=empty_mirror, home=tmp_path / "home"))
+
+
+def write_safetensors(path, header, data=b""):
+    """A hand-made safetensors file: 8-byte little-endian header length, the JSON header, the data section."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def f32(shape, begin, end):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        (
+            [1, 2],
+            b"",
+            ": the safetensors header is a JSON list, expected an object of tensor name -> "
+            "{dtype, shape, data_offsets}",
+        ),
+        (
+            {"wte.weight": f32([4], 0, 16), "wpe.weight": f32([2, 2], 16, 32)},
+            b"\0" * 32,
+            ": tensor wte.weight has shape [4], expected 2 dimensions [vocab, emb]: not GPT-2 weights",
+        ),
+        (
+            {"transformer.wte.weight": f32([4, 2], 0, 32), "transformer.wpe.weight": f32([], 32, 36)},
+            b"\0" * 36,
+            ": tensor transformer.wpe.weight has shape [], expected 2 dimensions [context, emb]: not GPT-2 weights",
+        ),
+        (
+            {"wte.weight": f32([4, 2], 0, 32)},
+            b"\0" * 10,
+            " is truncated: tensor wte.weight ends at byte 32 of the data section, which holds 10 bytes",
+        ),
+        ({"wte.weight": "F32"}, b"", ": header entry 'wte.weight' is not an object of dtype, shape and data_offsets"),
+        (
+            {"wte.weight": f32([4, -2], 0, 0)},
+            b"",
+            ": header entry 'wte.weight' has shape [4, -2], expected a list of sizes",
+        ),
+        (
+            {"wte.weight": f32([4, 2], 32, 0)},
+            b"\0" * 32,
+            ": header entry 'wte.weight' has data_offsets [32, 0], expected [begin, end] with 0 <= begin <= end",
+        ),
+        (
+            b"\xff[",
+            b"",
+            " is not a safetensors file ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)",
+        ),
+    ],
+    ids=[
+        "header-list",
+        "wte-1d",
+        "wpe-0d",
+        "truncated-data",
+        "entry-not-object",
+        "negative-size",
+        "offsets-reversed",
+        "header-not-utf8",
+    ],
+)
+def test_malformed_safetensors(tmp_path, header, data, message):
+    path = write_safetensors(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(WeightsError) as info:
+        load_gpt2(path)
+    assert str(info.value) == f"{path}{message}"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", " is not a safetensors file (0 bytes, too short for the 8-byte header length that starts one)"),
+        (
+            (1000).to_bytes(8, "little") + b"{}",
+            " is not a safetensors file (its header length 1000 runs past the end of the file, 10 bytes)",
+        ),
+    ],
+    ids=["empty", "header-length-past-end"],
+)
+def test_short_safetensors(tmp_path, content, message):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as info:
+        load_gpt2(path)
+    assert str(info.value) == f"{path}{message}"
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("[1]", ": a JSON list, expected a Hugging Face GPT-2 config.json object"),
+        (
+            "{oops",
+            ": not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+            "expected a Hugging Face GPT-2 config.json",
+        ),
+    ],
+    ids=["list", "not-json"],
+)
+def test_bad_config_beside_weights(tmp_path, config, message):
+    write_safetensors(tmp_path / "model.safetensors", {"wte.weight": f32([4, 2], 0, 32)}, b"\0" * 32)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(WeightsError) as info:
+        load_gpt2(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'config.json'}{message}"
