@@ -6,6 +6,7 @@ import json
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from test_data_labelled import write_wild_spam
 
 from cli import main
 from data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
@@ -76,9 +77,40 @@ def test_cli_bad_csv(prefect_harness, settings, tmp_path, capsys):
     path = tmp_path / "mail.csv"
     path.write_text("body,kind\nhello,ham\n")
     code = main(["data", "csv", str(path), "--text-column", "text", "--label-column", "kind"])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the line may end with where the traceback went
     assert code == 2
-    assert err == (
+    assert err.startswith(
         f"gptflow data: error: {path}: no column 'text' in the header; the columns found "
         "(comma-separated) are ['body', 'kind']"
-    )
+    ), err
+
+
+def test_cli_csv_from_the_wild(prefect_harness, settings, tmp_path, capsys):
+    path = write_wild_spam(tmp_path / "spam.csv")
+    code = main(["data", "csv", str(path), "--text-column", "text", "--label-column", "label", "--balance", "none"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4 row(s) held unquoted commas that split the text into unnamed columns: joined back into the text" in out
+    assert "rows_read                      30" in out
+
+
+def test_cli_bad_data_files(prefect_harness, settings, tmp_path, capsys):
+    zeros = tmp_path / "zeros.txt"
+    zeros.write_bytes(b"\0" * 4000)
+    two_columns = write_wild_spam(tmp_path / "spam.csv")
+    cases = [
+        (["corpus", str(zeros)], f"{zeros}: looks binary (NUL byte at offset 0); expected UTF-8 text to pretrain on"),
+        (
+            ["csv", str(two_columns), "--text-column", "text", "--label-column", "text"],
+            "options: Value error, the text and the label column are both 'text': name two columns",
+        ),
+        (
+            ["instructions", str(tmp_path)],
+            f"{tmp_path}: is a folder, not a file (expected a non-empty JSON list (or JSON Lines) of "
+            "{instruction, input, output} objects)",
+        ),
+    ]
+    for args, message in cases:
+        code = main(["data", *args])
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # the line may end with where the traceback went
+        assert code == 2 and err.startswith(f"gptflow data: error: {message}"), err

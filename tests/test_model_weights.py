@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+from cli import main  # noqa: E402
 from gptflow.download import DownloadError  # noqa: E402
 from gptflow.settings import load_settings  # noqa: E402
 from model.config import PRESETS, GPTConfig  # noqa: E402
@@ -231,3 +232,13 @@ def test_bad_config_beside_weights(tmp_path, config, message):
     with pytest.raises(WeightsError) as info:
         load_gpt2(tmp_path)
     assert str(info.value) == f"{tmp_path / 'config.json'}{message}"
+
+
+def test_cli_load_gpt2_bad_header(prefect_harness, settings, tmp_path, capsys):
+    path = write_safetensors(tmp_path / "model.safetensors", [1, 2])
+    assert main(["load-gpt2", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the line may end with where the traceback went
+    assert err.startswith(
+        f"gptflow load-gpt2: error: {path}: the safetensors header is a JSON list, expected an object of tensor "
+        "name -> {dtype, shape, data_offsets}"
+    ), err
