@@ -1,7 +1,8 @@
 """A user's labelled CSV/TSV -> the same clean/balance/split as the spam set.
 
-Reading is forgiving where a spreadsheet export varies (delimiter, BOM, Windows code page, trailing empty
-columns, quoted commas and newlines) and strict where a guess could silently mislabel rows.
+Reading is forgiving where a spreadsheet export varies (delimiter, BOM, UTF-16, Windows code page, line ends,
+trailing unnamed columns and a last text column's unquoted commas spilled into them, quoted commas and
+newlines) and strict where a guess could silently mislabel or merge rows.
 """
 
 from __future__ import annotations
