@@ -69,7 +69,7 @@ def _parse(path: Path):
     text = decode_unicode(path, path.read_bytes(), InstructionDataError, EXPECTED)
     if not text.strip():
         raise InstructionDataError(f"{path}: the file is empty (expected {EXPECTED})")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return _json_lines(path, text)
     try:
         return json.loads(text)

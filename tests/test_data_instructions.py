@@ -155,6 +155,11 @@ EXPECTED = "a non-empty JSON list (or JSON Lines) of {instruction, input, output
         ),
         ("object.json", b'{"instruction": "a", "output": "b"}', f"expected {EXPECTED}, got dict"),
         (
+            "one.JSONL",
+            b'{"instruction": "a", "output": "b"}\n',
+            "1 entries after cleaning are too few for a train/validation/test split at fractions 0.85/0.05/0.1",
+        ),
+        (
             "broken.jsonl",
             b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": }\n',
             "line 2 is not valid JSON (column 32: Expecting value); expected one {instruction, input, output} "
@@ -174,7 +179,17 @@ EXPECTED = "a non-empty JSON list (or JSON Lines) of {instruction, input, output
             "(entry 1 'output' is a list, not a string)",
         ),
     ],
-    ids=["empty", "nul-bytes", "cp1252", "object", "jsonl-bad-line", "json-lines-bad-line", "extra-data", "fields"],
+    ids=[
+        "empty",
+        "nul-bytes",
+        "cp1252",
+        "object",
+        "one-line-jsonl",
+        "jsonl-bad-line",
+        "json-lines-bad-line",
+        "extra-data",
+        "fields",
+    ],
 )
 def test_odd_instruction_files(tmp_path, settings, name, content, message):
     path = tmp_path / name
