@@ -12,10 +12,13 @@ import importlib
 import os
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
 from cli.common import add_stage_options
+from cli.runtime import server_dies_with_us, tracebacks_to_file
+from gptflow.errors import GptflowError
 
 VERB_MODULES = [
     "cli.pipeline",
@@ -41,17 +44,28 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name in VERB_MODULES:
         importlib.import_module(name).register(verbs)
-    verb = verbs.choices.get(next((a for a in argv if not a.startswith("-")), ""))  # the verb being run, if any
+    verb = verbs.choices.get(_verb(argv) or "")
     if verb is not None and verb.get_default("stage"):
         add_stage_options(verb, verb.get_default("stage"))
     return parser
+
+
+def _verb(argv: list[str]) -> str | None:
+    """The verb being run, if any: the first argument that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _prepare_environment() -> None:
     """Prefect reads its settings at import: keep its state local and analytics off unless set."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if os.environ.get("PREFECT_HOME"):  # Prefect does not create missing parents, and then cannot start
-        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+        home = Path(os.environ["PREFECT_HOME"]).expanduser()
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GptflowError(
+                f"invalid settings: PREFECT_HOME: cannot create {home} ({exc.strerror}); expected a writable folder"
+            ) from None
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     # Warnings of the plain layers (e.g. an encoding fallback) reach the run logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow,data,model,eval")
@@ -59,29 +73,55 @@ def _prepare_environment() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from edge import BundleError  # edge imports nothing of ours: its error is not a GptflowError
-    from gptflow.errors import GptflowError
     from gptflow.ranks import process_ranks
     from gptflow.settings import get_settings
 
-    _prepare_environment()  # before anything imports Prefect
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # Before any verb's config is imported: `import ollama` itself parses OLLAMA_HOST. A bad GPTFLOW_* /
+        # OLLAMA_HOST / PREFECT_HOME value stops every verb here, naming the variable.
+        settings = get_settings()
+        _prepare_environment()  # before anything imports Prefect
+    except GptflowError as exc:
+        print(f"gptflow{' ' + _verb(argv) if _verb(argv) else ''}: error: {exc}", file=sys.stderr)
+        return 2
     # SIGTERM (a scheduler stopping us) unwinds like Ctrl-C, so Prefect stops its ephemeral server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    argv = sys.argv[1:] if argv is None else argv
+    server_dies_with_us()  # and SIGKILL, which no handler sees, takes it down too
     args = build_parser(argv).parse_args(argv)
-    try:
-        get_settings()  # a bad GPTFLOW_* / OLLAMA_HOST value stops every verb here, naming the variable
-        ranks = process_ranks()  # half-set torchrun variables stop here too
-        if ranks.distributed:
-            result = _run_distributed(args, ranks.is_main)
-        else:
-            result = args.handler(args)
-    except (GptflowError, BundleError) as exc:
-        print(f"gptflow {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
-        return 130
+    log_file = settings.home / "logs" / f"{args.verb}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    with tracebacks_to_file(log_file) as tracebacks:
+        try:
+            ranks = process_ranks()  # half-set torchrun variables stop here
+            if ranks.distributed:
+                result = _run_distributed(args, ranks.is_main)
+            else:
+                result = args.handler(args)
+        except KeyboardInterrupt:
+            print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
+            return 130
+        except (GptflowError, BundleError, OSError) as exc:
+            message = _home_error(exc, settings.home) if isinstance(exc, OSError) else str(exc)
+            if message is None:  # any other OSError is a bug: it keeps its traceback
+                raise
+            where = f" (traceback: {tracebacks.path})" if tracebacks.used else ""
+            print(f"gptflow {args.verb}: error: {message}{where}", file=sys.stderr)
+            return 2
     return int(result or 0)
+
+
+def _home_error(exc: OSError, home: Path) -> str | None:
+    """A path under GPTFLOW_HOME that cannot be made or written (a file where a folder should be, a read-only
+    folder), in one line naming the variable; None for any other OSError."""
+    if exc.filename is None or not isinstance(exc, (PermissionError, NotADirectoryError, FileExistsError)):
+        return None
+    path = Path(os.fsdecode(exc.filename)).absolute()
+    if not path.is_relative_to(home.absolute()):
+        return None
+    return (
+        f"cannot write {path} ({exc.strerror}): GPTFLOW_HOME={home} must be a folder you can write in; "
+        "set GPTFLOW_HOME to another folder"
+    )
 
 
 def _run_distributed(args: argparse.Namespace, is_main: bool) -> int | None:

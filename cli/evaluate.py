@@ -7,6 +7,8 @@ import sys
 
 from cli.common import VerbConfig, stage_config, table
 
+NOTHING_JUDGED = 3  # exit status: the report says why no response has a score (a script must not take it for a pass)
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser(
@@ -14,6 +16,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="score instruction responses 0-100 with an Ollama judge and write a report",
         description="Score a JSON list of entries (instruction, input, output and response fields) with an "
         "LLM judge served by Ollama (host from OLLAMA_HOST). Judgements are cached: a rerun asks nothing new.",
+        epilog=f"Exit status: 0 when responses were scored; {NOTHING_JUDGED} when nothing could be judged (no Ollama "
+        "server, the judge model missing, or no reply held a usable score), with the report saying why; 2 on bad "
+        "input, or with --require-judge when the judge is unavailable.",
     )
     parser.add_argument("responses", metavar="RESPONSES.json", help="JSON list of entries to score")
     parser.add_argument(
@@ -48,9 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if outcome.status == "skipped":
         print(f"evaluation skipped: {outcome.reason}", file=sys.stderr)
         print(f"report: {outcome.out_dir}/{REPORT_NAME}")
-        return 0
+        return NOTHING_JUDGED
     print(table(summary_rows(outcome.summary)))
     if outcome.summary["paired"]:
         print(paired_line(outcome.summary["paired"]))
     print(f"report: {outcome.out_dir}/{REPORT_NAME}")
+    if not any(f["n_scored"] for f in outcome.summary["fields"].values()):
+        print("nothing judged: no reply held a usable score (the report lists each reason)", file=sys.stderr)
+        return NOTHING_JUDGED
     return 0

@@ -20,11 +20,11 @@ from typing import Any, Iterable
 
 import httpx
 import ollama
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gptflow.errors import GptflowError
 from gptflow.prompts import format_instruction
-from gptflow.settings import get_settings
+from gptflow.settings import get_settings, ollama_model_name, ollama_url
 from gptflow.storage import sha256_json
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,16 @@ class JudgeConfig(BaseModel):
     concurrency: int = Field(default=1, ge=1, description="Requests in flight at once.")
     pull: bool = Field(default=False, description="Pull the judge model when the server lacks it.")
     cache_dir: Path | None = Field(default=None, description="Judgement cache; default HOME/judge-cache.")
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_url(cls, value: str) -> str:
+        return ollama_url(value)
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_a_name(cls, value: str) -> str:
+        return ollama_model_name(value)
 
     def identity(self) -> dict[str, Any]:
         """What decides a judgement (the cache key and stage fingerprint use it; host and timing do not)."""

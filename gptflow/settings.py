@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,13 +50,20 @@ class Settings(BaseSettings):
             raise ValueError(f"mirror folder {value} does not exist (expected <mirror>/HOST/PATH files)")
         return value.resolve()
 
+    @field_validator("home")
+    @classmethod
+    def _home_is_writable(cls, value: Path) -> Path:
+        return writable_folder(value)
+
     @field_validator("ollama_host")
     @classmethod
-    def _host_has_scheme(cls, value: str) -> str:
-        value = value.strip()
-        if "://" not in value:  # ollama accepts "host:port"; we normalise the same way it does
-            value = "http://" + value
-        return value.rstrip("/")
+    def _host_is_a_url(cls, value: str) -> str:
+        return ollama_url(value)
+
+    @field_validator("judge_model")
+    @classmethod
+    def _model_is_a_name(cls, value: str) -> str:
+        return ollama_model_name(value)
 
     @property
     def downloads_dir(self) -> Path:
@@ -61,6 +71,63 @@ class Settings(BaseSettings):
 
     def stage_dir(self, stage: str) -> Path:
         return self.home / stage
+
+
+OLLAMA_PORT = 11434
+
+
+def ollama_url(value: str) -> str:
+    """An Ollama server address as a URL, or ValueError saying what is wrong with it. Like the ollama client,
+    `host`, `host:port` and `:port` mean http, port 11434 and 127.0.0.1 by default; the URL must have a host and
+    a numeric port, so that a typo fails here instead of deep inside the client."""
+    text = value.strip() or "localhost"  # an empty OLLAMA_HOST means the default, as it does to ollama
+    expected = "expected http(s)://HOST[:PORT] or HOST[:PORT]"
+    if "://" not in text:
+        text = "http://" + (f"127.0.0.1{text}" if text.startswith(":") else text)
+        default_port = OLLAMA_PORT
+    else:
+        default_port = None
+    try:
+        url = urlsplit(text)
+        port = url.port  # a port that is not a number, or out of range, raises here
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL ({exc}); {expected}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r}: scheme {url.scheme!r} is not http or https; {expected}")
+    if not url.hostname:
+        raise ValueError(f"{value!r} names no host; {expected}")
+    if port is None and default_port is not None:
+        return url._replace(netloc=f"{url.netloc}:{default_port}").geturl().rstrip("/")
+    return url.geturl().rstrip("/")
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+
+
+def ollama_model_name(value: str) -> str:
+    """An Ollama model name (`llama3`, `llama3:8b`, `namespace/model:tag`), or ValueError: a name with spaces or
+    other characters Ollama never accepts is refused before any request."""
+    if not _MODEL_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an Ollama model name (expected letters, digits and . _ - : /, like llama3 or llama3:8b)"
+        )
+    return value
+
+
+def writable_folder(path: Path) -> Path:
+    """`path` if it is a folder we can write in, or one that can be created; ValueError naming the obstacle. It is
+    not created here: a command that writes nothing leaves no folder behind."""
+    existing = path.absolute()
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path.absolute() else f" ({existing} is a file)"
+        raise ValueError(f"{path} is not a folder{where}; expected a writable folder for the outputs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable; expected a writable folder for the outputs")
+    return path
 
 
 _ENV_NAMES = {"mirror": "GPTFLOW_MIRROR", "home": "GPTFLOW_HOME", "ollama_host": "OLLAMA_HOST"}
@@ -71,8 +138,14 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = validation_message(exc, lambda loc: _ENV_NAMES.get(loc[0], f"GPTFLOW_{loc[0]}".upper()), "settings")
+        problems = validation_message(exc, _variable, "settings")
         raise SettingsError(f"invalid settings: {problems}") from None
+
+
+def _variable(loc: tuple) -> str:
+    """The environment variable of an error's field; an alias (OLLAMA_HOST) is its own name."""
+    name = str(loc[0])
+    return name if name.isupper() else _ENV_NAMES.get(name, f"GPTFLOW_{name}".upper())
 
 
 @functools.lru_cache(maxsize=1)

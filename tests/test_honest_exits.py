@@ -1,0 +1,226 @@
+"""Honest exits: an evaluation that judged nothing is not a pass, a user error is one line on the terminal (its
+traceback in a log file), bad settings stop at start-up, and a killed command leaves no Prefect server behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, command_env
+from fake_ollama import closed_port_host
+
+from cli import main
+from gptflow.settings import get_settings
+
+ENTRY = {"instruction": "Name a colour.", "input": "", "output": "Red.", "model_response": "Blue."}
+
+
+@pytest.fixture
+def responses(tmp_path):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([ENTRY]))
+    return path
+
+
+def test_evaluate_exits_3_when_the_judge_is_unreachable(prefect_harness, responses, settings, capsys, tmp_path):
+    host = closed_port_host()
+    rc = main(["evaluate", str(responses), "--host", host, "--timeout-s", "2", "--out-dir", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert rc == 3
+    reason = f"Ollama is not reachable at {host}; start it with `ollama serve` (ConnectionError)"
+    assert captured.err == f"evaluation skipped: {reason}\n"
+    assert captured.out == f"report: {tmp_path / 'r'}/report.md\n"
+    assert f"**Skipped**: {reason}" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_evaluate_exits_3_without_the_judge_model(prefect_harness, responses, fake_ollama, settings, capsys):
+    rc = main(["evaluate", str(responses), "--host", fake_ollama.host, "--model", "mistral"])
+    assert rc == 3
+    assert capsys.readouterr().err == (
+        f"evaluation skipped: model mistral is not available on {fake_ollama.host}; run `ollama pull mistral` "
+        "(or pass --pull)\n"
+    )
+
+
+def test_evaluate_exits_3_when_no_reply_holds_a_score(prefect_harness, responses, fake_ollama, settings, capsys):
+    fake_ollama.reply = lambda prompt, fmt: "I cannot say."
+    rc = main(["evaluate", str(responses), "--host", fake_ollama.host, "--backoff-s", "0"])
+    captured = capsys.readouterr()
+    assert rc == 3
+    assert captured.out.splitlines()[1].split()[:3] == ["model_response", "0", "1"]
+    assert captured.err == "nothing judged: no reply held a usable score (the report lists each reason)\n"
+
+
+def test_evaluate_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 when responses were scored; 3 when nothing could be judged" in help_text
+
+
+def test_a_failed_flow_is_one_line_and_its_traceback_goes_to_a_log_file(tmp_path, mirror):
+    data = tmp_path / "messages.csv"
+    data.write_text("text,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(40)))
+    env = command_env(tmp_path, mirror)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "data", "csv", str(data), "--text-column", "nope", "--label-column", "label"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    message = f"{data}: no column 'nope' in the header; the columns found (comma-separated) are ['text', 'label']"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gptflow data: error:")]
+    assert len(errors) == 1, proc.stderr
+    match = re.fullmatch(rf"gptflow data: error: {re.escape(message)} \(traceback: (.+)\)", errors[0])
+    assert match, errors[0]
+    log = Path(match.group(1))
+    assert log.parent == tmp_path / "home" / "logs" and log.name.startswith("data-")
+    text = log.read_text()
+    assert text.count("Traceback (most recent call last):") == 2  # the task run's and the flow run's
+    assert f"data.tabular.TabularError: {message}" in text
+    assert "Beginning flow run" in proc.stderr  # progress lines stay on the terminal
+
+
+def test_the_flow_runs_logs_keep_the_traceback(prefect_harness, settings, tmp_path, capsys):
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    data = tmp_path / "messages.csv"
+    data.write_text("text,label\nhello,a\n")
+    assert main(["data", "csv", str(data), "--text-column", "nope", "--label-column", "label"]) == 2
+    log = Path(capsys.readouterr().err.rsplit("(traceback: ", 1)[1].rstrip(")\n"))
+    assert "Traceback (most recent call last):" in log.read_text()
+    APILogHandler().flush()  # send what is queued
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+        (run,) = [r for r in runs if r.state.is_failed() and r.parameters.get("path") == str(data)]
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert any("Traceback (most recent call last):" in entry.message for entry in logs)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(p) for p in task.read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (its parent, init, reaps it)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_a_killed_command_takes_its_temporary_prefect_server_down(tmp_path, mirror):
+    env = command_env(tmp_path, mirror)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "cli", "data", "corpus", "the-verdict"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        server = None
+        while server is None:
+            assert command.poll() is None and time.monotonic() < deadline, "no Prefect server was started"
+            server = next(
+                (p for p in _children(command.pid) if b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes()), None
+            )
+            time.sleep(0.1)
+        command.send_signal(signal.SIGKILL)
+        command.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), f"the Prefect server {server} outlived the killed command"
+    finally:
+        if command.poll() is None:
+            command.kill()
+
+
+@pytest.mark.parametrize(
+    "host, message",
+    [
+        ("http://[::1", "'http://[::1' is not a URL (Invalid IPv6 URL)"),
+        (":::::", "':::::' is not a URL (Port could not be cast to integer value as '::::')"),
+        ("http://", "'http://' names no host"),
+        ("http://host:notaport", "'http://host:notaport' is not a URL (Port could not be cast to integer value"),
+        ("http://host:70000", "'http://host:70000' is not a URL (Port out of range 0-65535)"),
+        ("ftp://host", "'ftp://host': scheme 'ftp' is not http or https"),
+    ],
+)
+def test_a_bad_ollama_host_stops_every_verb_in_one_line(host, message, settings, monkeypatch, capsys):
+    monkeypatch.setenv("OLLAMA_HOST", host)
+    get_settings.cache_clear()
+    assert main(["evaluate", "responses.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptflow evaluate: error: invalid settings: OLLAMA_HOST: Value error, {message}")
+    assert err.count("\n") == 1 and "expected http(s)://HOST[:PORT] or HOST[:PORT]" in err
+
+
+def test_ollama_host_forms_the_client_accepts(settings, monkeypatch):
+    for value, url in [
+        ("judge.local", "http://judge.local:11434"),
+        (":5678", "http://127.0.0.1:5678"),
+        ("[::1]:9", "http://[::1]:9"),
+        ("https://judge.example/", "https://judge.example"),
+        ("", "http://localhost:11434"),
+    ]:
+        monkeypatch.setenv("OLLAMA_HOST", value)
+        get_settings.cache_clear()
+        assert get_settings().ollama_host == url
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        (
+            "GPTFLOW_HOME",
+            "{file}/outputs",
+            "GPTFLOW_HOME: Value error, {file}/outputs is not a folder ({file} is a file)",
+        ),
+        ("GPTFLOW_HOME", "{file}", "GPTFLOW_HOME: Value error, {file} is not a folder; expected a writable folder"),
+        ("GPTFLOW_JUDGE_MODEL", "llama 3", "GPTFLOW_JUDGE_MODEL: Value error, 'llama 3' is not an Ollama model name"),
+        ("PREFECT_HOME", "{file}/prefect", "PREFECT_HOME: cannot create {file}/prefect (Not a directory)"),
+    ],
+)
+def test_an_unusable_folder_or_name_in_the_environment_is_one_line(
+    variable, value, message, settings, monkeypatch, capsys, tmp_path
+):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    monkeypatch.setenv(variable, value.format(file=file))
+    get_settings.cache_clear()
+    assert main(["data", "spam"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"gptflow data: error: invalid settings: {message.format(file=file)}") and err.count("\n") == 1
+    )
+
+
+def test_an_unwritable_folder_under_home_is_one_line(prefect_harness, settings, capsys):
+    settings.home.mkdir(parents=True)
+    (settings.home / "data").write_text("")  # where the data stage's folders go
+    assert main(["data", "spam"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"gptflow data: error: cannot write {settings.home.absolute()}/data/spam/manifest.json (Not a directory): "
+        f"GPTFLOW_HOME={settings.home} must be a folder you can write in; set GPTFLOW_HOME to another folder"
+    )
+    assert err.count("\n") == 1
