@@ -406,7 +406,7 @@ def classifier_stage(
         config=config,
         code=CODE,
         out_dir=out_dir,
-        label=f"{data_dir.name}-{config.model_label()}",
+        label=label if (label := config.model_label()).startswith(data_dir.name) else f"{data_dir.name}-{label}",
     )
 
 

@@ -90,7 +90,7 @@ def test_dynamic_axes_match_torch(exported):
 def test_bundle_manifest_lists_every_file(exported):
     bundle = exported["bundle"]
     manifest = verify_bundle(bundle)
-    names = {"model.onnx", "model.int8.onnx", "encoder.json", "vocab.bpe", "labels.json"}
+    names = {"model.onnx", "model.int8.onnx", "encoder.json", "vocab.bpe", "labels.json", "card.md"}
     assert set(manifest["files"]) == names
     assert all(manifest["files"][n] == sha256_file(bundle / n) for n in names)
 

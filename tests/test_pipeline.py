@@ -89,6 +89,7 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     deliverables = {k: Path(v) for k, v in first["deliverables"].items()}
     bundle = deliverables["edge bundle"]
     assert sorted(p.name for p in bundle.iterdir()) == [
+        "card.md",
         "encoder.json",
         "labels.json",
         "manifest.json",
