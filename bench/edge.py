@@ -3,8 +3,10 @@ torch int8, ONNX fp32 and ONNX int8, with ratios against torch fp32 measured in 
 
     .venv/bin/python -m bench.edge [--checkpoint CLASSIFIER] [--shape gpt2-small] [--threads 2]
 
---checkpoint: a fine-tuned classifier (default: the one bench/classify_accuracy.py wrote with its default
-seeds). --shape PRESET: a classifier of that preset with random weights instead (speed and size only;
+--checkpoint: a fine-tuned classifier or ensemble (`gptflow finetune-classifier`'s best.pt). For an ensemble it
+also measures the alternative to its one ONNX graph: each member as its own ONNX session, with their class
+probabilities averaged in numpy (the largest probability difference between the two ways is printed).
+--shape PRESET: a classifier of that preset with random weights instead (speed and size only;
 accuracy is then agreement with torch fp32). Batch 1 uses a test message of median token length (a typical
 SMS), batch 32 the first 32 test messages padded to their longest. The 2 cores are shared with other work:
 timings are noisy.
@@ -21,13 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.classify_accuracy import classifier_dir
 from data.spam import spam_dir
 from edge.runtime import run_session, session
-from edge.text import pad_batch
+from edge.text import pad_batch, softmax
 from gptflow.settings import get_settings
 from gptflow.tokenizer import get_tokenizer
-from model.classifier import SequenceClassifier, encode_split, load_classifier, load_labels, predict_logits, read_split
+from model.classifier import (
+    ClassifierEnsemble,
+    SequenceClassifier,
+    encode_split,
+    load_classifier,
+    load_labels,
+    predict_logits,
+    read_split,
+)
 from model.config import GPTConfig
 from model.gpt import GPTModel
 from model.onnx_export import export_onnx
@@ -53,7 +62,7 @@ def state_size(module: torch.nn.Module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--checkpoint", help="a classifier or ensemble best.pt (or its folder)")
     parser.add_argument("--shape", default=None, help="preset with random weights (e.g. gpt2-small)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50)
@@ -67,8 +76,9 @@ def main() -> None:
         model = SequenceClassifier(GPTModel(GPTConfig.from_preset(args.shape)), len(labels)).eval()
         max_length, name = 128, f"{args.shape} (random weights)"
     else:
-        ckpt = args.checkpoint or classifier_dir(settings.home)
-        loaded = load_classifier(ckpt)
+        if not args.checkpoint:
+            parser.error("give --checkpoint (a classifier) or --shape (random weights)")
+        loaded = load_classifier(args.checkpoint)
         model, max_length = loaded.model, loaded.max_length
         name = f"{model.cfg.n_layers}x{model.cfg.emb_dim} classifier {loaded.path}"
     test = encode_split(read_split(data_dir / "test.csv", labels), get_tokenizer(), max_length)
@@ -102,11 +112,29 @@ def main() -> None:
         run, sess = ort_runner(path)
         variants[label] = (run, lambda s=sess: run_session(s, test.ids), path.stat().st_size)
 
-    rows, ref_pred = [], None
+    if isinstance(model, ClassifierEnsemble):
+        for label, quantized in (("fp32", False), ("int8", True)):
+            sessions = []
+            for i, member in enumerate(model.members):
+                path = tmp / f"member{i}.onnx"
+                export_onnx(member, path, {"bench": "edge"})
+                if quantized:
+                    quantize_onnx(path, path.with_suffix(".int8.onnx"))
+                    path = path.with_suffix(".int8.onnx")
+                sessions.append(session(path, args.threads))
+            size = sum(p.stat().st_size for p in tmp.glob("member*.onnx") if (".int8" in p.name) == quantized)
+            variants[f"onnx {label}, members averaged in numpy"] = (
+                lambda batch, ss=sessions: averaged([s.run(["logits"], dict(zip(INPUTS, batch)))[0] for s in ss]),
+                lambda ss=sessions: averaged([run_session(s, test.ids) for s in ss]),
+                size,
+            )
+
+    rows, ref_pred, outputs = [], None, {}
     for label, (run, all_logits, size) in variants.items():
         lat = timed(lambda: run(one), args.repeats)
         thr = timed(lambda: run(many), max(5, args.repeats // 5), warmup=1)
-        pred = all_logits().argmax(1)
+        outputs[label] = all_logits()
+        pred = outputs[label].argmax(1)
         ref_pred = pred if ref_pred is None else ref_pred
         acc = float((pred == y).mean()) if not args.shape else float((pred == ref_pred).mean())
         rows.append(
@@ -136,6 +164,18 @@ def main() -> None:
             f"{r['p95_ms']:.2f} | {base['p50_ms'] / r['p50_ms']:.2f} | {r['msgs_per_s']:.0f} | "
             f"{r['msgs_per_s'] / base['msgs_per_s']:.2f} | {100 * r['acc']:.2f}% |"
         )
+    for kind in ("fp32", "int8"):
+        if (other := outputs.get(f"onnx {kind}, members averaged in numpy")) is not None:
+            diff = np.abs(softmax(outputs[f"onnx {kind}"]) - softmax(other)).max()
+            print(f"onnx {kind}: one ensemble graph vs members averaged in numpy, max |probability diff| {diff:.2e}")
+
+
+INPUTS = ("input_ids", "attention_mask")
+
+
+def averaged(logits: list[np.ndarray]) -> np.ndarray:
+    """The log of the members' mean class probability: what the ensemble graph returns."""
+    return np.log(np.mean([softmax(x) for x in logits], axis=0))
 
 
 if __name__ == "__main__":
