@@ -9,8 +9,10 @@ Decisions, first match wins (each logged in one line that names what changed):
 - reuse:  the manifest holds the same key and every output still has the hash it lists;
 - resume: no usable manifest, and the checkpoint in the folder was written under the same key;
 - run:    anything else, from scratch. In a folder the user chose, a checkpoint of other inputs or config is
-          refused rather than replaced. An output that no longer matches its manifest is rebuilt, not resumed
-          (a checkpoint cannot recreate a damaged file that was written before it).
+          refused rather than replaced. An output that no longer matches its manifest, or that a stage's reader
+          cannot load, is rebuilt, not resumed (a checkpoint cannot recreate a damaged file that was written before
+          it), and so is the rest of an interrupted rebuild. A stage never certifies an output its reader cannot
+          load.
 
 Code-change policy: code is part of the key, not of the folder name. After an edit of a module a stage depends
 on, a finished stage is rebuilt in its folder and an unfinished checkpoint is not resumed: a checkpoint or model
@@ -50,6 +52,8 @@ from gptflow.storage import (
 log = logging.getLogger(__name__)
 
 Action = Literal["reuse", "resume", "run"]
+REBUILD_NAME = "rebuild.json"  # marks a folder whose damaged outputs are being rebuilt
+Reader = Callable[[Path], Any]  # loads an output; a GptflowError means the file is damaged
 
 
 class StageError(GptflowError, ValueError):
@@ -81,6 +85,7 @@ def _digest_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
 class Decision:
     action: Action
     reason: str
+    damaged: tuple[str, ...] = ()  # outputs being rebuilt because they were damaged
 
     @property
     def reused(self) -> bool:
@@ -98,6 +103,7 @@ class Stage:
     code: dict[str, str]
     chosen: bool = False  # the folder was named by the user
     decision: Decision | None = field(default=None, compare=False)
+    readers: dict[str, Reader] = field(default_factory=dict, compare=False)
 
     @classmethod
     def declare(
@@ -153,15 +159,29 @@ class Stage:
         except (OSError, ValueError):
             return None
 
-    def plan(self, resume: bool = True, checkpoint: Callable[[], dict | None] | None = None) -> Decision:
+    def plan(
+        self,
+        resume: bool = True,
+        checkpoint: Callable[[], dict | None] | None = None,
+        readers: Mapping[str, Reader] | None = None,
+    ) -> Decision:
         """Decide reuse / resume / run and log why. `checkpoint()` returns the key stored in the stage's
-        checkpoint (None when there is none); it is called only when reuse is ruled out. Anything but reuse
-        removes the manifest first, so a folder being rewritten is never taken for the finished product. The
-        other ranks of a torchrun job decide the same from the same files and change nothing."""
+        checkpoint (None when there is none); it is called only when reuse is ruled out. `readers`: outputs that
+        must load for the folder to be reused or resumed (output name -> a function that reads the file and raises
+        a GptflowError when it cannot), such as weights written before the checkpoint, which it cannot recreate;
+        `complete` reads them too. Anything but reuse removes the manifest first, so a folder being rewritten is
+        never taken for the finished product; a rebuild of damaged outputs is marked until it completes, so that
+        an interrupted one starts over instead of resuming the checkpoint of the run whose output was damaged.
+        The other ranks of a torchrun job decide the same from the same files and change nothing."""
+        self.readers = dict(readers or {})
         manifest = self.manifest()
         decision = self._decide(resume, manifest, checkpoint)
         if decision.action != "reuse" and process_ranks().is_main:
             self.manifest_path.unlink(missing_ok=True)
+            if decision.damaged:
+                write_json_atomic(self.dir / REBUILD_NAME, {"damaged": list(decision.damaged)})
+            else:
+                (self.dir / REBUILD_NAME).unlink(missing_ok=True)
         log.info(
             "%s %s: %s",
             self.name,
@@ -176,16 +196,21 @@ class Stage:
         if not resume:
             return Decision("run", f"{where}: resume turned off, starting over")
         if manifest is not None and _stored_key(manifest) == self.key:
-            damaged = [
+            changed = [
                 n
                 for n, digest in manifest.get("outputs", {}).items()
                 if not (self.dir / n).is_file() or sha256_file(self.dir / n) != digest
             ]
-            if not damaged:
-                return Decision("reuse", f"{where}: same inputs, config and code as its manifest")
-            return Decision(
-                "run", f"{where}: output {', '.join(damaged)} changed since the manifest was written; rebuilding"
-            )
+            if changed:
+                return Decision(
+                    "run",
+                    f"{where}: output {', '.join(changed)} changed since the manifest was written; rebuilding",
+                    tuple(changed),
+                )
+            if unreadable := self._unreadable():
+                name, why = unreadable
+                return Decision("run", f"{where}: output {name} cannot be read ({why}); rebuilding", (name,))
+            return Decision("reuse", f"{where}: same inputs, config and code as its manifest")
         stored = None
         if checkpoint is not None:
             try:
@@ -194,6 +219,21 @@ class Stage:
                 return Decision("run", f"{where}: checkpoint unreadable ({exc}); starting over")
         if stored is not None:
             if stored == self.key:
+                if (rebuild := self._rebuilding()) is not None:
+                    return Decision(
+                        "run",
+                        f"{where}: an interrupted rebuild of damaged output {', '.join(rebuild)}; starting over (the "
+                        "checkpoint may be the damaged run's)",
+                        rebuild,
+                    )
+                if unreadable := self._unreadable():
+                    name, why = unreadable
+                    return Decision(
+                        "run",
+                        f"{where}: output {name} cannot be read ({why}) and its checkpoint cannot recreate it; "
+                        "starting over",
+                        (name,),
+                    )
                 return Decision("resume", f"{where}: its checkpoint has the same inputs, config and code")
             change = describe_change(stored, self.key)
             if self.chosen and _without_code(stored) != _without_code(self.key):
@@ -206,6 +246,27 @@ class Stage:
             return Decision("run", f"{where}: {describe_change(_stored_key(manifest), self.key)} since the manifest")
         return Decision("run", f"{where}: nothing built yet")
 
+    def _unreadable(self) -> tuple[str, str] | None:
+        """(name, why) of the first output, of those written so far, that its reader cannot load; None when every
+        one loads."""
+        for name, read in self.readers.items():
+            path = self.dir / name
+            if path.is_file():
+                try:
+                    read(path)
+                except GptflowError as exc:
+                    return name, str(exc)
+        return None
+
+    def _rebuilding(self) -> tuple[str, ...] | None:
+        """The damaged outputs an unfinished rebuild of this folder is remaking (None when there is none)."""
+        try:
+            return tuple(read_json(self.dir / REBUILD_NAME)["damaged"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return ("(unknown)",)  # a damaged marker still means a rebuild was under way
+
     def check_checkpoint(self, stored: dict | None, path: str | Path) -> None:
         """Refuse to load a checkpoint written under another key (e.g. a file passed by hand)."""
         if stored != self.key:
@@ -214,7 +275,13 @@ class Stage:
             )
 
     def complete(self, outputs: Sequence[str], metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write the manifest: the key, the hash of every output, metrics, the commit and the time."""
+        """Write the manifest: the key, the hash of every output, metrics, the commit and the time. An output that
+        its reader (given to `plan`) cannot load is refused, never certified."""
+        if unreadable := self._unreadable():
+            name, why = unreadable
+            raise StageError(
+                f"{self.dir}: output {name} cannot be read ({why}); not certifying it: run the stage again to rebuild"
+            )
         manifest = {
             **self.key,
             "code_version": code_version(),
@@ -223,6 +290,7 @@ class Stage:
             "metrics": dict(metrics or {}),
         }
         write_json_atomic(self.manifest_path, manifest)
+        (self.dir / REBUILD_NAME).unlink(missing_ok=True)
         return manifest
 
     @contextlib.contextmanager
