@@ -429,7 +429,9 @@ def finetune(
     stage = classifier_stage(data_dir, config, out_dir, settings)
     checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
     with stage.lock():
-        if stage.plan(resume, checkpoint=checkpoint.stage_key).reused:
+        # best.pt is written before the checkpoint, which cannot recreate it: it must load to be reused or resumed
+        readers = {BEST: lambda path: load_checkpoint(path, mmap=True)}
+        if stage.plan(resume, checkpoint=checkpoint.stage_key, readers=readers).reused:
             return FinetuneResult(
                 stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY), stage.manifest()["metrics"], reused=True
             )
