@@ -146,3 +146,70 @@ def test_classifier_is_keyed_on_its_init_weights(tmp_path, tokenizer, settings):
     assert chosen.summary["source"] == first.summary["source"]
     with pytest.raises(StageError, match="input init changed"):  # --out: not reused, not overwritten either
         finetune(data, tmp_path / "out", config, tokenizer=tokenizer)
+
+
+def test_an_output_that_does_not_load_is_rebuilt_and_never_certified(inputs, settings):
+    def read(path):
+        if path.read_text() != "product":
+            raise stage_mod.GptflowError("not a product")
+
+    readers = {"out.txt": read}
+    stage = declare(inputs)
+    stage.plan(readers=readers)
+    stage.dir.mkdir(parents=True)
+    (stage.dir / "out.txt").write_text("half")
+    with pytest.raises(StageError, match=r"output out.txt cannot be read \(not a product\); not certifying it"):
+        stage.complete(["out.txt"])
+    assert not stage.manifest_path.exists()
+    (stage.dir / "out.txt").write_text("product")
+    stage.complete(["out.txt"])
+    assert declare(inputs).plan(readers=readers).action == "reuse"
+
+    (stage.dir / "out.txt").write_text("torn")  # damaged after it was certified: rebuilt, and marked as such
+    damaged = declare(inputs).plan(checkpoint=lambda: stage.key, readers=readers)
+    assert damaged == stage_mod.Decision(
+        "run", f"{stage.dir}: output out.txt changed since the manifest was written; rebuilding", ("out.txt",)
+    )
+    assert json.loads((stage.dir / stage_mod.REBUILD_NAME).read_text()) == {"damaged": ["out.txt"]}
+    # the rebuild was interrupted: the checkpoint of the same key is the damaged run's, not resumed
+    (stage.dir / "out.txt").write_text("product")
+    again = declare(inputs).plan(checkpoint=lambda: stage.key, readers=readers)
+    assert again.action == "run" and again.reason.startswith(f"{stage.dir}: an interrupted rebuild of damaged output")
+    rebuilt = declare(inputs)
+    rebuilt.plan(readers=readers)
+    rebuilt.complete(["out.txt"])
+    assert not (stage.dir / stage_mod.REBUILD_NAME).exists()
+    assert declare(inputs).plan(checkpoint=lambda: stage.key, readers=readers).action == "reuse"
+    stage.manifest_path.unlink()  # unfinished, with a checkpoint of the same key and an output that loads
+    assert declare(inputs).plan(checkpoint=lambda: stage.key, readers=readers).action == "resume"
+    (stage.dir / "out.txt").write_text("torn")
+    resumed = declare(inputs).plan(checkpoint=lambda: stage.key, readers=readers)
+    assert resumed.action == "run" and resumed.damaged == ("out.txt",)
+    assert "output out.txt cannot be read (not a product) and its checkpoint cannot recreate it" in resumed.reason
+
+
+@pytest.mark.parametrize("after", ["rerun", "rebuild killed", "truncated file certified"])
+def test_a_truncated_best_pt_is_rebuilt_to_the_same_weights(after, tmp_path, tokenizer, settings, caplog):
+    data = write_splits(tmp_path / "data", (10, 3, 3))
+    config = ClassifierConfig(
+        preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3
+    )
+    first = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
+    weights = load_checkpoint(first.best)["model"]
+    manifest = first.out_dir / "manifest.json"
+    first.best.write_bytes(first.best.read_bytes()[:1000])
+    if after == "rebuild killed":  # what a rerun killed before its first evaluation leaves
+        manifest.unlink()
+    elif after == "truncated file certified":  # what the stage used to do: resume at the end, hash the torn file
+        stamped = json.loads(manifest.read_text())
+        stamped["outputs"]["best.pt"] = stage_mod.sha256_file(first.best)
+        manifest.write_text(json.dumps(stamped))
+    caplog.set_level(logging.INFO, logger="gptflow.stage")
+    again = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
+    assert not again.reused
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "gptflow.stage"]
+    assert line.startswith(f"classify runs: {first.out_dir}: output best.pt ")  # why, in one line
+    rebuilt = load_checkpoint(again.best)["model"]
+    assert rebuilt.keys() == weights.keys() and all(torch.equal(rebuilt[k], weights[k]) for k in weights)
+    assert json.loads(manifest.read_text())["outputs"]["best.pt"] == stage_mod.sha256_file(again.best)
+    assert finetune(data, tmp_path / "run", config, tokenizer=tokenizer).reused
