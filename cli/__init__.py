@@ -19,6 +19,7 @@ from typing import NoReturn
 from cli.common import add_stage_options
 from cli.runtime import server_dies_with_us, tracebacks_to_file
 from gptflow.errors import GptflowError
+from gptflow.settings import get_settings, writable_folder
 
 VERB_MODULES = [
     "cli.pipeline",
@@ -74,7 +75,6 @@ def _prepare_environment() -> None:
 def main(argv: list[str] | None = None) -> int:
     from edge import BundleError  # edge imports nothing of ours: its error is not a GptflowError
     from gptflow.ranks import process_ranks
-    from gptflow.settings import get_settings
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     log_file = settings.home / "logs" / f"{args.verb}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
     with tracebacks_to_file(log_file) as tracebacks:
         try:
+            _check_out_folder(args)
             ranks = process_ranks()  # half-set torchrun variables stop here
             if ranks.distributed:
                 result = _run_distributed(args, ranks.is_main)
@@ -108,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gptflow {args.verb}: error: {message}{where}", file=sys.stderr)
             return 2
     return int(result or 0)
+
+
+def _check_out_folder(args: argparse.Namespace) -> None:
+    """--out / --out-dir must be a folder that can be written or created: one line before any flow starts."""
+    for name in ("out", "out_dir"):
+        if value := getattr(args, name, None):
+            try:
+                writable_folder(Path(value))
+            except ValueError as exc:
+                raise GptflowError(f"--{name.replace('_', '-')}: {exc}") from None
 
 
 def _home_error(exc: OSError, home: Path) -> str | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -182,20 +183,33 @@ def _default_lm_data(checkpoint: str) -> Path:
 
 
 def read_texts(path: str, text_column: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise GptflowError(f"--file: {path} does not exist")
-    if file.suffix.lower() in (".csv", ".tsv"):
-        import pandas as pd
+    """The texts of --file: a CSV/TSV's text column, else one per non-blank line. Decoded as the data stage decodes a
+    CSV (UTF-8, UTF-16 with its byte order mark, else cp1252 with a warning; a binary file is refused)."""
+    from data.common import DataError, require_file
+    from data.tabular import TabularError, decode
 
-        sep = "\t" if file.suffix.lower() == ".tsv" else ","
-        df = pd.read_csv(file, sep=sep, dtype=str, keep_default_na=False)
-        if text_column not in df.columns:
-            raise GptflowError(
-                f"--file: {path} has no column {text_column!r} (columns: {', '.join(df.columns)}); pass --text-column"
-            )
-        return df[text_column].tolist()
-    return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    file = Path(path)
+    table = file.suffix.lower() in (".csv", ".tsv")
+    try:
+        require_file(file, TabularError, "a CSV/TSV with a text column" if table else "a text file, one message a line")
+        text, _ = decode(file, file.read_bytes())
+    except DataError as exc:
+        raise GptflowError(f"--file: {exc}") from None
+    if not table:
+        return [line for line in text.splitlines() if line.strip()]
+    import pandas as pd
+
+    sep = "\t" if file.suffix.lower() == ".tsv" else ","
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        problem = " ".join(str(exc).split())
+        raise GptflowError(f"--file: {path} is not a readable {file.suffix[1:].upper()} ({problem})") from None
+    if text_column not in df.columns:
+        raise GptflowError(
+            f"--file: {path} has no column {text_column!r} (columns: {', '.join(df.columns)}); pass --text-column"
+        )
+    return df[text_column].tolist()
 
 
 def run_classify(args: argparse.Namespace) -> int:

@@ -68,6 +68,17 @@ def add_folder_options(parser: argparse.ArgumentParser, default: str, resumable:
         )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a flag's value must be an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _argparse_type(annotation: Any) -> dict[str, Any] | None:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:  # constraints (PositiveFloat) are pydantic's to check, naming the flag

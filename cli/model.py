@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import VerbConfig, add_folder_options, stage_config, table
+from cli.common import VerbConfig, add_folder_options, positive_int, stage_config, table
 from edge.options import add_generation_options
 
 
@@ -49,7 +49,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="a gptflow checkpoint (.pt, or a folder with model.pt), a GPT-2 preset or a .safetensors",
     )
     add_generation_options(p, max_new_tokens=50)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.set_defaults(handler=run_generate)
 

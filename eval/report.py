@@ -37,6 +37,10 @@ def load_responses(path: str | Path, response_keys: Sequence[str]) -> list[dict]
     path = Path(path)
     if not response_keys:
         raise ResponsesFileError("no response key given: name at least one field to score (--response-key)")
+    if repeated := [k for i, k in enumerate(response_keys) if k in response_keys[:i]]:
+        raise ResponsesFileError(f"response key {repeated[0]!r} given twice: name each field to score once")
+    if path.is_dir():
+        raise ResponsesFileError(f"{path}: is a folder, not a file (expected a JSON list of entries)")
     if not path.is_file():
         raise ResponsesFileError(f"{path}: no such file (expected a JSON list of entries)")
     try:

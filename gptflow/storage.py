@@ -98,6 +98,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise GptflowError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise GptflowError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); expected a YAML "
+            "or JSON file"
+        ) from None
     except yaml.YAMLError as exc:
         raise GptflowError(f"{path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

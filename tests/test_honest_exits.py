@@ -224,3 +224,110 @@ def test_an_unwritable_folder_under_home_is_one_line(prefect_harness, settings, 
         f"GPTFLOW_HOME={settings.home} must be a folder you can write in; set GPTFLOW_HOME to another folder"
     )
     assert err.count("\n") == 1
+
+
+@pytest.fixture
+def odd_files(tmp_path):
+    """Files a user might pass by mistake, by name."""
+    files = {
+        "cp1252.txt": b"caf\xe9 ok\n\nsecond\n",
+        "cp1252.csv": b"text,label\ncaf\xe9,1\n",
+        "undecodable.txt": b"a\x81\x8d b\n",
+        "undecodable.csv": b"text\na\x81\x8d b\n",
+        "binary.txt": b"ab\x00cd",
+        "empty.csv": b"",
+        "ragged.csv": b"text,label\na,1\nb,2,3,4\n",
+        "binary.yaml": b"\xff\xfe\x00bad",
+        "list.yaml": b"- 1\n- 2\n",
+        "a-file": b"",
+        "responses.json": json.dumps([ENTRY]).encode(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+def test_classify_file_reads_what_the_data_stage_reads(odd_files):
+    from cli.classify import read_texts
+
+    assert read_texts(str(odd_files / "cp1252.txt"), "text") == ["café ok", "second"]
+    assert read_texts(str(odd_files / "cp1252.csv"), "text") == ["café"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["classify", "--model", "m.pt", "--file", "{d}/undecodable.txt"],
+            "--file: {d}/undecodable.txt: unreadable encoding: not UTF-8 (invalid byte 0x81 at offset 1) nor "
+            "cp1252/latin-1 text (byte 0x81 at offset 1); save the file as UTF-8",
+        ),
+        (
+            ["classify", "--model", "m.pt", "--file", "{d}/undecodable.csv"],
+            "--file: {d}/undecodable.csv: unreadable encoding: not UTF-8 (invalid byte 0x81 at offset 6)",
+        ),
+        (["classify", "--model", "m.pt", "--file", "{d}/binary.txt"], "--file: {d}/binary.txt: looks binary (NUL"),
+        (
+            ["classify", "--model", "m.pt", "--file", "{d}/folder"],
+            "--file: {d}/folder: is a folder, not a file (expected a text file, one message a line)",
+        ),
+        (
+            ["classify", "--model", "m.pt", "--file", "{d}/empty.csv"],
+            "--file: {d}/empty.csv is not a readable CSV (No columns to parse from file)",
+        ),
+        (
+            ["classify", "--model", "m.pt", "--file", "{d}/ragged.csv"],
+            "--file: {d}/ragged.csv is not a readable CSV (Error tokenizing data. C error: Expected 2 fields in line "
+            "3, saw 4)",
+        ),
+        (["classify", "hi", "--model", "{d}/folder"], "checkpoint {d}/folder/best.pt does not exist"),
+        (["export", "{d}/folder"], "checkpoint {d}/folder/best.pt does not exist"),
+        (["generate", "hi", "--model", "{d}/folder"], "{d}/folder is neither a GPT-2 preset"),
+        (["generate", "hi", "--model", "{d}/a-file"], "{d}/a-file is not a PyTorch checkpoint"),
+        (["evaluate", "{d}/folder"], "{d}/folder: is a folder, not a file (expected a JSON list of entries)"),
+        (
+            ["evaluate", "{d}/responses.json", "--response-key", "a", "--response-key", "a"],
+            "response key 'a' given twice: name each field to score once",
+        ),
+        (
+            ["evaluate", "{d}/responses.json", "--model", "llama 3"],
+            "--model: Value error, 'llama 3' is not an Ollama model name",
+        ),
+        (
+            ["evaluate", "{d}/responses.json", "--host", "http://host:port"],
+            "--host: Value error, 'http://host:port' is not a URL (Port could not be cast to integer value as 'port')",
+        ),
+        (
+            ["evaluate", "{d}/responses.json", "--out-dir", "{d}/a-file"],
+            "--out-dir: {d}/a-file is not a folder; expected a writable folder for the outputs",
+        ),
+        (
+            ["inspect", "model.pt", "hi", "--out", "{d}/a-file/inspect"],
+            "--out: {d}/a-file/inspect is not a folder ({d}/a-file is a file); expected a writable folder",
+        ),
+        (
+            ["pretrain", "--config", "{d}/binary.yaml"],
+            "--config: {d}/binary.yaml is not UTF-8 text (byte 0xff at offset 0); expected a YAML or JSON file",
+        ),
+        (["pretrain", "--config", "{d}/folder"], "--config: cannot read {d}/folder: Is a directory"),
+        (["pipeline", "--config", "{d}/binary.yaml"], "pipeline config: {d}/binary.yaml is not UTF-8 text"),
+        (["pipeline", "--config", "{d}/list.yaml"], "pipeline config: {d}/list.yaml holds a list, not a mapping"),
+    ],
+)
+def test_odd_input_is_one_line_naming_it(argv, message, odd_files, settings, capsys):
+    verb = argv[0]
+    assert main([a.format(d=odd_files) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptflow {verb}: error: {message.format(d=odd_files)}"), err
+    assert err.count("\n") == 1
+
+
+def test_a_bad_flag_value_is_argparse_one_line(settings, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "hi", "--model", "m.pt", "--threads", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "gptflow generate: error: argument --threads: expected a positive integer, got '0' "
+        "(see gptflow generate --help)\n"
+    )
