@@ -18,7 +18,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "LLM judge served by Ollama (host from OLLAMA_HOST). Judgements are cached: a rerun asks nothing new.",
         epilog=f"Exit status: 0 when responses were scored; {NOTHING_JUDGED} when nothing could be judged (no Ollama "
         "server, the judge model missing, or no reply held a usable score), with the report saying why; 2 on bad "
-        "input, or with --require-judge when the judge is unavailable.",
+        "input, with --require-judge when the judge is unavailable, or when it stops answering mid-run (the "
+        "judgements made so far are cached for the next run).",
     )
     parser.add_argument("responses", metavar="RESPONSES.json", help="JSON list of entries to score")
     parser.add_argument(

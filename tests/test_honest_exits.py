@@ -64,6 +64,7 @@ def test_evaluate_help_documents_the_exit_status(capsys):
     assert "Exit status: 0 when responses were scored; 3 when nothing could be judged" in help_text
 
 
+@pytest.mark.slow
 def test_a_failed_flow_is_one_line_and_its_traceback_goes_to_a_log_file(tmp_path, mirror):
     data = tmp_path / "messages.csv"
     data.write_text("text,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(40)))
@@ -124,6 +125,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited (its parent, init, reaps it)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_a_killed_command_takes_its_temporary_prefect_server_down(tmp_path, mirror):
     env = command_env(tmp_path, mirror)
