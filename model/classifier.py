@@ -60,6 +60,9 @@ ENSEMBLE_FORMAT = "gptflow-classifier-ensemble/1"
 BEST = "best.pt"  # classifier weights kept (best validation accuracy, or the final ones)
 HISTORY = "history.json"
 SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
+# best.pt is written before the training checkpoint, which cannot recreate it: it must load for its stage folder to
+# be reused or resumed (gptflow.stage readers).
+BEST_READER = {BEST: lambda path: load_checkpoint(path, mmap=True)}
 
 Pooling = Literal["last_real", "last_position", "mean"]
 Trainable = Literal["head", "last_k", "all"]
@@ -429,9 +432,7 @@ def finetune(
     stage = classifier_stage(data_dir, config, out_dir, settings)
     checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
     with stage.lock():
-        # best.pt is written before the checkpoint, which cannot recreate it: it must load to be reused or resumed
-        readers = {BEST: lambda path: load_checkpoint(path, mmap=True)}
-        if stage.plan(resume, checkpoint=checkpoint.stage_key, readers=readers).reused:
+        if stage.plan(resume, checkpoint=checkpoint.stage_key, readers=BEST_READER).reused:
             return FinetuneResult(
                 stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY), stage.manifest()["metrics"], reused=True
             )
@@ -589,7 +590,7 @@ def build_ensemble(
         label=f"{data_dir.name}-ensemble{len(paths)}",
     )
     with stage.lock():
-        if stage.plan(resume).reused:
+        if stage.plan(resume, readers=BEST_READER).reused:
             return FinetuneResult(stage.dir, stage.dir / BEST, [], stage.manifest()["metrics"], reused=True)
         entries = []
         for i, (path, member) in enumerate(zip(paths, members)):

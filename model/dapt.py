@@ -91,6 +91,11 @@ def dapt_stage(
 ) -> Stage:
     """The stage of pretraining the model keyed as `start` (a weights file, or a literal such as the shape of a
     random model) on `tokens` of `data_dir`; `label` names the starting model in the folder name."""
+    if len(tokens) <= config.context_length:
+        raise DaptError(
+            f"{data_dir}: the training texts hold {len(tokens)} tokens, fewer than one window of "
+            f"{config.context_length + 1} (dapt.window + 1); use a smaller dapt.window"
+        )
     return Stage.declare(
         "dapt",
         inputs={"corpus": sha256_bytes(tokens.tobytes()), "start": start},

@@ -201,8 +201,14 @@ def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: A
 
 def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | Path | None = None) -> Stage:
     data_dir = Path(data_dir)
+    window = config.model_config_for().context_length + 1
     for name in TOKEN_FILES:
-        load_tokens(data_dir / name)
+        n = len(load_tokens(data_dir / name))
+        if name == "train.bin" and n < window:  # (a short val.bin fails at the first evaluation)
+            raise PretrainError(
+                f"{data_dir / name}: {n} tokens are fewer than one window of {window}; "
+                "use a longer corpus or a smaller --context-length"
+            )
     return Stage.declare(
         "pretrain",
         inputs={n: data_dir / n for n in TOKEN_FILES},

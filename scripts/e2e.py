@@ -84,9 +84,10 @@ def expectations() -> dict[str, Expectation]:
                 "evaluate",
                 "inspect",
             },
-            tasks={"train_model", "write_run_report", "inspect_checkpoint", "publish_inspection"},
+            tasks={"train_model", "pretrain_on_domain", "write_run_report", "inspect_checkpoint", "publish_inspection"},
             artifacts={
                 *pretrain_artifacts,
+                "dapt-*-loss",
                 "pipeline-report",
                 "pipeline-stages",
                 "pipeline-report-file",

@@ -37,7 +37,7 @@ from model.classifier import (
     split_logits,
 )
 from model.config import GPTConfig
-from model.dapt import compact_vocab, corpus_tokens, expand_vocab
+from model.dapt import DaptError, compact_vocab, corpus_tokens, expand_vocab
 from model.gpt import GPTModel
 from model.onnx_export import ExportConfig, export_classifier
 
@@ -118,6 +118,9 @@ def test_dapt_reads_train_and_unused_texts_only_and_keeps_the_full_vocabulary(tm
     assert pretrain_domain(data, None, config, tokenizer=tokenizer).reused
     with pytest.raises(ClassifierError, match="finetune trains one classifier: pretrain it with pretrain_domain"):
         finetune(data, None, config, tokenizer=tokenizer)
+    too_wide = config.model_copy(update={"dapt": {**DAPT, "window": 5000}})
+    with pytest.raises(DaptError, match=f"{data}: the training texts hold {len(expected)} tokens, fewer than one"):
+        pretrain_domain(data, None, too_wide, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import write_random_tokens
 
 import model.pretrain as pretrain_mod
 from eval.plots import plot_loss_curve
@@ -125,3 +126,7 @@ def test_token_windows_and_bad_inputs(tmp_path):
         TokenWindows(tokens[:5], 10, 1, "random", seed=0)
     with pytest.raises(PretrainError, match="run `gptflow data corpus NAME` first"):
         pretrain(tmp_path / "missing", tmp_path / "out", CONFIG, progress=False)
+    short = write_random_tokens(tmp_path / "short", 10, 1000, seed=0)
+    window = CONFIG.model_config_for().context_length + 1
+    with pytest.raises(PretrainError, match=f"{short / 'train.bin'}: 10 tokens are fewer than one window of {window}"):
+        pretrain(short, tmp_path / "out", CONFIG, progress=False)
