@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
             return 130
         except (GptflowError, BundleError, OSError) as exc:
-            message = _home_error(exc, settings.home) if isinstance(exc, OSError) else str(exc)
+            message = str(exc) if isinstance(exc, (GptflowError, BundleError)) else _home_error(exc, settings.home)
             if message is None:  # any other OSError is a bug: it keeps its traceback
                 raise
             where = f" (traceback: {tracebacks.path})" if tracebacks.used else ""
