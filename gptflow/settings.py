@@ -82,11 +82,9 @@ def ollama_url(value: str) -> str:
     a numeric port, so that a typo fails here instead of deep inside the client."""
     text = value.strip() or "localhost"  # an empty OLLAMA_HOST means the default, as it does to ollama
     expected = "expected http(s)://HOST[:PORT] or HOST[:PORT]"
-    if "://" not in text:
+    bare = "://" not in text
+    if bare:
         text = "http://" + (f"127.0.0.1{text}" if text.startswith(":") else text)
-        default_port = OLLAMA_PORT
-    else:
-        default_port = None
     try:
         url = urlsplit(text)
         port = url.port  # a port that is not a number, or out of range, raises here
@@ -96,8 +94,8 @@ def ollama_url(value: str) -> str:
         raise ValueError(f"{value!r}: scheme {url.scheme!r} is not http or https; {expected}")
     if not url.hostname:
         raise ValueError(f"{value!r} names no host; {expected}")
-    if port is None and default_port is not None:
-        return url._replace(netloc=f"{url.netloc}:{default_port}").geturl().rstrip("/")
+    if port is None and bare:
+        return url._replace(netloc=f"{url.netloc}:{OLLAMA_PORT}").geturl().rstrip("/")
     return url.geturl().rstrip("/")
 
 
@@ -118,9 +116,7 @@ def writable_folder(path: Path) -> Path:
     """`path` if it is a folder we can write in, or one that can be created; ValueError naming the obstacle. It is
     not created here: a command that writes nothing leaves no folder behind."""
     existing = path.absolute()
-    while not existing.exists():
-        if existing.parent == existing:
-            break
+    while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
         where = "" if existing == path.absolute() else f" ({existing} is a file)"
