@@ -333,3 +333,29 @@ def test_a_bad_flag_value_is_argparse_one_line(settings, capsys):
         "gptflow generate: error: argument --threads: expected a positive integer, got '0' "
         "(see gptflow generate --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--max-new-tokens", "-1", "an integer >= 1"),
+        ("--top-k", "0", "an integer >= 1"),
+        ("--top-p", "1.5", "a number > 0.0 and <= 1.0"),
+        ("--top-p", "0", "a number > 0.0 and <= 1.0"),
+        ("--temperature", "-0.5", "a number >= 0.0"),
+        ("--top-k", "many", "an integer >= 1"),
+    ],
+)
+def test_generation_options_out_of_range_are_one_line(flag, value, expected, settings, capsys):
+    """The same options of `gptflow generate` and `python -m edge generate` (edge/options.py)."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "hi", "--model", "m.pt", flag, value])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"gptflow generate: error: argument {flag}: expected {expected}, got '{value}' (see gptflow generate --help)\n"
+    )
+    from edge.__main__ import main as edge_main
+
+    with pytest.raises(SystemExit):
+        edge_main(["generate", "bundle", "hi", flag, value])
+    assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
