@@ -16,12 +16,22 @@ def register(verbs: argparse._SubParsersAction) -> None:
     spam.set_defaults(handler=_spam)
 
     csv = kinds.add_parser("csv", help="your labelled CSV/TSV -> the same clean/balance/split as spam")
-    csv.add_argument("path", help="CSV or TSV file with a header row")
+    csv.add_argument(
+        "path",
+        help="CSV or TSV file with a header row (UTF-8, cp1252 or UTF-16 with a BOM); unquoted commas that spilled "
+        "a last text column into unnamed trailing columns are joined back and counted",
+    )
     add_stage_options(csv, VerbConfig("data.config:CsvDataConfig"))
     csv.set_defaults(handler=_csv)
 
-    inst = kinds.add_parser("instructions", help="instruction/response JSON -> train/validation/test JSON")
-    inst.add_argument("path", nargs="?", help="JSON list of {instruction, input, output} (default: the book's)")
+    inst = kinds.add_parser(
+        "instructions", help="instruction/response JSON or JSON Lines -> train/validation/test JSON"
+    )
+    inst.add_argument(
+        "path",
+        nargs="?",
+        help="JSON list, or JSON Lines (one object a line), of {instruction, input, output} (default: the book's)",
+    )
     add_stage_options(inst, VerbConfig("data.config:InstructionDataConfig"))
     inst.set_defaults(handler=_instructions)
 
