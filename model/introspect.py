@@ -25,7 +25,7 @@ from gptflow.errors import GptflowError
 from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
 from model.checkpoint import FORMAT as GPT_FORMAT
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
-from model.classifier import BEST, SequenceClassifier, classifier_from_state
+from model.classifier import BEST, ENSEMBLE_FORMAT, SequenceClassifier, classifier_from_state
 from model.classifier import FORMAT as CLASSIFIER_FORMAT
 from model.config import GPTConfig
 from model.device import DeviceSpec, resolve_device
@@ -97,6 +97,11 @@ def locate(spec: str | Path) -> tuple[Path, GPTConfig]:
     if not (path.is_file() and path.suffix != ".safetensors"):
         return weights_config(spec)
     state = load_checkpoint(path, mmap=True)
+    if state.get("format") == ENSEMBLE_FORMAT:
+        members = ", ".join(m["checkpoint"] for m in state["members"])
+        raise CheckpointError(
+            f"{path} is an ensemble of {len(state['members'])} classifiers: inspect one of them ({members})"
+        )
     if state.get("format") not in (GPT_FORMAT, CLASSIFIER_FORMAT) or not isinstance(state.get("config"), dict):
         raise CheckpointError(
             f"{path} is neither a gptflow language-model nor a classifier checkpoint (format {state.get('format')!r}); "

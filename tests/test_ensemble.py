@@ -214,3 +214,12 @@ def test_an_ensemble_of_other_labels_or_of_ensembles_is_refused(ensemble, tmp_pa
     nested = [{"best": str(ensemble["built"].best), "metrics": {}}, ensemble["members"][0]]
     with pytest.raises(ClassifierError, match="is not a single classifier checkpoint"):
         build_ensemble(ensemble["data"], nested, tmp_path / "e2")
+
+
+def test_inspect_names_the_members_of_an_ensemble(ensemble):
+    from model.checkpoint import CheckpointError
+    from model.introspect import locate
+
+    members = ", ".join(m["best"] for m in ensemble["members"])
+    with pytest.raises(CheckpointError, match=f"is an ensemble of 2 classifiers: inspect one of them \\({members}\\)"):
+        locate(ensemble["built"].best)
