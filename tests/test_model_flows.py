@@ -45,8 +45,10 @@ def test_pretrain_then_generate(prefect_harness, settings, capsys):
     assert main(["generate", "Every effort moves you", "--model", model_path, "--max-new-tokens", "6"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you\n")
-    assert main(["generate", "Hi", "--model", model_path, "--temperature", "-1"]) == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's one line, before the model is loaded
+        main(["generate", "Hi", "--model", model_path, "--temperature", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --temperature: expected a number >= 0.0, got '-1'" in capsys.readouterr().err
 
 
 def test_load_gpt2_converts_safetensors(prefect_harness, settings, tmp_path, capsys):
