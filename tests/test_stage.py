@@ -205,6 +205,7 @@ def test_a_truncated_best_pt_is_rebuilt_to_the_same_weights(after, tmp_path, tok
         stamped["outputs"]["best.pt"] = stage_mod.sha256_file(first.best)
         manifest.write_text(json.dumps(stamped))
     caplog.set_level(logging.INFO, logger="gptflow.stage")
+    caplog.clear()  # the first run's line too is captured when an earlier test left the logger at INFO
     again = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
     assert not again.reused
     (line,) = [r.getMessage() for r in caplog.records if r.name == "gptflow.stage"]
