@@ -33,6 +33,17 @@ def bundle_kind(manifest: dict) -> str:
     return manifest.get("kind", CLASSIFIER)
 
 
+def check_classifier_fields(manifest: dict, manifest_path: Path) -> None:
+    """What the classifier runtime reads from a manifest: labels {name: id 0..n-1} and max_length > 0."""
+    labels = manifest.get("labels")
+    ids = [v for v in labels.values() if type(v) is int] if isinstance(labels, dict) else []
+    if not labels or sorted(ids) != list(range(len(labels))):
+        raise BundleError(f"{manifest_path}: 'labels' must map each class name to an id 0..n-1, got {labels!r}")
+    length = manifest.get("max_length")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise BundleError(f"{manifest_path}: 'max_length' must be a positive integer, got {length!r}")
+
+
 def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
     """The bundle's manifest, after checking that it is of `kind` (when given) and the sha256 of every file
     it lists."""
@@ -52,7 +63,11 @@ def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
     if kind is not None and found != kind:
         what = {CLASSIFIER: "a classifier", LM: "a language-model"}[found]
         raise BundleError(f"{bundle} is {what} bundle, not {kind}; run it with `{RUN_WITH[found]}`")
-    files = manifest.get("files", {})
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{manifest_path}: 'files' must map each file name to its sha256; refusing the bundle")
+    if found == CLASSIFIER:
+        check_classifier_fields(manifest, manifest_path)
     unlisted = [name for name in REQUIRED[found] if name not in files]
     if unlisted:
         raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -205,3 +206,27 @@ def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
     path = export_onnx(model, tmp_path / "mean.onnx", {"pooling": "mean"})
     rows = [[5, 6, 7], list(range(100, 140)), [42]]
     assert np.abs(onnx_logits(path, rows) - predict_logits(model, rows)).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("labels"), "'labels' must map each class name to an id 0..n-1, got None"),
+        (lambda m: m.update(labels={"ham": 0, "spam": 2}), "'labels' must map each class name to an id 0..n-1"),
+        (lambda m: m.update(labels={"ham": "0", "spam": 1}), "'labels' must map each class name to an id 0..n-1"),
+        (lambda m: m.update(files=sorted(m["files"])), "'files' must map each file name to its sha256"),
+        (lambda m: m.pop("files"), "'files' must map each file name to its sha256"),
+        (lambda m: m.update(max_length="128"), "'max_length' must be a positive integer, got '128'"),
+    ],
+)
+def test_a_malformed_manifest_is_one_line(exported, tmp_path, edit, message):
+    bundle = shutil.copytree(exported["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=re.escape(f"{bundle / 'manifest.json'}: {message}")):
+        EdgeClassifier(bundle)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge", "classify", str(bundle), "hi"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
