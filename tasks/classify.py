@@ -72,12 +72,7 @@ def finetune_classifier(
     curves = plot_training_curves(evals, result.out_dir / CURVES, title=f"fine-tuning ({config.init})")
     publish_table(evals, f"{key}-history", f"{result.out_dir.name}: validation after each evaluation")
     publish_plot(curves, f"{key}-curves", f"{result.out_dir.name}: loss and accuracy")
-    return {
-        "out_dir": str(result.out_dir),
-        "best": str(result.best),
-        "summary": result.summary,
-        "reused": result.reused,
-    }
+    return _classifier_result(result)
 
 
 @task(cache_policy=NO_CACHE)
@@ -95,12 +90,7 @@ def ensemble_classifiers(data_dir: str, members: list[dict[str, Any]], out_dir: 
     ]
     name = result.out_dir.name
     publish_table(rows, f"{artifact_key('classify', name)}-members", f"{name}: the ensemble's members")
-    return {
-        "out_dir": str(result.out_dir),
-        "best": str(result.best),
-        "summary": result.summary,
-        "reused": result.reused,
-    }
+    return _classifier_result(result)
 
 
 @task(cache_policy=NO_CACHE)
@@ -130,4 +120,14 @@ def evaluate_splits(model_path: str, data_dir: str, out_dir: str) -> dict[str, A
     publish_plot(Path(out_dir) / CONFUSION, f"{key}-confusion", f"{name}: test confusion matrix")
     return {
         split: {k: r[k] for k in ("accuracy", "macro_f1", "n", "roc_auc") if k in r} for split, r in reports.items()
+    }
+
+
+def _classifier_result(result) -> dict[str, Any]:
+    """What a classifier stage (one classifier or an ensemble) returns to its flow: paths and its summary."""
+    return {
+        "out_dir": str(result.out_dir),
+        "best": str(result.best),
+        "summary": result.summary,
+        "reused": result.reused,
     }

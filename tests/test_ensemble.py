@@ -4,9 +4,6 @@ vocabulary, the ensemble checkpoint, its single ONNX graph and its torch-free ed
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ import yaml
 from classify_data import make_texts, write_splits
 from conftest import REPO_ROOT
 from pydantic import ValidationError
-from test_export_edge import STANDALONE
+from test_export_edge import classify_with_edge_alone
 
 from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, softmax
@@ -183,19 +180,8 @@ def test_the_ensemble_exports_as_one_graph_with_parity_and_a_card(ensemble):
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_the_ensemble_bundle_runs_without_torch(ensemble, tokenizer, tmp_path, int8):
-    import shutil
-
-    shutil.copytree(REPO_ROOT / "edge", tmp_path / "edge", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ensemble["report"]["bundle"], tmp_path / "bundle")
     texts = make_texts(3, seed=11)["text"].tolist()
-    args = [str(tmp_path), sysconfig.get_paths()["purelib"], "classify", "bundle", *texts] + (
-        ["--int8"] if int8 else []
-    )
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    lines = classify_with_edge_alone(ensemble["report"]["bundle"], texts, int8, tmp_path)
     loaded = load_classifier(ensemble["built"].best)
     probs = softmax(predict_logits(loaded.model, encode_texts(tokenizer, texts, loaded.max_length)))
     edge = EdgeClassifier(tmp_path / "bundle", int8=int8).predict(texts)

@@ -134,12 +134,11 @@ STANDALONE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
-    """edge/ copied alone beside a bundle runs with only numpy, onnxruntime and tiktoken importable."""
+def classify_with_edge_alone(bundle, texts: list[str], int8: bool, tmp_path) -> list[list[str]]:
+    """`python -m edge classify` run from a copy of edge/ beside a copy of `bundle`, with only numpy, onnxruntime
+    and tiktoken importable: its output lines split into (label, probability, text)."""
     shutil.copytree(REPO_ROOT / "edge", tmp_path / "edge", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(exported["bundle"], tmp_path / "bundle")
-    texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
+    shutil.copytree(bundle, tmp_path / "bundle")
     args = [str(tmp_path), sysconfig.get_paths()["purelib"], "classify", "bundle", *texts] + (
         ["--int8"] if int8 else []
     )
@@ -147,7 +146,14 @@ def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
         [sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
-    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    return [line.split("\t") for line in proc.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
+    """edge/ copied alone beside a bundle runs with only numpy, onnxruntime and tiktoken importable."""
+    texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
+    lines = classify_with_edge_alone(exported["bundle"], texts, int8, tmp_path)
     loaded = load_classifier(exported["best"])
     model = quantize_torch_dynamic(loaded.model) if int8 else loaded.model
     probs = softmax(predict_logits(model, encode_texts(tokenizer, texts, loaded.max_length)))
