@@ -33,8 +33,23 @@ class Settings(BaseSettings):
         description="Ollama server that runs the judge model.",
     )
     judge_model: str = Field(default="llama3", description="Ollama model that scores responses.")
+    alert_url: str | None = Field(
+        default=None,
+        description="Apprise URL that run alerts go to (failed or crashed run, promotion, challenger worse than "
+        "the champion): json://host:port/path for a plain JSON webhook, slack://..., mailto://...; unset: none.",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        description="Dask scheduler (tcp://host:8786) that parallel trainings run on; unset: a local cluster.",
+    )
+    dask_workers: int = Field(default=2, ge=1, description="Worker processes of the local Dask cluster.")
     download_timeout_s: float = Field(default=60.0, gt=0)
     download_retries: int = Field(default=4, ge=0)
+
+    @field_validator("alert_url", "dask_address", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value is None or str(value).strip() == "" else value
 
     @field_validator("mirror", mode="before")
     @classmethod
