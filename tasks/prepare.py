@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
 from data import corpus, instructions, labelled, spam, tabular
 from data.common import StageResult
 from data.config import CorpusConfig, CsvDataConfig, InstructionDataConfig, SpamDataConfig
 from gptflow.download import fetch_source
+from gptflow.sources import TransientSourceError, check_source
 from tasks.artifacts import publish_table
 
 
@@ -23,6 +26,30 @@ def fetch_input(name: str) -> str:
     path = fetch_source(name)
     get_run_logger().info("%s -> %s", name, path)
     return str(path)
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass by itself (a server down, a timeout), not a missing file or a 404."""
+    try:
+        state.result()
+    except TransientSourceError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_condition_fn=_transient,
+)
+def check_data_source(role: str, ref: str) -> dict:
+    """One input of the run checked for new content (gptflow.sources): where to read it and what changed."""
+    check = check_source(role, ref, flow_run.get_name() or "local")
+    get_run_logger().info("%s data %s: %s", role, ref, check.note)
+    return check.to_dict()
 
 
 def _labelled_outcome(result: StageResult, key: str) -> dict:
