@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from eval.judge import JudgeConfig, JudgeUnavailable
 from eval.report import DEFAULT_RESPONSE_KEY
+from tasks.alerts import ALERT_HOOKS
 from tasks.evaluate import judge_responses, plan_evaluation, preflight_judge, publish_evaluation, record_skipped
 
 
@@ -23,7 +24,7 @@ class EvaluationOutcome(BaseModel):
     summary: dict
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, **ALERT_HOOKS)
 def evaluate_responses_flow(
     path: str,
     response_keys: list[str] | None = None,

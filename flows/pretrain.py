@@ -7,10 +7,11 @@ from pathlib import Path
 from prefect import flow
 
 from model.pretrain import PretrainConfig
+from tasks.alerts import ALERT_HOOKS
 from tasks.pretrain import convert_weights, train_model
 
 
-@flow(name="pretrain")
+@flow(name="pretrain", **ALERT_HOOKS)
 def pretrain_flow(
     corpus: str = "tinyshakespeare",
     config: PretrainConfig = PretrainConfig(),

@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value):
         return None if value is None or str(value).strip() == "" else value
 
+    @field_validator("alert_url")
+    @classmethod
+    def _alert_url_is_apprise(cls, value: str | None) -> str | None:
+        """Refused here rather than at the first alert; the message names the scheme only (URLs hold secrets)."""
+        if value is None:
+            return None
+        import apprise  # lazily: settings are imported everywhere, Apprise matters only with an alert URL
+
+        if apprise.Apprise.instantiate(value) is None:
+            scheme = value.split("://", 1)[0] if "://" in value else "none"
+            raise ValueError(
+                f"Apprise cannot parse this URL (scheme {scheme!r}); expected an Apprise URL such as "
+                "json://HOST:PORT/PATH (a JSON webhook), slack://TOKEN_A/TOKEN_B/TOKEN_C or mailto://USER:PASSWORD@HOST"
+            )
+        return value
+
     @field_validator("mirror", mode="before")
     @classmethod
     def _empty_mirror_is_none(cls, value):
