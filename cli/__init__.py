@@ -29,6 +29,7 @@ VERB_MODULES = [
     "cli.classify",
     "cli.instruct",
     "cli.inspect",
+    "cli.registry",
 ]
 
 

@@ -28,7 +28,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from edge.lm import Decoder
+from edge.lm import Decoder, EdgeGenerator
 from edge.runtime import LM, ORT_FILES
 from edge.text import EOT_ID, PAD_ID
 from gptflow.prompts import format_prompt
@@ -298,6 +298,21 @@ def tokens_per_second(decoder: Decoder, prompt: Sequence[int], n_tokens: int) ->
     started = time.perf_counter()
     new = decoder.generate([prompt], n_tokens, eos_id=None)[0]
     return len(new) / (time.perf_counter() - started)
+
+
+def bundle_perplexity(bundle: str | Path, data_dir: str | Path, config: ExportConfig | None = None) -> dict[str, Any]:
+    """Validation perplexity of an LM bundle as it ships (its int8 decoder when it has one, through onnxruntime)
+    on `data_dir`: what the registry compares a challenger and the champion on."""
+    config = config or ExportConfig()
+    int8 = ORT_FILES["int8"] in read_json(Path(bundle) / "manifest.json").get("files", {})
+    generator = EdgeGenerator(bundle, int8=int8)
+    style = (generator.manifest.get("prompt") or {}).get("style")
+    rows, _ = eval_rows(Path(data_dir), generator.tokenizer, style, generator.context_length, config)
+    return {
+        "val_perplexity": perplexity(generator.decoder.sequence_logits, rows),
+        "n": len(rows),
+        "model": "int8" if int8 else "fp32",
+    }
 
 
 # ----------------------------------------------------------------------------------------- evaluation data

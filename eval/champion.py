@@ -1,0 +1,160 @@
+"""Champion vs challenger: score two bundles on the same current data, and decide whether to promote.
+
+Both bundles are scored as they ship (the int8 model when the bundle has one, through onnxruntime alone), on
+the current data version: a classifier on the test split, a language model by its validation perplexity.
+A score is kept per data version (the sha256 of the split file), so the champion is re-scored only when the
+data changed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edge.runtime import ORT_FILES, EdgeClassifier
+from eval.metrics import classification_report
+from gptflow.errors import GptflowError
+from gptflow.storage import sha256_file
+
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "val_perplexity": False, "judge_score": True}
+
+
+class ChampionError(GptflowError, ValueError):
+    """A bundle or a data folder that cannot be scored."""
+
+
+class PromotionRule(BaseModel):
+    """When a challenger replaces the champion, and when a worse one raises an alert."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: Literal["accuracy", "macro_f1", "val_perplexity", "judge_score"]
+    margin: float = Field(default=0.0, ge=0, description="promote only when better by at least this much (and > 0)")
+    alert_worse_by: float = Field(
+        default=0.02, ge=0, description="alert when the challenger is worse than the champion by more than this"
+    )
+
+
+class PromotionConfig(BaseModel):
+    """The rule of each registry the pipeline feeds: its classifier bundle and its language-model bundle."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(default=True, description="challenge the champions after the run (off: register nothing)")
+    classifier: PromotionRule = PromotionRule(metric="accuracy", margin=0.0, alert_worse_by=0.02)
+    lm: PromotionRule = PromotionRule(metric="val_perplexity", margin=0.0, alert_worse_by=1.0)
+
+    @field_validator("classifier")
+    @classmethod
+    def _classifier_metric(cls, rule: PromotionRule) -> PromotionRule:
+        if rule.metric not in ("accuracy", "macro_f1"):
+            raise ValueError(f"a classifier is compared on accuracy or macro_f1, not {rule.metric!r}")
+        return rule
+
+    @field_validator("lm")
+    @classmethod
+    def _lm_metric(cls, rule: PromotionRule) -> PromotionRule:
+        if rule.metric not in ("val_perplexity", "judge_score"):
+            raise ValueError(f"a language model is compared on val_perplexity or judge_score, not {rule.metric!r}")
+        return rule
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Literal["promote", "keep"]
+    reason: str
+    metric: str
+    challenger: float | None
+    champion: float | None
+    improvement: float | None  # in the metric's better direction: > 0 means the challenger is better
+    alert: bool  # worse than the champion by more than the rule allows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def data_key(split_file: Path) -> str:
+    """The data version a score belongs to: the sha256 of the split it was measured on."""
+    return sha256_file(split_file)
+
+
+def score_classifier_bundle(bundle: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    """Accuracy and macro-F1 of a classifier bundle on `data_dir`'s test split (its shipped model: int8 if any)."""
+    bundle, data_dir = Path(bundle), Path(data_dir)
+    test, labels = data_dir / "test.csv", data_dir / "labels.json"
+    if not test.is_file() or not labels.is_file():
+        raise ChampionError(f"{data_dir}: expected a prepared data folder (test.csv, labels.json)")
+    data_labels = json.loads(labels.read_text(encoding="utf-8"))
+    with open(test, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("labels") != data_labels:
+        raise ChampionError(
+            f"{bundle} classifies {sorted(manifest.get('labels') or {})}; the data {data_dir} has classes "
+            f"{sorted(data_labels)}: it cannot be scored on this data"
+        )
+    int8 = ORT_FILES["int8"] in manifest.get("files", {})
+    classifier = EdgeClassifier(bundle, int8=int8)
+    report = classification_report(
+        [int(r["label"]) for r in rows], classifier.logits([r["text"] for r in rows]), classifier.names
+    )
+    return {
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "n": report["n"],
+        "model": "int8" if int8 else "fp32",
+    }
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: PromotionRule) -> Verdict:
+    """Promote when there is no champion, or when the challenger beats it by `rule.margin` on `rule.metric`."""
+    metric = rule.metric
+    new = challenger.get(metric)
+    if new is None:
+        raise ChampionError(f"the challenger has no {metric!r} score (it has {', '.join(sorted(challenger))})")
+    if champion is None:
+        return Verdict("promote", "no champion yet", metric, new, None, None, False)
+    old = champion.get(metric)
+    if old is None:
+        return Verdict("promote", f"the champion has no {metric} score on this data", metric, new, None, None, False)
+    improvement = (new - old) if HIGHER_IS_BETTER[metric] else (old - new)
+    shown = f"{metric} {new:.4f} vs champion {old:.4f}"
+    if improvement > 0 and improvement >= rule.margin:
+        return Verdict("promote", f"better: {shown}", metric, new, old, improvement, False)
+    alert = -improvement > rule.alert_worse_by
+    if improvement > 0:
+        why = f"better by {improvement:.4f}, less than the margin {rule.margin:g}: {shown}"
+    elif improvement == 0:
+        why = f"no better: {shown}"
+    else:
+        why = f"worse by {-improvement:.4f}: {shown}"
+    return Verdict("keep", why, metric, new, old, improvement, alert)
+
+
+def comparison_rows(
+    challenger: dict[str, Any], champion: dict[str, Any] | None, verdict: Verdict
+) -> list[dict[str, Any]]:
+    """The challenger-vs-champion table: one row per metric both have, and the decision."""
+    metrics = [m for m in HIGHER_IS_BETTER if m in challenger or (champion and m in champion)]
+    rows = []
+    for metric in metrics:
+        new, old = challenger.get(metric), (champion or {}).get(metric)
+        rows.append(
+            {
+                "metric": metric + (" (decides)" if metric == verdict.metric else ""),
+                "challenger": _round(new),
+                "champion": _round(old),
+                "difference": _round(new - old) if new is not None and old is not None else None,
+            }
+        )
+    rows.append({"metric": "decision", "challenger": verdict.decision, "champion": None, "difference": verdict.reason})
+    return rows
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value

@@ -1,0 +1,148 @@
+"""Prefect task of the promotion stage: this run's bundle challenges its task's champion in the registry.
+
+Both are scored on the current data version (eval.champion), the rule decides, a promotion is atomic
+(gptflow.registry), the UI gets the challenger-vs-champion table, and a promotion or a clearly worse challenger
+sends an alert.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from eval.champion import ChampionError, PromotionRule, Verdict, comparison_rows, data_key, decide
+from eval.champion import score_classifier_bundle as score_classifier
+from gptflow.registry import Registry, bundle_sha256
+from model.lm_export import bundle_perplexity
+from tasks.alerts import RunRef, notify
+from tasks.artifacts import publish_table
+
+Kind = Literal["classifier", "lm"]
+
+
+def registry_task(kind: Kind, source: str) -> str:
+    """The registry a pipeline's bundle competes in: its kind and the name of its data source
+    (`classifier-spam`, `classifier-<csv file stem>`, `lm-instructions`, `lm-<json file stem>`); stable across
+    the data's versions."""
+    name = {"spam": "spam", "sms-spam": "spam", "instruction-data": "instructions"}.get(source)
+    name = name or Path(source.split("?")[0]).stem.lower() or "data"
+    return f"{kind}-{re.sub(r'[^a-z0-9._-]+', '-', name).strip('-.') or 'data'}"
+
+
+def _split_file(kind: Kind, data_dir: Path) -> Path:
+    name = "test.csv" if kind == "classifier" else "validation.json"
+    return data_dir / name if (data_dir / name).is_file() else data_dir / "val.bin"
+
+
+def _score(kind: Kind, bundle: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    return score_classifier(bundle, data_dir) if kind == "classifier" else bundle_perplexity(bundle, data_dir)
+
+
+@task(name="challenge-champion", cache_policy=NO_CACHE)
+def challenge_champion(
+    kind: Kind,
+    name: str,
+    bundle: str,
+    data_dir: str,
+    rule: PromotionRule,
+    judge_summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score this run's `bundle` and the champion of registry `name` on `data_dir`; promote by `rule`.
+    `judge_summary`: this run's evaluation of the LM's responses; when the judge ran, its mean score is the
+    challenger's `judge_score`."""
+    logger, run = get_run_logger(), flow_run.get_name() or "local"
+    registry = Registry(name)
+    key = data_key(_split_file(kind, Path(data_dir)))
+    digest = bundle_sha256(Path(bundle))
+    challenger = {**_score(kind, bundle, data_dir), **_judge_score(judge_summary)}
+    champion = registry.champion()
+    champion_scores, value = None, challenger.get(rule.metric)
+    if champion is None:
+        verdict = decide(challenger, None, rule)
+    elif champion["bundle_sha256"] == digest:
+        champion_scores = challenger
+        same = f"the challenger is the champion {champion['version']} (same bundle)"
+        verdict = Verdict("keep", same, rule.metric, value, value, 0.0, False)
+    else:
+        try:
+            champion_scores = _champion_scores(kind, registry, champion, key, data_dir)
+            verdict = decide(challenger, champion_scores, rule)
+        except ChampionError as exc:
+            logger.warning("champion %s cannot be scored on this data: %s", champion["version"], exc)
+            verdict = Verdict(
+                "promote", f"the champion cannot be scored on this data: {exc}", rule.metric, value, None, None, False
+            )
+    logger.info("%s: %s (%s)", name, verdict.decision, verdict.reason)
+
+    promoted = None
+    if verdict.decision == "promote":
+        record = {"kind": kind, "scores": {key: challenger}, "data_dir": data_dir, "rule": rule.model_dump()}
+        promoted = registry.promote(
+            bundle, record, reason=verdict.reason, run=run, on_step=lambda step: logger.info("promotion %s", step)
+        )
+        logger.info("%s: %s is the champion: %s", name, promoted["version"], registry.link)
+        notify(
+            "promoted",
+            run=RunRef.current(),
+            stage=f"promote {name}",
+            reason=verdict.reason,
+            details=_details(promoted, verdict),
+        )
+    elif verdict.alert:
+        notify(
+            "challenger-worse",
+            run=RunRef.current(),
+            stage=f"promote {name}",
+            reason=verdict.reason,
+            details={"champion": champion["version"], "challenger bundle": bundle, "rule": rule.model_dump_json()},
+        )
+    publish_table(
+        comparison_rows(challenger, champion_scores, verdict),
+        f"{name}-challenger-vs-champion",
+        f"{name}: this run's bundle vs the champion"
+        + (f" {champion['version']}" if champion else "")
+        + f" on data {key[:12]}",
+    )
+    after = registry.champion()
+    return {
+        "status": "promoted" if promoted else "kept",
+        "registry": name,
+        "verdict": verdict.to_dict(),
+        "challenger": challenger,
+        "champion_before": champion["version"] if champion else None,
+        "champion": after["version"] if after else None,
+        "champion_path": str(registry.link),
+        "data_key": key,
+        "metrics": {"challenger": challenger, "champion": champion_scores},
+    }
+
+
+def _judge_score(summary: dict[str, Any] | None) -> dict[str, float]:
+    if not summary or summary.get("status") != "completed":
+        return {}
+    means = [f["mean"] for f in summary["fields"].values() if f.get("mean") is not None]
+    return {"judge_score": means[0]} if means else {}
+
+
+def _champion_scores(kind: Kind, registry: Registry, champion: dict, key: str, data_dir: str) -> dict[str, Any]:
+    """The champion's scores on data version `key`: kept from before, else measured now and kept."""
+    scores = champion.get("scores", {}).get(key)
+    if scores is None:
+        scores = _score(kind, champion["path"], data_dir)
+        registry.add_score(champion["version"], key, scores)
+        get_run_logger().info("champion %s scored on data version %s", champion["version"], key[:12])
+    return scores
+
+
+def _details(record: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+    return {
+        "version": record["version"],
+        "bundle sha256": record["bundle_sha256"],
+        "champion path": record["path"],
+        verdict.metric: verdict.challenger,
+    }
