@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,data,model,eval
 
-.PHONY: setup run test e2e server deploy worker clean
+.PHONY: setup run test e2e server deploy worker image clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,15 +39,22 @@ test: $(STAMP)
 PREFECT_PORT ?= 4200
 LOCAL_API := http://127.0.0.1:$(PREFECT_PORT)/api
 SERVER_API = $(or $(PREFECT_API_URL),$(LOCAL_API))
-# The work pool named in prefect.yaml.
+# The process pool of prefect.yaml (`make worker`); every pool is listed under its definitions.work_pools.
 WORK_POOL := gptflow-process
+# The image of the docker and kubernetes deployments (prefect.yaml reads it when they are registered).
+GPTFLOW_IMAGE ?= gptflow:latest
 
 server: $(STAMP)
 	PREFECT_UI_API_URL=$(LOCAL_API) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 deploy: $(STAMP)
-	PREFECT_API_URL=$(SERVER_API) $(BIN)/prefect work-pool create $(WORK_POOL) --type process --overwrite
-	PREFECT_API_URL=$(SERVER_API) $(BIN)/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(SERVER_API) $(BIN)/python scripts/create_pools.py
+	PREFECT_API_URL=$(SERVER_API) GPTFLOW_IMAGE=$(GPTFLOW_IMAGE) $(BIN)/prefect --no-prompt deploy --all
+
+# The image of the container deployments, CPU torch. For NVIDIA GPUs (README: "Work pools"):
+#   make image GPTFLOW_IMAGE=gptflow:cuda IMAGE_ARGS="--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130"
+image:
+	docker build $(IMAGE_ARGS) -t $(GPTFLOW_IMAGE) .
 
 # GPTFLOW_REPO: the clone the deployments' pull step runs the code from.
 worker: $(STAMP)

@@ -339,8 +339,8 @@ def png_size(data_url: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- prefect API
 
 
-def deployment_checks(client, pool: str, spec: dict) -> dict[str, Any]:
-    """Every deployment of prefect.yaml exists on the pool with its schedules; returns name -> deployment."""
+def deployment_checks(client, spec: dict) -> dict[str, Any]:
+    """Every deployment of prefect.yaml exists on its work pool with its schedules; returns name -> deployment."""
     found = {d.name: d for d in client.read_deployments()}
     problems = []
     for want in spec["deployments"]:
@@ -348,8 +348,8 @@ def deployment_checks(client, pool: str, spec: dict) -> dict[str, Any]:
         if got is None:
             problems.append(f"deployment {want['name']!r} missing")
             continue
-        if got.work_pool_name != pool:
-            problems.append(f"{want['name']}: work pool {got.work_pool_name!r}, expected {pool!r}")
+        if got.work_pool_name != want["work_pool"]["name"]:
+            problems.append(f"{want['name']}: work pool {got.work_pool_name!r}, expected {want['work_pool']['name']!r}")
         crons = sorted((s.schedule.cron, s.schedule.timezone) for s in got.schedules)
         expected = sorted((s["cron"], s.get("timezone", "UTC")) for s in want.get("schedules") or [])
         if crons != expected:
@@ -564,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["server_start_s"] = round(wait_for_health(server, api_url, 180), 1)
         log(f"server healthy after {summary['server_start_s']}s")
 
-        run_cli([prefect, "work-pool", "create", pool, "--type", "process"], env, report / "work-pool.log", 120)
+        create_pools = [sys.executable, str(REPO / "scripts" / "create_pools.py"), "--prefect-file", str(prefect_file)]
+        run_cli(create_pools, env, report / "work-pool.log", 180)
         t = time.monotonic()
         run_cli(
             [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
@@ -572,12 +573,12 @@ def main(argv: list[str] | None = None) -> int:
             report / "deploy.log",
             300,
         )
-        log(f"deployed {len(spec['deployments'])} deployments to pool {pool} in {time.monotonic() - t:.0f}s")
+        log(f"deployed {len(spec['deployments'])} deployments in {time.monotonic() - t:.0f}s")
 
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            deployments = deployment_checks(client, pool, spec)
+            deployments = deployment_checks(client, spec)
             flow_run = client.create_flow_run_from_deployment(
                 deployments[args.deployment].id, parameters=expect.parameters
             )
