@@ -60,13 +60,67 @@ def stage_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def data_summary(sources: list[dict[str, Any]]) -> str:
+    """One line for the whole run: whether any input changed since the last run, and since when if not."""
+    tracked = [s for s in sources if s["status"] != "pinned"]
+    changed = [s for s in tracked if s["status"] in ("new", "changed")]
+    if changed:
+        return "; ".join(f"{s['role']}: {s['note']}" for s in changed)
+    if tracked:
+        since = max(tracked, key=lambda s: s["since"])
+        return f"data unchanged since run {since['since_run']} ({since['since']})"
+    return "every input is pinned by sha256"
+
+
+def source_rows(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "input": s["role"],
+            "source": s["ref"],
+            "status": s["status"],
+            "checked by": s["how"],
+            "sha256": (s["sha256"] or "")[:12],
+            "note": s["note"],
+        }
+        for s in sources
+    ]
+
+
+def promotion_rows(promotions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for outcome in promotions.values():
+        verdict = outcome["verdict"]
+        rows.append(
+            {
+                "registry": outcome["registry"],
+                "decision": outcome["status"],
+                "metric": verdict["metric"],
+                "challenger": _fmt(verdict["challenger"]),
+                "champion before": outcome["champion_before"] or "-",
+                "champion now": outcome["champion"] or "-",
+                "reason": verdict["reason"],
+            }
+        )
+    return rows
+
+
 def render_run_report(
-    run_name: str, params: dict[str, Any], stages: dict[str, dict[str, Any]], deliverables: dict[str, str]
+    run_name: str,
+    params: dict[str, Any],
+    stages: dict[str, dict[str, Any]],
+    deliverables: dict[str, str],
+    sources: list[dict[str, Any]] | None = None,
+    promotions: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Markdown: summary table, deliverables, data lineage (input and output hashes), and the parameters."""
-    lines = [
-        f"# gptflow run `{run_name}`",
-        "",
+    """Markdown: data freshness, summary table, champion decisions, deliverables, data lineage (input and output
+    hashes), and the parameters."""
+    lines = [f"# gptflow run `{run_name}`", ""]
+    if sources:
+        lines += ["## Data", "", f"**{data_summary(sources)}**", ""]
+        lines += _table(source_rows(sources)) + [""]
+    if promotions:
+        lines += ["## Champion vs challenger", ""] + _table(promotion_rows(promotions)) + [""]
+    lines += [
         "## Stages",
         "",
         "| stage | status | metrics | outputs |",
@@ -92,3 +146,11 @@ def render_run_report(
         )
     lines += ["", "## Parameters", "", "```json", json.dumps(params, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(str(row[k]) for k in head) + " |" for row in rows]

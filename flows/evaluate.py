@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from eval.judge import JudgeConfig, JudgeUnavailable
 from eval.report import DEFAULT_RESPONSE_KEY
+from flows.limits import time_limit
 from tasks.alerts import ALERT_HOOKS
 from tasks.evaluate import judge_responses, plan_evaluation, preflight_judge, publish_evaluation, record_skipped
 
@@ -31,6 +32,15 @@ def evaluate_responses_flow(
     judge: JudgeConfig | None = None,
     require_judge: bool = False,
     out_dir: str | None = None,
+    timeout_minutes: float | None = None,
+) -> EvaluationOutcome:
+    """`timeout_minutes`: fail the run (TimedOut) past this time."""
+    with time_limit(timeout_minutes, "the evaluation run"):
+        return _evaluate(path, response_keys, judge, require_judge, out_dir)
+
+
+def _evaluate(
+    path: str, response_keys: list[str] | None, judge: JudgeConfig | None, require_judge: bool, out_dir: str | None
 ) -> EvaluationOutcome:
     keys = response_keys or [DEFAULT_RESPONSE_KEY]
     judge = judge or JudgeConfig()

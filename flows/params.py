@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data.config import InstructionDataConfig, SpamDataConfig
+from data.config import CsvDataConfig, InstructionDataConfig, SpamDataConfig
+from eval.champion import PromotionConfig
 from eval.judge import JudgeConfig
 from gptflow.errors import GptflowError, validation_message
 from gptflow.storage import read_config_file
@@ -43,7 +44,20 @@ class PipelineParams(BaseModel):
         description="pretrain (from scratch on `corpus`) or "
         "gpt2:<gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|path to model.safetensors>",
     )
-    corpus: str = Field(default="tinyshakespeare", description="pretraining corpus: name or UTF-8 text file")
+    corpus: str = Field(
+        default="tinyshakespeare", description="pretraining corpus: a name, or a UTF-8 text file (path or http(s) URL)"
+    )
+    classifier_data: str = Field(
+        default="spam",
+        description="the classifier's data: spam (the UCI set, pinned by sha256) or a labelled CSV/TSV (path or "
+        "http(s) URL, checked for new content on every run)",
+    )
+    text_column: str = Field(default="text", min_length=1, description="text column of a classifier_data CSV")
+    label_column: str = Field(default="label", min_length=1, description="label column of a classifier_data CSV")
+    instructions_data: str = Field(
+        default="instruction-data",
+        description="instruction-data (the book's file, pinned) or an instruction JSON/JSONL (path or http(s) URL)",
+    )
     device: DeviceSpec | None = Field(
         default=None, description="device of every training stage left at auto (None: each stage's own)"
     )
@@ -59,6 +73,10 @@ class PipelineParams(BaseModel):
         default="Every effort moves you", min_length=1, description="the text the inspect stage looks at both models on"
     )
     inspect: InspectConfig = InspectConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    timeout_minutes: float | None = Field(
+        default=None, gt=0, description="fail the run (state TimedOut, an alert) after this many minutes"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +104,20 @@ class PipelineParams(BaseModel):
     @property
     def gpt2_source(self) -> str:
         return self.weights.partition(":")[2]
+
+    def data_sources(self) -> dict[str, str]:
+        """The inputs a run checks for new content (a registered name is pinned): role -> name, path or URL."""
+        sources = {
+            "classifier": "sms-spam" if self.classifier_data == "spam" else self.classifier_data,
+            "instructions": self.instructions_data,
+        }
+        if self.weights == "pretrain":
+            sources["corpus"] = self.corpus
+        return sources
+
+    def csv_config(self) -> CsvDataConfig:
+        """How a classifier_data CSV is read, cleaned and split: the spam set's settings and the two columns."""
+        return CsvDataConfig(**self.spam.model_dump(), text_column=self.text_column, label_column=self.label_column)
 
     def with_preset(self, preset: str) -> "PipelineParams":
         return self.merged({"pretrain": {"preset": preset}})

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.limits import time_limit
 from model.pretrain import PretrainConfig
 from tasks.alerts import ALERT_HOOKS
 from tasks.pretrain import convert_weights, train_model
@@ -17,18 +18,21 @@ def pretrain_flow(
     config: PretrainConfig = PretrainConfig(),
     out_dir: str | None = None,
     resume: bool = True,
+    timeout_minutes: float | None = None,
 ) -> dict:
     """`corpus`: a corpus name or text file (tokenized by the data flow first, reused if done) or a folder
     that already holds train.bin/val.bin. Outputs go to `out_dir`, else to the folder the stage contract names
     (`<home>/pretrain/<corpus>-<preset>-<key>`): the same config and data resume or reuse, a changed one trains
-    afresh beside it."""
-    if (Path(corpus) / "train.bin").is_file():
-        data_dir = corpus
-    else:
-        from flows.prepare import prepare_corpus
+    afresh beside it. `timeout_minutes`: fail the run (TimedOut) past this time; it resumes from its last
+    checkpoint when run again."""
+    with time_limit(timeout_minutes, "the pretraining run"):
+        if (Path(corpus) / "train.bin").is_file():
+            data_dir = corpus
+        else:
+            from flows.prepare import prepare_corpus
 
-        data_dir = prepare_corpus(corpus)["out_dir"]
-    return train_model(data_dir, config, out_dir, resume)
+            data_dir = prepare_corpus(corpus)["out_dir"]
+        return train_model(data_dir, config, out_dir, resume)
 
 
 @flow(name="load-gpt2")

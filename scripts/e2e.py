@@ -3,13 +3,20 @@
 1. `prefect server start` on 127.0.0.1 (free port, throwaway PREFECT_HOME; its scheduler is off so that only
    the run triggered here executes), outputs under a throwaway GPTFLOW_HOME;
 2. the work pool and every deployment of prefect.yaml (`prefect --no-prompt deploy --all`);
-3. one run of a deployment (default: the nightly pipeline) with tiny parameters, executed by
-   `prefect worker start` until it ends (bounded);
-4. through the Prefect API: the run, all its subflow runs and task runs Completed, the expected artifacts;
+3. runs of a deployment with tiny parameters, executed by `prefect worker start` until each ends (bounded).
+   The nightly pipeline runs three times, as scheduled runs would, on a user's CSV (a slice of the SMS spam
+   set written here) and with GPTFLOW_ALERT_URL set to a loopback JSON webhook that records every alert:
+   a. the first trains everything and promotes its classifier and LM bundles to champions (alerts received);
+   b. the second finds the data unchanged since the first run, reuses every stage, keeps both champions;
+   c. the third runs after the CSV changed: a new data version, the classifier retrains, and its bundle is
+      promoted or kept against the champion re-scored on the new test split;
+4. through the Prefect API: each run, all its subflow runs and task runs Completed, the expected artifacts;
+   from the run reports on disk: what each run decided;
 5. in headless Chromium (driven over the DevTools protocol): the flow run page shows the run name and a
    Completed state badge, its Artifacts tab lists the artifacts, and every plot artifact's page holds an
    `<img>` whose PNG has actually been decoded (naturalWidth equals the PNG's width), in the V2 (default) and
-   the V1 UI. Screenshots, DOM dumps, logs and summary.json go to `<outputs>/e2e/<timestamp>/`.
+   the V1 UI; the third run's challenger-vs-champion table renders. Screenshots, DOM dumps, logs and
+   summary.json go to `<outputs>/e2e/<timestamp>/`.
 
 Every process it starts (server, worker and the worker's flow-run processes, Chromium) is stopped on the way
 out, failure included.
@@ -63,17 +70,18 @@ class Expectation:
     min_plots: int = 1
 
 
-def expectations() -> dict[str, Expectation]:
-    """Per deployment of prefect.yaml that the e2e can run: tiny parameters and what the run must show."""
+def expectations(user_csv: Path) -> dict[str, Expectation]:
+    """Per deployment of prefect.yaml that the e2e can run: tiny parameters and what the run must show.
+    `user_csv`: the nightly pipeline's classifier data."""
     from flows.params import load_params
 
-    tiny = load_params(REPO / "configs" / "tiny.yaml")
+    tiny = load_params(REPO / "configs" / "tiny.yaml").merged({"classifier_data": str(user_csv)})
     pretrain_artifacts = {"data-corpus-the-verdict", "pretrain-the-verdict-tiny*", "pretrain-the-verdict-tiny*-loss"}
     return {
         "nightly": Expectation(
             parameters={"params": tiny.model_dump(mode="json")},
             subflows={
-                "prepare-spam",
+                "prepare-csv",
                 "prepare-instructions",
                 "prepare-corpus",
                 "pretrain",
@@ -84,9 +92,21 @@ def expectations() -> dict[str, Expectation]:
                 "evaluate",
                 "inspect",
             },
-            tasks={"train_model", "pretrain_on_domain", "write_run_report", "inspect_checkpoint", "publish_inspection"},
+            tasks={
+                "check_data_source",
+                "train_model",
+                "pretrain_on_domain",
+                "challenge-champion",
+                "write_run_report",
+                "inspect_checkpoint",
+                "publish_inspection",
+            },
             artifacts={
                 *pretrain_artifacts,
+                "pipeline-data-sources",
+                "pipeline-promotions",
+                "classifier-*-challenger-vs-champion",
+                "lm-*-challenger-vs-champion",
                 "dapt-*-loss",
                 "pipeline-report",
                 "pipeline-stages",
@@ -381,14 +401,36 @@ def wait_for_run(client, run_id, worker: Service, timeout_s: float):
         time.sleep(2)
 
 
+def run_tree(client, run) -> tuple[list, list, list]:
+    """`run`'s flow runs (it and its subflows at any depth), their task runs and their artifacts."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    runs, tasks, frontier = [], [], [run]
+    while frontier:
+        current = frontier.pop()
+        runs.append(current)
+        only = FlowRunFilter(id=FlowRunFilterId(any_=[current.id]))
+        tasks += client.read_task_runs(flow_run_filter=only)
+        children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[current.id]))
+        frontier += client.read_flow_runs(flow_run_filter=children)
+    ids = [r.id for r in runs]
+    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+    return runs, tasks, [a for a in artifacts if a.key]
+
+
 def run_checks(client, run, expect: Expectation) -> dict[str, Any]:
     """The run tree (the run and its subflows) Completed, with the expected subflows, task runs, artifacts."""
     problems = []
     if not run.state.is_completed():
         problems.append(f"flow run {run.name} ended {run.state_name}: {run.state.message}")
-    runs = client.read_flow_runs()  # the throwaway server holds only this run tree
+    runs, tasks, artifacts = run_tree(client, run)
     flow_names = {f.id: f.name for f in client.read_flows()}
-    tasks = client.read_task_runs()
     subflows = [r for r in runs if r.id != run.id]
     for r in runs:
         if not r.state.is_completed():
@@ -402,7 +444,6 @@ def run_checks(client, run, expect: Expectation) -> dict[str, Any]:
         problems.append(f"no subflow runs of {sorted(missing)} (ran: {sorted(n for n in subflow_names if n)})")
     if missing := expect.tasks - task_names:
         problems.append(f"no task runs of {sorted(missing)} (ran: {sorted(task_names)})")
-    artifacts = [a for a in client.read_artifacts() if a.key]
     keys = {a.key for a in artifacts}
     if missing := {p for p in expect.artifacts if not fnmatch.filter(keys, p)}:
         problems.append(f"artifacts missing: {sorted(missing)} (published: {sorted(keys)})")
@@ -504,6 +545,129 @@ def save_failed_run_page(
         browser.close()
 
 
+# ---------------------------------------------------------------------------------------------- scheduled runs
+
+LATER_RUNS = Expectation(
+    parameters={},
+    subflows={"prepare-csv", "finetune-classifier", "export", "export-lm"},
+    tasks={"check_data_source", "challenge-champion", "write_run_report"},
+    artifacts={"pipeline-data-sources", "pipeline-promotions", "classifier-*-challenger-vs-champion"},
+    min_plots=0,
+)
+
+
+class AlertReceiver:
+    """A loopback JSON webhook (Apprise `json://`): the runs' GPTFLOW_ALERT_URL; records every alert."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.alerts: list[dict[str, Any]] = []
+        alerts = self.alerts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                alerts.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"json://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def about(self, run_name: str) -> list[str]:
+        """The events ("promoted", "failed", ...) of the alerts whose title names `run_name`."""
+        return [a["title"].split(": ")[1] for a in self.alerts if a["title"].endswith(f": {run_name}")]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_user_csv(path: Path, rows: int) -> Path:
+    """The first `rows` messages of the SMS spam set as a user's labelled CSV (label,text)."""
+    import csv
+
+    from gptflow.download import fetch_source
+    from gptflow.settings import load_settings
+
+    lines = fetch_source("sms-spam", load_settings()).read_text(encoding="utf-8").splitlines()[:rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "text"])
+        writer.writerows(line.split("\t", 1) for line in lines)
+    return path
+
+
+def run_summary(home: Path, run) -> dict[str, Any]:
+    """The run's report summary on disk (what the pipeline decided)."""
+    path = home / "runs" / run.name / "summary.json"
+    if not path.is_file():
+        raise E2EError(f"flow run {run.name} wrote no {path}")
+    return json.loads(path.read_text())
+
+
+def decision_checks(step: str, summary: dict[str, Any], first_run: str | None, alerts: list[str]) -> list[str]:
+    """What each of the three scheduled runs must have decided; returns problems."""
+    problems = []
+    status = {row["stage"]: row["status"] for row in summary["stages"]}
+    promotions = summary["promotions"]
+    decided = {k: (p["status"], p["verdict"]["reason"]) for k, p in promotions.items()}
+    if step == "first":
+        if {k: p["status"] for k, p in promotions.items()} != {"classifier": "promoted", "lm": "promoted"}:
+            problems.append(f"first run: expected both bundles promoted, got {decided}")
+        if alerts.count("promoted") != 2:
+            problems.append(f"first run: expected 2 'promoted' alerts, received {alerts}")
+    elif step == "second":
+        if not summary["data"].startswith(f"data unchanged since run {first_run} ("):
+            problems.append(f"second run: data {summary['data']!r}, expected unchanged since run {first_run}")
+        if busy := {k: v for k, v in status.items() if v not in ("reused", "skipped")}:
+            problems.append(f"second run: stages not reused: {busy}")
+        if any("(same bundle)" not in reason for _, reason in decided.values()):
+            problems.append(f"second run: expected both champions kept as the same bundle, got {decided}")
+        if alerts:
+            problems.append(f"second run: expected no alert, received {alerts}")
+    else:
+        if not summary["data"].startswith("classifier: new data version"):
+            problems.append(f"third run: data {summary['data']!r}, expected a new classifier data version")
+        if not status.get("data-classifier") == status.get("classifier") == status.get("export") == "done":
+            problems.append(f"third run: the classifier stages did not run again: {status}")
+        classifier = promotions["classifier"]
+        if classifier["verdict"]["champion"] is None:
+            problems.append(f"third run: the champion was not scored on the new data: {classifier['verdict']}")
+        expected = (
+            ["promoted"]
+            if classifier["status"] == "promoted"
+            else ["challenger-worse"]
+            if classifier["verdict"]["alert"]
+            else []
+        )
+        if alerts != expected:
+            problems.append(f"third run: alerts {alerts}, expected {expected} for {decided['classifier']}")
+    return problems
+
+
+def challenger_table_check(browser: Browser, base: str, artifacts: list, out: Path) -> list[str]:
+    """The classifier's challenger-vs-champion table renders in the UI with its columns and the decision row."""
+    (table,) = [a for a in artifacts if fnmatch.fnmatch(a.key, "classifier-*-challenger-vs-champion")]
+    js = (
+        "document.querySelectorAll('table tbody tr').length > 1 && "
+        "['metric', 'challenger', 'champion', 'difference'].every(c => "
+        "[...document.querySelectorAll('table th')].some(th => th.innerText.trim() === c)) && "
+        "[...document.querySelectorAll('table tbody td')].some(td => td.innerText.trim() === 'decision')"
+    )
+    problems = []
+    if not browser.open(f"{base}/v2/artifacts/artifact/{table.id}", js):
+        problems.append(f"table artifact {table.key}: no rendered challenger-vs-champion table")
+    browser.save(out, f"table-{table.key}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -520,7 +684,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the throwaway PREFECT_HOME and GPTFLOW_HOME")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
-    expect = expectations()[args.deployment]
 
     from gptflow.settings import load_settings
 
@@ -532,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     chromium = ensure_chromium()
 
     scratch = Path(tempfile.mkdtemp(prefix="gptflow-e2e-"))
+    user_csv = scratch / "user-data" / "sms.csv"
+    expect = expectations(user_csv)[args.deployment]
+    receiver = AlertReceiver()
     port = free_port()
     base, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     env = {
@@ -543,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "GPTFLOW_HOME": str(scratch / "outputs"),
+        "GPTFLOW_ALERT_URL": receiver.url,
         "GPTFLOW_REPO": str(REPO),
         "PYTHONUNBUFFERED": "1",
     }
@@ -577,12 +744,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from prefect.client.orchestration import get_client
 
+        write_user_csv(user_csv, 600)
+        steps = ["first", "second", "third"] if args.deployment == "nightly" else ["only"]
         with get_client(sync_client=True) as client:
             deployments = deployment_checks(client, spec)
-            flow_run = client.create_flow_run_from_deployment(
-                deployments[args.deployment].id, parameters=expect.parameters
-            )
-            log(f"triggered {args.deployment}: flow run {flow_run.name} with {json.dumps(expect.parameters)}")
             worker = Service(
                 "worker",
                 [
@@ -604,28 +769,71 @@ def main(argv: list[str] | None = None) -> int:
                 report / "worker.log",
             )
             services.append(worker)
-            t = time.monotonic()
-            run = wait_for_run(client, flow_run.id, worker, args.run_timeout)
-            summary["run_s"] = round(time.monotonic() - t, 1)
+            runs: dict[str, Any] = {}
+            for step in steps:
+                if step == "third":
+                    write_user_csv(user_csv, 800)  # the user's file grew: a new data version
+                    log(f"{user_csv} changed: 800 messages instead of 600")
+                flow_run = client.create_flow_run_from_deployment(
+                    deployments[args.deployment].id, parameters=expect.parameters
+                )
+                log(f"{step} run of {args.deployment}: flow run {flow_run.name}")
+                t = time.monotonic()
+                run = wait_for_run(client, flow_run.id, worker, args.run_timeout)
+                summary[f"{step}_run_s"] = round(time.monotonic() - t, 1)
+                try:
+                    api = run_checks(client, run, expect if step in ("first", "only") else LATER_RUNS)
+                except E2EError:
+                    save_failed_run_page(chromium, scratch, report, env, services, base, run)
+                    raise
+                runs[step] = (run, api)
+                log(
+                    f"API: {run.name} {run.state_name} in {summary[f'{step}_run_s']:.0f}s; {api['flow_runs']} flow "
+                    f"runs, {api['task_runs']} task runs, {len(api['artifacts'])} artifacts "
+                    f"({len(api['plots'])} plots), all Completed"
+                )
+                if step == "only":
+                    continue
+                decisions = run_summary(scratch / "outputs", run)
+                time.sleep(2)  # an alert is posted before the run ends; give the receiver a moment all the same
+                alerts = receiver.about(run.name)
+                first_run = runs["first"][0].name
+                if problems := decision_checks(step, decisions, first_run, alerts):
+                    raise E2EError("decisions:\n  " + "\n  ".join(problems))
+                summary[f"{step}_run"] = {
+                    "run": run.name,
+                    "data": decisions["data"],
+                    "stages": {row["stage"]: row["status"] for row in decisions["stages"]},
+                    "promotions": {
+                        k: f"{p['status']}: {p['verdict']['reason']} (champion {p['champion']})"
+                        for k, p in decisions["promotions"].items()
+                    },
+                    "alerts": alerts,
+                }
+                log(f"{step} run decided: data {decisions['data']}; {summary[f'{step}_run']['promotions']}")
+                log(f"{step} run alerts received: {alerts}")
             worker.stop()
-            try:
-                api = run_checks(client, run, expect)
-            except E2EError:
-                save_failed_run_page(chromium, scratch, report, env, services, base, run)
-                raise
+            summary["registry"] = {
+                task.name: json.loads((task / "registry.json").read_text())
+                for task in sorted((scratch / "outputs" / "registry").glob("*"))
+                if (task / "registry.json").is_file()
+            }
+        run, api = runs[steps[0]]
         summary.update(
             run=run.name, state=run.state_name, **{k: v for k, v in api.items() if k not in ("plots", "run_artifacts")}
         )
         summary["plot_artifacts"] = [p.key for p in api["plots"]]
-        log(
-            f"API: {run.name} {run.state_name}; {api['flow_runs']} flow runs, {api['task_runs']} task runs, "
-            f"{len(api['artifacts'])} artifacts ({len(api['plots'])} plots), all Completed"
-        )
 
         browser = Browser(chromium, scratch / "chromium", report / "chromium.log", env)
         services.append(browser.service)
         try:
             summary.update(ui_checks(browser, base, run, api, report))
+            if "third" in runs:
+                third, third_api = runs["third"]
+                problems = challenger_table_check(browser, base, third_api["run_artifacts"], report)
+                if problems:
+                    raise E2EError("UI checks failed:\n  " + "\n  ".join(problems))
+                log(f"UI: {third.name}'s challenger-vs-champion table rendered")
         finally:
             browser.close()
         for line in summary["plots_rendered"]:
@@ -637,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for service in reversed(services):
             service.stop()
+        receiver.close()
         summary["total_s"] = round(time.monotonic() - t0, 1)
         (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if not args.keep:

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from eval.run_report import render_run_report, stage_rows
+from eval.run_report import data_summary, promotion_rows, render_run_report, source_rows, stage_rows
 from gptflow.settings import get_settings
 from gptflow.storage import write_json_atomic, write_text_atomic
 from tasks.artifacts import publish_link, publish_markdown, publish_table
@@ -36,21 +36,42 @@ def _deliverables(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 @task(cache_policy=NO_CACHE)
-def write_run_report(params: BaseModel, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write `<home>/runs/<run name>/report.md` + `summary.json`, publish them, and say where everything is."""
+def write_run_report(
+    params: BaseModel,
+    stages: dict[str, dict[str, Any]],
+    sources: dict[str, dict[str, Any]] | None = None,
+    promotions: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Write `<home>/runs/<run name>/report.md` + `summary.json`, publish them, and say where everything is.
+    `sources`: what the data check found per input; `promotions`: each registry's champion decision."""
     run_name = flow_run.get_name() or "local"
     run_dir = Path(get_settings().stage_dir("runs")) / run_name
     deliverables = _deliverables(stages)
-    markdown = render_run_report(run_name, params.model_dump(mode="json"), stages, deliverables)
+    checks = list((sources or {}).values())
+    markdown = render_run_report(run_name, params.model_dump(mode="json"), stages, deliverables, checks, promotions)
     report = write_text_atomic(run_dir / "report.md", markdown)
-    summary = {"run": run_name, "report": str(report), "deliverables": deliverables, "stages": stage_rows(stages)}
+    summary = {
+        "run": run_name,
+        "report": str(report),
+        "data": data_summary(checks) if checks else None,
+        "sources": checks,
+        "promotions": promotions or {},
+        "deliverables": deliverables,
+        "stages": stage_rows(stages),
+    }
     write_json_atomic(run_dir / "summary.json", summary)
 
-    publish_markdown(markdown, "pipeline-report", "run report: stages, lineage, parameters")
+    publish_markdown(markdown, "pipeline-report", "run report: data, stages, champions, lineage, parameters")
     publish_table(summary["stages"], "pipeline-stages", "pipeline: status, metrics and outputs per stage")
+    if checks:
+        publish_table(source_rows(checks), "pipeline-data-sources", f"data: {summary['data']}")
+    if promotions:
+        publish_table(promotion_rows(promotions), "pipeline-promotions", "champion vs challenger per registry")
     publish_link(report, "pipeline-report-file", "the run report on disk")
     logger = get_run_logger()
     logger.info("run report: %s", report)
+    if checks:
+        logger.info("data: %s", summary["data"])
     for name, path in deliverables.items():
         logger.info("%s: %s", name, path)
     return summary

@@ -38,7 +38,8 @@ def test_the_recipe_file_is_the_default_of_cli_flow_and_nightly_deployment(monke
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     (nightly,) = [d for d in deployments if d["name"] == "nightly"]
     flow = load_flow_from_entrypoint(str(REPO / nightly["entrypoint"]))
-    assert flow.validate_parameters(nightly["parameters"]) == {"params": recipe}
+    # the recipe, with the deployment's time limit (a flow decorator cannot take it from parameters)
+    assert flow.validate_parameters(nightly["parameters"]) == {"params": recipe.merged({"timeout_minutes": 240})}
     # A run's partial parameters change only what they name; the rest stays the recipe.
     steps = flow.validate_parameters({"params": {"pretrain": {"steps": 50}}})["params"]
     assert steps == recipe.merged({"pretrain": {"steps": 50}}) and steps.pretrain.preset == "mini"
@@ -110,8 +111,25 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     assert status["evaluate"] == "skipped"  # no judge reachable: skipped with the reason, not failed
     assert all(
         status[s] == "done"
-        for s in ("data-spam", "base-model", "classifier", "export", "instruct", "export-lm", "inspect-base")
+        for s in ("data-classifier", "base-model", "classifier", "export", "instruct", "export-lm", "inspect-base")
     )
+    assert first["data"] == "every input is pinned by sha256"
+    assert [(s["role"], s["status"]) for s in first["sources"]] == [
+        ("classifier", "pinned"),
+        ("instructions", "pinned"),
+        ("corpus", "pinned"),
+    ]
+    promoted = first["promotions"]
+    assert {k: (p["registry"], p["status"], p["champion"]) for k, p in promoted.items()} == {
+        "classifier": ("classifier-spam", "promoted", "v0001"),
+        "lm": ("lm-instructions", "promoted", "v0001"),
+    }
+    champion = settings.home / "registry" / "classifier-spam" / "champion"
+    assert json.loads((champion / "manifest.json").read_text()) == json.loads((bundle / "manifest.json").read_text())
+    assert (
+        promoted["lm"]["verdict"]["metric"] == "val_perplexity" and promoted["lm"]["challenger"]["val_perplexity"] > 1
+    )
+    assert "## Champion vs challenger" in report.read_text()
     inspection = json.loads((deliverables["instruction model inspection"].parent / "report.json").read_text())
     assert inspection["kind"] == "lm" and inspection["text"] == params.probe_text
     assert (deliverables["base model inspection"].parent / "logit_lens.png").is_file()
@@ -123,7 +141,7 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     assert all(
         status[s] == "reused"
         for s in (
-            "data-spam",
+            "data-classifier",
             "data-instructions",
             "base-model",
             "classifier",
@@ -135,13 +153,20 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
         )
     ), status
     assert checkpoint.stat().st_mtime_ns == mtime
+    assert {k: (p["status"], p["verdict"]["reason"]) for k, p in second["promotions"].items()} == {
+        "classifier": ("kept", "the challenger is the champion v0001 (same bundle)"),
+        "lm": ("kept", "the challenger is the champion v0001 (same bundle)"),
+    }
 
     third = pipeline(params.merged({"instruct": {"max_steps": 12}}))
     status = _stage_status(third)
     assert status["instruct"] == status["export-lm"] == status["inspect-instruct"] == "done"
-    assert all(status[s] == "reused" for s in ("data-spam", "base-model", "classifier", "export", "inspect-base")), (
-        status
-    )
+    lm = third["promotions"]["lm"]  # a new LM bundle: promoted or kept on validation perplexity, never the same
+    assert lm["champion_before"] == "v0001" and lm["champion"] == ("v0002" if lm["status"] == "promoted" else "v0001")
+    assert lm["verdict"]["champion"] == promoted["lm"]["challenger"]["val_perplexity"]  # same data: not re-scored
+    assert all(
+        status[s] == "reused" for s in ("data-classifier", "base-model", "classifier", "export", "inspect-base")
+    ), status
 
     # The base model rewritten in place (as when its stage's code changes and it re-finishes from its final
     # checkpoint): the stages built on it train afresh in new folders, never resume checkpoints of old weights.
