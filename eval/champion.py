@@ -115,8 +115,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: Pr
     """Promote when there is no champion, or when the challenger beats it by `rule.margin` on `rule.metric`."""
     metric = rule.metric
     new = challenger.get(metric)
-    if new is None:
-        raise ChampionError(f"the challenger has no {metric!r} score (it has {', '.join(sorted(challenger))})")
+    if new is None:  # e.g. judge_score when no judge ran: nothing to decide on, the champion stays
+        scored = ", ".join(k for k in sorted(challenger) if k in HIGHER_IS_BETTER)
+        return Verdict("keep", f"no {metric} score this run (scored: {scored})", metric, None, None, None, False)
     if champion is None:
         return Verdict("promote", "no champion yet", metric, new, None, None, False)
     old = champion.get(metric)

@@ -3,58 +3,23 @@ webhook through Apprise's json:// URL, naming the run, the stage and the reason;
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from uuid import UUID, uuid4
 
 import pytest
+from alert_receiver import Receiver
 from conftest import REPO_ROOT, command_env
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 
 from gptflow.settings import SettingsError, get_settings, load_settings
 from tasks.alerts import ALERT_HOOKS, RunRef, notify
-
-
-class Receiver:
-    """A loopback HTTP server that records every request (method, path, headers, JSON body) and answers `status`."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append(
-                    {"method": "POST", "path": self.path, "headers": dict(self.headers), "json": json.loads(body)}
-                )
-                self.send_response(receiver.status)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"json://127.0.0.1:{self.server.server_port}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

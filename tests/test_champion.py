@@ -7,8 +7,8 @@ import json
 import shutil
 
 import pytest
+from alert_receiver import Receiver
 from classify_data import write_splits
-from test_alerts import Receiver
 
 from eval.champion import ChampionError, PromotionConfig, PromotionRule, decide, score_classifier_bundle
 from gptflow.settings import get_settings, load_settings
@@ -40,8 +40,8 @@ def test_perplexity_is_better_when_lower():
     assert decide({"val_perplexity": 11.0}, {"val_perplexity": 12.0}, rule).decision == "promote"
     assert decide({"val_perplexity": 11.8}, {"val_perplexity": 12.0}, rule).decision == "keep"
     assert decide({"val_perplexity": 15.0}, {"val_perplexity": 12.0}, rule).alert
-    with pytest.raises(ChampionError, match="the challenger has no 'judge_score' score"):
-        decide({"val_perplexity": 1.0}, None, PromotionRule(metric="judge_score"))
+    unjudged = decide({"val_perplexity": 1.0, "n": 5}, None, PromotionRule(metric="judge_score"))
+    assert (unjudged.decision, unjudged.reason) == ("keep", "no judge_score score this run (scored: val_perplexity)")
 
 
 def test_promotion_config_checks_each_registry_metric():
