@@ -1,5 +1,5 @@
-"""`gptflow finetune-classifier`, `gptflow export CHECKPOINT [--int8] [--format onnx|hf]`,
-`gptflow classify TEXT... --model PATH`."""
+"""`gptflow finetune-classifier`, `gptflow sweep-classifier --grid FIELD=V1,V2...`,
+`gptflow export CHECKPOINT [--int8] [--format onnx|hf]`, `gptflow classify TEXT... --model PATH`."""
 
 from __future__ import annotations
 
@@ -19,16 +19,45 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Prepares the data (reused if done), fine-tunes with early stopping on validation accuracy "
         "(best checkpoint kept; rerunning resumes), then reports train/validation/test metrics. With dapt (set in a "
         "--config file) the model is first pretrained on the training texts; with --ensemble SEED... one classifier "
-        "is trained per seed and their ensemble (one checkpoint) is evaluated too. The best spam recipe: "
-        "--config configs/spam-best.yaml.",
+        "is trained per seed, in parallel on a Dask cluster (see sweep-classifier --help), and their ensemble (one "
+        "checkpoint) is evaluated too. The best spam recipe: --config configs/spam-best.yaml.",
     )
-    p.add_argument(
-        "--data", default="spam", help="spam, or a labelled CSV/TSV file (with --text-column, --label-column)"
-    )
-    p.add_argument("--text-column")
-    p.add_argument("--label-column")
+    _add_data_options(p)
     add_folder_options(p, "classify/<data>-<init>-<key>")
     p.set_defaults(handler=run_finetune, stage=VerbConfig("model.classifier:ClassifierConfig"))
+
+    p = verbs.add_parser(
+        "sweep-classifier",
+        help="fine-tune and evaluate a classifier per combination of config values, in parallel",
+        description="A hyper-parameter sweep. Each --grid FIELD=V1,V2,... gives a classifier config field the values "
+        "to try; every combination is a variant (--grid seed=1,2 --grid lr=1e-4,3e-4: 4 variants), and --config and "
+        "the flags set every other field, as for finetune-classifier. Every variant is checked before anything "
+        "trains, then each is fine-tuned (after its domain pretraining, with dapt) and evaluated in its own stage "
+        "folder, GPTFLOW_HOME/classify/<data>-<init>-<key>, reused or resumed like finetune-classifier's. The "
+        "variants train in parallel, as Prefect tasks on a Dask cluster: a local one of GPTFLOW_DASK_WORKERS worker "
+        "processes (default 2; each worker's torch gets an equal share of the CPUs), or the scheduler "
+        "GPTFLOW_DASK_ADDRESS names (tcp://HOST:8786; its workers need this code, the same GPTFLOW_HOME folder "
+        "and a Prefect API they can reach, PREFECT_API_URL). Prints the variants best validation accuracy first "
+        "(the same table is the run's 'sweep-<data>' artifact); a variant that fails is reported with its error, "
+        "the others are kept, and the command exits 1.",
+    )
+    _add_data_options(p)
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        type=_grid_option,
+        metavar="FIELD=V1,V2,...",
+        help="a field and its values, comma-separated (repeat for more fields); e.g. seed=1,2,3 lr=1e-4,3e-4 "
+        "epochs=3,5 pooling=last_real,mean",
+    )
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start every variant over instead of resuming or reusing its stage folder",
+    )
+    p.set_defaults(handler=run_sweep, stage=VerbConfig("model.classifier:ClassifierConfig"))
 
     p = verbs.add_parser(
         "export",
@@ -59,14 +88,26 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_classify)
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    config = stage_config(args)
-    check_init(config.init)
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", default="spam", help="spam, or a labelled CSV/TSV file (with --text-column, --label-column)"
+    )
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+
+
+def _check_data(args: argparse.Namespace) -> None:
     if args.data != "spam":
         if not Path(args.data).is_file():
             raise GptflowError(f"--data: {args.data} is neither 'spam' nor an existing CSV/TSV file")
         if not args.text_column or not args.label_column:
             raise GptflowError("--data PATH needs --text-column and --label-column")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    config = stage_config(args)
+    check_init(config.init)
+    _check_data(args)
 
     from flows.classify import finetune_classifier_flow
     from tasks.classify import CONFUSION, CURVES
@@ -102,6 +143,49 @@ def run_finetune(args: argparse.Namespace) -> int:
     curves = "" if "members" in out else f"  curves: {out_dir / CURVES}"
     print(f"metrics: {out_dir / 'metrics.json'}{curves}  confusion matrix: {out_dir / CONFUSION}")
     return 0
+
+
+def _grid_option(text: str) -> tuple[str, list[str]]:
+    """--grid FIELD=V1,V2,...: the field (flag spelling accepted) and its values, as text for the config to parse."""
+    name, _, values = text.partition("=")
+    if not name.strip() or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE[,VALUE...], got {text!r}")
+    return name.strip().replace("-", "_"), [v.strip() for v in values.split(",")]
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from model.sweep import grid_variants, variant_label
+
+    config = stage_config(args)
+    check_init(config.init)
+    _check_data(args)
+    grid: dict[str, list[str]] = {}
+    for name, values in args.grid:
+        if name in grid:
+            raise GptflowError(f"--grid: {name} is given twice; give all its values at once ({name}=A,B)")
+        grid[name] = values
+    grid_variants(config, grid)  # a bad field or value: one line before the flow starts
+
+    from flows.sweep import sweep_classifier_flow
+
+    variants = sweep_classifier_flow(args.data, config, grid, args.text_column, args.label_column, args.resume)
+    rows = [
+        {
+            "variant": v["variant"],
+            **v["fields"],
+            **{split: f"{100 * m['accuracy']:.2f}%" for split, m in v.get("metrics", {}).items()},
+            "model": v.get("best", "failed"),
+        }
+        for v in variants
+    ]
+    print(f"{len(variants)} variants, best validation accuracy first:")
+    print(table(rows))
+    failed = [v for v in variants if "error" in v]
+    for v in failed:
+        print(f"variant {v['variant']} ({variant_label(v['fields'])}) failed: {v['error']}", file=sys.stderr)
+    if len(failed) < len(variants):
+        print(f"best: {variants[0]['best']}")
+    return 1 if failed else 0
 
 
 def _split_row(out_dir: str, metrics: dict) -> dict:

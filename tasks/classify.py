@@ -6,6 +6,8 @@ The stage folder's manifest is the cache (data file hashes + config), so the tas
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,20 @@ from tasks.training import run_training
 
 CURVES = "curves.png"
 CONFUSION = "confusion_test.png"
+
+
+@task(cache_policy=NO_CACHE)
+def train_classifier(
+    data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True
+) -> dict[str, Any]:
+    """One classifier: domain-adaptive pretraining if `config.dapt` says so, fine-tuning, then the metrics of every
+    split, each stage its own task run inside this one. The unit a flow submits to its parallel runner
+    (tasks/parallel.py): it logs the host and process it runs in."""
+    get_run_logger().info("training in process %d on %s", os.getpid(), socket.gethostname())
+    if config.dapt is not None:
+        config = pretrain_on_domain(data_dir, config, resume)["config"]
+    trained = finetune_classifier(data_dir, config, out_dir, resume)
+    return {**trained, "metrics": evaluate_splits(trained["best"], data_dir, trained["out_dir"])}
 
 
 @task(cache_policy=NO_CACHE)
