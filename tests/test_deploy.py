@@ -11,9 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,52 +45,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    """A throwaway Prefect server on a free port with `make deploy` run against it; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect")
-    api = f"http://127.0.0.1:{free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "GPTFLOW_IMAGE": IMAGE,
-    }
-    log = home / "server.log"
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [prefect, "server", "start", "--host", "127.0.0.1", "--port", api.split(":")[2].split("/")[0]],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"prefect server not healthy after 180 s:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        # -o: the test runs in the installed venv; an older install stamp must not trigger a reinstall.
-        done = subprocess.run(
-            ["make", "-C", str(REPO), "-o", ".venv/.installed", "deploy"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, f"make deploy failed:\n{(done.stdout + done.stderr)[-5000:]}"
-        yield api
-    finally:
-        stop(server)
+def deployed(prefect_harness):
+    """`make deploy` run against the session's real Prefect server (the test harness's); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    env = {**os.environ, "PREFECT_API_URL": api, "GPTFLOW_IMAGE": IMAGE}
+    # -o: the test runs in the installed venv; an older install stamp must not trigger a reinstall.
+    done = subprocess.run(
+        ["make", "-C", str(REPO), "-o", ".venv/.installed", "deploy"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"make deploy failed:\n{(done.stdout + done.stderr)[-5000:]}"
+    return api
 
 
 def read_back(api: str) -> tuple[dict, dict]:

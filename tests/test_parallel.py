@@ -106,16 +106,21 @@ def test_grid_variants_are_every_combination_the_last_field_fastest():
     assert all(config.epochs == 3 and config.seed == fields["seed"] for fields, config in variants)
 
 
-def test_a_sweep_trains_its_variants_in_parallel_on_two_workers(prefect_harness, two_workers, tmp_path):
+def test_a_sweep_trains_its_variants_in_parallel_on_two_workers_and_reports_a_failed_one(
+    prefect_harness, two_workers, tmp_path
+):
     from flows.sweep import sweep_classifier_flow
 
     data = write_splits(tmp_path / "data", (20, 5, 10))
     environ = dict(os.environ)
-    state = sweep_classifier_flow(str(data), ClassifierConfig(**TINY), {"seed": [11, 12]}, return_state=True)
-    variants = state.result()
+    config = ClassifierConfig(**{**TINY, "trainable": "last_k"})  # the tiny preset has 2 blocks: last_k 5 fails
+    state = sweep_classifier_flow(str(data), config, {"seed": [11, 12], "last_k": [2, 5]}, return_state=True)
+    *variants, failed_11, failed_12 = state.result()
     assert dict(os.environ) == environ  # the cluster's nannies left the flow's environment as it was
 
-    assert len(variants) == 2 and sorted(v["fields"]["seed"] for v in variants) == [11, 12]
+    assert sorted(v["fields"]["seed"] for v in variants) == [11, 12] and all(
+        v["fields"]["last_k"] == 2 for v in variants
+    )
     val = [v["metrics"]["validation"]["accuracy"] for v in variants]
     assert val == sorted(val, reverse=True)  # best validation accuracy first
     for v in variants:
@@ -125,10 +130,15 @@ def test_a_sweep_trains_its_variants_in_parallel_on_two_workers(prefect_harness,
         manifest = json.loads((Path(v["out_dir"]) / "manifest.json").read_text())
         assert manifest["config"]["seed"] == v["fields"]["seed"]
     assert len({v["out_dir"] for v in variants}) == 2  # each its own stage folder
+    error = "ClassifierError: last_k 5 exceeds the model's 2 blocks"
+    assert [failed_11, failed_12] == [  # failed variants last, in grid order; the others kept
+        {"variant": 2, "fields": {"seed": 11, "last_k": 5}, "error": error},
+        {"variant": 4, "fields": {"seed": 12, "last_k": 5}, "error": error},
+    ]
 
     tasks, artifacts = run_records(state.state_details.flow_run_id)
-    assert_ran_in_parallel(tasks["train_classifier"])
-    assert len(tasks["finetune_classifier"]) == 2 and len(tasks["evaluate_splits"]) == 2
+    assert_ran_in_parallel([r for r in tasks["train_classifier"] if not r.state.is_failed()])
+    assert len(tasks["finetune_classifier"]) == 4 and len(tasks["evaluate_splits"]) == 2
     keys = {a.key for a in artifacts}
     for v in variants:
         name = Path(v["out_dir"]).name
@@ -136,32 +146,10 @@ def test_a_sweep_trains_its_variants_in_parallel_on_two_workers(prefect_harness,
             assert f"classify-{name}-{suffix}" in keys
     (table,) = [a for a in artifacts if a.key == "sweep-data"]
     rows = table.data if isinstance(table.data, list) else json.loads(table.data)
-    assert [(r["variant"], r["seed"], r["checkpoint"]) for r in rows] == [
-        (v["variant"], v["fields"]["seed"], v["best"]) for v in variants
-    ]
-    assert [r["validation_accuracy"] for r in rows] == [round(a, 4) for a in val]
-
-
-def test_a_failed_variant_is_reported_and_the_others_kept(prefect_harness, two_workers, tmp_path):
-    from flows.sweep import sweep_classifier_flow
-
-    data = write_splits(tmp_path / "data", (20, 5, 10))
-    config = ClassifierConfig(**{**TINY, "trainable": "last_k"})  # the tiny preset has 2 blocks
-    state = sweep_classifier_flow(str(data), config, {"last_k": [5, 2]}, return_state=True)
-    trained, failed = state.result()
-    assert trained["fields"] == {"last_k": 2} and Path(trained["best"]).is_file() and "error" not in trained
-    assert failed == {
-        "variant": 1,
-        "fields": {"last_k": 5},
-        "error": "ClassifierError: last_k 5 exceeds the model's 2 blocks",
-    }
-    _, artifacts = run_records(state.state_details.flow_run_id)
-    (table,) = [a for a in artifacts if a.key == "sweep-data"]
-    rows = table.data if isinstance(table.data, list) else json.loads(table.data)
-    assert [(r["variant"], r["last_k"], r["validation_accuracy"] is None, r["error"]) for r in rows] == [
-        (2, 2, False, None),
-        (1, 5, True, failed["error"]),
-    ]
+    assert [(r["variant"], r["seed"], r["last_k"], r["checkpoint"], r["error"]) for r in rows] == [
+        (v["variant"], v["fields"]["seed"], 2, v["best"], None) for v in variants
+    ] + [(2, 11, 5, None, error), (4, 12, 5, None, error)]
+    assert [r["validation_accuracy"] for r in rows] == [round(a, 4) for a in val] + [None, None]
 
 
 def test_an_ensemble_trains_its_members_on_the_scheduler_the_settings_name(
