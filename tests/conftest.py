@@ -32,7 +32,7 @@ def write_random_tokens(folder: Path, n_train: int, n_val: int, seed: int) -> Pa
     return folder
 
 
-def command_env(tmp_path: Path, mirror: Path) -> dict[str, str]:
+def command_env(tmp_path: Path, mirror: Path, api: str | None = None) -> dict[str, str]:
     """The environment of a `gptflow` command run as a subprocess: outputs and Prefect state under `tmp_path`, the
     mirror, a generous Prefect start-up timeout, and no Prefect API of the outside world."""
     env = {
@@ -45,6 +45,8 @@ def command_env(tmp_path: Path, mirror: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("PREFECT_API_URL", None)
+    if api is not None:  # the session's test server: no temporary server to start (about 25 s a command)
+        env["PREFECT_API_URL"] = api
     return env
 
 

@@ -37,9 +37,11 @@ TINY = {
 
 
 @pytest.mark.slow
-def test_torchrun_gptflow_pretrain(tmp_path, mirror):
+def test_torchrun_gptflow_pretrain(prefect_harness, tmp_path, mirror):
     """Rank 0 runs the CLI verb (Prefect flow, data stage, report); rank 1 follows into the training stage."""
-    env = command_env(tmp_path, mirror)
+    from prefect.settings import PREFECT_API_URL
+
+    env = command_env(tmp_path, mirror, api=PREFECT_API_URL.value())
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     command = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", str(BIN / "gptflow")]
     run = subprocess.run(

@@ -65,10 +65,12 @@ def test_evaluate_help_documents_the_exit_status(capsys):
 
 
 @pytest.mark.slow
-def test_a_failed_flow_is_one_line_and_its_traceback_goes_to_a_log_file(tmp_path, mirror):
+def test_a_failed_flow_is_one_line_and_its_traceback_goes_to_a_log_file(prefect_harness, tmp_path, mirror):
+    from prefect.settings import PREFECT_API_URL
+
     data = tmp_path / "messages.csv"
     data.write_text("text,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(40)))
-    env = command_env(tmp_path, mirror)
+    env = command_env(tmp_path, mirror, api=PREFECT_API_URL.value())
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "data", "csv", str(data), "--text-column", "nope", "--label-column", "label"],
         cwd=REPO_ROOT,

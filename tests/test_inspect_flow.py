@@ -54,8 +54,7 @@ def test_inspect_flow_publishes_figures_and_tables_to_its_run(prefect_harness, s
     )
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
-        run = next(r for r in runs if r.id == state.state_details.flow_run_id)
+        run = client.read_flow_run(state.state_details.flow_run_id)
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )

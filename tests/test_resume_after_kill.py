@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_pretrain_killed_mid_run_resumes_from_last_checkpoint(tmp_path, mirror):
-    env = command_env(tmp_path, mirror)
+def test_pretrain_killed_mid_run_resumes_from_last_checkpoint(prefect_harness, tmp_path, mirror):
+    from prefect.settings import PREFECT_API_URL
+
+    env = command_env(tmp_path, mirror, api=PREFECT_API_URL.value())
     out = tmp_path / "run"
     cmd = [
         sys.executable,
