@@ -49,7 +49,7 @@ def run_registry(args: argparse.Namespace) -> int:
                     "task": name,
                     "champion": champion["version"] if champion else "-",
                     "versions": len(Registry(name).version_ids()),
-                    "promoted by run": champion["run"] if champion else "-",
+                    "registered by run": champion["run"] if champion else "-",
                     "path": str(Registry(name).link),
                 }
             )
