@@ -43,14 +43,15 @@ def run_registry(args: argparse.Namespace) -> int:
     if args.action == "list" and args.task is None:
         rows = []
         for name in tasks():
-            champion = Registry(name).champion()
+            registry = Registry(name)
+            champion = registry.champion()
             rows.append(
                 {
                     "task": name,
                     "champion": champion["version"] if champion else "-",
-                    "versions": len(Registry(name).version_ids()),
+                    "versions": len(registry.version_ids()),
                     "registered by run": champion["run"] if champion else "-",
-                    "path": str(Registry(name).link),
+                    "path": str(registry.link),
                 }
             )
         print(table(rows) if rows else "the registry is empty: a pipeline run promotes its first champions")

@@ -21,6 +21,11 @@ from eval.metrics import classification_report
 from gptflow.errors import GptflowError
 from gptflow.storage import sha256_file
 
+# The metrics each registry may be compared on, and how an error names the model.
+METRICS_OF = {
+    "classifier": (("accuracy", "macro_f1"), "a classifier"),
+    "lm": (("val_perplexity", "judge_score"), "a language model"),
+}
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "val_perplexity": False, "judge_score": True}
 
 
@@ -49,18 +54,12 @@ class PromotionConfig(BaseModel):
     classifier: PromotionRule = PromotionRule(metric="accuracy", margin=0.0, alert_worse_by=0.02)
     lm: PromotionRule = PromotionRule(metric="val_perplexity", margin=0.0, alert_worse_by=1.0)
 
-    @field_validator("classifier")
+    @field_validator("classifier", "lm")
     @classmethod
-    def _classifier_metric(cls, rule: PromotionRule) -> PromotionRule:
-        if rule.metric not in ("accuracy", "macro_f1"):
-            raise ValueError(f"a classifier is compared on accuracy or macro_f1, not {rule.metric!r}")
-        return rule
-
-    @field_validator("lm")
-    @classmethod
-    def _lm_metric(cls, rule: PromotionRule) -> PromotionRule:
-        if rule.metric not in ("val_perplexity", "judge_score"):
-            raise ValueError(f"a language model is compared on val_perplexity or judge_score, not {rule.metric!r}")
+    def _metric_fits_the_model(cls, rule: PromotionRule, info) -> PromotionRule:
+        allowed, what = METRICS_OF[info.field_name]
+        if rule.metric not in allowed:
+            raise ValueError(f"{what} is compared on {' or '.join(allowed)}, not {rule.metric!r}")
         return rule
 
 

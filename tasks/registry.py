@@ -108,7 +108,7 @@ def challenge_champion(
         + (f" {champion['version']}" if champion else "")
         + f" on data {key[:12]}",
     )
-    after = registry.champion()
+    after = promoted or champion
     return {
         "status": "promoted" if promoted else "kept",
         "registry": name,
