@@ -22,9 +22,6 @@ from gptflow.storage import (
 )
 from gptflow.tokenizer import VOCAB_SIZE, encode, get_tokenizer
 
-CODE = (__name__, "data.common", "gptflow.tokenizer")
-
-
 STAGE = "data-corpus"
 NAMED = ("the-verdict", "tinyshakespeare")  # registered download sources
 DTYPE = np.uint16  # 50257 ids fit in 16 bits
@@ -72,7 +69,7 @@ def prepare_corpus(
         STAGE,
         inputs={path.name: digest},
         config=config.model_dump(mode="json") | {"tokenizer": "gpt2"},
-        code=CODE,
+        code=__name__,
         folder=out_dir,
     )
     if stage.plan().reused:

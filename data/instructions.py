@@ -21,9 +21,6 @@ from gptflow.settings import Settings, get_settings
 from gptflow.stage import Stage
 from gptflow.storage import sha256_file, write_json_atomic
 
-CODE = (__name__, "data.common")
-
-
 STAGE = "data-instructions"
 OUTPUTS = ["train.json", "validation.json", "test.json", "report.json"]
 FIELDS = ("instruction", "input", "output")
@@ -152,7 +149,7 @@ def prepare_instructions(
     require_file(path, InstructionDataError, EXPECTED)
     digest = sha256_file(path)
     out_dir = instructions_dir(path, digest, settings, default)
-    stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config, code=CODE, folder=out_dir)
+    stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config, code=__name__, folder=out_dir)
     if stage.plan().reused:
         return StageResult.from_folder(out_dir)
 

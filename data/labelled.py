@@ -26,9 +26,6 @@ from gptflow.settings import Settings
 from gptflow.stage import Stage
 from gptflow.storage import atomic_path, write_json_atomic
 
-CODE = (__name__, "data.common", "data.spam", "data.tabular")
-
-
 OUTPUTS = ["train.csv", "validation.csv", "test.csv", "labels.json", "unused.csv", "report.json"]
 _WHITESPACE = re.compile(r"\s+")
 
@@ -141,7 +138,7 @@ def build_labelled_dataset(
     `load` returns (rows with string columns text, label; facts about reading the file for the report).
     `source` names the input in error messages.
     """
-    declared = Stage.declare(stage, inputs=inputs, config=config, code=CODE, folder=out_dir)
+    declared = Stage.declare(stage, inputs=inputs, config=config, code=__name__, folder=out_dir)
     if declared.plan().reused:
         return StageResult.from_folder(out_dir)
 

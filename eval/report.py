@@ -19,8 +19,6 @@ from gptflow.errors import GptflowError
 from gptflow.stage import Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic, write_text_atomic
 
-CODE = (__name__, "eval.judge", "eval.stats", "gptflow.prompts")
-
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"
 SCORES_NAME = "scores.csv"
@@ -78,7 +76,7 @@ def evaluation_stage(
     return Stage.declare(
         "evaluate",
         inputs={"responses": Path(path)},
-        code=CODE,
+        code=__name__,
         label=Path(path).stem,
         config={"response_keys": list(response_keys), "judge": judge.identity()},
         out_dir=out_dir,

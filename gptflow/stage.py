@@ -3,7 +3,8 @@ evaluate) declares what it is made of, and this module alone names its folder, d
 resumed or rerun, checks a checkpoint against it, and writes its manifest.
 
 A stage's key is its inputs (files by sha256, plus literal values such as `random`), the part of its config that
-defines the product, and the sha256 of the source of every module its code depends on.
+defines the product, and the sha256 of the source of every project module its stage module imports, directly or
+not (read from the source, so no list kept by hand can drift from the code).
 
 Decisions, first match wins (each logged in one line that names what changed):
 - reuse:  the manifest holds the same key and every output still has the hash it lists;
@@ -16,12 +17,13 @@ Decisions, first match wins (each logged in one line that names what changed):
 
 Code-change policy: code is part of the key, not of the folder name. After an edit of a module a stage depends
 on, a finished stage is rebuilt in its folder and an unfinished checkpoint is not resumed: a checkpoint or model
-is never certified as the product of code that did not make it. Edits to modules a stage does not list leave it
-reusable.
+is never certified as the product of code that did not make it. Edits to modules outside a stage's import closure
+leave it reusable.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import hashlib
@@ -60,13 +62,66 @@ class StageError(GptflowError, ValueError):
     """A stage input is missing, or a checkpoint belongs to another stage."""
 
 
+# The project's top-level packages (pyproject's packages.find): only their modules key a stage.
+PROJECT_PACKAGES = frozenset({"gptflow", "data", "model", "eval", "tasks", "flows", "edge", "cli"})
+
+
 @functools.lru_cache(maxsize=None)
 def module_digest(name: str) -> str:
     """sha256 of a module's source file."""
+    return hashlib.sha256(_source_path(name).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _source_path(name: str) -> Path:
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
         raise ValueError(f"no source for module {name!r}")
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
+    return Path(spec.origin)
+
+
+def _is_project_module(name: str) -> bool:
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return False
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent that is not a package: `from model.gpt import GPTModel`
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_imports(name: str) -> frozenset[str]:
+    """The project modules `name` imports anywhere in its source (lazy imports inside functions included), with
+    the packages above each (their `__init__` runs first)."""
+    path = _source_path(name)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from model import gpt`
+    with_parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2)}
+    return frozenset(m for m in with_parents if _is_project_module(m))
+
+
+def import_closure(names: str | Sequence[str]) -> list[str]:
+    """`names` and every project module they import, directly or not, sorted."""
+    todo = [names] if isinstance(names, str) else list(names)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name == "__main__":  # a stage module run with `python -m`
+            name = importlib.import_module("__main__").__spec__.name
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_direct_imports(name) - seen)
+    return sorted(seen)
 
 
 def _file_digest(path: Path) -> str:
@@ -112,13 +167,14 @@ class Stage:
         *,
         inputs: Mapping[str, Path | str],
         config: BaseModel | Mapping[str, Any],
-        code: Sequence[str],
+        code: str | Sequence[str],
         label: str = "",
         out_dir: str | Path | None = None,
         folder: str | Path | None = None,
     ) -> "Stage":
         """`inputs`: label -> file (a Path, hashed) or a literal value (a str). `config`: the fields that define
-        the product (a config's `identity()` if it has one). `code`: module names. The folder is `out_dir` (the
+        the product (a config's `identity()` if it has one). `code`: the stage's module (`__name__`); it and every
+        project module it imports are hashed into the key. The folder is `out_dir` (the
         user's choice: a checkpoint of other inputs or config there is refused, not replaced), else `folder`
         (fixed by the stage: rebuilt in place when its key changes), else `<home>/<name>/<label>-<8 hex of the
         inputs and config>`."""
@@ -141,7 +197,7 @@ class Stage:
             Path(out_dir or folder),
             digests,
             config,
-            {m: module_digest(m) for m in sorted(set(code))},
+            {m: module_digest(m) for m in import_closure(code)},
             chosen=out_dir is not None,
         )
 

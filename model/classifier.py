@@ -51,8 +51,6 @@ from model.training import (
     train,
 )
 
-CODE = (__name__, "model.gpt", "model.training", "model.init", "model.device", "model.dapt", "edge.text")
-
 log = logging.getLogger(__name__)
 
 FORMAT = "gptflow-classifier/1"
@@ -134,6 +132,11 @@ class ClassifierConfig(TrainConfig):
         """Short name of the starting model, for folder names."""
         shape = self.shape
         return self.init.label(self.preset if shape is None else f"{shape.n_layers}x{shape.emb_dim}")
+
+    def model_shape(self) -> dict[str, Any] | None:
+        if self.init.kind != "random":
+            return None
+        return (self.shape or GPTConfig.from_preset(self.preset)).to_dict()
 
     def start_model(self, dropout: float, settings=None) -> GPTModel:
         """The model fine-tuning (or domain pretraining) starts from, seeded with `seed` when built from scratch."""
@@ -407,7 +410,7 @@ def classifier_stage(
         "classify",
         inputs=inputs,
         config=config,
-        code=CODE,
+        code=__name__,
         out_dir=out_dir,
         label=label if (label := config.model_label()).startswith(data_dir.name) else f"{data_dir.name}-{label}",
     )
@@ -585,7 +588,7 @@ def build_ensemble(
         "classify",
         inputs={f"member{i}": path for i, path in enumerate(paths)},
         config={"ensemble": "mean class probability", "members": len(paths)},
-        code=CODE,
+        code=__name__,
         out_dir=out_dir,
         label=f"{data_dir.name}-ensemble{len(paths)}",
     )

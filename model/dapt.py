@@ -27,7 +27,6 @@ from model.gpt import GPTModel
 from model.pretrain import LMResult, PretrainConfig, TokenWindows, finish_lm_stage, lm_loss, run_lm_stage
 from model.training import LearningRate, MinLrRatio, TrainConfig, WarmupSteps, train
 
-CODE = (__name__, "model.pretrain", "model.training", "model.gpt", "model.init")
 CORPUS_FILES = ("train.csv", "unused.csv")  # unused.csv is optional: only balancing writes rows to it
 
 
@@ -100,7 +99,7 @@ def dapt_stage(
         "dapt",
         inputs={"corpus": sha256_bytes(tokens.tobytes()), "start": start},
         config=config,
-        code=CODE,
+        code=__name__,
         label=f"{Path(data_dir).name}-{label}-seed{config.seed}",
         out_dir=out_dir,
     )

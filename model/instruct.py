@@ -26,6 +26,7 @@ from gptflow.stage import Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
 from model.checkpoint import load_checkpoint, model_from_state
+from model.config import GPTConfig
 from model.device import autocast, resolve_device
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX
@@ -42,18 +43,6 @@ from model.training import (
     eval_mode,
     set_threads,
     train,
-)
-
-CODE = (
-    __name__,
-    "model.gpt",
-    "model.pretrain",
-    "model.fused_loss",
-    "model.training",
-    "model.device",
-    "model.init",
-    "model.generate",
-    "gptflow.prompts",
 )
 
 RESPONSES_DIR = "responses"
@@ -148,6 +137,12 @@ class InstructConfig(TrainConfig):
     max_test_entries: int | None = Field(default=None, gt=0, description="answer only the first N test entries")
     sample_rows: int = Field(default=5, ge=0, description="sample responses shown in the artifacts")
 
+    def model_shape(self) -> dict[str, Any] | None:
+        if self.init.kind != "random":
+            return None
+        overrides = {} if self.context_length is None else {"context_length": self.context_length}
+        return GPTConfig.from_preset(self.preset, **overrides).to_dict()
+
     def generation_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_k", "max_test_entries", "seed")}
 
@@ -219,7 +214,7 @@ def instruct_stage(
         "instruct",
         inputs=inputs,
         config=config,
-        code=CODE,
+        code=__name__,
         out_dir=out_dir,
         label=f"{data_dir.name}-{config.init.label(config.preset)}-{config.style}",
     )
@@ -356,7 +351,7 @@ def generate_responses(
         "instruct-responses",
         inputs={"model.pt": model_path, "test.json": test_path},
         config=config.generation_key(),
-        code=CODE,
+        code=__name__,
         folder=Path(out_dir) if out_dir else model_path.parent / RESPONSES_DIR,
     )
     progress_path = stage.dir / PROGRESS

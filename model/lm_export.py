@@ -45,19 +45,6 @@ from model.pretrain import load_tokens
 from model.quantize import check_perplexity_gate
 from model.weights import load_gpt2, save_hf_gpt2
 
-CODE = (
-    __name__,
-    "model.gpt",
-    "model.onnx_export",
-    "model.quantize",
-    "model.instruct",
-    "model.genai",
-    "model.weights",
-    "edge.lm",
-    "edge.text",
-    "gptflow.prompts",
-)
-
 MAX_BATCH = 1024
 PARITY_STEPS = 32
 
@@ -405,7 +392,7 @@ def export_lm(
         "export",
         inputs={"checkpoint": path, **{f.name: f for f in data_files}},
         config=config.identity(LM),
-        code=CODE,
+        code=__name__,
         label=f"lm-{path.parent.name}",
         out_dir=out_dir,
     )
@@ -578,7 +565,7 @@ def export_hf(
         "export",
         inputs={"checkpoint": path},
         config={"format": "hf"},
-        code=CODE,
+        code=__name__,
         label=f"hf-{path.parent.name}",
         out_dir=out_dir,
     )

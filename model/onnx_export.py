@@ -36,8 +36,6 @@ from model.classifier import (
 from model.device import DeviceSpec, resolve_device
 from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
 
-CODE = (__name__, "model.classifier", "model.quantize", "model.gpt", "edge.text")
-
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
@@ -242,7 +240,7 @@ def export_classifier(
         "export",
         inputs={"checkpoint": loaded.path, "test.csv": data_dir / "test.csv"},
         config=config.identity(CLASSIFIER),
-        code=CODE,
+        code=__name__,
         label=loaded.path.parent.name,
         out_dir=out_dir,
     )

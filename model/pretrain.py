@@ -39,7 +39,6 @@ from model.training import (
     train,
 )
 
-CODE = (__name__, "model.gpt", "model.fused_loss", "model.training", "model.checkpoint", "model.device")
 # Devices where the fused LM-head loss (model.fused_loss) is the faster one; elsewhere the loss is F.linear +
 # F.cross_entropy, whose kernels a GPU runs well (bench/loss_head.py measures both on the device at hand).
 FUSED_LOSS_DEVICES = frozenset({"cpu"})
@@ -84,6 +83,9 @@ class PretrainConfig(TrainConfig):
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
         return GPTConfig.from_preset(self.preset, **overrides)
+
+    def model_shape(self) -> dict[str, Any]:
+        return self.model_config_for().to_dict()
 
 
 def load_tokens(path: Path) -> np.ndarray:
@@ -213,7 +215,7 @@ def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | 
         "pretrain",
         inputs={n: data_dir / n for n in TOKEN_FILES},
         config=config,
-        code=CODE,
+        code=__name__,
         label=f"{data_dir.name}-{config.preset}",
         out_dir=out_dir,
     )

@@ -29,7 +29,7 @@ from gptflow.ranks import process_ranks
 from gptflow.stage import Stage
 from model import distributed
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from model.config import Preset
+from model.config import GPTConfig, Preset
 from model.device import DeviceSpec, Precision, Runtime, allow_tf32, runtime
 from model.distributed import Launcher
 
@@ -75,9 +75,15 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the product, and `world_size`: with more processes each step sees more batches
-        (the global batch is batch_size x grad_accum x world_size)."""
-        fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY}
-        return {**fields, "world_size": self.world_size}
+        (the global batch is batch_size x grad_accum x world_size). The model is keyed on its resolved shape, not
+        on the preset's name: a preset whose shape changes is another model."""
+        fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY | {"preset"}}
+        return {**fields, "model": self.model_shape(), "world_size": self.world_size}
+
+    def model_shape(self) -> dict[str, Any] | None:
+        """The shape of the model built from scratch (None when the stage starts from weights, which its inputs
+        key by hash)."""
+        return GPTConfig.from_preset(self.preset).to_dict()
 
     @property
     def world_size(self) -> int:

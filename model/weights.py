@@ -31,8 +31,6 @@ from model.config import HF_NAMES, PRESETS, GPTConfig
 from model.genai import tokenizer_config
 from model.gpt import GPTModel
 
-CODE = (__name__, "model.gpt", "model.checkpoint")
-
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
 WEIGHTS_NAME = "model.safetensors"
 # What `save_hf_gpt2` writes: the model files always, the tokenizer files when it is given them.
@@ -314,7 +312,7 @@ def convert_gpt2(name_or_path: str | Path, settings: Settings | None = None) -> 
         "load-gpt2",
         inputs={WEIGHTS_NAME: path},
         config={"source": str(name_or_path)},
-        code=CODE,
+        code=__name__,
         folder=settings.stage_dir("models") / name,
     )
     with stage.lock():

@@ -16,7 +16,6 @@ from gptflow.tokenizer import get_tokenizer
 from model.introspect import InspectConfig, inspect_model, load_subject, locate
 from tasks.artifacts import artifact_key, publish_link, publish_plot, publish_table
 
-CODE = ("model.introspect", "model.gpt", "model.generate", "eval.introspection", "eval.plots")
 SUMMARY = "summary.json"
 TABLES = {
     "tokens": "tokens: text piece, id, position",
@@ -38,7 +37,7 @@ def inspection_stage(checkpoint: Path, text: str, config: InspectConfig, out_dir
         "inspect",
         inputs={"checkpoint": checkpoint, "text": text},
         config=config,
-        code=CODE,
+        code=__name__,
         label=label,
         out_dir=out_dir,
     )

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import tomllib
 
 import numpy as np
 import pytest
 import torch
 from classify_data import write_splits
+from conftest import REPO_ROOT
 
 import gptflow.stage as stage_mod
+import model.config as config_mod
 from gptflow.stage import Stage, StageError, describe_change
 from model.checkpoint import load_checkpoint, save_model
 from model.classifier import ClassifierConfig, finetune
@@ -35,7 +38,8 @@ def test_folder_is_named_by_inputs_and_config(inputs, settings):
     assert declare(inputs, {"lr": 0.2}).dir != a.dir
     inputs["a.txt"].write_text("beta")
     assert declare(inputs).dir != a.dir
-    assert a.inputs["init"] == "random" and set(a.code) == {"gptflow.stage"}
+    assert a.inputs["init"] == "random" and set(a.code) == set(stage_mod.import_closure("gptflow.stage"))
+    assert {"gptflow.stage", "gptflow.storage", "gptflow.settings"} <= set(a.code)
     with pytest.raises(StageError, match=r"demo: input a.txt .*missing.txt does not exist"):
         declare({"a.txt": inputs["a.txt"].parent / "missing.txt"})
 
@@ -64,7 +68,7 @@ def test_checkpoint_decisions(inputs, tmp_path):
     stage = declare(inputs, out_dir=tmp_path / "chosen")
     assert stage.plan(checkpoint=lambda: stage.key).action == "resume"
     assert stage.plan(resume=False, checkpoint=lambda: stage.key).action == "run"
-    other_code = {**stage.key, "code": {"gptflow.stage": "0" * 64}}
+    other_code = {**stage.key, "code": {**stage.key["code"], "gptflow.stage": "0" * 64}}
     decision = stage.plan(checkpoint=lambda: other_code)
     assert decision.action == "run" and "code of gptflow.stage changed" in decision.reason
     other_config = {**stage.key, "config": {"lr": 0.5}}
@@ -128,6 +132,48 @@ def test_code_change_retrains_and_never_restamps_a_finished_checkpoint(corpus, s
     manifest = json.loads((first.out_dir / "manifest.json").read_text())
     assert manifest["code"]["model.training"] == "e" * 64 != stamped["code"]["model.training"]
     assert load_checkpoint(first.out_dir / "last.pt")["stage"]["code"]["model.training"] == "e" * 64
+
+
+def test_import_closure_reads_every_import_of_the_source():
+    closure = stage_mod.import_closure("model.pretrain")
+    # model.config (where the presets live) through model.training; lazy imports inside functions count too
+    assert {"model.pretrain", "model.config", "model.training", "model.gpt", "gptflow.stage", "model"} <= set(closure)
+    assert not {m for m in closure if m.split(".")[0] in ("eval", "tasks", "flows", "cli")}  # model imports downward
+    assert closure == sorted(closure) and stage_mod.import_closure(["model.pretrain"]) == closure
+    assert "model.weights" in stage_mod.import_closure("model.init")  # imported inside InitSpec.file only
+    assert set(stage_mod.PROJECT_PACKAGES) == {
+        p.rstrip("*")
+        for p in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+            "include"
+        ]
+    }
+
+
+def test_a_preset_edit_reruns_pretraining_and_an_unrelated_edit_reuses_it(corpus, settings, monkeypatch, caplog):
+    """The drift the hand-kept code lists had: model.config (the presets) was not in pretraining's list."""
+    caplog.set_level(logging.INFO, logger="gptflow.stage")
+    first = pretrain(corpus, None, TINY, progress=False)
+    real = stage_mod.module_digest
+
+    def edited(*names):
+        monkeypatch.setattr(stage_mod, "module_digest", lambda name: "e" * 64 if name in names else real(name))
+
+    edited("eval.plots", "tasks.artifacts", "cli.common")  # modules pretraining does not import
+    assert pretrain(corpus, None, TINY, progress=False).reused
+    edited("model.config")  # e.g. a preset's width changed in the source
+    second = pretrain(corpus, None, TINY, progress=False)
+    assert second.out_dir == first.out_dir and not second.reused
+    line = caplog.records[-1].getMessage()
+    assert line.startswith(f"pretrain runs: {first.out_dir}: ") and "(code of model.config changed)" in line
+
+    # the stage is keyed on the resolved shape, not the preset's name: a wider `tiny` is another model
+    monkeypatch.setattr(
+        config_mod, "PRESETS", {**config_mod.PRESETS, "tiny": GPTConfig(emb_dim=96, n_layers=2, n_heads=2)}
+    )
+    wider = pretrain(corpus, None, TINY, progress=False)
+    assert not wider.reused and wider.out_dir != first.out_dir
+    manifest = json.loads((wider.out_dir / "manifest.json").read_text())
+    assert manifest["config"]["model"]["emb_dim"] == 96 and "preset" not in manifest["config"]
 
 
 def test_classifier_is_keyed_on_its_init_weights(tmp_path, tokenizer, settings):
