@@ -77,7 +77,7 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
     "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
-    # CPU presets: `tiny` for tests, `mini` trains usefully in about 5 minutes on 2 cores.
+    # CPU presets: `tiny` for tests, `mini` for `make run` (trains usefully on 2 CPU cores; times: docs/pipeline.md).
     "tiny": GPTConfig(context_length=128, emb_dim=64, n_layers=2, n_heads=2),
     "mini": GPTConfig(context_length=256, emb_dim=256, n_layers=4, n_heads=4),
 }

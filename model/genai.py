@@ -1,39 +1,9 @@
 """The files onnxruntime-genai reads beside our exported decoder: genai_config.json and a Hugging Face tokenizer.
 
-Facts from onnxruntime-genai's source (github.com/microsoft/onnxruntime-genai, main at 0.16-dev; file paths below),
-each checked by running the 0.18.0 wheel (tests/test_genai.py):
-
-- `model.type` is "decoder", not "gpt2". "gpt2" selects `Gpt_Model` (src/models/model.cpp, `CreateModel`),
-  whose state holds a `CombinedKeyValueCache` (src/models/gpt.h): one input `past_%d` per layer shaped
-  (2, batch, heads, past, head_dim), keys and values stacked. Our graph has separate
-  `past_key_values.{i}.key` / `.value` inputs, which is what every other LLM type reads:
-  `DecoderOnly_Model` with `DefaultKeyValueCache` (src/models/kv_cache.cpp). "decoder" is the generic member of
-  `ModelType::IsLLM` (src/models/model_type.h) and carries no model-specific behaviour.
-- The input/output names are genai's defaults (`Config::Defaults` in src/config.h): input_ids, attention_mask,
-  position_ids, past_key_values.%d.key/value, logits, present.%d.key/value. We still write them out, so that
-  the config documents the graph and a rename on either side fails loudly.
-- `search.past_present_share_buffer` false: genai then feeds a zero-length past on the prompt pass and
-  each step's presents as the next pasts (`DefaultKeyValueCache::Update`), exactly our graph's contract. True
-  would hand the graph max_length-long buffers it must update in place (a different graph).
-- Position ids and attention mask are genai's, never ours: it has no API to pass them for an LLM
-  (`Generator::SetInputs` throws "SetInputs is not supported for this model type" for `ModelType::IsLLM`,
-  src/generators.cpp; `set_model_input("attention_mask")`
-  only adds a second input of that name, which breaks the next step). Batch 1 gets positions 0..n-1 and an
-  all-ones mask, then +1 / one more 1 per step (`DefaultPositionInputs`, src/models/position_inputs.cpp;
-  `UpdatePositionIds` / `UpdateAttentionMask` in src/cpu/interface.cpp) -- our graph's contract exactly.
-  A batch > 1 is NOT left-padding aware in the 0.18.0 wheel: every row gets the all-ones mask and positions
-  0..n-1 even where its tokens are pad_token_id (seen with `og.set_log_options(model_input_values=True)`).
-  The main-branch source (0.16-dev) instead masks leading pad_token_id tokens and gives real tokens their
-  column index as position; neither is Hugging Face's rule (real tokens counted from 0). So genai serves
-  batch 1 and batches of equal-length prompts; prompts of different lengths need one generator each.
-- `search.max_length` (prompt + new tokens) defaults to `context_length` when 0 (src/config.cpp). Our graph
-  has learned positions for `context_length` tokens only, so it must never exceed that; genai does not slide
-  the window, it stops at max_length.
-- The tokenizer is onnxruntime-extensions' C++ port of Hugging Face tokenizers: it reads `tokenizer.json`
-  (the algorithm: BPE model, ByteLevel pre-tokenizer and decoder) and `tokenizer_config.json` (must exist; its
-  `tokenizer_class` changed nothing in our checks, we write GPT2Tokenizer's for Hugging Face's sake) from the
-  model folder. It does not read encoder.json / vocab.bpe, hence `hf_tokenizer_json`. Decoding skips the
-  special `<|endoftext|>` (as Hugging Face's skip_special_tokens does), unlike tiktoken.
+Model type "decoder", not "gpt2": genai's gpt2 type expects one combined past per layer, our graph has separate
+`past_key_values.{i}.key|value` inputs. genai sets positions and the attention mask itself and does not mask left
+padding (0.18), so it serves batch 1 and equal-length prompts. Its tokenizer reads tokenizer.json, not
+encoder.json / vocab.bpe. The source walk behind each value: docs/design-notes.md, "onnxruntime-genai".
 """
 
 from __future__ import annotations
@@ -56,7 +26,7 @@ def genai_config(
     pad_id: int = EOT_ID,
     bos_id: int = EOT_ID,
 ) -> dict[str, Any]:
-    """genai_config.json for our decoder graph (see the module docstring for why each value)."""
+    """genai_config.json for our decoder graph (docs/design-notes.md says why each value)."""
     return {
         "model": {
             "type": "decoder",

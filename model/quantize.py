@@ -1,18 +1,12 @@
 """int8 quantization of a classifier: PyTorch dynamic int8 for the Linear layers, ONNX dynamic int8, and the
 accuracy gate that fails the stage when int8 loses too much.
 
-Which PyTorch API (torch 2.13): `torch.ao.quantization.quantize_dynamic` still works but warns that it is
-deprecated in favour of torchao's `quantize_(model, Int8DynamicActivationInt8WeightConfig())`. torchao is not
-in requirements.lock. Measured here (torchao 0.18 in a scratch dir, eager CPU, 1 thread, an MLP 192->768->192
-on one 31-token message): fp32 2.07 ms, torchao int8 6.06 ms (slower than fp32: per-call activation
-quantization in Python and no fused CPU kernel without torch.compile), `torch.ao` dynamic int8 0.81 ms
-(fbgemm/x86 fused kernels). So we keep the built-in eager API, silence its deprecation warning here only,
-and revisit when torch removes it (the deployment target is onnxruntime anyway: torch int8 is a baseline).
+PyTorch: the built-in `torch.ao.quantization.quantize_dynamic`, whose deprecation warning is silenced here only.
+torchao's replacement was slower than fp32 in eager CPU mode and is not in requirements.lock; torch int8 is a
+baseline, the deployment target is onnxruntime. Measurements: docs/design-notes.md.
 
-ONNX: `quant_pre_process` (shape inference + graph optimization) first, then `quantize_dynamic` with QInt8
-weights. Quantizing `Gather` too stores the token embedding (most of a small model's bytes) as int8: about
-4x smaller files at no measurable accuracy cost on the spam test split; `op_types=("MatMul",)` keeps the
-embedding fp32 instead.
+ONNX: `quant_pre_process` first, then `quantize_dynamic` with QInt8 weights. Quantizing `Gather` too stores the
+token embedding as int8 (about 4x smaller files); `op_types=("MatMul",)` keeps it fp32.
 """
 
 from __future__ import annotations

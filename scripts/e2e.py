@@ -1,25 +1,10 @@
 """End-to-end check against a real Prefect server, a process worker and the real UI (`make e2e`).
 
-1. `prefect server start` on 127.0.0.1 (free port, throwaway PREFECT_HOME; its scheduler is off so that only
-   the run triggered here executes), outputs under a throwaway GPTFLOW_HOME;
-2. the work pool and every deployment of prefect.yaml (`prefect --no-prompt deploy --all`);
-3. runs of a deployment with tiny parameters, executed by `prefect worker start` until each ends (bounded).
-   The nightly pipeline runs three times, as scheduled runs would, on a user's CSV (a slice of the SMS spam
-   set written here) and with GPTFLOW_ALERT_URL set to a loopback JSON webhook that records every alert:
-   a. the first trains everything and promotes its classifier and LM bundles to champions (alerts received);
-   b. the second finds the data unchanged since the first run, reuses every stage, keeps both champions;
-   c. the third runs after the CSV changed: a new data version, the classifier retrains, and its bundle is
-      promoted or kept against the champion re-scored on the new test split;
-4. through the Prefect API: each run, all its subflow runs and task runs Completed, the expected artifacts;
-   from the run reports on disk: what each run decided;
-5. in headless Chromium (driven over the DevTools protocol): the flow run page shows the run name and a
-   Completed state badge, its Artifacts tab lists the artifacts, and every plot artifact's page holds an
-   `<img>` whose PNG has actually been decoded (naturalWidth equals the PNG's width), in the V2 (default) and
-   the V1 UI; the third run's challenger-vs-champion table renders. Screenshots, DOM dumps, logs and
-   summary.json go to `<outputs>/e2e/<timestamp>/`.
-
-Every process it starts (server, worker and the worker's flow-run processes, Chromium) is stopped on the way
-out, failure included.
+A throwaway server and outputs folder; the work pools and every deployment of prefect.yaml; the nightly pipeline
+run three times by a process worker on a user's CSV (first run promotes, second reuses everything, third sees new
+data), with alerts caught by a loopback webhook; then the API and headless Chromium check runs, artifacts and
+plots. Every process it starts is stopped on the way out, failure included. Step by step:
+docs/scheduled-runs.md, "The end-to-end check".
 """
 
 from __future__ import annotations
