@@ -8,6 +8,7 @@ import io
 import sys
 from pathlib import Path
 
+from cli import prechecks
 from cli.common import VerbConfig, add_folder_options, check_init, stage_config, table
 from gptflow.errors import GptflowError
 
@@ -24,7 +25,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     _add_data_options(p)
     add_folder_options(p, "classify/<data>-<init>-<key>")
-    p.set_defaults(handler=run_finetune, stage=VerbConfig("model.classifier:ClassifierConfig"))
+    p.set_defaults(handler=run_finetune, stage=VerbConfig("model.classifier:ClassifierConfig"), precheck=_check_data)
 
     p = verbs.add_parser(
         "sweep-classifier",
@@ -57,7 +58,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         action="store_false",
         help="start every variant over instead of resuming or reusing its stage folder",
     )
-    p.set_defaults(handler=run_sweep, stage=VerbConfig("model.classifier:ClassifierConfig"))
+    p.set_defaults(handler=run_sweep, stage=VerbConfig("model.classifier:ClassifierConfig"), precheck=_check_data)
 
     p = verbs.add_parser(
         "export",
@@ -76,7 +77,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "<home>/data/instructions)",
     )
     add_folder_options(p, "export/<checkpoint folder>-<key>", resumable=False)
-    p.set_defaults(handler=run_export, stage=VerbConfig("model.onnx_export:ExportConfig", {"int8": False}))
+    p.set_defaults(
+        handler=run_export,
+        stage=VerbConfig("model.onnx_export:ExportConfig", {"int8": False}),
+        precheck=_check_export,
+    )
 
     p = verbs.add_parser("classify", help="label texts with a classifier checkpoint or an exported bundle")
     p.add_argument("texts", nargs="*", metavar="TEXT")
@@ -85,7 +90,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--text-column", default="text", help="text column of a --file CSV (default text)")
     p.add_argument("--int8", action="store_true", help="bundle: use model.int8.onnx")
     p.add_argument("--device", default="auto", help="checkpoint: auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.set_defaults(handler=run_classify)
+    p.set_defaults(handler=run_classify, precheck=_check_classify)
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -97,17 +102,18 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _check_data(args: argparse.Namespace) -> None:
+    """--data: spam, or a CSV/TSV that decodes and whose header names both columns (before any flow starts)."""
     if args.data != "spam":
         if not Path(args.data).is_file():
             raise GptflowError(f"--data: {args.data} is neither 'spam' nor an existing CSV/TSV file")
         if not args.text_column or not args.label_column:
             raise GptflowError("--data PATH needs --text-column and --label-column")
+        prechecks.csv_columns("--data", args.data, args.text_column, args.label_column)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     config = stage_config(args)
     check_init(config.init)
-    _check_data(args)
 
     from flows.classify import finetune_classifier_flow
     from tasks.classify import CONFUSION, CURVES
@@ -158,7 +164,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     config = stage_config(args)
     check_init(config.init)
-    _check_data(args)
     grid: dict[str, list[str]] = {}
     for name, values in args.grid:
         if name in grid:
@@ -191,6 +196,16 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _split_row(out_dir: str, metrics: dict) -> dict:
     """A member's row: its folder and its accuracy on each split."""
     return {"member": Path(out_dir).name, **{split: f"{100 * m['accuracy']:.2f}%" for split, m in metrics.items()}}
+
+
+def _check_export(args: argparse.Namespace) -> None:
+    """CHECKPOINT's zip directory, and --data is a folder (before PyTorch or any flow is imported)."""
+    prechecks.export_checkpoint(args.checkpoint)
+    if args.data is not None and not Path(args.data).is_dir():
+        raise GptflowError(
+            f"--data: {args.data} is not a folder (expected a data folder: test.csv for a classifier; "
+            "validation.json and test.json, or val.bin, for a language model)"
+        )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -296,12 +311,29 @@ def read_texts(path: str, text_column: str) -> list[str]:
     return df[text_column].tolist()
 
 
-def run_classify(args: argparse.Namespace) -> int:
+def _is_bundle(model: Path) -> bool:
+    return (model / "manifest.json").is_file() and (model / "model.onnx").is_file()
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.texts) + (read_texts(args.file, args.text_column) if args.file else [])
     if not texts:
         raise GptflowError("nothing to classify: give TEXT arguments or --file")
+    return texts
+
+
+def _check_classify(args: argparse.Namespace) -> None:
+    """The texts, then --model: a bundle, or a checkpoint's zip directory (before PyTorch is imported)."""
+    _texts(args)
+    if args.int8 and not _is_bundle(Path(args.model)):
+        raise GptflowError("--int8 applies to an exported bundle; export with `gptflow export --int8`")
+    prechecks.classifier(args.model)
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    texts = _texts(args)
     model = Path(args.model)
-    if (model / "manifest.json").is_file() and (model / "model.onnx").is_file():
+    if _is_bundle(model):
         from edge.runtime import EdgeClassifier
 
         predictions = EdgeClassifier(model, int8=args.int8).predict(texts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cli import prechecks
 from cli.common import VerbConfig, add_stage_options, stage_config, table
 
 
@@ -41,25 +42,37 @@ def register(verbs: argparse._SubParsersAction) -> None:
     corpus.set_defaults(handler=_corpus)
 
 
+# Each verb checks its config and its file before it imports its flow (and Prefect): `cli.prechecks`.
+
+
 def _spam(args: argparse.Namespace) -> int:
+    config = stage_config(args)
+
     from flows.prepare import prepare_spam
 
-    _print_labelled(prepare_spam(stage_config(args)))
+    _print_labelled(prepare_spam(config))
     return 0
 
 
 def _csv(args: argparse.Namespace) -> int:
+    config = stage_config(args)
+    prechecks.csv_columns(None, args.path, config.text_column, config.label_column)
+
     from flows.prepare import prepare_csv
 
-    _print_labelled(prepare_csv(args.path, stage_config(args)))
+    _print_labelled(prepare_csv(args.path, config))
     return 0
 
 
 def _instructions(args: argparse.Namespace) -> int:
+    config = stage_config(args)
+    if args.path is not None:
+        prechecks.instructions(None, args.path, config)
+
     from data.instructions import summary_rows
     from flows.prepare import prepare_instructions
 
-    outcome = prepare_instructions(args.path, stage_config(args))
+    outcome = prepare_instructions(args.path, config)
     print(table([{"step": k, "entries": v} for k, v in outcome["report"]["cleaning"].items()]), end="\n\n")
     print(table(summary_rows(outcome["report"])), end="\n\n")
     _print_where(outcome, ["train.json", "validation.json", "test.json", "report.json"])
@@ -67,10 +80,13 @@ def _instructions(args: argparse.Namespace) -> int:
 
 
 def _corpus(args: argparse.Namespace) -> int:
+    config = stage_config(args)
+    prechecks.corpus(None, args.corpus)
+
     from data.corpus import summary_rows
     from flows.prepare import prepare_corpus
 
-    outcome = prepare_corpus(args.corpus, stage_config(args))
+    outcome = prepare_corpus(args.corpus, config)
     print(table(summary_rows(outcome["report"])), end="\n\n")
     _print_where(outcome, ["train.bin", "val.bin", "meta.json"])
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli import prechecks
 from cli.common import VerbConfig, add_folder_options, stage_config, table
 
 
@@ -26,7 +27,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("text", metavar="TEXT", help="the probe text")
     add_folder_options(p, "inspect/<model>-<key>")
-    p.set_defaults(handler=run_inspect, stage=VerbConfig("model.introspect:InspectConfig"))
+    p.set_defaults(
+        handler=run_inspect,
+        stage=VerbConfig("model.introspect:InspectConfig"),
+        precheck=lambda args: prechecks.any_model(args.model),
+    )
 
 
 def run_inspect(args: argparse.Namespace) -> int:

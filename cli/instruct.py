@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli import prechecks
 from cli.common import VerbConfig, add_folder_options, check_init, stage_config
 from gptflow.errors import GptflowError
+
+SPLITS = ("train.json", "validation.json", "test.json")  # a prepared data folder (flows.instruct.SPLITS)
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -23,17 +26,35 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "folder with train/validation/test.json (default: the book's instruction-data.json)",
     )
     add_folder_options(p, "instruct/<data>-<init>-<style>-<key>")
-    p.set_defaults(handler=run_finetune_instructions, stage=VerbConfig("model.instruct:InstructConfig"))
+    p.set_defaults(
+        handler=run_finetune_instructions, stage=VerbConfig("model.instruct:InstructConfig"), precheck=_check_data
+    )
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    """--data: an instruction file the data stage accepts, or a folder with the three splits (flows.instruct)."""
+    if args.data is None:
+        return
+    data = Path(args.data)
+    if not data.exists():
+        raise GptflowError(
+            f"--data {args.data}: no such file or folder (expected a JSON list of "
+            "{instruction, input, output} or a folder with train/validation/test.json)"
+        )
+    if data.is_dir():
+        missing = [name for name in SPLITS if not (data / name).is_file()]
+        if missing:
+            raise GptflowError(
+                f"--data {args.data}: a folder without {', '.join(missing)} (expected a folder with "
+                "train/validation/test.json or a JSON list of {instruction, input, output})"
+            )
+    else:
+        prechecks.instructions("--data", args.data)
 
 
 def run_finetune_instructions(args: argparse.Namespace) -> int:
     config = stage_config(args)
     check_init(config.init)
-    if args.data is not None and not Path(args.data).exists():
-        raise GptflowError(
-            f"--data {args.data}: no such file or folder (expected a JSON list of "
-            "{instruction, input, output} or a folder with train/validation/test.json)"
-        )
 
     from flows.instruct import finetune_instructions
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli import prechecks
 from cli.common import VerbConfig, add_folder_options, positive_int, stage_config, table
 from edge.options import add_generation_options
 
@@ -24,7 +25,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
     add_folder_options(p, "pretrain/<corpus>-<preset>-<key>")
-    p.set_defaults(handler=run_pretrain, stage=VerbConfig("model.pretrain:PretrainConfig"))
+    p.set_defaults(handler=run_pretrain, stage=VerbConfig("model.pretrain:PretrainConfig"), precheck=_check_pretrain)
 
     p = verbs.add_parser(
         "load-gpt2",
@@ -33,7 +34,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "Face, or read from GPTFLOW_MIRROR); PATH: a model.safetensors or a folder holding one.",
     )
     p.add_argument("source", metavar="NAME|PATH")
-    p.set_defaults(handler=run_load_gpt2)
+    p.set_defaults(handler=run_load_gpt2, precheck=lambda args: prechecks.gpt2_weights(args.source))
 
     p = verbs.add_parser(
         "generate",
@@ -51,7 +52,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
     add_generation_options(p, max_new_tokens=50)
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.set_defaults(handler=run_generate)
+    p.set_defaults(handler=run_generate, precheck=lambda args: prechecks.language_model(args.model))
+
+
+def _check_pretrain(args: argparse.Namespace) -> None:
+    if not args.list_presets:
+        prechecks.corpus("--corpus", args.corpus, token_folder=True)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

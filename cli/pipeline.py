@@ -24,7 +24,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fail instead of skipping the evaluation when no Ollama server is reachable",
     )
-    parser.set_defaults(handler=_run)
+    parser.set_defaults(handler=_run, precheck=_check_config)
+
+
+def _check_config(args: argparse.Namespace) -> None:
+    """The --config file reads as a mapping (before PyTorch is imported: flows.params validates its fields)."""
+    if args.config is not None:
+        from cli.prechecks import config_file
+
+        config_file("pipeline config", args.config)
 
 
 def _run(args: argparse.Namespace) -> int:

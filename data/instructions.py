@@ -130,6 +130,26 @@ def split_entries(entries: list[dict], config: InstructionDataConfig) -> dict[st
     }
 
 
+def checked_splits(path: Path, entries: list[dict], config: InstructionDataConfig) -> dict[str, list[dict]]:
+    """`split_entries`, refusing a split that leaves a part empty."""
+    splits = split_entries(entries, config)
+    if min(len(part) for part in splits.values()) < 1:
+        raise InstructionDataError(
+            f"{path}: {len(entries)} entries after cleaning are too few for a train/validation/test split "
+            f"at fractions {'/'.join(f'{f:g}' for f in config.fractions)}"
+        )
+    return splits
+
+
+def check_instructions(path: str | Path, config: InstructionDataConfig | None = None) -> None:
+    """What `prepare_instructions` checks of a file before it writes anything, for a check before any flow starts:
+    the file exists, parses, holds valid entries, and enough of them after cleaning for the split. The stage
+    checks it all again when it reads the file."""
+    path = Path(path)
+    require_file(path, InstructionDataError, EXPECTED)
+    checked_splits(path, clean(load_instructions(path))[0], config or InstructionDataConfig())
+
+
 def instructions_dir(path: Path, digest: str, settings: Settings, default: bool) -> Path:
     name = "instructions" if default else f"instructions-{path.stem}-{digest[:8]}"
     return settings.home / "data" / name
@@ -154,12 +174,7 @@ def prepare_instructions(
         return StageResult.from_folder(out_dir)
 
     entries, cleaning = clean(load_instructions(path))
-    splits = split_entries(entries, config)
-    if min(len(part) for part in splits.values()) < 1:
-        raise InstructionDataError(
-            f"{path}: {len(entries)} entries after cleaning are too few for a train/validation/test split "
-            f"at fractions {'/'.join(f'{f:g}' for f in config.fractions)}"
-        )
+    splits = checked_splits(path, entries, config)
 
     report = {
         "stage": STAGE,

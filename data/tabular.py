@@ -33,8 +33,8 @@ class TabularError(DataError):
     """A user's CSV/TSV cannot be used; the message names the file and what was expected."""
 
 
-def decode(path: Path, data: bytes) -> tuple[str, str]:
-    """(text, encoding): UTF-8 (BOM or not) or UTF-16 with its BOM, else cp1252 with a warning.
+def decode(path: Path, data: bytes, *, warn: bool = True) -> tuple[str, str]:
+    """(text, encoding): UTF-8 (BOM or not) or UTF-16 with its BOM, else cp1252 with a warning (`warn`).
 
     cp1252 holds every printable latin-1 character, so latin-1 text decodes too; the five bytes it leaves
     undefined (0x81 0x8D 0x8F 0x90 0x9D) are control codes in latin-1, never text: such a file is another
@@ -55,12 +55,13 @@ def decode(path: Path, data: bytes) -> tuple[str, str]:
             f"{utf8_error.start}) nor cp1252/latin-1 text (byte 0x{data[exc.start]:02x} at offset "
             f"{exc.start}); save the file as UTF-8"
         ) from None
-    log.warning(
-        "%s is not UTF-8 (byte 0x%02x at offset %d); read it as cp1252 (Windows latin-1)",
-        path,
-        data[utf8_error.start],
-        utf8_error.start,
-    )
+    if warn:
+        log.warning(
+            "%s is not UTF-8 (byte 0x%02x at offset %d); read it as cp1252 (Windows latin-1)",
+            path,
+            data[utf8_error.start],
+            utf8_error.start,
+        )
     return text, "cp1252"
 
 
@@ -120,6 +121,26 @@ def _unclosed_quote(text: str, line: int, delimiter: str) -> bool:
     return False
 
 
+def _require_text(path: Path, text: str) -> None:
+    if not text.strip():
+        raise TabularError(f"{path}: the file is empty (expected a header row and labelled rows)")
+
+
+def check_header(path: Path, text_column: str, label_column: str) -> list[str]:
+    """What `read_table` checks before it reads a row, for a check before any flow starts (no pandas work, nothing
+    logged: the stage warns of a cp1252 file when it reads it): the file exists, decodes, is not empty, and its
+    header names each of the two columns once. Returns the named columns; the stage checks all of it again."""
+    require_file(path, TabularError, "a CSV/TSV with a header row")
+    text, _ = decode(path, path.read_bytes(), warn=False)
+    _require_text(path, text)
+    delimiter = detect_delimiter(text, [text_column, label_column])
+    try:
+        header = _header(text, delimiter)
+    except csv.Error as exc:
+        raise TabularError(f"{path}: not a readable CSV at line 1: {exc}") from None
+    return _named_columns(path, header, [text_column, label_column], delimiter)
+
+
 def read_table(path: Path, text_column: str, label_column: str) -> tuple[pd.DataFrame, dict]:
     """Rows (text, label as strings) and facts about the read (encoding, delimiter, columns, rows rejoined).
 
@@ -128,8 +149,7 @@ def read_table(path: Path, text_column: str, label_column: str) -> tuple[pd.Data
     back into the text with the delimiter that split them, and counted.
     """
     text, encoding = decode(path, path.read_bytes())
-    if not text.strip():
-        raise TabularError(f"{path}: the file is empty (expected a header row and labelled rows)")
+    _require_text(path, text)
     delimiter = detect_delimiter(text, [text_column, label_column])
     delimiter_name = _DELIMITER_NAMES[delimiter]
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)

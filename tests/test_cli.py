@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -110,9 +111,12 @@ def test_bad_values_are_one_line_naming_the_flag_or_the_file_and_field(tmp_path,
 def test_verbs_exit_2_with_one_line(settings, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 2\nbogus: 1\n")
+    checkpoint = tmp_path / "x.pt"  # a zip with the data.pkl torch.save writes: the checks before the flow pass
+    with zipfile.ZipFile(checkpoint, "w") as archive:
+        archive.writestr("x/data.pkl", b"")
     for argv, message in [
         (["finetune-classifier", "--config", str(path)], f"gptflow finetune-classifier: error: {path}: bogus: "),
-        (["export", "x.pt", "--max-int8-drop", "-1"], "gptflow export: error: --max-int8-drop: Input should be "),
+        (["export", str(checkpoint), "--max-int8-drop", "-1"], "gptflow export: error: --max-int8-drop: Input should "),
         (["pretrain", "--config", str(tmp_path / "none.yaml")], "gptflow pretrain: error: --config: cannot read "),
     ]:
         assert main(argv) == 2

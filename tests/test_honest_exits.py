@@ -68,11 +68,11 @@ def test_evaluate_help_documents_the_exit_status(capsys):
 def test_a_failed_flow_is_one_line_and_its_traceback_goes_to_a_log_file(prefect_harness, tmp_path, mirror):
     from prefect.settings import PREFECT_API_URL
 
-    data = tmp_path / "messages.csv"
-    data.write_text("text,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(40)))
+    data = tmp_path / "messages.csv"  # its header is right (checked before the flow), a row is not (in the flow)
+    data.write_text("text,label\n" + "".join(f"message {i},{'ab'[i % 2]}\n" for i in range(40)) + "message,a,stray\n")
     env = command_env(tmp_path, mirror, api=PREFECT_API_URL.value())
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "data", "csv", str(data), "--text-column", "nope", "--label-column", "label"],
+        [sys.executable, "-m", "cli", "data", "csv", str(data), "--text-column", "text", "--label-column", "label"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -81,7 +81,10 @@ def test_a_failed_flow_is_one_line_and_its_traceback_goes_to_a_log_file(prefect_
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    message = f"{data}: no column 'nope' in the header; the columns found (comma-separated) are ['text', 'label']"
+    message = (
+        f"{data}: line 42 has 3 fields but the header names 2 columns (extra values ['stray']); quote fields that "
+        "contain the delimiter 'comma'"
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("gptflow data: error:")]
     assert len(errors) == 1, proc.stderr
     match = re.fullmatch(rf"gptflow data: error: {re.escape(message)} \(traceback: (.+)\)", errors[0])
@@ -100,8 +103,8 @@ def test_the_flow_runs_logs_keep_the_traceback(prefect_harness, settings, tmp_pa
     from prefect.logging.handlers import APILogHandler
 
     data = tmp_path / "messages.csv"
-    data.write_text("text,label\nhello,a\n")
-    assert main(["data", "csv", str(data), "--text-column", "nope", "--label-column", "label"]) == 2
+    data.write_text("text,label\nhello,a\nworld,b,stray\n")  # a bad row: found by the flow, not before it
+    assert main(["data", "csv", str(data), "--text-column", "text", "--label-column", "label"]) == 2
     log = Path(capsys.readouterr().err.rsplit("(traceback: ", 1)[1].rstrip(")\n"))
     assert "Traceback (most recent call last):" in log.read_text()
     APILogHandler().flush()  # send what is queued

@@ -1,0 +1,267 @@
+"""Answers before Prefect starts: what a verb can check of its inputs without a flow, checked before any flow,
+Prefect or PyTorch is imported, so that a bad input gets its one line in about a second rather than after a
+temporary Prefect server's start-up (some 20 s) or PyTorch's import (some 3 s).
+
+A verb that has such checks names them with `set_defaults(precheck=...)`: a function of the parsed arguments that
+raises GptflowError naming the flag or file and what was expected. `cli.main` runs it before it imports the verb's
+stage config (a model config imports PyTorch) when the command line can be read without that config, else right
+after parsing (`early_arguments`). Checks that need the stage config (a CSV's columns, the instruction split) run in
+the verb, before it imports its flow. The data are read by the data layer's own validators where they are light
+(`data.instructions.check_instructions`, `data.tabular.check_header`); a checkpoint is judged by its zip directory
+or its safetensors header, no weights read. The flows and stages check everything again when they read the files:
+a file can change in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+from gptflow.errors import GptflowError
+
+# The file names the model layer looks for in a folder (model.classifier.BEST, model.weights.WEIGHTS_NAME, the
+# language-model checkpoint); imported from there they would import PyTorch.
+LM_CHECKPOINT = "model.pt"
+CLASSIFIER_CHECKPOINT = "best.pt"
+WEIGHTS_NAME = "model.safetensors"
+MAX_SAFETENSORS_HEADER = 100_000_000
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not as options
+
+
+class _NotYet(Exception):
+    """The command line cannot be read without the verb's stage options (or it asks for help): check it later."""
+
+
+class _EarlyParser(argparse.ArgumentParser):
+    """The parser without stage options: an error or an exit means "not yet", never a message. No abbreviations:
+    an abbreviated stage flag must not be taken for one of the verb's own."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise _NotYet(message)
+
+    def exit(self, status=0, message=None):
+        raise _NotYet(message)
+
+
+def early_arguments(build_parser, argv: list[str]) -> argparse.Namespace | None:
+    """The verb's own arguments (positionals and its non-stage options), parsed without importing its stage config,
+    or None when that reading could be wrong or is not needed: help, `--`, an argparse error (left for the full
+    parser to report), a value the early parser could not place, or a stage flag's possible value that it took
+    for a positional (`export --max-int8-drop 3 model.pt` reads `3` as CHECKPOINT; `export model.pt
+    --max-int8-drop 3` is read right)."""
+    if any(a in ("-h", "--help", "--") for a in argv):
+        return None
+    try:
+        args, extras = build_parser(argv, stage_options=False, parser_class=_EarlyParser).parse_known_args(argv)
+    except _NotYet:
+        return None
+    unknown, maybe_values = set(extras), []  # options the early parser does not know; the values they may take
+    for i, arg in enumerate(argv):
+        if arg in unknown and _is_option(arg) and "=" not in arg:
+            for value in argv[i + 1 :]:
+                if _is_option(value):
+                    break
+                maybe_values.append(value)
+    placed = {
+        v
+        for value in vars(args).values()
+        for v in (value if isinstance(value, list) else [value])
+        if isinstance(v, str)
+    }
+    if any(not _is_option(e) and e not in maybe_values for e in extras) or any(v in placed for v in maybe_values):
+        return None
+    return args
+
+
+def _is_option(arg: str) -> bool:
+    return arg.startswith("-") and not _NUMBER.match(arg)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _read_error(path: Path, exc: OSError, expected: str) -> GptflowError:
+    return GptflowError(f"{path}: cannot read it ({exc.strerror or exc}); expected {expected}")
+
+
+def torch_checkpoint(path: Path) -> None:
+    """A file `torch.save` wrote, judged by its zip directory (no weights read, PyTorch not imported), refused in
+    the words of `model.checkpoint.load_checkpoint`, which checks it again and loads it."""
+    if not path.is_file():
+        raise GptflowError(f"checkpoint {path} does not exist")
+    not_torch = f"{path} is not a PyTorch checkpoint (expected the zip archive torch.save writes)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise GptflowError(not_torch) from None
+    except OSError as exc:
+        raise _read_error(path, exc, "the zip archive torch.save writes") from None
+    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        raise GptflowError(f"{not_torch[:-1]}; this zip archive holds no data.pkl)")
+
+
+def safetensors_header(path: Path) -> None:
+    """A .safetensors file whose header reads: its length, then a JSON object that fits in the file (no tensor
+    read); refused in the words of `model.weights.SafetensorsReader`, which checks each entry when it loads."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            if size < 8:
+                raise ValueError(f"{size} bytes, too short for the 8-byte header length that starts one")
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if 8 + header_len > size:
+                raise ValueError(f"its header length {header_len} runs past the end of the file, {size} bytes")
+            if header_len > MAX_SAFETENSORS_HEADER:
+                raise ValueError("header too large")
+            header = json.loads(handle.read(header_len))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GptflowError(f"{path} is not a safetensors file ({exc})") from None
+    except OSError as exc:
+        raise _read_error(path, exc, "a .safetensors file") from None
+    if not isinstance(header, dict):
+        raise GptflowError(
+            f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an object of "
+            "tensor name -> {dtype, shape, data_offsets}"
+        )
+
+
+def _preset(name: str) -> bool:
+    """A GPT-2 preset or Hugging Face name: fetched (or read from the mirror) by the stage, not here."""
+    from model.config import HF_NAMES  # pydantic only
+
+    return any(name in (preset, hf, f"openai-community/{hf}") for preset, hf in HF_NAMES.items())
+
+
+def gpt2_weights(spec: str) -> None:
+    """GPT-2 weights as `model.weights.resolve_weights` finds them: a preset, a .safetensors file or a folder
+    holding model.safetensors; a file's header must read."""
+    if _preset(spec):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        from model.config import HF_NAMES
+
+        raise GptflowError(
+            f"{spec} is neither a GPT-2 preset ({', '.join(HF_NAMES)}) nor a {WEIGHTS_NAME} file "
+            f"or a folder holding one (looked for {path})"
+        )
+    if path.suffix != ".safetensors":
+        raise GptflowError(f"{path}: only .safetensors weights are loaded (never pickled .bin/.pt files)")
+    safetensors_header(path)
+
+
+def language_model(spec: str) -> None:
+    """`generate --model`: as `model.weights.load_language_model` reads it, a gptflow checkpoint (a file, or a
+    folder holding model.pt), else GPT-2 weights."""
+    path = Path(spec)
+    if path.is_dir() and (path / LM_CHECKPOINT).is_file():
+        path = path / LM_CHECKPOINT
+    if path.is_file() and path.suffix != ".safetensors":
+        torch_checkpoint(path)
+    else:
+        gpt2_weights(spec)
+
+
+def any_model(spec: str) -> None:
+    """`inspect MODEL`: as `model.introspect.locate` reads it, a language-model or classifier checkpoint (a file,
+    or a folder holding model.pt or best.pt), else GPT-2 weights."""
+    path = Path(spec)
+    if path.is_dir():
+        path = next((path / n for n in (LM_CHECKPOINT, CLASSIFIER_CHECKPOINT) if (path / n).is_file()), path)
+    if path.is_file() and path.suffix != ".safetensors":
+        torch_checkpoint(path)
+    else:
+        gpt2_weights(spec)
+
+
+def export_checkpoint(spec: str) -> None:
+    """`export CHECKPOINT`: a language-model checkpoint (a file, or a folder holding model.pt), else a classifier's
+    (a file, or a folder holding best.pt), as `gptflow export` tries them."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / (LM_CHECKPOINT if (path / LM_CHECKPOINT).is_file() else CLASSIFIER_CHECKPOINT)
+    torch_checkpoint(path)
+
+
+def classifier(spec: str) -> None:
+    """`classify --model`: an exported bundle (a folder with manifest.json and model.onnx; the edge runtime reads
+    it without PyTorch), else a classifier checkpoint (a file, or a folder holding best.pt)."""
+    path = Path(spec)
+    if (path / "manifest.json").is_file() and (path / "model.onnx").is_file():
+        return
+    torch_checkpoint(path / CLASSIFIER_CHECKPOINT if path.is_dir() else path)
+
+
+def csv_columns(flag: str | None, path: str, text_column: str, label_column: str) -> None:
+    """A labelled CSV/TSV exists, decodes and its header names both columns (`data.tabular.check_header`)."""
+    from data.tabular import check_header
+
+    _in_flag(flag, lambda: check_header(Path(path), text_column, label_column))
+
+
+def instructions(flag: str | None, path: str, config=None) -> None:
+    """An instruction file exists, parses and holds enough valid entries to split
+    (`data.instructions.check_instructions`)."""
+    from data.instructions import check_instructions
+
+    _in_flag(flag, lambda: check_instructions(path, config))
+
+
+def corpus(flag: str | None, name_or_path: str, token_folder: bool = False) -> None:
+    """A corpus as `data.corpus` resolves and reads it: a registered name (fetched by the stage, not here), or a UTF-8
+    text file that is not empty; with `token_folder`, also a folder already holding train.bin and val.bin."""
+    from data.corpus import NAMED, read_text, resolve_corpus
+    from gptflow.settings import get_settings
+
+    if name_or_path in NAMED:
+        return
+    path = Path(name_or_path)
+    if token_folder and path.is_dir():
+        missing = [name for name in ("train.bin", "val.bin") if not (path / name).is_file()]
+        if missing:
+            raise GptflowError(
+                f"{_where(flag)}{path}: a folder without {' and '.join(missing)}; expected a corpus name "
+                f"({', '.join(NAMED)}), a UTF-8 text file, or a folder with train.bin and val.bin"
+            )
+        return
+    _in_flag(flag, lambda: read_text(resolve_corpus(name_or_path, get_settings())[1]))
+
+
+def config_file(flag: str, path: str) -> None:
+    """A --config file reads as a YAML/JSON mapping (`gptflow.storage.read_config_file`); its fields are checked
+    against the pydantic config by `cli.common.stage_config`."""
+    from gptflow.storage import read_config_file
+
+    try:
+        read_config_file(path)
+    except GptflowError as exc:
+        raise GptflowError(f"{flag}: {exc}") from None
+
+
+def _where(flag: str | None) -> str:
+    return f"{flag}: " if flag else ""
+
+
+def _in_flag(flag: str | None, check) -> None:
+    """Run `check`; its error names `flag` first, and a file that cannot be read is one line too."""
+    try:
+        check()
+    except GptflowError as exc:
+        if flag is None:
+            raise
+        raise GptflowError(f"{flag}: {exc}") from None
+    except OSError as exc:
+        name = exc.filename if exc.filename is not None else ""
+        raise GptflowError(f"{_where(flag)}cannot read {os.fsdecode(name)} ({exc.strerror or exc})") from None
