@@ -11,14 +11,18 @@ import csv
 import io
 import logging
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from data.common import DataError, StageResult, decode_unicode, require_file, unicode_encoding
 from data.config import CsvDataConfig
-from data.labelled import build_labelled_dataset
 from gptflow.settings import Settings, get_settings
 from gptflow.storage import sha256_file
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas and the labelled-data stage are imported where rows are read: `check_header`, the CLI's check before any
+# flow starts, needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,8 @@ def read_table(path: Path, text_column: str, label_column: str) -> tuple[pd.Data
     one, values in them are its unquoted delimiters' spill-over (`spam,"part one", part two,`): they are joined
     back into the text with the delimiter that split them, and counted.
     """
+    import pandas as pd
+
     text, encoding = decode(path, path.read_bytes())
     _require_text(path, text)
     delimiter = detect_delimiter(text, [text_column, label_column])
@@ -219,6 +225,8 @@ def csv_dir(path: Path, digest: str, settings: Settings) -> Path:
 
 def prepare_csv(path: str | Path, config: CsvDataConfig, settings: Settings | None = None) -> StageResult:
     """Clean, balance and split a user's labelled CSV/TSV into `<home>/data/csv-<stem>-<sha8>`."""
+    from data.labelled import build_labelled_dataset
+
     settings = settings or get_settings()
     path = Path(path)
     require_file(path, TabularError, "a CSV/TSV with a header row")
