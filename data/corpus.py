@@ -14,7 +14,7 @@ from data.common import DataError, StageResult, decode_unicode, floor_count, req
 from data.config import CorpusConfig
 from gptflow.download import fetch_source
 from gptflow.settings import Settings, get_settings
-from gptflow.stage import Stage
+from gptflow.stage import Built, Stage
 from gptflow.storage import (
     atomic_path,
     sha256_file,
@@ -72,9 +72,11 @@ def prepare_corpus(
         code=__name__,
         folder=out_dir,
     )
-    if stage.plan().reused:
-        return StageResult.from_folder(out_dir, "meta.json")
+    result = stage.run(lambda decision: _build(path, name, digest, out_dir, config, settings))
+    return StageResult.from_folder(out_dir, "meta.json") if result.reused else StageResult(out_dir, False, result.value)
 
+
+def _build(path: Path, name: str, digest: str, out_dir: Path, config: CorpusConfig, settings: Settings) -> Built:
     text = read_text(path)
     tokens = np.array(encode(get_tokenizer(settings), text), dtype=DTYPE)
     n_train = floor_count(len(tokens) * (1 - config.val_fraction))
@@ -100,8 +102,7 @@ def prepare_corpus(
     _write_tokens(tokens[:n_train], out_dir / "train.bin")
     _write_tokens(tokens[n_train:], out_dir / "val.bin")
     write_json_atomic(out_dir / "meta.json", meta)
-    stage.complete(OUTPUTS, {k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")})
-    return StageResult(out_dir=out_dir, reused=False, report=meta)
+    return Built(OUTPUTS, {k: meta[k] for k in ("tokens", "train_tokens", "val_tokens")}, meta)
 
 
 def summary_rows(meta: dict) -> list[dict]:

@@ -18,7 +18,7 @@ from data.common import (
 )
 from data.config import InstructionDataConfig
 from gptflow.settings import Settings, get_settings
-from gptflow.stage import Stage
+from gptflow.stage import Built, Stage
 from gptflow.storage import sha256_file, write_json_atomic
 
 STAGE = "data-instructions"
@@ -170,9 +170,11 @@ def prepare_instructions(
     digest = sha256_file(path)
     out_dir = instructions_dir(path, digest, settings, default)
     stage = Stage.declare(STAGE, inputs={path.name: digest}, config=config, code=__name__, folder=out_dir)
-    if stage.plan().reused:
-        return StageResult.from_folder(out_dir)
+    result = stage.run(lambda decision: _build(path, out_dir, config, settings))
+    return StageResult.from_folder(out_dir) if result.reused else StageResult(out_dir, False, result.value)
 
+
+def _build(path: Path, out_dir: Path, config: InstructionDataConfig, settings: Settings) -> Built:
     entries, cleaning = clean(load_instructions(path))
     splits = checked_splits(path, entries, config)
 
@@ -191,8 +193,7 @@ def prepare_instructions(
     for name, part in splits.items():
         write_json_atomic(out_dir / f"{name}.json", part)
     write_json_atomic(out_dir / "report.json", report)
-    stage.complete(OUTPUTS, report["splits"])
-    return StageResult(out_dir=out_dir, reused=False, report=report)
+    return Built(OUTPUTS, report["splits"], report)
 
 
 def summary_rows(report: dict) -> list[dict]:

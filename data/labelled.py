@@ -23,7 +23,7 @@ from data.common import (
 )
 from data.config import LabelledDataConfig
 from gptflow.settings import Settings
-from gptflow.stage import Stage
+from gptflow.stage import Built, Stage
 from gptflow.storage import atomic_path, write_json_atomic
 
 OUTPUTS = ["train.csv", "validation.csv", "test.csv", "labels.json", "unused.csv", "report.json"]
@@ -139,9 +139,18 @@ def build_labelled_dataset(
     `source` names the input in error messages.
     """
     declared = Stage.declare(stage, inputs=inputs, config=config, code=__name__, folder=out_dir)
-    if declared.plan().reused:
-        return StageResult.from_folder(out_dir)
+    result = declared.run(lambda decision: _build(out_dir, stage, source, config, load, settings))
+    return StageResult.from_folder(out_dir) if result.reused else StageResult(out_dir, False, result.value)
 
+
+def _build(
+    out_dir: Path,
+    stage: str,
+    source: str,
+    config: LabelledDataConfig,
+    load: Callable[[], tuple[pd.DataFrame, dict]],
+    settings: Settings,
+) -> Built:
     raw, read_facts = load()
     cleaned, cleaning = clean(raw)
     ids = label_ids(cleaned["label"])
@@ -183,8 +192,7 @@ def build_labelled_dataset(
     _write_csv(unused, ids, out_dir / "unused.csv")
     write_json_atomic(out_dir / "labels.json", ids)
     write_json_atomic(out_dir / "report.json", report)
-    declared.complete(OUTPUTS, {s: c["total"] for s, c in report["splits"].items()})
-    return StageResult(out_dir=out_dir, reused=False, report=report)
+    return Built(OUTPUTS, {s: c["total"] for s, c in report["splits"].items()}, report)
 
 
 def summary_rows(report: dict) -> list[dict]:

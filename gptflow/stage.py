@@ -147,6 +147,29 @@ class Decision:
         return self.action == "reuse"
 
 
+@dataclass(frozen=True)
+class Built:
+    """What a stage's build wrote into its folder: `outputs` (names relative to it, hashed into the manifest),
+    `metrics` (recorded in it), and `value`, anything else the caller wants back. `certified=False`: the outputs
+    are partial (e.g. some judge requests failed), so no manifest is written and the next run builds again."""
+
+    outputs: Sequence[str]
+    metrics: Mapping[str, Any]
+    value: Any = None
+    certified: bool = True
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage run: its folder, whether it was reused, its metrics (the manifest's when reused) and what the build
+    returned beside them (None when reused)."""
+
+    folder: Path
+    reused: bool
+    metrics: dict[str, Any]
+    value: Any = None
+
+
 @dataclass
 class Stage:
     """A declared stage. Build it with `Stage.declare`; `key` is what reuse and resume compare."""
@@ -322,6 +345,25 @@ class Stage:
             return None
         except (OSError, ValueError, KeyError, TypeError):
             return ("(unknown)",)  # a damaged marker still means a rebuild was under way
+
+    def run(
+        self,
+        build: Callable[[Decision], Built],
+        *,
+        resume: bool = True,
+        checkpoint: Callable[[], dict | None] | None = None,
+        readers: Mapping[str, Reader] | None = None,
+    ) -> StageResult:
+        """The one way a stage runs: under its lock, plan (see `plan` for the arguments); reuse the finished
+        product, or `build(decision)` (a resume reads `decision.action`) and write the manifest of what it made."""
+        with self.lock():
+            decision = self.plan(resume, checkpoint, readers)
+            if decision.reused:
+                return StageResult(self.dir, True, dict((self.manifest() or {}).get("metrics") or {}))
+            built = build(decision)
+            if built.certified:
+                self.complete(built.outputs, built.metrics)
+        return StageResult(self.dir, False, dict(built.metrics), built.value)
 
     def check_checkpoint(self, stored: dict | None, path: str | Path) -> None:
         """Refuse to load a checkpoint written under another key (e.g. a file passed by hand)."""

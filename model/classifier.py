@@ -29,7 +29,7 @@ from torch import nn
 
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
-from gptflow.stage import Stage
+from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -434,13 +434,16 @@ def finetune(
     config = config or ClassifierConfig()
     stage = classifier_stage(data_dir, config, out_dir, settings)
     checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
-    with stage.lock():
-        if stage.plan(resume, checkpoint=checkpoint.stage_key, readers=BEST_READER).reused:
-            return FinetuneResult(
-                stage.dir, stage.dir / BEST, read_json(stage.dir / HISTORY), stage.manifest()["metrics"], reused=True
-            )
-        tokenizer = tokenizer or get_tokenizer(settings)
-        return _finetune(stage, checkpoint, Path(data_dir), config, tokenizer, settings, on_log)
+    result = stage.run(
+        lambda decision: _finetune(
+            stage, checkpoint, Path(data_dir), config, tokenizer or get_tokenizer(settings), settings, on_log
+        ),
+        resume=resume,
+        checkpoint=checkpoint.stage_key,
+        readers=BEST_READER,
+    )
+    history = read_json(stage.dir / HISTORY) if result.reused else result.value
+    return FinetuneResult(stage.dir, stage.dir / BEST, history, result.metrics, result.reused)
 
 
 def _finetune(
@@ -451,7 +454,7 @@ def _finetune(
     tokenizer,
     settings,
     on_log: Callable[[dict[str, Any]], None] | None,
-) -> FinetuneResult:
+) -> Built:
     labels = load_labels(data_dir)
     if config.dapt is not None or config.ensemble:
         raise ClassifierError(
@@ -529,8 +532,7 @@ def _finetune(
         "source": source,
     }
     write_json_atomic(stage.dir / HISTORY, state.history)
-    stage.complete([BEST, CHECKPOINT, HISTORY], summary)
-    return FinetuneResult(stage.dir, stage.dir / BEST, state.history, summary)
+    return Built([BEST, CHECKPOINT, HISTORY], summary, state.history)
 
 
 def domain_stage(
@@ -592,30 +594,34 @@ def build_ensemble(
         out_dir=out_dir,
         label=f"{data_dir.name}-ensemble{len(paths)}",
     )
-    with stage.lock():
-        if stage.plan(resume, readers=BEST_READER).reused:
-            return FinetuneResult(stage.dir, stage.dir / BEST, [], stage.manifest()["metrics"], reused=True)
-        entries = []
-        for i, (path, member) in enumerate(zip(paths, members)):
-            ckpt = load_checkpoint(path)
-            if ckpt.get("format") != FORMAT:
-                raise ClassifierError(f"ensemble member {path} is not a single classifier checkpoint ({FORMAT!r})")
-            if ckpt["labels"] != labels:
-                raise ClassifierError(f"ensemble member {path}: labels {ckpt['labels']} differ from {labels}")
-            accuracy = {split: m["accuracy"] for split, m in member.get("metrics", {}).items()}
-            info = {"checkpoint": str(path), "sha256": stage.inputs[f"member{i}"], "accuracy": accuracy}
-            entries.append({k: ckpt[k] for k in ("config", "model", "pooling", "max_length", "source")} | info)
-        summary = {"members": [{k: e[k] for k in ("checkpoint", "sha256", "accuracy")} for e in entries]}
-        save_checkpoint(
-            stage.dir / BEST,
-            format=ENSEMBLE_FORMAT,
-            members=entries,
-            labels=labels,
-            max_length=min(e["max_length"] for e in entries),
-            data_dir=str(data_dir.resolve()),
-        )
-        stage.complete([BEST], summary)
-    return FinetuneResult(stage.dir, stage.dir / BEST, [], summary)
+    result = stage.run(
+        lambda decision: _write_ensemble(stage, data_dir, labels, paths, members), resume=resume, readers=BEST_READER
+    )
+    return FinetuneResult(stage.dir, stage.dir / BEST, [], result.metrics, result.reused)
+
+
+def _write_ensemble(stage: Stage, data_dir: Path, labels: dict[str, int], paths: list[Path], members) -> Built:
+    """The ensemble checkpoint of `members` (their best.pt files `paths`) in the stage folder."""
+    entries = []
+    for i, (path, member) in enumerate(zip(paths, members)):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != FORMAT:
+            raise ClassifierError(f"ensemble member {path} is not a single classifier checkpoint ({FORMAT!r})")
+        if ckpt["labels"] != labels:
+            raise ClassifierError(f"ensemble member {path}: labels {ckpt['labels']} differ from {labels}")
+        accuracy = {split: m["accuracy"] for split, m in member.get("metrics", {}).items()}
+        info = {"checkpoint": str(path), "sha256": stage.inputs[f"member{i}"], "accuracy": accuracy}
+        entries.append({k: ckpt[k] for k in ("config", "model", "pooling", "max_length", "source")} | info)
+    summary = {"members": [{k: e[k] for k in ("checkpoint", "sha256", "accuracy")} for e in entries]}
+    save_checkpoint(
+        stage.dir / BEST,
+        format=ENSEMBLE_FORMAT,
+        members=entries,
+        labels=labels,
+        max_length=min(e["max_length"] for e in entries),
+        data_dir=str(data_dir.resolve()),
+    )
+    return Built([BEST], summary)
 
 
 def split_logits(

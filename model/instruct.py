@@ -22,7 +22,7 @@ from pydantic import Field
 from gptflow.errors import GptflowError
 from gptflow.prompts import RESPONSE_MARKERS, Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
-from gptflow.stage import Stage
+from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
 from model.checkpoint import load_checkpoint, model_from_state
@@ -248,7 +248,7 @@ def _finetune(
     tokenizer: Any,
     settings: Settings | None,
     on_log: Callable[[dict[str, Any]], None] | None,
-) -> LMResult:
+) -> Built:
     tokenizer = tokenizer or get_tokenizer(settings)
     model = config.init.build(
         config.preset, dropout=config.dropout, seed=config.seed, context_length=config.context_length, settings=settings
@@ -355,10 +355,8 @@ def generate_responses(
         folder=Path(out_dir) if out_dir else model_path.parent / RESPONSES_DIR,
     )
     progress_path = stage.dir / PROGRESS
-    with stage.lock():
-        decision = stage.plan(checkpoint=lambda: _progress_key(progress_path))
-        if decision.reused:
-            return ResponsesResult(stage.dir / RESPONSES, len(entries), 0, 0.0, reused=True)
+
+    def build(decision: Decision) -> Built:
         model, style = load_instruct_model(model_path)
         model.to(resolve_device(config.device))  # generation runs in fp32: no precision to decide
         set_threads(config.threads)
@@ -377,9 +375,13 @@ def generate_responses(
                 if on_response is not None:
                     on_response(i, {**entry, RESPONSE_KEY: done[i]})
         write_json_atomic(stage.dir / RESPONSES, [{**e, RESPONSE_KEY: done[i]} for i, e in enumerate(entries)])
-        stage.complete([RESPONSES], {"entries": len(entries), "style": style})
-        progress_path.unlink()
-    return ResponsesResult(stage.dir / RESPONSES, len(entries), n_new, time.perf_counter() - started)
+        return Built([RESPONSES], {"entries": len(entries), "style": style}, (n_new, time.perf_counter() - started))
+
+    result = stage.run(build, checkpoint=lambda: _progress_key(progress_path))
+    if result.reused:
+        return ResponsesResult(stage.dir / RESPONSES, len(entries), 0, 0.0, reused=True)
+    progress_path.unlink()  # after the manifest: an interruption before it resumes from the progress file
+    return ResponsesResult(stage.dir / RESPONSES, len(entries), *result.value)
 
 
 def _progress_key(path: Path) -> dict | None:

@@ -32,7 +32,7 @@ from edge.lm import Decoder, EdgeGenerator
 from edge.runtime import LM, ORT_FILES
 from edge.text import EOT_ID, PAD_ID
 from gptflow.prompts import format_prompt
-from gptflow.stage import Stage
+from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic
 from model.checkpoint import FORMAT as GPT_FORMAT
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
@@ -396,14 +396,13 @@ def export_lm(
         label=f"lm-{path.parent.name}",
         out_dir=out_dir,
     )
-    with stage.lock():
-        if stage.plan(resume).reused:
-            return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
+
+    def build(decision: Decision) -> Built:
         model, cfg = model_from_state(state, path)
-        report = _export(
-            path, model.eval(), cfg, state.get("style"), stage, data_dir, config, tokenizer, tokenizer_files
-        )
-    return {**report, "out_dir": str(stage.dir), "reused": False}
+        return _export(path, model.eval(), cfg, state.get("style"), stage, data_dir, config, tokenizer, tokenizer_files)
+
+    result = stage.run(build, resume=resume)
+    return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": result.reused}
 
 
 def _export(
@@ -416,7 +415,7 @@ def _export(
     config: ExportConfig,
     tokenizer: Any,
     tokenizer_files: tuple[Path, Path],
-) -> dict[str, Any]:
+) -> Built:
     out_dir, ckpt_sha = stage.dir, stage.inputs["checkpoint"]
     rows, prompts = eval_rows(data_dir, tokenizer, style, cfg.context_length, config)
     work = out_dir / "work"
@@ -492,8 +491,7 @@ def _export(
     if config.int8:
         metrics["int8_perplexity_increase_pct"] = quality["int8_perplexity_increase_pct"]
         metrics["int8_token_agreement"] = quality["int8_agreement"]["token_agreement"]
-    stage.complete([REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())], metrics)
-    return report
+    return Built([REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())], metrics)
 
 
 def model_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -569,9 +567,8 @@ def export_hf(
         label=f"hf-{path.parent.name}",
         out_dir=out_dir,
     )
-    with stage.lock():
-        if stage.plan(resume).reused:
-            return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
+
+    def build(decision: Decision) -> Built:
         model, cfg = model_from_state(state, path)
         folder = save_hf_gpt2(model.eval(), stage.dir / HF_DIR, tokenizer_files=tokenizer_files)
         reloaded, _ = load_gpt2(folder)
@@ -581,5 +578,7 @@ def export_hf(
             raise ExportError(f"{folder} does not read back to the same model (max |logit diff| {diff:.3g})")
         report = {"checkpoint": str(path), "kind": "hf", "folder": str(folder), "roundtrip_max_abs_logit_diff": diff}
         write_json_atomic(stage.dir / REPORT, report)
-        stage.complete([REPORT] + [f"{HF_DIR}/{p.name}" for p in sorted(folder.iterdir())], {"roundtrip": diff})
-    return {**report, "out_dir": str(stage.dir), "reused": False}
+        return Built([REPORT] + [f"{HF_DIR}/{p.name}" for p in sorted(folder.iterdir())], {"roundtrip": diff})
+
+    result = stage.run(build, resume=resume)
+    return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": result.reused}

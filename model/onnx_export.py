@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, CLASSIFIER, ORT_FILES, run_session, session
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
-from gptflow.stage import Stage
+from gptflow.stage import Built, Stage
 from gptflow.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 from model.classifier import (
     ClassifierError,
@@ -244,16 +244,15 @@ def export_classifier(
         label=loaded.path.parent.name,
         out_dir=out_dir,
     )
-    with stage.lock():
-        if stage.plan(resume).reused:
-            return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": True}
-        report = _export(loaded, stage, data_dir, config, tokenizer, tokenizer_files)
-    return {**report, "out_dir": str(stage.dir), "reused": False}
+    result = stage.run(
+        lambda decision: _export(loaded, stage, data_dir, config, tokenizer, tokenizer_files), resume=resume
+    )
+    return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": result.reused}
 
 
 def _export(
     loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer, tokenizer_files: tuple[Path, Path]
-) -> dict[str, Any]:
+) -> Built:
     out_dir, ckpt_sha = stage.dir, stage.inputs["checkpoint"]
     test = encode_split(read_split(data_dir / "test.csv", loaded.labels), tokenizer, loaded.max_length)
     y = np.asarray(test.labels)
@@ -311,11 +310,10 @@ def _export(
     }
     shutil.rmtree(work)
     write_json_atomic(out_dir / REPORT, report)
-    stage.complete(
+    return Built(
         [REPORT] + [f"{BUNDLE_DIR}/{name}" for name in sorted(p.name for p in bundle.iterdir())],
         {"accuracy": accuracy, **parity},
     )
-    return report
 
 
 def classifier_card(loaded, report: dict[str, Any], copies: dict[str, Path]) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from gptflow.errors import GptflowError
-from gptflow.stage import Stage
+from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import save_model
 from model.config import GPTConfig
@@ -167,22 +167,18 @@ class LMResult:
     reused: bool = False
 
 
-def run_lm_stage(stage: Stage, resume: bool, build: Callable[[TrainingCheckpoint], LMResult]) -> LMResult:
-    """Under the stage's lock: the finished product if the contract reuses it, else `build(checkpoint)` with the
-    checkpoint the plan read (loaded once)."""
+def run_lm_stage(stage: Stage, resume: bool, build: Callable[[TrainingCheckpoint], Built]) -> LMResult:
+    """Run a language-model stage (`Stage.run`): `build(checkpoint)` trains from the checkpoint the plan read
+    (loaded once) and ends with `finish_lm_stage`."""
     checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
-    with stage.lock():
-        if stage.plan(resume, checkpoint=checkpoint.stage_key).reused:
-            saved = read_json(stage.dir / METRICS)
-            return LMResult(
-                stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, saved["final"], saved["history"], reused=True
-            )
-        return build(checkpoint)
+    result = stage.run(lambda decision: build(checkpoint), resume=resume, checkpoint=checkpoint.stage_key)
+    history = read_json(stage.dir / METRICS)["history"] if result.reused else result.value
+    return LMResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, result.metrics, history, result.reused)
 
 
-def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: Any) -> LMResult:
-    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one),
-    `metrics.json` and the manifest."""
+def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: Any) -> Built:
+    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one) and
+    `metrics.json`: what the stage built, its history as the value."""
     trains = [h for h in state.history if h["kind"] == "train"]
     evals = [h for h in state.history if h["kind"] == "eval"]
     final = {
@@ -197,8 +193,7 @@ def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: A
     }
     save_model(stage.dir / MODEL, model, metrics=final, **{k: v for k, v in extra.items() if k == "style"})
     write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
-    stage.complete([CHECKPOINT, MODEL, METRICS], final)
-    return LMResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, final, state.history)
+    return Built([CHECKPOINT, MODEL, METRICS], final, state.history)
 
 
 def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | Path | None = None) -> Stage:
@@ -250,7 +245,7 @@ def _train(
     tokenizer: Any,
     on_log: Callable[[dict[str, Any]], None] | None,
     progress: bool,
-) -> LMResult:
+) -> Built:
     train_tokens, val_tokens = (load_tokens(data_dir / name) for name in TOKEN_FILES)
     torch.manual_seed(config.seed)
     model = GPTModel(config.model_config_for())

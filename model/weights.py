@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from gptflow.download import fetch
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings, get_settings
-from gptflow.stage import Stage
+from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import load_checkpoint, model_from_state, save_model
@@ -315,13 +315,13 @@ def convert_gpt2(name_or_path: str | Path, settings: Settings | None = None) -> 
         code=__name__,
         folder=settings.stage_dir("models") / name,
     )
-    with stage.lock():
-        if stage.plan().reused:
-            return stage.dir / "model.pt", True
+
+    def build(decision: Decision) -> Built:
         model, cfg = load_gpt2(path, settings, preset=named)
         save_model(stage.dir / "model.pt", model, source=str(name_or_path))
-        stage.complete(["model.pt"], {"params": model.num_params(), "model": cfg.to_dict()})
-    return stage.dir / "model.pt", False
+        return Built(["model.pt"], {"params": model.num_params(), "model": cfg.to_dict()})
+
+    return stage.dir / "model.pt", stage.run(build).reused
 
 
 def hf_config(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from eval.report import (
     skipped_report,
     summary_rows,
 )
+from gptflow.stage import Built, Decision
 from gptflow.storage import read_json
 from tasks.artifacts import publish_markdown, publish_plot, publish_table
 
@@ -63,12 +64,27 @@ def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, pla
     logger = get_run_logger()
     entries = load_responses(path, response_keys)
     stage = evaluation_stage(path, response_keys, judge, plan["out_dir"])
-    with stage.lock():
+
+    def build(decision: Decision) -> Built:
         summary = evaluate_responses(
             entries, response_keys, OllamaJudge(judge), stage.dir, source=str(path), judge_info=judge_info
         )
-    fields = summary["fields"]
-    for key, f in fields.items():
+        fields = summary["fields"]
+        failed = sum(f["unscored_reasons"].get("request failed", 0) for f in fields.values())
+        if failed:  # no manifest: the next run asks again for these (every other judgement is cached)
+            logger.warning("%d judge requests failed; rerun to retry them", failed)
+        return Built(
+            [SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
+            {
+                key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
+                for key, f in fields.items()
+            },
+            certified=not failed,
+        )
+
+    stage.run(build)
+    summary = read_json(stage.dir / SUMMARY_NAME)
+    for key, f in summary["fields"].items():
         logger.info(
             "%s: %d scored, %d unscored %s, mean %s, 95%% CI %s",
             key,
@@ -80,17 +96,6 @@ def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, pla
         )
     if summary["paired"]:
         logger.info("paired: %s", paired_line(summary["paired"]))
-    failed = sum(f["unscored_reasons"].get("request failed", 0) for f in fields.values())
-    if failed:  # no manifest: the next run asks again for these (every other judgement is cached)
-        logger.warning("%d judge requests failed; rerun to retry them", failed)
-    else:
-        stage.complete(
-            [SUMMARY_NAME, REPORT_NAME, SCORES_NAME, *(f["histogram"] for f in fields.values())],
-            {
-                key: {"mean": f["mean"], "n_scored": f["n_scored"], "n_unscored": f["n_unscored"]}
-                for key, f in fields.items()
-            },
-        )
     return summary
 
 

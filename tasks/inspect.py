@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from eval.introspection import headline, render_inspection, table_rows
-from gptflow.stage import Stage
+from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
 from model.introspect import InspectConfig, inspect_model, load_subject, locate
@@ -51,11 +51,9 @@ def inspect_checkpoint(
     logger = get_run_logger()
     path, _ = locate(checkpoint)
     stage = inspection_stage(path, text, config, out_dir)
-    with stage.lock():
-        if stage.plan(resume).reused:
-            return {**read_json(stage.dir / SUMMARY), "reused": True}
-        subject = load_subject(checkpoint)
-        report = inspect_model(subject, text, config, get_tokenizer())
+
+    def build(decision: Decision) -> Built:
+        report = inspect_model(load_subject(checkpoint), text, config, get_tokenizer())
         files = render_inspection(report, stage.dir)
         summary = {
             "checkpoint": str(path),
@@ -71,9 +69,11 @@ def inspect_checkpoint(
         write_json_atomic(stage.dir / SUMMARY, summary)
         outputs = [Path(p).name for p in (files["report"], files["json"], files["attention"])]
         outputs += sorted(Path(p).name for p in files["figures"].values())
-        stage.complete([SUMMARY, *outputs], summary["metrics"])
-    logger.info("inspected %s (%s) on %d tokens: %s", path, report["kind"], len(report["tokens"]), files["report"])
-    return {**summary, "reused": False}
+        logger.info("inspected %s (%s) on %d tokens: %s", path, report["kind"], len(report["tokens"]), files["report"])
+        return Built([SUMMARY, *outputs], summary["metrics"])
+
+    result = stage.run(build, resume=resume)
+    return {**read_json(stage.dir / SUMMARY), "reused": result.reused}
 
 
 @task(cache_policy=NO_CACHE)
