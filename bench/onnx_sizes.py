@@ -1,4 +1,4 @@
-"""Why the legacy exporter's int8 GPT-2-small classifier was 126 MB and the dynamo exporter's 176 MB.
+"""Why the dynamo exporter's int8 GPT-2-small classifier is larger than the legacy exporter's.
 
     .venv/bin/python -m bench.onnx_sizes [--preset gpt2-small]
 
