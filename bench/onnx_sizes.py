@@ -1,4 +1,4 @@
-"""Why the dynamo exporter's int8 GPT-2-small classifier is larger than the legacy exporter's.
+"""The int8 GPT-2-small classifier from the legacy and the dynamo ONNX exporter: what makes their sizes differ.
 
     .venv/bin/python -m bench.onnx_sizes [--preset gpt2-small]
 
