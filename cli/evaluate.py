@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cli.common import VerbConfig, stage_config, table
 
@@ -33,7 +34,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--require-judge", action="store_true", help="fail (exit 2) instead of skipping when the judge is unreachable"
     )
     parser.add_argument("--out-dir", metavar="DIR", help="report folder (default: GPTFLOW_HOME/evaluate/<file>-<hash>)")
-    parser.set_defaults(handler=run, stage=VerbConfig("eval.judge:JudgeConfig"))
+    parser.set_defaults(handler=run, stage=VerbConfig("eval.judge:JudgeConfig"), precheck=_check_responses)
+
+
+def _check_responses(args: argparse.Namespace) -> None:
+    """RESPONSES.json is a file, in the words of `eval.report.load_responses`, which reads and checks its entries
+    once the judge's modules (matplotlib, ollama: some 2 s) are imported."""
+    from data.common import DataError, require_file
+
+    require_file(Path(args.responses), DataError, "a JSON list of entries")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -140,11 +140,13 @@ def test_the_checks_import_neither_prefect_nor_torch(inputs):
         ["sweep-classifier", "--data", f"{d}/missing.csv", "--grid", "seed=1,2"],
         ["finetune-instructions", "--data", f"{d}/no-output.json", "--epochs", "1"],
         ["finetune-instructions", "--data", f"{d}/empty-folder"],
+        ["evaluate", f"{d}/missing.json"],
     ]
     code = (
         "import json, sys\nfrom cli import main\n"
         f"codes = [main(argv) for argv in {commands!r}]\n"
-        "print(json.dumps([codes, sorted(m for m in ('torch', 'prefect', 'flows', 'tasks') if m in sys.modules)]))"
+        "heavy = ('torch', 'prefect', 'flows', 'tasks', 'matplotlib')\n"
+        "print(json.dumps([codes, sorted(m for m in heavy if m in sys.modules)]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
