@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
 # Opset 23 has an Attention op: the exporter writes scaled_dot_product_attention as one node instead of ~10
-# (matmuls, mask, softmax, transposes), which onnxruntime runs as one kernel (README: edge figures).
+# (matmuls, mask, softmax, transposes), which onnxruntime runs as one kernel (docs/benchmarks.md).
 EXPORT_OPSET = 23
 MAX_BATCH = 4096
 PARITY_ATOL = 1e-4  # fp32 ONNX vs torch, max |logit difference|

@@ -63,7 +63,7 @@ class PretrainConfig(TrainConfig):
     }
 
     context_length: int | None = Field(default=None, gt=1, description="override the preset's context")
-    steps: int = Field(default=300, gt=0, description="optimizer steps (mini: about 5 minutes on 2 cores)")
+    steps: int = Field(default=300, gt=0, description="optimizer steps")
     lr: LearningRate = 2e-3
     min_lr_ratio: MinLrRatio = 0.1
     warmup_steps: WarmupSteps = 50
