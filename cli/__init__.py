@@ -162,8 +162,10 @@ def _home_error(exc: OSError, home: Path) -> str | None:
     path = Path(os.fsdecode(exc.filename)).absolute()
     if not path.is_relative_to(home.absolute()):
         return None
+    # mkdir over a file says "File exists": what is wrong is that the file is where a folder should be
+    reason = "a file, not a folder" if isinstance(exc, FileExistsError) and path.is_file() else exc.strerror
     return (
-        f"cannot write {path} ({exc.strerror}): GPTFLOW_HOME={home} must be a folder you can write in; "
+        f"cannot write {path} ({reason}): GPTFLOW_HOME={home} must be a folder you can write in; "
         "set GPTFLOW_HOME to another folder"
     )
 
