@@ -32,14 +32,15 @@ from model.classifier import (
     ClassifierEnsemble,
     SequenceClassifier,
     encode_split,
-    load_classifier,
     load_labels,
     predict_logits,
     read_split,
 )
 from model.config import GPTConfig
+from model.files import CLASSIFIERS
 from model.gpt import GPTModel
 from model.onnx_export import export_onnx
+from model.opener import open_model
 from model.quantize import quantize_onnx, quantize_torch_dynamic
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     else:
         if not args.checkpoint:
             parser.error("give --checkpoint (a classifier) or --shape (random weights)")
-        loaded = load_classifier(args.checkpoint)
+        loaded = open_model(args.checkpoint, CLASSIFIERS).classifier()
         model, max_length = loaded.model, loaded.max_length
         name = f"{model.cfg.n_layers}x{model.cfg.emb_dim} classifier {loaded.path}"
     test = encode_split(read_split(data_dir / "test.csv", labels), get_tokenizer(), max_length)

@@ -42,11 +42,12 @@ from bench.data_parallel import cpu_model, usable_cores
 from bench.edge import state_size
 from edge.lm import Decoder
 from edge.text import EOT_ID
-from model.checkpoint import load_model
 from model.config import GPTConfig
+from model.files import CHECKPOINT_LMS
 from model.generate import generate
 from model.gpt import GPTModel
 from model.lm_export import export_decoder, quantize_decoder, teacher_forced_matches
+from model.opener import open_model
 from model.training import set_threads
 from model.weights import save_hf_gpt2
 
@@ -211,7 +212,8 @@ def main() -> None:
 
     threads = set_threads(args.threads)
     if args.checkpoint:
-        model, cfg = load_model(args.checkpoint)
+        opened = open_model(args.checkpoint, CHECKPOINT_LMS)
+        model, cfg = opened.language_model(), opened.config
         name = f"checkpoint {args.checkpoint}"
     else:
         torch.manual_seed(0)

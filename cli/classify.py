@@ -209,17 +209,18 @@ def _check_export(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from model.classifier import load_classifier
-    from model.lm_export import is_lm_checkpoint
+    from model.files import EXPORTABLE
+    from model.opener import open_model
 
     config = stage_config(args)
-    if is_lm_checkpoint(args.checkpoint):
-        return _export_lm(args, config)
+    opened = open_model(args.checkpoint, EXPORTABLE)  # neither kind: one line before the flow
+    if opened.kind in ("lm", "instruct"):
+        return _export_lm(args, config, opened.style)
     if config.format == "hf":
         raise GptflowError(
-            f"{args.checkpoint} is not a language-model checkpoint: --format hf writes GPT-2 language models"
+            f"{opened.path} is not a language-model checkpoint: --format hf writes GPT-2 language models"
         )
-    loaded = load_classifier(args.checkpoint)  # neither kind: one-line error before the flow
+    loaded = opened.classifier()
     data_dir = args.data or loaded.data_dir
     if not data_dir or not (Path(data_dir) / "test.csv").is_file():
         raise GptflowError(f"--data: no test.csv in {data_dir}; pass the data folder the classifier was tuned on")
@@ -239,7 +240,7 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_lm(args: argparse.Namespace, config) -> int:
+def _export_lm(args: argparse.Namespace, config, style: str | None) -> int:
     from flows.export import export_hf_flow, export_lm_flow
     from model.lm_export import model_rows
 
@@ -248,7 +249,7 @@ def _export_lm(args: argparse.Namespace, config) -> int:
         print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face GPT-2 folder: {report['folder']}")
         print("  (transformers: GPT2LMHeadModel.from_pretrained(folder); GPT2Tokenizer.from_pretrained(folder))")
         return 0
-    data_dir = Path(args.data) if args.data else _default_lm_data(args.checkpoint)
+    data_dir = Path(args.data) if args.data else _default_lm_data(style)
     report = export_lm_flow(args.checkpoint, str(data_dir), config, args.out)
     q = report["quality"]
     print(table(model_rows(report)))
@@ -268,12 +269,12 @@ def _export_lm(args: argparse.Namespace, config) -> int:
     return 0
 
 
-def _default_lm_data(checkpoint: str) -> Path:
+def _default_lm_data(style: str | None) -> Path:
+    """An instruction model's default data: the book's instructions folder, when it was prepared."""
     from gptflow.settings import get_settings
-    from model.lm_export import read_lm_checkpoint
 
     folder = get_settings().home / "data" / "instructions"
-    if read_lm_checkpoint(checkpoint)[1].get("style") and (folder / "validation.json").is_file():
+    if style and (folder / "validation.json").is_file():
         return folder
     raise GptflowError(
         "--data: give the folder to measure perplexity and int8 agreement on: an instructions data folder "
@@ -349,10 +350,12 @@ def run_classify(args: argparse.Namespace) -> int:
 def _torch_predict(path: Path, texts: list[str], device: str) -> list[tuple[str, float]]:
     from edge.text import encode_texts, softmax
     from gptflow.tokenizer import get_tokenizer
-    from model.classifier import load_classifier, predict_logits
+    from model.classifier import predict_logits
     from model.device import resolve_device
+    from model.files import CLASSIFIERS
+    from model.opener import open_model
 
-    loaded = load_classifier(path)
+    loaded = open_model(path, CLASSIFIERS).classifier()
     model = loaded.model.to(resolve_device(device))
     probs = softmax(predict_logits(model, encode_texts(get_tokenizer(), texts, loaded.max_length)))
     return [(loaded.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]

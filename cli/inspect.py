@@ -36,10 +36,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from gptflow.tokenizer import get_tokenizer
-    from model.introspect import check_request, locate
+    from model.introspect import check_request, open_subject
 
     config = stage_config(args)
-    _, cfg = locate(args.model)  # a file that is no model, a bad probe or layer: one line before the flow starts
+    cfg = open_subject(
+        args.model
+    ).config  # a file that is no model, a bad probe or layer: one line before the flow starts
     check_request(cfg, args.text, config, get_tokenizer())
 
     from flows.inspect import inspect_flow

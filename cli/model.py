@@ -117,14 +117,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from gptflow.prompts import format_prompt
     from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
     from model.device import resolve_device
+    from model.files import LANGUAGE_MODELS
     from model.generate import generate, trim_at_eos
+    from model.opener import open_model
     from model.training import set_threads
-    from model.weights import load_language_model
 
     set_threads(args.threads)
     device = resolve_device(args.device)
-    model, style = load_language_model(args.model)
-    model = model.eval().to(device)
+    opened = open_model(args.model, LANGUAGE_MODELS)
+    model, style = opened.language_model().to(device), opened.style
     tok = get_tokenizer()
     if style and not args.raw:
         prompt = format_prompt({"instruction": args.prompt, "input": args.input}, style)

@@ -7,29 +7,20 @@ raises GptflowError naming the flag or file and what was expected. `cli.main` ru
 stage config (a model config imports PyTorch) when the command line can be read without that config, else right
 after parsing (`early_arguments`). Checks that need the stage config (a CSV's columns, the instruction split) run in
 the verb, before it imports its flow. The data are read by the data layer's own validators where they are light
-(`data.instructions.check_instructions`, `data.tabular.check_header`); a checkpoint is judged by its zip directory
-or its safetensors header, no weights read. The flows and stages check everything again when they read the files:
-a file can change in between.
+(`data.instructions.check_instructions`, `data.tabular.check_header`); a model file by `model.files`, the checkpoint
+opener's own resolver (its zip directory or its safetensors header, no weights read). The flows and stages check
+everything again when they read the files: a file can change in between.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import struct
-import zipfile
 from pathlib import Path
 
 from gptflow.errors import GptflowError
 
-# The file names the model layer looks for in a folder (model.classifier.BEST, model.weights.WEIGHTS_NAME, the
-# language-model checkpoint); imported from there they would import PyTorch.
-LM_CHECKPOINT = "model.pt"
-CLASSIFIER_CHECKPOINT = "best.pt"
-WEIGHTS_NAME = "model.safetensors"
-MAX_SAFETENSORS_HEADER = 100_000_000
 _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not as options
 
 
@@ -93,115 +84,43 @@ def _read_error(path: Path, exc: OSError, expected: str) -> GptflowError:
     return GptflowError(f"{path}: cannot read it ({exc.strerror or exc}); expected {expected}")
 
 
-def torch_checkpoint(path: Path) -> None:
-    """A file `torch.save` wrote, judged by its zip directory (no weights read, PyTorch not imported), refused in
-    the words of `model.checkpoint.load_checkpoint`, which checks it again and loads it."""
-    if not path.is_file():
-        raise GptflowError(f"checkpoint {path} does not exist")
-    not_torch = f"{path} is not a PyTorch checkpoint (expected the zip archive torch.save writes)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except zipfile.BadZipFile:
-        raise GptflowError(not_torch) from None
-    except OSError as exc:
-        raise _read_error(path, exc, "the zip archive torch.save writes") from None
-    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
-        raise GptflowError(f"{not_torch[:-1]}; this zip archive holds no data.pkl)")
-
-
-def safetensors_header(path: Path) -> None:
-    """A .safetensors file whose header reads: its length, then a JSON object that fits in the file (no tensor
-    read); refused in the words of `model.weights.SafetensorsReader`, which checks each entry when it loads."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            if size < 8:
-                raise ValueError(f"{size} bytes, too short for the 8-byte header length that starts one")
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if 8 + header_len > size:
-                raise ValueError(f"its header length {header_len} runs past the end of the file, {size} bytes")
-            if header_len > MAX_SAFETENSORS_HEADER:
-                raise ValueError("header too large")
-            header = json.loads(handle.read(header_len))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GptflowError(f"{path} is not a safetensors file ({exc})") from None
-    except OSError as exc:
-        raise _read_error(path, exc, "a .safetensors file") from None
-    if not isinstance(header, dict):
-        raise GptflowError(
-            f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an object of "
-            "tensor name -> {dtype, shape, data_offsets}"
-        )
-
-
-def _preset(name: str) -> bool:
-    """A GPT-2 preset or Hugging Face name: fetched (or read from the mirror) by the stage, not here."""
-    from model.config import HF_NAMES  # pydantic only
-
-    return any(name in (preset, hf, f"openai-community/{hf}") for preset, hf in HF_NAMES.items())
-
-
 def gpt2_weights(spec: str) -> None:
-    """GPT-2 weights as `model.weights.resolve_weights` finds them: a preset, a .safetensors file or a folder
-    holding model.safetensors; a file's header must read."""
-    if _preset(spec):
-        return
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        from model.config import HF_NAMES
+    """`load-gpt2`: a GPT-2 preset (fetched by the stage), or a .safetensors file or folder whose header reads."""
+    from model.files import check_model_file
 
-        raise GptflowError(
-            f"{spec} is neither a GPT-2 preset ({', '.join(HF_NAMES)}) nor a {WEIGHTS_NAME} file "
-            f"or a folder holding one (looked for {path})"
-        )
-    if path.suffix != ".safetensors":
-        raise GptflowError(f"{path}: only .safetensors weights are loaded (never pickled .bin/.pt files)")
-    safetensors_header(path)
+    check_model_file(spec, ("gpt2",))
 
 
 def language_model(spec: str) -> None:
-    """`generate --model`: as `model.weights.load_language_model` reads it, a gptflow checkpoint (a file, or a
-    folder holding model.pt), else GPT-2 weights."""
-    path = Path(spec)
-    if path.is_dir() and (path / LM_CHECKPOINT).is_file():
-        path = path / LM_CHECKPOINT
-    if path.is_file() and path.suffix != ".safetensors":
-        torch_checkpoint(path)
-    else:
-        gpt2_weights(spec)
+    """`generate --model`: a language-model checkpoint (zip directory) or GPT-2 weights (`model.files`)."""
+    from model.files import LANGUAGE_MODELS, check_model_file
+
+    check_model_file(spec, LANGUAGE_MODELS)
 
 
 def any_model(spec: str) -> None:
-    """`inspect MODEL`: as `model.introspect.locate` reads it, a language-model or classifier checkpoint (a file,
-    or a folder holding model.pt or best.pt), else GPT-2 weights."""
-    path = Path(spec)
-    if path.is_dir():
-        path = next((path / n for n in (LM_CHECKPOINT, CLASSIFIER_CHECKPOINT) if (path / n).is_file()), path)
-    if path.is_file() and path.suffix != ".safetensors":
-        torch_checkpoint(path)
-    else:
-        gpt2_weights(spec)
+    """`inspect MODEL`: a language-model or classifier checkpoint, or GPT-2 weights."""
+    from model.files import INSPECTABLE, check_model_file
+
+    check_model_file(spec, INSPECTABLE)
 
 
 def export_checkpoint(spec: str) -> None:
-    """`export CHECKPOINT`: a language-model checkpoint (a file, or a folder holding model.pt), else a classifier's
-    (a file, or a folder holding best.pt), as `gptflow export` tries them."""
-    path = Path(spec)
-    if path.is_dir():
-        path = path / (LM_CHECKPOINT if (path / LM_CHECKPOINT).is_file() else CLASSIFIER_CHECKPOINT)
-    torch_checkpoint(path)
+    """`export CHECKPOINT`: a language-model checkpoint (model.pt), else a classifier's (best.pt)."""
+    from model.files import EXPORTABLE, check_model_file
+
+    check_model_file(spec, EXPORTABLE)
 
 
 def classifier(spec: str) -> None:
     """`classify --model`: an exported bundle (a folder with manifest.json and model.onnx; the edge runtime reads
     it without PyTorch), else a classifier checkpoint (a file, or a folder holding best.pt)."""
+    from model.files import CLASSIFIERS, check_model_file
+
     path = Path(spec)
     if (path / "manifest.json").is_file() and (path / "model.onnx").is_file():
         return
-    torch_checkpoint(path / CLASSIFIER_CHECKPOINT if path.is_dir() else path)
+    check_model_file(spec, CLASSIFIERS)
 
 
 def csv_columns(flag: str | None, path: str, text_column: str, label_column: str) -> None:

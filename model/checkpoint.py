@@ -7,23 +7,18 @@ Our model checkpoint layout: {"format": FORMAT, "config": GPTConfig dict, "model
 from __future__ import annotations
 
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gptflow.errors import GptflowError
 from gptflow.storage import atomic_path
 from model.config import GPTConfig
+from model.files import CheckpointError, check_torch_archive
 from model.gpt import GPTModel
 
 FORMAT = "gptflow-gpt/1"
-
-
-class CheckpointError(GptflowError, ValueError):
-    """A checkpoint file is missing, unreadable, or not in the expected layout."""
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> Path:
@@ -40,10 +35,7 @@ def load_checkpoint(
     """`mmap`: map the file instead of reading it, so tensors are read only when used (cheap to look at a
     checkpoint's plain fields)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected the zip archive torch.save writes)")
+    check_torch_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - whatever a damaged or foreign archive raises, the message is ours
@@ -68,12 +60,6 @@ def _reason(exc: Exception) -> str:
 def save_model(path: str | Path, model: GPTModel, **extra: Any) -> Path:
     """A model-only checkpoint in our format (what `load-gpt2` writes and `generate` reads)."""
     return save_checkpoint(path, format=FORMAT, config=model.cfg.to_dict(), model=model.state_dict(), **extra)
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPTModel, GPTConfig]:
-    """Rebuild a `GPTModel` from any of our checkpoints (model-only or a training checkpoint)."""
-    model, cfg = model_from_state(load_checkpoint(path, map_location), path)
-    return model.to(map_location), cfg
 
 
 def model_from_state(state: dict[str, Any], path: str | Path) -> tuple[GPTModel, GPTConfig]:

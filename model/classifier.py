@@ -349,14 +349,6 @@ class LoadedClassifier:
         return [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
 
 
-def load_classifier(path: str | Path) -> LoadedClassifier:
-    """A classifier checkpoint (best.pt, or a fine-tuning folder holding one) in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / BEST
-    return classifier_from_state(load_checkpoint(path), path)
-
-
 def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
     """The classifier (or ensemble) of a loaded checkpoint, in eval mode; `path` names it."""
     if ckpt.get("format") == ENSEMBLE_FORMAT:
@@ -625,10 +617,9 @@ def _write_ensemble(stage: Stage, data_dir: Path, labels: dict[str, int], paths:
 
 
 def split_logits(
-    model_path: str | Path, data_dir: str | Path, *, tokenizer, batch_size: int = 32
+    loaded: LoadedClassifier, data_dir: str | Path, *, tokenizer, batch_size: int = 32
 ) -> tuple[list[str], dict[str, tuple[list[int], np.ndarray]]]:
-    """Class names, and (labels, logits) of every split of `data_dir`, for a classifier checkpoint."""
-    loaded = load_classifier(model_path)
+    """Class names, and (labels, logits) of every split of `data_dir`, for a classifier (`model.opener`)."""
     data_dir = Path(data_dir)
     labels = load_labels(data_dir)
     if labels != loaded.labels:

@@ -12,11 +12,10 @@ from pydantic_core import core_schema
 
 from gptflow.errors import GptflowError
 from gptflow.settings import Settings
-from model.checkpoint import load_model
 from model.config import GPTConfig
+from model.files import CHECKPOINT_LMS, LM_FILE
 from model.gpt import GPTModel
 
-MODEL_FILE = "model.pt"  # what pretraining and load-gpt2 write into their folders
 INIT_HELP = "random | gpt2:<preset-or-safetensors> | checkpoint:<path> (our pretraining or load-gpt2 output)"
 
 
@@ -56,7 +55,7 @@ class InitSpec(str):
         if self.kind == "random":
             return preset
         path = Path(self.ref)
-        if path.name in (MODEL_FILE, "model.safetensors"):
+        if path.name in (LM_FILE, "model.safetensors"):
             return path.parent.name
         return path.stem if path.suffix in (".pt", ".safetensors") else path.name
 
@@ -66,11 +65,11 @@ class InitSpec(str):
             return None
         if self.kind == "checkpoint":
             path = Path(self.ref).expanduser()
-            path = path / MODEL_FILE if path.is_dir() else path
+            path = path / LM_FILE if path.is_dir() else path
             if not path.is_file():
                 raise InitSpecError(
                     f"init {self}: no such checkpoint (expected a gptflow .pt file or a folder "
-                    f"with {MODEL_FILE}, e.g. a pretraining output)"
+                    f"with {LM_FILE}, e.g. a pretraining output)"
                 )
             return path
         from model.weights import resolve_weights
@@ -103,7 +102,9 @@ class InitSpec(str):
             from model.weights import load_gpt2
 
             return load_gpt2(self.ref, settings, dropout=dropout)[0]
-        loaded, cfg = load_model(self.file(settings))
-        model = GPTModel(cfg.model_copy(update={"dropout": dropout}))
-        model.load_state_dict(loaded.state_dict())
+        from model.opener import open_model  # the opener imports the classifier, which imports this module
+
+        opened = open_model(self.file(settings), CHECKPOINT_LMS)
+        model = GPTModel(opened.config.model_copy(update={"dropout": dropout}))
+        model.load_state_dict(opened.language_model().state_dict())
         return model

@@ -20,12 +20,11 @@ import torch
 from pydantic import Field
 
 from gptflow.errors import GptflowError
-from gptflow.prompts import RESPONSE_MARKERS, Style, clean_response, format_example, format_prompt
+from gptflow.prompts import Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
-from model.checkpoint import load_checkpoint, model_from_state
 from model.config import GPTConfig
 from model.device import autocast, resolve_device
 from model.distributed import replicated
@@ -33,6 +32,7 @@ from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
 from model.init import INIT_HELP, InitSpec
+from model.opener import open_model
 from model.pretrain import LMResult, finish_lm_stage, lm_loss, run_lm_stage
 from model.training import (
     Betas,
@@ -292,17 +292,6 @@ def _finetune(
 # --- responses -------------------------------------------------------------------------------------------
 
 
-def load_instruct_model(path: str | Path) -> tuple[GPTModel, Style]:
-    """A fine-tuned model and the prompt style it was trained with (recorded in its checkpoint)."""
-    state = load_checkpoint(path)
-    model, style = model_from_state(state, path)[0], state.get("style")
-    if style not in RESPONSE_MARKERS:
-        raise InstructError(
-            f"{path} records no prompt style: not an instruction fine-tune (run `gptflow finetune-instructions`)"
-        )
-    return model.eval(), style
-
-
 def respond(model: GPTModel, tokenizer: Any, entry: dict[str, str], style: Style, config: InstructConfig) -> str:
     """Greedy (or sampled) generation with the KV cache, stopping at end of text; the extracted response."""
     ids = encode_text(tokenizer, format_prompt(entry, style))
@@ -357,7 +346,8 @@ def generate_responses(
     progress_path = stage.dir / PROGRESS
 
     def build(decision: Decision) -> Built:
-        model, style = load_instruct_model(model_path)
+        opened = open_model(model_path, ("instruct",), hint=" (fine-tune one with `gptflow finetune-instructions`)")
+        model, style = opened.language_model(), opened.style
         model.to(resolve_device(config.device))  # generation runs in fp32: no precision to decide
         set_threads(config.threads)
         done = _read_progress(progress_path) if decision.action == "resume" else {}

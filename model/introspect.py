@@ -23,15 +23,13 @@ from torch import nn
 
 from gptflow.errors import GptflowError
 from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
-from model.checkpoint import FORMAT as GPT_FORMAT
-from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
-from model.classifier import BEST, ENSEMBLE_FORMAT, SequenceClassifier, classifier_from_state
-from model.classifier import FORMAT as CLASSIFIER_FORMAT
+from model.classifier import SequenceClassifier
 from model.config import GPTConfig
 from model.device import DeviceSpec, resolve_device
+from model.files import INSPECTABLE
 from model.generate import next_token_distribution
 from model.gpt import GPTModel
-from model.weights import load_gpt2, weights_config
+from model.opener import OpenedModel, open_model
 
 WORDS = (
     "king", "queen", "man", "woman", "boy", "girl",
@@ -87,39 +85,21 @@ class Subject:
         return "lm" if self.classifier is None else "classifier"
 
 
-def locate(spec: str | Path) -> tuple[Path, GPTConfig]:
-    """The file `spec` names and its model config, read without building the model: a gptflow language-model or
-    classifier checkpoint (a file, or a folder holding model.pt / best.pt), or GPT-2 weights (a preset, a
-    .safetensors file or a folder holding one)."""
-    path = Path(spec)
-    if path.is_dir():
-        path = next((path / name for name in ("model.pt", BEST) if (path / name).is_file()), path)
-    if not (path.is_file() and path.suffix != ".safetensors"):
-        return weights_config(spec)
-    state = load_checkpoint(path, mmap=True)
-    if state.get("format") == ENSEMBLE_FORMAT:
-        members = ", ".join(m["checkpoint"] for m in state["members"])
-        raise CheckpointError(
-            f"{path} is an ensemble of {len(state['members'])} classifiers: inspect one of them ({members})"
-        )
-    if state.get("format") not in (GPT_FORMAT, CLASSIFIER_FORMAT) or not isinstance(state.get("config"), dict):
-        raise CheckpointError(
-            f"{path} is neither a gptflow language-model nor a classifier checkpoint (format {state.get('format')!r}); "
-            "inspect a model.pt, a classifier's best.pt, or GPT-2 weights"
-        )
-    return path, GPTConfig.from_dict(state["config"])
+INSPECT_HINT = "; inspect a model.pt, a classifier's best.pt (one member of an ensemble), or GPT-2 weights"
 
 
-def load_subject(spec: str | Path) -> Subject:
-    """The model `locate(spec)` finds, built and ready to inspect (its file read once)."""
-    path, _ = locate(spec)
-    if path.suffix == ".safetensors":
-        return Subject(path, load_gpt2(spec)[0])
-    state = load_checkpoint(path)
-    if state["format"] == CLASSIFIER_FORMAT:
-        loaded = classifier_from_state(state, path)
-        return Subject(path, loaded.model.backbone, loaded.model, loaded.names)
-    return Subject(path, model_from_state(state, path)[0], style=state.get("style"))
+def open_subject(spec: str | Path) -> OpenedModel:
+    """The model file `gptflow inspect` reads: a language-model or classifier checkpoint (a file, or a folder holding
+    model.pt / best.pt), or GPT-2 weights (a preset, a .safetensors file or a folder holding one); no weights read."""
+    return open_model(spec, INSPECTABLE, hint=INSPECT_HINT)
+
+
+def load_subject(opened: OpenedModel) -> Subject:
+    """The opened model, built and ready to inspect."""
+    if opened.kind == "classifier":
+        loaded = opened.classifier()
+        return Subject(opened.path, loaded.model.backbone, loaded.model, loaded.names)
+    return Subject(opened.path, opened.language_model(), style=opened.style)
 
 
 def check_request(cfg: GPTConfig, text: str, config: InspectConfig, tokenizer: Any) -> list[int]:

@@ -34,13 +34,13 @@ from edge.text import EOT_ID, PAD_ID
 from gptflow.prompts import format_prompt
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic
-from model.checkpoint import FORMAT as GPT_FORMAT
-from model.checkpoint import CheckpointError, load_checkpoint, model_from_state
 from model.config import GPTConfig
+from model.files import CHECKPOINT_LMS
 from model.genai import genai_files
 from model.gpt import ConcatCache, GPTModel, mask_positions
 from model.instruct import encode_entries, encode_text
 from model.onnx_export import BUNDLE_DIR, MODEL_FILES, REPORT, ExportConfig, ExportError, export_graph, write_bundle
+from model.opener import open_model
 from model.pretrain import load_tokens
 from model.quantize import check_perplexity_gate
 from model.weights import load_gpt2, save_hf_gpt2
@@ -331,27 +331,7 @@ def eval_rows(data_dir: Path, tokenizer: Any, style: str | None, context: int, c
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def is_lm_checkpoint(path: str | Path) -> bool:
-    """A gptflow language-model checkpoint (pretrained, converted GPT-2 or instruction-tuned)? Reads no weights."""
-    try:
-        read_lm_checkpoint(path)
-    except (CheckpointError, ExportError):
-        return False
-    return True
-
-
-def read_lm_checkpoint(checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(file, state) of a language-model checkpoint (a file, or a folder holding model.pt); the state is
-    memory-mapped, so its weights are read only when a model is built from it."""
-    path = Path(checkpoint)
-    path = path / "model.pt" if path.is_dir() else path
-    state = load_checkpoint(path, mmap=True)
-    if state.get("format") != GPT_FORMAT:
-        raise ExportError(
-            f"{path} is not a language-model checkpoint (format {state.get('format')!r}); a classifier exports to "
-            "its edge bundle with its test split: `gptflow export best.pt`"
-        )
-    return path, state
+LM_EXPORT_HINT = "; a classifier exports to its edge bundle with its test split: `gptflow export best.pt`"
 
 
 def prompt_template(style: str | None) -> dict[str, str] | None:
@@ -385,7 +365,8 @@ def export_lm(
     """Language-model checkpoint -> ONNX decoder fp32 (+ int8 with the perplexity gate), parity, agreement,
     LM bundle in `bundle/`, report and manifest in the stage folder. Raises ExportError /
     QuantizationGateError loudly."""
-    path, state = read_lm_checkpoint(checkpoint)
+    opened = open_model(checkpoint, CHECKPOINT_LMS, hint=LM_EXPORT_HINT)
+    path = opened.path
     data_dir = Path(data_dir)
     data_files = [data_dir / n for n in ("validation.json", "test.json", "val.bin") if (data_dir / n).is_file()]
     stage = Stage.declare(
@@ -398,8 +379,8 @@ def export_lm(
     )
 
     def build(decision: Decision) -> Built:
-        model, cfg = model_from_state(state, path)
-        return _export(path, model.eval(), cfg, state.get("style"), stage, data_dir, config, tokenizer, tokenizer_files)
+        model = opened.language_model()
+        return _export(path, model, model.cfg, opened.style, stage, data_dir, config, tokenizer, tokenizer_files)
 
     result = stage.run(build, resume=resume)
     return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": result.reused}
@@ -558,7 +539,8 @@ def export_hf(
 ) -> dict[str, Any]:
     """Language-model checkpoint -> a Hugging Face GPT-2 folder (`hf/` in the stage folder: config.json,
     model.safetensors, tokenizer files) that transformers loads; read back through our loader and compared."""
-    path, state = read_lm_checkpoint(checkpoint)
+    opened = open_model(checkpoint, CHECKPOINT_LMS, hint=LM_EXPORT_HINT)
+    path = opened.path
     stage = Stage.declare(
         "export",
         inputs={"checkpoint": path},
@@ -569,8 +551,8 @@ def export_hf(
     )
 
     def build(decision: Decision) -> Built:
-        model, cfg = model_from_state(state, path)
-        folder = save_hf_gpt2(model.eval(), stage.dir / HF_DIR, tokenizer_files=tokenizer_files)
+        model, cfg = opened.language_model(), opened.config
+        folder = save_hf_gpt2(model, stage.dir / HF_DIR, tokenizer_files=tokenizer_files)
         reloaded, _ = load_gpt2(folder)
         row = [i % cfg.vocab_size for i in range(min(16, cfg.context_length))]
         diff = float(np.abs(torch_logits(model, row) - torch_logits(reloaded, row)).max())

@@ -28,12 +28,13 @@ from model.classifier import (
     ClassifierError,
     SequenceClassifier,
     encode_split,
-    load_classifier,
     load_labels,
     predict_logits,
     read_split,
 )
 from model.device import DeviceSpec, resolve_device
+from model.files import CLASSIFIERS
+from model.opener import open_model
 from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def export_classifier(
     """Classifier checkpoint -> ONNX fp32 (+ int8), parity on the whole test split, int8 gate, edge bundle in
     `bundle/`, report and manifest in the stage folder (`out_dir`, else named by the stage contract). Raises
     ExportError / QuantizationGateError loudly."""
-    loaded = load_classifier(checkpoint)
+    loaded = open_model(checkpoint, CLASSIFIERS).classifier()
     data_dir = Path(data_dir)
     labels = load_labels(data_dir)
     if labels != loaded.labels:

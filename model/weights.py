@@ -10,10 +10,8 @@ model plus its largest tensor, not two full copies (a memory map would keep the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,18 @@ import torch
 from safetensors.torch import save_file
 
 from gptflow.download import fetch
-from gptflow.errors import GptflowError
 from gptflow.settings import Settings, get_settings
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from gptflow.tokenizer import EOT_ID
-from model.checkpoint import load_checkpoint, model_from_state, save_model
+from model.checkpoint import save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
+from model.files import WEIGHTS_FILE, WeightsError, read_safetensors_header, weights_file
 from model.genai import tokenizer_config
 from model.gpt import GPTModel
 
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = WEIGHTS_FILE
 # What `save_hf_gpt2` writes: the model files always, the tokenizer files when it is given them.
 HF_MODEL_FILES = ("config.json", "generation_config.json", WEIGHTS_NAME)
 HF_TOKENIZER_FILES = ("merges.txt", "tokenizer_config.json", "vocab.json")
@@ -40,10 +38,6 @@ HF_TOKENIZER_FILES = ("merges.txt", "tokenizer_config.json", "vocab.json")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Hugging Face buffers that are not weights: the causal mask and its fill value in older GPT-2 files.
 _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
-
-
-class WeightsError(GptflowError, ValueError):
-    """A weights file is missing, not safetensors, or does not fit the model shape."""
 
 
 class SafetensorsReader:
@@ -59,37 +53,7 @@ class SafetensorsReader:
             raise
 
     def _read_header(self) -> tuple[dict[str, dict[str, Any]], int]:
-        """(tensor name -> {dtype, shape, data_offsets}, where the data starts), each entry checked against the
-        file's size so that a truncated file fails here, before any model is built."""
-        size = os.fstat(self._file.fileno()).st_size
-        try:
-            if size < 8:
-                raise ValueError(f"{size} bytes, too short for the 8-byte header length that starts one")
-            (header_len,) = struct.unpack("<Q", self._file.read(8))
-            if 8 + header_len > size:
-                raise ValueError(f"its header length {header_len} runs past the end of the file, {size} bytes")
-            if header_len > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(self._file.read(header_len))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise WeightsError(f"{self.path} is not a safetensors file ({exc})") from None
-        if not isinstance(header, dict):
-            raise WeightsError(
-                f"{self.path}: the safetensors header is a JSON {type(header).__name__}, expected an object of "
-                "tensor name -> {dtype, shape, data_offsets}"
-            )
-        header.pop("__metadata__", None)
-        data_size = size - 8 - header_len
-        for name, entry in header.items():
-            problem = _entry_problem(entry)
-            if problem:
-                raise WeightsError(f"{self.path}: header entry {name!r} {problem}")
-            if entry["data_offsets"][1] > data_size:
-                raise WeightsError(
-                    f"{self.path} is truncated: tensor {name} ends at byte {entry['data_offsets'][1]} of the "
-                    f"data section, which holds {data_size} bytes"
-                )
-        return header, 8 + header_len
+        return read_safetensors_header(self._file, self.path)
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -118,24 +82,6 @@ class SafetensorsReader:
         if not direct:
             with torch.no_grad():
                 dest.copy_(buf.t() if transpose else buf)
-
-
-def _entry_problem(entry: Any) -> str | None:
-    """What is wrong with one tensor's header entry, or None for {dtype: str, shape: [int >= 0, ...],
-    data_offsets: [begin, end] with 0 <= begin <= end}."""
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        return "is not an object of dtype, shape and data_offsets"
-    if not isinstance(entry["dtype"], str):
-        return f"has dtype {entry['dtype']!r}, expected a name such as 'F32'"
-    shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        return f"has shape {shape!r}, expected a list of sizes"
-    if (
-        not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets))
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        return f"has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end"
-    return None
 
 
 def hf_name_map(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
@@ -174,17 +120,7 @@ def resolve_weights(name_or_path: str | Path, settings: Settings | None = None) 
     preset = next((p for p, hf in HF_NAMES.items() if name in (p, hf, f"openai-community/{hf}")), None)
     if preset is not None:
         return fetch(HF_URL.format(name=HF_NAMES[preset]), settings=settings), preset
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        raise WeightsError(
-            f"{name_or_path!s} is neither a GPT-2 preset ({', '.join(HF_NAMES)}) nor a {WEIGHTS_NAME} file "
-            f"or a folder holding one (looked for {path})"
-        )
-    if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: only .safetensors weights are loaded (never pickled .bin/.pt files)")
-    return path, None
+    return weights_file(name_or_path), None
 
 
 def config_from_hf_json(path: Path) -> GPTConfig:
@@ -422,15 +358,3 @@ def save_hf_gpt2(model: GPTModel, folder: str | Path, *, tokenizer_files: tuple[
     except OSError as exc:
         raise WeightsError(f"cannot write a Hugging Face GPT-2 export to {folder}: {exc}") from None
     return folder
-
-
-def load_language_model(spec: str | Path) -> tuple[GPTModel, str | None]:
-    """(model, prompt style or None) of a gptflow language-model checkpoint (a file, or a folder holding model.pt),
-    else of GPT-2 weights (a preset, a .safetensors file or a folder holding one)."""
-    path = Path(spec)
-    if path.is_dir() and (path / "model.pt").is_file():
-        path = path / "model.pt"
-    if path.is_file() and path.suffix != ".safetensors":
-        state = load_checkpoint(path)
-        return model_from_state(state, path)[0], state.get("style")
-    return load_gpt2(spec)[0], None

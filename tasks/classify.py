@@ -26,6 +26,8 @@ from model.classifier import (
     pretrain_domain,
     split_logits,
 )
+from model.files import CLASSIFIERS
+from model.opener import open_model
 from tasks.artifacts import artifact_key, publish_plot, publish_table, publish_training_result, training_logger
 from tasks.training import run_training
 
@@ -111,7 +113,8 @@ def ensemble_classifiers(data_dir: str, members: list[dict[str, Any]], out_dir: 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_splits(model_path: str, data_dir: str, out_dir: str) -> dict[str, Any]:
-    names, splits = split_logits(model_path, data_dir, tokenizer=get_tokenizer())
+    loaded = open_model(model_path, CLASSIFIERS).classifier()
+    names, splits = split_logits(loaded, data_dir, tokenizer=get_tokenizer())
     reports = write_split_reports(splits, names, Path(out_dir), checkpoint=model_path, confusion_png=CONFUSION)
     logger = get_run_logger()
     for split, report in reports.items():

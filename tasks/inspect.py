@@ -13,7 +13,7 @@ from eval.introspection import headline, render_inspection, table_rows
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
-from model.introspect import InspectConfig, inspect_model, load_subject, locate
+from model.introspect import InspectConfig, inspect_model, load_subject, open_subject
 from tasks.artifacts import artifact_key, publish_link, publish_plot, publish_table
 
 SUMMARY = "summary.json"
@@ -49,11 +49,12 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """Write report.md, report.json, attention.npy and the PNGs into the stage folder (reused when done)."""
     logger = get_run_logger()
-    path, _ = locate(checkpoint)
+    opened = open_subject(checkpoint)
+    path = opened.path
     stage = inspection_stage(path, text, config, out_dir)
 
     def build(decision: Decision) -> Built:
-        report = inspect_model(load_subject(checkpoint), text, config, get_tokenizer())
+        report = inspect_model(load_subject(opened), text, config, get_tokenizer())
         files = render_inspection(report, stage.dir)
         summary = {
             "checkpoint": str(path),

@@ -14,11 +14,12 @@ from model.classifier import (
     SequenceClassifier,
     collate,
     finetune,
-    load_classifier,
     read_split,
 )
 from model.config import GPTConfig
+from model.files import CLASSIFIERS
 from model.gpt import GPTModel
+from model.opener import open_model
 
 
 def tiny_classifier(n_classes: int = 3, pooling: str = "last_real") -> SequenceClassifier:
@@ -110,6 +111,7 @@ def evals(history):
     return [h for h in history if h["kind"] == "eval"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_gives_identical_params(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 train texts: 4 steps per epoch, 8 steps
     config = ClassifierConfig(**CONFIG)
@@ -131,6 +133,7 @@ def test_resume_after_a_crash_gives_identical_params(tmp_path, tokenizer):
     assert finetune(data, tmp_path / "full", config, tokenizer=tokenizer).reused
 
 
+@pytest.mark.slow
 def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))
     config = ClassifierConfig(**{**CONFIG, "epochs": 3, "patience": None, "keep": "last"})
@@ -139,7 +142,7 @@ def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_pat
     assert [h["best"] for h in evals(result.history)] == [False, False, False, True]
     assert result.summary["best_step"] == 12 and not result.summary["early_stopped"]
     assert result.summary["best_val_accuracy"] == evals(result.history)[-1]["val_accuracy"]
-    kept = load_classifier(tmp_path / "run").model.state_dict()
+    kept = open_model(tmp_path / "run", CLASSIFIERS).classifier().model.state_dict()
     final = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
     assert ClassifierConfig(keep="last").patience is None  # no early stopping by default
@@ -147,13 +150,14 @@ def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_pat
         ClassifierConfig(keep="last", patience=2)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))
     config = ClassifierConfig(**{**CONFIG, "lr": 1e-12, "epochs": 3, "patience": 2})  # nothing improves
     result = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
     assert [h["step"] for h in evals(result.history)] == [3, 6, 9]
     assert result.summary["early_stopped"] and result.summary["best_step"] == 3
-    loaded = load_classifier(tmp_path / "run")
+    loaded = open_model(tmp_path / "run", CLASSIFIERS).classifier()
     assert loaded.labels == {"billing": 0, "food": 1, "sport": 2} and loaded.max_length == 128
     curves = plot_training_curves(result.history, tmp_path / "curves.png", "fine-tuning")
     assert curves.read_bytes()[:4] == b"\x89PNG"

@@ -20,6 +20,7 @@ from cli.prechecks import early_arguments
 from data.instructions import check_instructions
 from data.tabular import check_header
 from gptflow.errors import GptflowError
+from model.files import check_torch_archive
 
 GPTFLOW = REPO_ROOT / ".venv" / "bin" / "gptflow"
 BOUND_S = 10  # generous: about 1 s each on 2 busy cores; a temporary Prefect server alone takes some 20 s
@@ -160,12 +161,12 @@ def test_the_checks_import_neither_prefect_nor_torch(inputs):
 # --------------------------------------------------------------------------------------- the checks
 
 
-def test_torch_checkpoint_reads_the_zip_directory_only(tmp_path):
+def test_a_torch_checkpoint_is_judged_by_its_zip_directory_only(tmp_path):
     import torch
 
     good = tmp_path / "model.pt"
     torch.save({"format": "x", "weights": torch.zeros(3)}, good)
-    prechecks.torch_checkpoint(good)
+    check_torch_archive(good)
     prechecks.export_checkpoint(str(tmp_path))  # a folder holding model.pt
     for path, message in [
         (tmp_path / "none.pt", f"checkpoint {tmp_path}/none.pt does not exist"),
@@ -173,10 +174,10 @@ def test_torch_checkpoint_reads_the_zip_directory_only(tmp_path):
         (_zip(tmp_path / "other.zip", ["a.txt"]), "is not a PyTorch checkpoint (expected the zip archive torch.save"),
     ]:
         with pytest.raises(GptflowError, match=message.replace("(", r"\(")):
-            prechecks.torch_checkpoint(path)
+            check_torch_archive(path)
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(GptflowError, match="text.pt is not a PyTorch checkpoint"):
-        prechecks.torch_checkpoint(tmp_path / "text.pt")
+        check_torch_archive(tmp_path / "text.pt")
 
 
 def test_safetensors_header(tmp_path):
@@ -185,7 +186,7 @@ def test_safetensors_header(tmp_path):
 
     good = tmp_path / "model.safetensors"
     save_file({"wte.weight": np.zeros((2, 2), dtype=np.float32)}, str(good))
-    prechecks.safetensors_header(good)
+    prechecks.gpt2_weights(str(good))
     prechecks.gpt2_weights(str(tmp_path))  # a folder holding model.safetensors
     prechecks.gpt2_weights("gpt2-small")  # a preset: fetched by the stage, not here
     prechecks.gpt2_weights("openai-community/gpt2-medium")
@@ -197,7 +198,7 @@ def test_safetensors_header(tmp_path):
         (_safetensors(tmp_path / "text.safetensors", b"hello"), "is not a safetensors file"),
     ]:
         with pytest.raises(GptflowError, match=message):
-            prechecks.safetensors_header(path)
+            prechecks.gpt2_weights(str(path))
     with pytest.raises(GptflowError, match=r"is neither a GPT-2 preset \(gpt2-small, .*\) nor a model.safetensors"):
         prechecks.gpt2_weights(str(tmp_path / "missing"))
     (tmp_path / "weights.bin").write_bytes(b"")

@@ -11,7 +11,6 @@ from conftest import write_random_tokens
 from pydantic import ValidationError
 
 from gptflow.ranks import DistributedEnvError, Ranks, process_ranks
-from model.checkpoint import load_model
 from model.device import (
     BF16_MARGIN,
     DeviceError,
@@ -20,6 +19,8 @@ from model.device import (
     resolve_device,
     resolve_precision,
 )
+from model.files import CHECKPOINT_LMS
+from model.opener import open_model
 from model.pretrain import PretrainConfig, pretrain
 
 TORCHRUN_ENV = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -134,6 +135,7 @@ def saved_as_on_cuda():
         torch.serialization._package_registry.remove(entry)
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(corpus, tmp_path, keep_threads):
     config = PretrainConfig(
         preset="tiny",
@@ -181,7 +183,10 @@ def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(corpus, tmp_path, keep_t
     moments = [t for s in final["optimizer"]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
     assert moments and all(t.device.type == "cpu" for t in moments)
 
-    a, b = load_model(full.model_path)[0].state_dict(), load_model(resumed.model_path)[0].state_dict()
+    a, b = (
+        open_model(full.model_path, CHECKPOINT_LMS).language_model().state_dict(),
+        open_model(resumed.model_path, CHECKPOINT_LMS).language_model().state_dict(),
+    )
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

@@ -18,9 +18,11 @@ from conftest import write_random_tokens
 from gptflow.settings import get_settings
 from gptflow.stage import StageError
 from gptflow.storage import read_json, write_json_atomic
-from model.checkpoint import load_checkpoint, load_model
+from model.checkpoint import load_checkpoint
 from model.distributed import LaunchError
+from model.files import CHECKPOINT_LMS
 from model.launch import CALL, RECORDS, launch, torchrun_command
+from model.opener import open_model
 from model.pretrain import PretrainConfig, pretrain
 
 TARGET = "model.pretrain:pretrain"
@@ -79,7 +81,7 @@ def two_rank_run(env, corpus, tmp_path_factory):
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_model(path)[0].state_dict()
+    return open_model(path, CHECKPOINT_LMS).language_model().state_dict()
 
 
 def assert_same_weights(path_a: Path, path_b: Path, rel: float = 1e-5) -> None:

@@ -20,7 +20,6 @@ from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, softmax
 from gptflow.settings import load_settings
 from gptflow.tokenizer import EOT_ID, tokenizer_files
-from model.checkpoint import load_model
 from model.classifier import (
     ENSEMBLE_FORMAT,
     ClassifierConfig,
@@ -28,15 +27,16 @@ from model.classifier import (
     ClassifierError,
     build_ensemble,
     finetune,
-    load_classifier,
     predict_logits,
     pretrain_domain,
     split_logits,
 )
 from model.config import GPTConfig
 from model.dapt import DaptError, compact_vocab, corpus_tokens, expand_vocab
+from model.files import CHECKPOINT_LMS, CLASSIFIERS
 from model.gpt import GPTModel
 from model.onnx_export import ExportConfig, export_classifier
+from model.opener import open_model
 
 SHAPE = {"context_length": 64, "emb_dim": 32, "n_layers": 2, "n_heads": 2}
 DAPT = {"steps": 12, "window": 16, "batch_size": 4, "warmup_steps": 2}
@@ -94,6 +94,7 @@ def data_with_unused(root: Path) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_dapt_reads_train_and_unused_texts_only_and_keeps_the_full_vocabulary(tmp_path, tokenizer, settings):
     data = data_with_unused(tmp_path / "data")
     texts = [pd.read_csv(data / f)["text"].tolist() for f in ("train.csv", "unused.csv")]
@@ -105,7 +106,8 @@ def test_dapt_reads_train_and_unused_texts_only_and_keeps_the_full_vocabulary(tm
     assert result.out_dir.parent == settings.home / "dapt" and "seed4" in result.out_dir.name
     assert (result.metrics["steps"], result.metrics["corpus_tokens"]) == (12, len(expected))
     assert result.metrics["vocab_used"] == len(set(expected))
-    trained, cfg = load_model(result.model_path)
+    trained = open_model(result.model_path, CHECKPOINT_LMS).language_model()
+    cfg = trained.cfg
     assert cfg.vocab_size == 50257 and cfg.context_length == 64
     start = config.start_model(0.0)
     unseen = torch.ones(50257, dtype=torch.bool)
@@ -129,7 +131,7 @@ def ensemble(tmp_path_factory, tokenizer, mirror):
     for seed in (1, 2):
         config = ClassifierConfig(preset="tiny", seed=seed, **FINETUNE)
         tuned = finetune(data, root / f"member{seed}", config, tokenizer=tokenizer)
-        _, splits = split_logits(tuned.best, data, tokenizer=tokenizer)
+        _, splits = split_logits(open_model(tuned.best, CLASSIFIERS).classifier(), data, tokenizer=tokenizer)
         metrics = {s: {"accuracy": float((logits.argmax(1) == y).mean())} for s, (y, logits) in splits.items()}
         members.append({"best": str(tuned.best), "metrics": metrics, "test_logits": splits["test"][1]})
     built = build_ensemble(data, members, root / "ensemble")
@@ -144,11 +146,12 @@ def ensemble(tmp_path_factory, tokenizer, mirror):
     return {"root": root, "data": data, "members": members, "built": built, "report": report}
 
 
+@pytest.mark.slow
 def test_the_ensemble_averages_its_members_probabilities(ensemble, tokenizer):
-    loaded = load_classifier(ensemble["built"].best)
+    loaded = open_model(ensemble["built"].best, CLASSIFIERS).classifier()
     assert isinstance(loaded.model, ClassifierEnsemble) and len(loaded.model.members) == 2
     assert torch.load(ensemble["built"].best, weights_only=True)["format"] == ENSEMBLE_FORMAT
-    _, splits = split_logits(ensemble["built"].best, ensemble["data"], tokenizer=tokenizer)
+    _, splits = split_logits(loaded, ensemble["data"], tokenizer=tokenizer)
     mean = np.mean([softmax(m["test_logits"]) for m in ensemble["members"]], axis=0)
     assert np.allclose(softmax(splits["test"][1]), mean, atol=1e-6)
     expected = [{split: v["accuracy"] for split, v in m["metrics"].items()} for m in ensemble["members"]]
@@ -156,6 +159,7 @@ def test_the_ensemble_averages_its_members_probabilities(ensemble, tokenizer):
     assert build_ensemble(ensemble["data"], ensemble["members"], ensemble["root"] / "ensemble").reused
 
 
+@pytest.mark.slow
 def test_the_ensemble_exports_as_one_graph_with_parity_and_a_card(ensemble):
     report = ensemble["report"]
     assert report["parity"]["n"] == 102 and report["parity"]["fp32_prediction_matches"] == 102
@@ -179,10 +183,11 @@ def test_the_ensemble_exports_as_one_graph_with_parity_and_a_card(ensemble):
 
 
 @pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.slow
 def test_the_ensemble_bundle_runs_without_torch(ensemble, tokenizer, tmp_path, int8):
     texts = make_texts(3, seed=11)["text"].tolist()
     lines = classify_with_edge_alone(ensemble["report"]["bundle"], texts, int8, tmp_path)
-    loaded = load_classifier(ensemble["built"].best)
+    loaded = open_model(ensemble["built"].best, CLASSIFIERS).classifier()
     probs = softmax(predict_logits(loaded.model, encode_texts(tokenizer, texts, loaded.max_length)))
     edge = EdgeClassifier(tmp_path / "bundle", int8=int8).predict(texts)
     assert [line[0] for line in lines] == [name for name, _ in edge]
@@ -191,6 +196,7 @@ def test_the_ensemble_bundle_runs_without_torch(ensemble, tokenizer, tmp_path, i
         assert np.allclose([float(line[1]) for line in lines], probs.max(1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_other_labels_or_of_ensembles_is_refused(ensemble, tmp_path):
     other = write_splits(tmp_path / "other", (20, 5, 10))
     labels = json.loads((other / "labels.json").read_text())
@@ -202,10 +208,16 @@ def test_an_ensemble_of_other_labels_or_of_ensembles_is_refused(ensemble, tmp_pa
         build_ensemble(ensemble["data"], nested, tmp_path / "e2")
 
 
+@pytest.mark.slow
 def test_inspect_names_the_members_of_an_ensemble(ensemble):
     from model.checkpoint import CheckpointError
-    from model.introspect import locate
+    from model.introspect import open_subject
 
     members = ", ".join(m["best"] for m in ensemble["members"])
-    with pytest.raises(CheckpointError, match=f"is an ensemble of 2 classifiers: inspect one of them \\({members}\\)"):
-        locate(ensemble["built"].best)
+    with pytest.raises(CheckpointError) as caught:
+        open_subject(ensemble["built"].best)
+    assert str(caught.value) == (
+        f"{ensemble['built'].best} is a classifier-ensemble checkpoint of 2 classifiers ({members}), not a "
+        "language-model checkpoint or a classifier checkpoint or GPT-2 weights; inspect a model.pt, a classifier's "
+        "best.pt (one member of an ensemble), or GPT-2 weights"
+    )

@@ -12,8 +12,9 @@ import torch
 from cli import main
 from eval.plots import plot_loss_curve
 from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
-from model.checkpoint import load_checkpoint, load_model
+from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
+from model.files import CHECKPOINT_LMS
 from model.gpt import GPTModel
 from model.instruct import (
     PROGRESS,
@@ -24,6 +25,7 @@ from model.instruct import (
     generate_responses,
     respond,
 )
+from model.opener import open_model
 from model.pretrain import lm_loss
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "The cat was sitting."}
@@ -127,6 +129,7 @@ def test_loss_ignores_masked_targets():
     assert lm_loss(hidden, head, torch.full_like(y, -100)).item() == 0.0  # not NaN
 
 
+@pytest.mark.slow
 def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
     config = InstructConfig(**{**TINY, "lr": 5e-3, "epochs": 4, "eval_every": 100, "batch_size": 4})
     result = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
@@ -141,6 +144,7 @@ def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
     assert again.reused and again.metrics == result.metrics
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
     config = InstructConfig(**TINY, style="phi3", mask_prompt=True, lr=1e-3, max_steps=6)  # 4 steps/epoch
     full = finetune(data_dir, tmp_path / "full", config, tokenizer=tokenizer)
@@ -155,12 +159,16 @@ def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
     seen = []
     resumed = finetune(data_dir, tmp_path / "split", config, tokenizer=tokenizer, on_log=seen.append)
     assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6]  # the second epoch
-    a, b = load_model(full.model_path)[0].state_dict(), load_model(resumed.model_path)[0].state_dict()
+    a, b = (
+        open_model(full.model_path, CHECKPOINT_LMS).language_model().state_dict(),
+        open_model(resumed.model_path, CHECKPOINT_LMS).language_model().state_dict(),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
     assert load_checkpoint(full.model_path)["style"] == "phi3"
 
 
+@pytest.mark.slow
 def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
     config = InstructConfig(**{**TINY, "style": "phi3", "max_steps": 2})
     model_path = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer).model_path
@@ -169,9 +177,9 @@ def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
     assert (whole.n_entries, whole.n_generated) == (5, 5)
     written = json.loads(whole.path.read_text())
     assert [{k: e[k] for k in ("instruction", "input", "output")} for e in written] == ENTRIES[12:17]
-    from model.instruct import load_instruct_model
 
-    model, style = load_instruct_model(model_path)  # the style recorded at training is the one used
+    opened = open_model(model_path, ("instruct",))
+    model, style = opened.language_model(), opened.style  # the style recorded at training is the one used
     assert style == "phi3" and written[0]["model_response"] == respond(model, tokenizer, ENTRIES[12], style, config)
 
     def stop_after_2(index, entry):

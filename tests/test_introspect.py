@@ -11,7 +11,7 @@ from model.classifier import SequenceClassifier, save_classifier
 from model.config import GPTConfig
 from model.generate import next_token_distribution
 from model.gpt import GPTModel, mask_positions
-from model.introspect import InspectConfig, InspectError, Subject, inspect_model, load_subject
+from model.introspect import InspectConfig, InspectError, Subject, inspect_model, load_subject, open_subject
 from model.weights import save_hf_gpt2
 
 PROBE = "Every effort moves you"
@@ -153,7 +153,7 @@ def test_positions_separate_a_shuffled_probe_only_with_positional_embeddings(lm_
 def test_classifier_shows_its_backbone_and_class_probabilities(tmp_path, tokenizer):
     classifier = SequenceClassifier(tiny_model(), 3).eval()
     path = save_classifier(tmp_path / "best.pt", classifier, {"ham": 0, "spam": 1, "promo": 2}, 32, {"data": "x"})
-    subject = load_subject(tmp_path)
+    subject = load_subject(open_subject(tmp_path))
     assert subject.kind == "classifier" and subject.labels == ["ham", "spam", "promo"]
     report = inspect_model(subject, PROBE, InspectConfig(), tokenizer)
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_gpt2_format_and_gptflow_checkpoints_load_for_inspection(tmp_path, token
     save_model(tmp_path / "lm" / "model.pt", model, style="alpaca")
     ids = torch.tensor([PROBE_IDS])
     for spec, style in ((tmp_path / "hf", None), (tmp_path / "lm", "alpaca")):
-        subject = load_subject(spec)
+        subject = load_subject(open_subject(spec))
         assert subject.kind == "lm" and subject.style == style
         with torch.no_grad():
             torch.testing.assert_close(subject.model.eval()(ids), model(ids), atol=1e-5, rtol=0)
@@ -203,9 +203,13 @@ def test_a_file_that_is_not_a_model_is_refused_in_one_line(tmp_path):
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     for path in (text, png):
         with pytest.raises(CheckpointError) as caught:
-            load_subject(path)
+            load_subject(open_subject(path))
         assert str(caught.value) == f"{path} is not a PyTorch checkpoint (expected the zip archive torch.save writes)"
     other = tmp_path / "other.pt"
     torch.save({"format": "something-else", "weights": torch.zeros(2)}, other)
-    with pytest.raises(CheckpointError, match="is neither a gptflow language-model nor a classifier checkpoint"):
-        load_subject(other)
+    with pytest.raises(CheckpointError) as caught:
+        open_subject(other)
+    assert str(caught.value) == (
+        f"{other} is not a gptflow checkpoint (format 'something-else'); expected a language-model checkpoint or a "
+        "classifier checkpoint or GPT-2 weights"
+    )

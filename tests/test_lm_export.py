@@ -23,13 +23,15 @@ from edge.runtime import verify_bundle
 from gptflow.prompts import format_prompt
 from gptflow.settings import load_settings
 from gptflow.tokenizer import tokenizer_files
-from model.checkpoint import load_checkpoint, load_model, save_model
+from model.checkpoint import CheckpointError, load_checkpoint, save_model
 from model.config import GPTConfig
+from model.files import CHECKPOINT_LMS
 from model.generate import generate
 from model.gpt import GPTModel
 from model.instruct import InstructConfig, finetune
 from model.lm_export import export_lm, prompt_template
-from model.onnx_export import ExportConfig, ExportError
+from model.onnx_export import ExportConfig
+from model.opener import open_model
 from model.quantize import check_perplexity_gate
 
 ENTRIES = [
@@ -58,6 +60,7 @@ def lm(tmp_path_factory, tokenizer, mirror):
     return {"root": root, "data": data, "model": model_path, "report": report, "bundle": root / "export" / "bundle"}
 
 
+@pytest.mark.slow
 def test_report_parity_perplexity_and_agreement(lm):
     q = lm["report"]["quality"]
     assert q["parity"]["steps"] == 32
@@ -75,8 +78,9 @@ def test_report_parity_perplexity_and_agreement(lm):
     assert "greedy-token agreement" in card and f"{ppl['onnx_int8']:.4f}" in card
 
 
+@pytest.mark.slow
 def test_decoder_graph_io_and_tied_head_stored_once(lm):
-    cfg = load_model(lm["model"])[1]
+    cfg = open_model(lm["model"], CHECKPOINT_LMS).config
     proto = onnx.load(lm["bundle"] / "model.onnx")
     names = [i.name for i in proto.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
@@ -104,8 +108,9 @@ def _prompt_ids(tokenizer, instruction: str) -> list[int]:
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.slow
 def test_greedy_tokens_equal_pytorch(lm, tokenizer, use_cache):
-    model = load_model(lm["model"])[0].eval()
+    model = open_model(lm["model"], CHECKPOINT_LMS).language_model().eval()
     edge = EdgeGenerator(lm["bundle"])
     for instruction in INSTRUCTIONS:
         ids = _prompt_ids(tokenizer, instruction)
@@ -113,19 +118,23 @@ def test_greedy_tokens_equal_pytorch(lm, tokenizer, use_cache):
         assert edge.decoder.generate([ids], 24, eos_id=None, use_cache=use_cache)[0] == expected
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_each_prompt_alone(lm, tokenizer):
     decoder = Decoder(lm["bundle"] / "model.onnx", 128)
     prompts = [_prompt_ids(tokenizer, i) for i in INSTRUCTIONS] + [[15496, 11, 995]]
     assert len({len(p) for p in prompts}) > 1
     alone = [decoder.generate([p], 16, eos_id=None)[0] for p in prompts]
     assert decoder.generate(prompts, 16, eos_id=None) == alone
-    model = load_model(lm["model"])[0].eval()  # and PyTorch's batch does the same with the same rule
+    model = (
+        open_model(lm["model"], CHECKPOINT_LMS).language_model().eval()
+    )  # and PyTorch's batch does the same with the same rule
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[50256] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     assert generate(model, ids, 16, attention_mask=mask)[:, width:].tolist() == alone
 
 
+@pytest.mark.slow
 def test_int8_generation_with_and_without_cache_is_equal(lm):
     decoder = Decoder(lm["bundle"] / "model.int8.onnx", 128)
     test = json.loads((lm["data"] / "test.json").read_text())
@@ -136,6 +145,7 @@ def test_int8_generation_with_and_without_cache_is_equal(lm):
         assert cached == decoder.generate([ids], 32, eos_id=None, use_cache=False)
 
 
+@pytest.mark.slow
 def test_bundle_files_hashes_and_template(lm):
     manifest = verify_bundle(lm["bundle"], "lm")
     assert set(manifest["files"]) == {
@@ -158,6 +168,7 @@ def test_bundle_files_hashes_and_template(lm):
     )
 
 
+@pytest.mark.slow
 def test_edge_generate_alone_without_torch_equals_gptflow_generate(lm, tmp_path, settings, capsys):
     """edge/ copied alone beside the bundle streams the same answer as `gptflow generate` on the checkpoint."""
     shutil.copytree(REPO_ROOT / "edge", tmp_path / "edge", ignore=shutil.ignore_patterns("__pycache__"))
@@ -174,6 +185,7 @@ def test_edge_generate_alone_without_torch_equals_gptflow_generate(lm, tmp_path,
         assert proc.stdout == expected and expected.strip()
 
 
+@pytest.mark.slow
 def test_edge_generate_streams_batches_and_truncates(lm, settings, capsys):
     from edge.__main__ import main as edge_main
 
@@ -197,6 +209,7 @@ def test_edge_generate_streams_batches_and_truncates(lm, settings, capsys):
     assert "the model's context is 128" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tampered_and_wrong_kind_bundles_are_refused(lm, tmp_path, capsys):
     from edge.__main__ import main as edge_main
 
@@ -223,25 +236,32 @@ def test_perplexity_gate_fails_loudly():
         check_perplexity_gate(10.0, 10.5, 3.0, "t")
 
 
-def test_wrong_checkpoint_kinds_are_refused(lm, tmp_path, tokenizer, mirror, settings, capsys):
+@pytest.mark.slow
+def test_wrong_checkpoint_kinds_are_refused(prefect_harness, lm, tmp_path, tokenizer, mirror, settings, capsys):
     files = tokenizer_files(load_settings(mirror=mirror))
     classifier_like = tmp_path / "best.pt"
-    torch.save({"format": "gptflow-classifier/1"}, classifier_like)
-    with pytest.raises(ExportError, match="is not a language-model checkpoint"):
+    torch.save(
+        {"format": "gptflow-classifier/1", "config": {"emb_dim": 8, "n_layers": 1, "n_heads": 1}}, classifier_like
+    )
+    with pytest.raises(CheckpointError, match="is a classifier checkpoint, not a language-model checkpoint; a classif"):
         export_lm(classifier_like, lm["data"], None, ExportConfig(), tokenizer=tokenizer, tokenizer_files=files)
     assert main(["export", str(classifier_like), "--format", "hf"]) == 2
     assert "is not a language-model checkpoint: --format hf" in capsys.readouterr().err
+    torch.save({"format": "gptflow-classifier/1", "config": {"emb_dim": 8}}, classifier_like)
+    assert main(["export", str(classifier_like)]) == 2
+    assert f"{classifier_like}: invalid model config: n_layers: Field required" in capsys.readouterr().err
     assert main(["export", str(lm["model"]), "--data", str(tmp_path)]) == 2
     assert "expected an instructions data folder" in capsys.readouterr().err
 
 
-def test_export_cli_lm_bundle_and_hf_folder(lm, tmp_path, settings, capsys):
+@pytest.mark.slow
+def test_export_cli_lm_bundle_and_hf_folder(prefect_harness, lm, tmp_path, settings, capsys):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf-export"
     assert main(["export", str(lm["model"]), "--format", "hf", "--out", str(out)]) == 0
     assert f"Hugging Face GPT-2 folder: {out / 'hf'}" in capsys.readouterr().out
     hf = transformers.GPT2LMHeadModel.from_pretrained(out / "hf").eval()
-    model = load_model(lm["model"])[0].eval()
+    model = open_model(lm["model"], CHECKPOINT_LMS).language_model().eval()
     ids = torch.tensor([[15496, 11, 995, 318, 257], [40, 588, 257, 3797, 13]])
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
@@ -254,6 +274,7 @@ def test_export_cli_lm_bundle_and_hf_folder(lm, tmp_path, settings, capsys):
     assert verify_bundle(out / "bundle", "lm")["prompt"]["style"] == "alpaca"
 
 
+@pytest.mark.slow
 def test_onnxruntime_genai_runs_the_bundle_with_our_greedy_tokens(lm, tokenizer):
     og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(lm["bundle"]))
@@ -273,6 +294,7 @@ def test_onnxruntime_genai_runs_the_bundle_with_our_greedy_tokens(lm, tokenizer)
     assert og.Tokenizer(model).encode("Hello, world").tolist() == [15496, 11, 995]
 
 
+@pytest.mark.slow
 def test_pretrained_model_exports_on_a_corpus_without_template(tmp_path, tokenizer, mirror):
     """A base model (no prompt style) is measured on a corpus folder's val.bin; its bundle uses plain prompts."""
     torch.manual_seed(3)

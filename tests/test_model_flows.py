@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cli import main
-from model.checkpoint import load_model
+from model.files import CHECKPOINT_LMS
+from model.opener import open_model
 
 
 def _path(out: str, label: str) -> str:
@@ -38,7 +39,8 @@ def test_pretrain_then_generate(prefect_harness, settings, capsys):
     model_path = _path(out, "model")
     assert model_path.startswith(str(settings.home / "pretrain" / "the-verdict-tiny"))
     assert (settings.home / "data" / "corpus" / "the-verdict" / "train.bin").is_file()  # data stage ran first
-    model, cfg = load_model(model_path)
+    model = open_model(model_path, CHECKPOINT_LMS).language_model()
+    cfg = model.cfg
     assert cfg.context_length == 32 and cfg.emb_dim == 64
     assert main(args) == 0 and capsys.readouterr().out.startswith("reused tiny: 4 steps")
 
@@ -59,7 +61,7 @@ def test_load_gpt2_converts_safetensors(prefect_harness, settings, tmp_path, cap
     hf.save_pretrained(tmp_path / "hf")
     assert main(["load-gpt2", str(tmp_path / "hf")]) == 0
     model_path = _path(capsys.readouterr().out, "model")
-    model, _ = load_model(model_path)
+    model = open_model(model_path, CHECKPOINT_LMS).language_model()
     ids = torch.tensor([[15496, 11, 995]])
     with torch.no_grad():
         assert (model(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4

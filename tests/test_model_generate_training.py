@@ -13,15 +13,16 @@ import torch
 from model.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    load_model,
     rng_state,
     save_checkpoint,
     save_model,
     set_rng_state,
 )
 from model.config import GPTConfig
+from model.files import CHECKPOINT_LMS
 from model.generate import generate, sample_next, trim_at_eos
 from model.gpt import GPTModel
+from model.opener import open_model
 from model.training import (
     NonFiniteLossError,
     TrainingCheckpoint,
@@ -41,6 +42,7 @@ def model() -> GPTModel:
     return GPTModel(CFG).eval()
 
 
+@pytest.mark.slow
 def test_greedy_with_and_without_cache_is_identical(model):
     prompt = torch.randint(0, CFG.vocab_size, (2, 7))
     cached = generate(model, prompt, 20, use_cache=True)
@@ -59,6 +61,7 @@ def test_greedy_is_argmax_of_forward(model):
     assert out[0, -1].item() == model(prompt)[0, -1].argmax().item()
 
 
+@pytest.mark.slow
 def test_left_padded_batch_matches_single(model):
     a = torch.randint(0, CFG.vocab_size, (1, 6))
     b = torch.randint(0, CFG.vocab_size, (1, 4))
@@ -80,6 +83,7 @@ def test_eos_stops_and_pads(model):
     assert trim_at_eos([1, 2, 3], 9) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sampling_seeded_topk_topp(model):
     prompt = torch.randint(0, CFG.vocab_size, (1, 5))
     a = generate(model, prompt, 10, temperature=1.0, top_k=50, seed=3)
@@ -103,8 +107,9 @@ def test_sampling_seeded_topk_topp(model):
 def test_checkpoint_roundtrip_atomic_and_weights_only(tmp_path, model):
     path = save_model(tmp_path / "m.pt", model)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left
-    loaded, cfg = load_model(path)
-    assert cfg == CFG
+    opened = open_model(path, CHECKPOINT_LMS)
+    loaded, cfg = opened.language_model(), opened.config
+    assert cfg == CFG and opened.kind == "lm"
     ids = torch.randint(0, CFG.vocab_size, (1, 4))
     assert torch.equal(loaded.eval()(ids), model(ids))
     assert loaded.out_head.weight.data_ptr() == loaded.tok_emb.weight.data_ptr()
@@ -125,8 +130,10 @@ def test_checkpoint_roundtrip_atomic_and_weights_only(tmp_path, model):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     save_checkpoint(tmp_path / "other.pt", format="x", model={})
-    with pytest.raises(CheckpointError, match="not a gptflow model checkpoint"):
-        load_model(tmp_path / "other.pt")
+    with pytest.raises(
+        CheckpointError, match="other.pt is not a gptflow checkpoint \\(format 'x'\\); expected a language"
+    ):
+        open_model(tmp_path / "other.pt", CHECKPOINT_LMS)
 
 
 def test_rng_state_roundtrip_under_weights_only(tmp_path):
@@ -159,6 +166,7 @@ def test_optimizer_groups_and_schedule(model):
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
+@pytest.mark.slow
 def test_training_checkpoint_resume_roundtrip(tmp_path):
     torch.manual_seed(0)
     m = GPTModel(CFG)
@@ -182,7 +190,7 @@ def test_training_checkpoint_resume_roundtrip(tmp_path):
     assert state.step == 1 and state.tokens_seen == 16
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
     assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    assert load_model(tmp_path / "c.pt")[1] == CFG
+    assert open_model(tmp_path / "c.pt", CHECKPOINT_LMS).config == CFG
 
 
 def test_check_finite():

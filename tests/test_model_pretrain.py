@@ -12,7 +12,9 @@ from conftest import write_random_tokens
 import model.pretrain as pretrain_mod
 from eval.plots import plot_loss_curve
 from gptflow.stage import StageError
-from model.checkpoint import load_checkpoint, load_model
+from model.checkpoint import load_checkpoint
+from model.files import CHECKPOINT_LMS
+from model.opener import open_model
 from model.pretrain import PretrainConfig, PretrainError, TokenWindows, pretrain
 from model.training import NonFiniteLossError
 
@@ -48,9 +50,10 @@ def corpus(tmp_path):
 
 
 def params_of(path):
-    return load_model(path)[0].state_dict()
+    return open_model(path, CHECKPOINT_LMS).language_model().state_dict()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(corpus, tmp_path, tokenizer):
     full = pretrain(corpus, tmp_path / "full", CONFIG, tokenizer=tokenizer, progress=False)
 
@@ -80,6 +83,7 @@ def test_resume_after_kill_is_exact(corpus, tmp_path, tokenizer):
     assert again.reused and again.metrics == full.metrics
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = pretrain_mod.lm_loss
