@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import ScaledTranslation
 
 from eval.plots import save_figure
+from gptflow.markdown import markdown_table
 from gptflow.storage import atomic_path, write_json_atomic, write_text_atomic
 
 TILE_LABELS_MAX_T = 32  # a head's tile names its rows and columns by piece up to this many tokens
@@ -426,15 +427,15 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
         "vocabulary": model["vocab_size"],
         "parameters": f"{model['params']:,}",
     }
-    lines += ["## Model", "", *_md_table([shape]), ""]
-    lines += ["## Tokens", "", *_md_table(rows["tokens"]), ""]
+    lines += ["## Model", "", *markdown_table([shape], _md_cell), ""]
+    lines += ["## Tokens", "", *markdown_table(rows["tokens"], _md_cell), ""]
     lines += ["## Forward trace", ""]
     lines += [
         "Each step of the forward pass: the tensor's shape, mean and std, and its first values at the last "
         "position (first head, first row).",
         "",
     ]
-    lines += [*_md_table(rows["trace"]), ""]
+    lines += [*markdown_table(rows["trace"], _md_cell), ""]
 
     lines += ["## Attention", ""]
     if standouts := standout_heads(report):
@@ -448,7 +449,7 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
     lines += [
         f"The {min(HEADS_IN_MARKDOWN, len(rows['heads']))} heads that attend most to the previous token:",
         "",
-        *_md_table(rows["heads"][:HEADS_IN_MARKDOWN]),
+        *markdown_table(rows["heads"][:HEADS_IN_MARKDOWN], _md_cell),
         "",
     ]
     for name in figures:
@@ -458,12 +459,19 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
     lines += [image("attention-focus", f"layer {focus['layer']} head {focus['head']}"), ""]
 
     if classifier:
-        lines += ["## Classes", "", *_md_table(rows["classes"]), "", image("classes", "class probabilities"), ""]
+        lines += [
+            "## Classes",
+            "",
+            *markdown_table(rows["classes"], _md_cell),
+            "",
+            image("classes", "class probabilities"),
+            "",
+        ]
     else:
         lines += ["## Next token", "", "Top-k after the final layer at the last position.", ""]
-        lines += [*_md_table(rows["next-token"]), ""]
+        lines += [*markdown_table(rows["next-token"], _md_cell), ""]
     lines += ["## Logit lens", "", "The top-1 read out after each layer, with its probability.", ""]
-    lines += [*_md_table(rows["logit-lens"]), "", image("logit-lens", "logit lens"), ""]
+    lines += [*markdown_table(rows["logit-lens"], _md_cell), "", image("logit-lens", "logit lens"), ""]
 
     positions = report["embeddings"]["positions"]
     lines += [
@@ -478,14 +486,15 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
         "",
     ]
     if not classifier:
-        lines += ["## Sampling", "", *_md_table(rows["sampling"]), "", image("sampling", "sampling settings"), ""]
+        lines += [
+            "## Sampling",
+            "",
+            *markdown_table(rows["sampling"], _md_cell),
+            "",
+            image("sampling", "sampling settings"),
+            "",
+        ]
     return "\n".join(lines)
-
-
-def _md_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(_md(str(key)) for key in header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_md_cell(row[key]) for key in header) + " |" for row in rows]
 
 
 def _md_cell(value: Any) -> str:

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from eval.judge import JudgeConfig, Judgement, OllamaJudge, judge_prompt
 from eval.stats import paired_difference, summarize
 from gptflow.errors import GptflowError
+from gptflow.markdown import markdown_table
 from gptflow.stage import Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic, write_text_atomic
 
@@ -200,9 +201,7 @@ def report_markdown(summary: dict) -> str:
         f"{summary['n_entries']} entries; {summary['requests_sent']} judge requests sent this run.",
         "",
     ]
-    rows = summary_rows(summary)
-    lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
+    lines += markdown_table(summary_rows(summary))
     lines.append("")
     if summary["paired"]:
         lines += ["Paired: " + paired_line(summary["paired"]), ""]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gptflow.markdown import markdown_table
 from gptflow.storage import MANIFEST_NAME
 
 
@@ -117,9 +118,9 @@ def render_run_report(
     lines = [f"# gptflow run `{run_name}`", ""]
     if sources:
         lines += ["## Data", "", f"**{data_summary(sources)}**", ""]
-        lines += _table(source_rows(sources)) + [""]
+        lines += markdown_table(source_rows(sources)) + [""]
     if promotions:
-        lines += ["## Champion vs challenger", ""] + _table(promotion_rows(promotions)) + [""]
+        lines += ["## Champion vs challenger", ""] + markdown_table(promotion_rows(promotions)) + [""]
     lines += [
         "## Stages",
         "",
@@ -146,11 +147,3 @@ def render_run_report(
         )
     lines += ["", "## Parameters", "", "```json", json.dumps(params, indent=2, default=str), "```", ""]
     return "\n".join(lines)
-
-
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
-        return []
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(str(row[k]) for k in head) + " |" for row in rows]

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, CLASSIFIER, ORT_FILES, run_session, session
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
+from gptflow.markdown import markdown_table
 from gptflow.stage import Built, Stage
 from gptflow.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 from model.classifier import (
@@ -335,14 +336,16 @@ def classifier_card(loaded, report: dict[str, Any], copies: dict[str, Path]) -> 
             "",
             "One ONNX graph runs every member and returns the log of their mean class probability.",
             "",
-            "| member | sha256 | " + " | ".join(f"{split} accuracy" for split in loaded.members[0]["accuracy"]) + " |",
-            "|---|---|" + "---|" * len(loaded.members[0]["accuracy"]),
-            *[
-                f"| {Path(m['checkpoint']).parent.name} | `{m['sha256'][:12]}` | "
-                + " | ".join(f"{100 * a:.2f}%" for a in m["accuracy"].values())
-                + " |"
-                for m in loaded.members
-            ],
+            *markdown_table(
+                [
+                    {
+                        "member": Path(m["checkpoint"]).parent.name,
+                        "sha256": f"`{m['sha256'][:12]}`",
+                        **{f"{split} accuracy": f"{100 * a:.2f}%" for split, a in m["accuracy"].items()},
+                    }
+                    for m in loaded.members
+                ]
+            ),
         ]
     lines += [
         "",
