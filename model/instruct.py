@@ -10,7 +10,6 @@ what `generate_responses` reads), `metrics.json`, a manifest. `generate_response
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import Field
 from gptflow.errors import GptflowError
 from gptflow.prompts import Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
-from gptflow.stage import Built, Decision, Stage
+from gptflow.stage import Built, Decision, Journal, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
 from model.config import GPTConfig
@@ -47,7 +46,6 @@ from model.training import (
 
 RESPONSES_DIR = "responses"
 RESPONSES = "test_responses.json"
-PROGRESS = "progress.jsonl"
 RESPONSE_KEY = "model_response"
 
 
@@ -330,7 +328,7 @@ def generate_responses(
     """Answer every test entry; write them with a `model_response` field to `test_responses.json` in `out_dir`
     (default: `responses/` beside the model).
 
-    Each response is appended to `progress.jsonl` (its first line holds the stage key) as soon as it is made; a
+    Each response goes to the stage's journal (`gptflow.stage.Journal`, `progress.jsonl`) as soon as it is made; a
     rerun that the stage contract resumes skips the entries already there. `on_response(index, entry)` is called
     after each new one is saved (progress reporting; raising from it interrupts the run)."""
     config = config or InstructConfig()
@@ -343,71 +341,31 @@ def generate_responses(
         code=__name__,
         folder=Path(out_dir) if out_dir else model_path.parent / RESPONSES_DIR,
     )
-    progress_path = stage.dir / PROGRESS
+    journal = Journal(stage)
 
     def build(decision: Decision) -> Built:
         opened = open_model(model_path, ("instruct",), hint=" (fine-tune one with `gptflow finetune-instructions`)")
         model, style = opened.language_model(), opened.style
         model.to(resolve_device(config.device))  # generation runs in fp32: no precision to decide
         set_threads(config.threads)
-        done = _read_progress(progress_path) if decision.action == "resume" else {}
-        if not done:
-            stage.dir.mkdir(parents=True, exist_ok=True)
-            progress_path.write_text(json.dumps({"stage": stage.key}) + "\n", encoding="utf-8")
+        done = {i: str(record[RESPONSE_KEY]) for i, record in journal.begin(decision).items()}
         started, n_new = time.perf_counter(), 0
-        with open(progress_path, "a", encoding="utf-8") as progress:
-            for i, entry in enumerate(entries):
-                if i in done:
-                    continue
-                done[i] = respond(model, tokenizer, entry, style, config)
-                _append(progress, {"index": i, RESPONSE_KEY: done[i]})
-                n_new += 1
-                if on_response is not None:
-                    on_response(i, {**entry, RESPONSE_KEY: done[i]})
+        for i, entry in enumerate(entries):
+            if i in done:
+                continue
+            done[i] = respond(model, tokenizer, entry, style, config)
+            journal.append(i, {RESPONSE_KEY: done[i]})
+            n_new += 1
+            if on_response is not None:
+                on_response(i, {**entry, RESPONSE_KEY: done[i]})
         write_json_atomic(stage.dir / RESPONSES, [{**e, RESPONSE_KEY: done[i]} for i, e in enumerate(entries)])
         return Built([RESPONSES], {"entries": len(entries), "style": style}, (n_new, time.perf_counter() - started))
 
-    result = stage.run(build, checkpoint=lambda: _progress_key(progress_path))
+    result = stage.run(build, checkpoint=journal.stored_key)
     if result.reused:
         return ResponsesResult(stage.dir / RESPONSES, len(entries), 0, 0.0, reused=True)
-    progress_path.unlink()  # after the manifest: an interruption before it resumes from the progress file
+    journal.remove()
     return ResponsesResult(stage.dir / RESPONSES, len(entries), *result.value)
-
-
-def _progress_key(path: Path) -> dict | None:
-    """The stage key on the first line of a progress file (None when there is no file; {} when unreadable)."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as handle:
-        try:
-            return json.loads(handle.readline()).get("stage") or {}
-        except (json.JSONDecodeError, AttributeError):
-            return {}
-
-
-def _read_progress(path: Path) -> dict[int, str]:
-    """Responses saved by the interrupted run; a line cut short by a crash is dropped (and cut off the file)."""
-    done: dict[int, str] = {}
-    with open(path, "rb") as handle:
-        good_bytes = len(handle.readline())
-        for raw in handle:
-            try:
-                record = json.loads(raw)
-                if not raw.endswith(b"\n"):
-                    break
-                done[int(record["index"])] = str(record[RESPONSE_KEY])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                break
-            good_bytes += len(raw)
-    with open(path, "r+b") as handle:
-        handle.truncate(good_bytes)
-    return done
-
-
-def _append(handle, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def sample_rows(path: Path, n: int, width: int = 200) -> list[dict[str, str]]:

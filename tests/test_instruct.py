@@ -17,7 +17,6 @@ from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.gpt import GPTModel
 from model.instruct import (
-    PROGRESS,
     InstructConfig,
     collate,
     encode_entries,
@@ -188,7 +187,7 @@ def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
 
     with pytest.raises(Interrupted):
         generate_responses(model_path, test, tmp_path / "split", config, tokenizer=tokenizer, on_response=stop_after_2)
-    progress = tmp_path / "split" / PROGRESS
+    progress = tmp_path / "split" / "progress.jsonl"
     assert len(progress.read_text().splitlines()) == 3  # key line + 2 responses
     with open(progress, "a") as handle:
         handle.write('{"index": 2, "model_resp')  # a line cut short by a crash
