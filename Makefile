@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,data,model,eval
 
-.PHONY: setup run test e2e server deploy worker image clean
+.PHONY: setup run test check e2e server deploy worker image clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop (about 2 minutes): lint plus the unit tier, the tests that need no Prefect server, start no
+# process and train no more than a few tiny steps (markers in pyproject.toml). `make test` runs them all.
+UNIT := not slow and not server and not subprocess
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -m "$(UNIT)" $(PYTEST_ARGS)
 
 # A local Prefect server + process worker for the deployments of prefect.yaml (nightly pipeline, weekly
 # pretraining, on-demand evaluation). `make server` in one terminal, then `make deploy` and `make worker`.

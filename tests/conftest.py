@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +24,60 @@ def mirror_root() -> Path:
     if not path.is_dir():
         pytest.fail(f"the tests read public inputs from the offline mirror; {path} does not exist (set GPTFLOW_MIRROR)")
     return path.resolve()
+
+
+# The unit tier (`make check`) leaves out tests marked `slow`, `server` or `subprocess`. The last two are set here
+# from what a test uses, so that a new test cannot slip a server or a child process into the fast tier unmarked:
+# `server` for a test that uses the session's Prefect server (`prefect_harness`), `subprocess` for one whose body
+# or fixtures start a process.
+STARTS_A_PROCESS = re.compile(r"\bsubprocess\.(run|Popen|call|check_call|check_output)\(|\bLocalCluster\(|\blaunch\(")
+
+
+def _starts_a_process(function: Any) -> bool:
+    try:
+        return bool(STARTS_A_PROCESS.search(inspect.getsource(function)))
+    except (OSError, TypeError):
+        return False
+
+
+# Tests of files kept by others that train for seconds: marked here until their files carry the mark.
+SLOW_ELSEWHERE = (
+    "tests/test_stage.py::test_code_change_retrains_and_never_restamps_a_finished_checkpoint",
+    "tests/test_stage.py::test_a_preset_edit_reruns_pretraining_and_an_unrelated_edit_reuses_it",
+    "tests/test_stage.py::test_a_truncated_best_pt_is_rebuilt_to_the_same_weights",
+    "tests/test_stage.py::test_classifier_is_keyed_on_its_init_weights",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
+        names = getattr(item, "fixturenames", ())
+        if "prefect_harness" in names:
+            item.add_marker(pytest.mark.server)
+        definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        functions = [getattr(item, "function", None)] + [d.func for defs in definitions.values() for d in defs]
+        if any(_starts_a_process(f) for f in functions if f is not None):
+            item.add_marker(pytest.mark.subprocess)
+
+
+# One factory for the tiny configs the tests train with: the `tiny` preset, plus each test's own fields.
+def tiny_config(kind: str, **fields: Any):
+    """`kind`'s config (pretrain | classifier | instruct | gpt) for the `tiny` preset with `fields` on top."""
+    if kind == "gpt":
+        from model.config import GPTConfig
+
+        return GPTConfig.from_preset("tiny", **fields)
+    if kind == "pretrain":
+        from model.pretrain import PretrainConfig as config_class
+    elif kind == "classifier":
+        from model.classifier import ClassifierConfig as config_class
+    elif kind == "instruct":
+        from model.instruct import InstructConfig as config_class
+    else:
+        raise ValueError(f"tiny_config: unknown kind {kind!r}")
+    return config_class(**{"preset": "tiny", **fields})
 
 
 def write_random_tokens(folder: Path, n_train: int, n_val: int, seed: int) -> Path:
@@ -111,3 +168,28 @@ def fake_ollama():
 
     with FakeOllama() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def topic_classifier(tmp_path_factory, tokenizer, mirror) -> dict[str, Any]:
+    """A tiny 3-topic classifier that learned (60 training texts, 3 epochs), exported with int8 and checked on 102 test
+    texts: trained once per session for the tests that read a real bundle (export, edge runtime, champion)."""
+    from classify_data import write_splits
+
+    from gptflow.tokenizer import tokenizer_files
+    from model.classifier import finetune
+    from model.onnx_export import ExportConfig, export_classifier
+
+    root = tmp_path_factory.mktemp("topic-classifier")
+    data = write_splits(root / "data", (20, 5, 34))  # 60 train, 15 validation, 102 test texts
+    config = tiny_config("classifier", trainable="all", lr=2e-3, epochs=3, batch_size=8, patience=None)
+    tuned = finetune(data, root / "clf", config, tokenizer=tokenizer)
+    report = export_classifier(
+        tuned.best,
+        data,
+        root / "export",
+        ExportConfig(),
+        tokenizer=tokenizer,
+        tokenizer_files=tokenizer_files(load_settings(mirror=mirror)),
+    )
+    return {"root": root, "data": data, "best": tuned.best, "report": report, "bundle": Path(report["bundle"])}

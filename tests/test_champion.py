@@ -9,11 +9,12 @@ import shutil
 import pytest
 from alert_receiver import Receiver
 from classify_data import write_splits
+from conftest import tiny_config
 
 from eval.champion import ChampionError, PromotionConfig, PromotionRule, decide, score_classifier_bundle
 from gptflow.settings import get_settings, load_settings
 from gptflow.tokenizer import tokenizer_files
-from model.classifier import ClassifierConfig, finetune
+from model.classifier import finetune
 from model.onnx_export import ExportConfig, export_classifier
 from tasks.registry import registry_task
 
@@ -66,32 +67,29 @@ def test_registry_task_names_are_stable_per_source(kind, source, name):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tokenizer, mirror):
-    """A learned classifier of 3 classes exported with int8, and a barely trained one (near-uniform logits, which
-    int8 rounding would flip) exported fp32 only."""
+def bundles(tmp_path_factory, tokenizer, mirror, topic_classifier):
+    """A learned classifier of 3 classes exported with int8 (the session's topic classifier), and a barely trained
+    one on the same data (near-uniform logits, which int8 rounding would flip) exported fp32 only."""
     root = tmp_path_factory.mktemp("champion")
-    data = write_splits(root / "data", (20, 5, 20))
-    files = tokenizer_files(load_settings(mirror=mirror))
-    made = {"data": data, "root": root}
-    for name, epochs, lr, int8 in (("strong", 3, 2e-3, True), ("weak", 1, 1e-6, False)):
-        config = ClassifierConfig(preset="tiny", trainable="all", lr=lr, epochs=epochs, batch_size=8, patience=None)
-        tuned = finetune(data, root / name, config, tokenizer=tokenizer)
-        export = export_classifier(
-            tuned.best,
-            data,
-            root / f"{name}-export",
-            ExportConfig(int8=int8),
-            tokenizer=tokenizer,
-            tokenizer_files=files,
-        )
-        made[name] = export["bundle"]
-    return made
+    data = topic_classifier["data"]
+    config = tiny_config("classifier", trainable="all", lr=1e-6, epochs=1, batch_size=8, patience=None)
+    weak = finetune(data, root / "weak", config, tokenizer=tokenizer)
+    export = export_classifier(
+        weak.best,
+        data,
+        root / "weak-export",
+        ExportConfig(int8=False),
+        tokenizer=tokenizer,
+        tokenizer_files=tokenizer_files(load_settings(mirror=mirror)),
+    )
+    return {"data": data, "root": root, "strong": topic_classifier["bundle"], "weak": export["bundle"]}
 
 
+@pytest.mark.slow
 def test_bundles_are_scored_as_they_ship(bundles):
     strong = score_classifier_bundle(bundles["strong"], bundles["data"])
     weak = score_classifier_bundle(bundles["weak"], bundles["data"])
-    assert (strong["model"], weak["model"], strong["n"]) == ("int8", "fp32", 60)
+    assert (strong["model"], weak["model"], strong["n"], weak["n"]) == ("int8", "fp32", 102, 102)
     assert strong["accuracy"] > 0.9 > weak["accuracy"] + 0.2
     assert 0 <= weak["macro_f1"] <= weak["accuracy"] + 0.34
     other = write_splits(bundles["root"] / "two-classes", (4, 2, 4))
@@ -100,6 +98,7 @@ def test_bundles_are_scored_as_they_ship(bundles):
         score_classifier_bundle(bundles["strong"], other)
 
 
+@pytest.mark.slow
 def test_challengers_promote_keep_alert_and_rescore_on_new_data(prefect_harness, settings, bundles, monkeypatch):
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -135,7 +134,7 @@ def test_challengers_promote_keep_alert_and_rescore_on_new_data(prefect_harness,
         assert [e for e, _ in events] == ["promoted", "promoted", "challenger-worse"]
         assert "stage: promote classifier-topics" in events[2][1] and "reason: worse by" in events[2][1]
 
-        new_data = shutil.copytree(bundles["data"], bundles["root"] / "data-v2")
+        new_data = shutil.copytree(bundles["data"], bundles["root"] / "data-v2")  # the session's data stays as it is
         (new_data / "test.csv").write_text("text,label\ninvoice refund bank,0\nfootball goal team,2\n")
         fifth = challenge(str(bundles["weak"]), str(new_data))
         assert fifth["data_key"] != first["data_key"] and fifth["metrics"]["champion"]["n"] == 2  # re-scored

@@ -15,6 +15,7 @@ from classify_data import write_splits
 from conftest import command_env, write_random_tokens
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
 
 from flows.pretrain import pretrain_flow
 from model.classifier import ClassifierConfig, finetune
@@ -75,6 +76,9 @@ def test_flow_launches_training_under_torchrun(prefect_harness, settings, tmp_pa
     assert not result["reused"] and result["metrics"]["world_size"] == 2 and result["metrics"]["steps"] == 4
     assert not (settings.home / "launch").exists() or not any((settings.home / "launch").iterdir())
 
+    # The flow run's logs reach the API from a background worker that sends a batch every 2 s: under CPU load
+    # the last batch may still be queued when the flow returns. Send what is queued before reading them back.
+    APILogHandler().flush()
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))

@@ -14,41 +14,29 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from classify_data import make_texts, write_splits
+from classify_data import make_texts
 from conftest import REPO_ROOT
 
 from edge import BundleError
 from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, pad_batch, softmax
-from gptflow.settings import load_settings
 from gptflow.storage import sha256_file
-from gptflow.tokenizer import tokenizer_files
-from model.classifier import ClassifierConfig, SequenceClassifier, finetune, load_classifier, predict_logits
+from model.classifier import SequenceClassifier, load_classifier, predict_logits
 from model.config import GPTConfig
 from model.gpt import GPTModel
-from model.onnx_export import ExportConfig, ExportError, check_parity, export_classifier, export_onnx, onnx_logits
+from model.onnx_export import ExportError, check_parity, export_onnx, onnx_logits
 from model.quantize import QuantizationGateError, check_accuracy_gate, quantize_torch_dynamic
 
 TEXTS = ["the invoice payment was charged twice", "football match today, great goal", "", "garlic soup recipe"]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer, mirror):
-    root = tmp_path_factory.mktemp("export")
-    data = write_splits(root / "data", (20, 5, 34))  # 60 train, 102 test texts
-    config = ClassifierConfig(preset="tiny", trainable="all", lr=2e-3, epochs=3, batch_size=8, patience=None)
-    tuned = finetune(data, root / "clf", config, tokenizer=tokenizer)
-    report = export_classifier(
-        tuned.best,
-        data,
-        root / "export",
-        ExportConfig(),
-        tokenizer=tokenizer,
-        tokenizer_files=tokenizer_files(load_settings(mirror=mirror)),
-    )
-    return {"root": root, "data": data, "best": tuned.best, "report": report, "bundle": root / "export" / "bundle"}
+def exported(topic_classifier):
+    """The session's tiny topic classifier (tests/conftest.py): trained on 60 texts, exported with int8."""
+    return topic_classifier
 
 
+@pytest.mark.slow
 def test_export_report_parity_and_int8(exported):
     report = exported["report"]
     assert report["parity"]["n"] == 102 and report["parity"]["fp32_prediction_matches"] == 102
@@ -59,6 +47,7 @@ def test_export_report_parity_and_int8(exported):
     assert report["sizes_bytes"]["model.int8.onnx"] * 3 < report["sizes_bytes"]["model.onnx"]
 
 
+@pytest.mark.slow
 def test_onnx_graph_io_checker_and_metadata(exported):
     path = exported["bundle"] / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
@@ -76,6 +65,7 @@ def test_onnx_graph_io_checker_and_metadata(exported):
     assert int(meta["opset"]) >= 17
 
 
+@pytest.mark.slow
 def test_dynamic_axes_match_torch(exported):
     loaded = load_classifier(exported["best"])
     edge = EdgeClassifier(exported["bundle"])
@@ -88,6 +78,7 @@ def test_dynamic_axes_match_torch(exported):
         assert np.abs(ort_logits - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_bundle_manifest_lists_every_file(exported):
     bundle = exported["bundle"]
     manifest = verify_bundle(bundle)
@@ -96,6 +87,7 @@ def test_bundle_manifest_lists_every_file(exported):
     assert all(manifest["files"][n] == sha256_file(bundle / n) for n in names)
 
 
+@pytest.mark.slow
 def test_tampered_bundle_is_refused(exported, tmp_path, settings, capsys):
     from cli import main
 
@@ -150,6 +142,7 @@ def classify_with_edge_alone(bundle, texts: list[str], int8: bool, tmp_path) -> 
 
 
 @pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.slow
 def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
     """edge/ copied alone beside a bundle runs with only numpy, onnxruntime and tiktoken importable."""
     texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
@@ -174,10 +167,11 @@ def test_parity_and_gate_fail_loudly():
         check_accuracy_gate(0.98, 0.965, 1.0, "t")
 
 
-def test_classify_cli_checkpoint_and_bundle(exported, settings, capsys):
+@pytest.mark.slow
+def test_classify_cli_checkpoint_and_bundle(exported, settings, tmp_path, capsys):
     from cli import main
 
-    texts_file = exported["root"] / "msgs.csv"
+    texts_file = tmp_path / "msgs.csv"
     texts_file.write_text("text\nfootball match today, great goal\ngarlic soup recipe\n")
     outputs = []
     for model, extra in ((exported["best"], []), (exported["bundle"], ["--int8"])):
@@ -206,6 +200,7 @@ def test_cli_bad_input_exits_2(argv, message, settings, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
     torch.manual_seed(0)
     model = SequenceClassifier(GPTModel(GPTConfig.from_preset("tiny")), 2, "mean").eval()
@@ -225,6 +220,7 @@ def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
         (lambda m: m.update(max_length="128"), "'max_length' must be a positive integer, got '128'"),
     ],
 )
+@pytest.mark.slow
 def test_a_malformed_manifest_is_one_line(exported, tmp_path, edit, message):
     bundle = shutil.copytree(exported["bundle"], tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())

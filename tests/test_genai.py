@@ -70,6 +70,7 @@ def torch_greedy(model: GPTModel, rows: list[list[int]], new_tokens: int, **kwar
     return [until_eos(row[len(rows[0]) :]) for row in out.tolist()]
 
 
+@pytest.mark.slow
 def test_config_names_the_graph_inputs_and_outputs(bundle):
     folder, model = bundle
     config = json.loads((folder / GENAI_CONFIG).read_text())
@@ -88,6 +89,7 @@ def test_config_names_the_graph_inputs_and_outputs(bundle):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["hello", "seven", "one"])
+@pytest.mark.slow
 def test_greedy_tokens_equal_pytorch(bundle, genai_model, prompt):
     _, model = bundle
     got = genai_greedy(genai_model, [prompt], NEW_TOKENS)
@@ -95,6 +97,7 @@ def test_greedy_tokens_equal_pytorch(bundle, genai_model, prompt):
     assert len(set(got[0])) > 1  # the model is sharp enough for the comparison to mean something
 
 
+@pytest.mark.slow
 def test_batch_of_equal_length_prompts(bundle, genai_model):
     _, model = bundle
     rows = [PROMPTS[1], [50, 51, 52, 53, 54, 55, 56]]
@@ -103,6 +106,7 @@ def test_batch_of_equal_length_prompts(bundle, genai_model):
     assert got[0] != got[1]
 
 
+@pytest.mark.slow
 def test_genai_does_not_mask_left_padding(bundle, genai_model):
     """onnxruntime-genai 0.18 feeds an all-ones attention mask and positions 0..n-1 to every row, so a left-padded
     row is read with its pad tokens as real ones (see model/genai.py). If this fails, genai has started to honour
@@ -127,6 +131,7 @@ TEXTS = [
 ]
 
 
+@pytest.mark.slow
 def test_tokenizer_equals_tiktoken(genai_model, tokenizer):
     tok = og.Tokenizer(genai_model)
     assert tok.encode("Hello, world").tolist() == [15496, 11, 995]

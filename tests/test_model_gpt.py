@@ -115,6 +115,7 @@ def test_kv_cache_with_padding_mask(tiny_model):
     torch.testing.assert_close(torch.cat([first, rest], 1)[:, 2:], full[:, 2:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_traceable_with_dynamic_batch_and_sequence(tiny_model):
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=TINY.context_length)
     ids = torch.randint(0, TINY.vocab_size, (2, 8))

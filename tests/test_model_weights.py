@@ -84,6 +84,7 @@ def test_untied_head_parity(tmp_path):
     assert (model(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_gpt2_small_shapes_parity_via_mirror(tmp_path):
     hf = hf_model(2, **HF_CONFIGS["gpt2-small"])
     folder = tmp_path / "hf"
