@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from classify_data import write_splits
+from conftest import tiny_config
 
 from edge.text import encode_texts
 from eval.plots import plot_training_curves
@@ -16,7 +17,6 @@ from model.classifier import (
     finetune,
     read_split,
 )
-from model.config import GPTConfig
 from model.files import CLASSIFIERS
 from model.gpt import GPTModel
 from model.opener import open_model
@@ -24,7 +24,7 @@ from model.opener import open_model
 
 def tiny_classifier(n_classes: int = 3, pooling: str = "last_real") -> SequenceClassifier:
     torch.manual_seed(0)
-    return SequenceClassifier(GPTModel(GPTConfig.from_preset("tiny")), n_classes, pooling).eval()
+    return SequenceClassifier(GPTModel(tiny_config("gpt")), n_classes, pooling).eval()
 
 
 def test_logit_shapes_and_no_lm_head():
@@ -102,9 +102,7 @@ def test_bad_config_and_bad_split(tmp_path):
         read_split(tmp_path / "test.csv", {"a": 0, "b": 1})
 
 
-CONFIG = dict(
-    preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3, patience=None
-)
+CONFIG = dict(trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3, patience=None)
 
 
 def evals(history):
@@ -114,7 +112,7 @@ def evals(history):
 @pytest.mark.slow
 def test_resume_after_a_crash_gives_identical_params(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 train texts: 4 steps per epoch, 8 steps
-    config = ClassifierConfig(**CONFIG)
+    config = tiny_config("classifier", **CONFIG)
     full = finetune(data, tmp_path / "full", config, tokenizer=tokenizer)
     assert [h["step"] for h in evals(full.history)] == [3, 6, 8]
 
@@ -136,7 +134,7 @@ def test_resume_after_a_crash_gives_identical_params(tmp_path, tokenizer):
 @pytest.mark.slow
 def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))
-    config = ClassifierConfig(**{**CONFIG, "epochs": 3, "patience": None, "keep": "last"})
+    config = tiny_config("classifier", **{**CONFIG, "epochs": 3, "patience": None, "keep": "last"})
     result = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
     assert [h["step"] for h in evals(result.history)] == [3, 6, 9, 12]
     assert [h["best"] for h in evals(result.history)] == [False, False, False, True]
@@ -153,7 +151,7 @@ def test_keep_last_trains_the_whole_schedule_and_keeps_the_final_weights(tmp_pat
 @pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tokenizer):
     data = write_splits(tmp_path / "data", (10, 3, 3))
-    config = ClassifierConfig(**{**CONFIG, "lr": 1e-12, "epochs": 3, "patience": 2})  # nothing improves
+    config = tiny_config("classifier", **{**CONFIG, "lr": 1e-12, "epochs": 3, "patience": 2})  # nothing improves
     result = finetune(data, tmp_path / "run", config, tokenizer=tokenizer)
     assert [h["step"] for h in evals(result.history)] == [3, 6, 9]
     assert result.summary["early_stopped"] and result.summary["best_step"] == 3

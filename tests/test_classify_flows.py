@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from classify_data import make_texts
+from conftest import tiny_config
 
-from model.classifier import ClassifierConfig
 from model.onnx_export import ExportConfig
 
 
@@ -17,7 +17,7 @@ def test_finetune_then_export_flows(prefect_harness, settings, tmp_path):
 
     csv = tmp_path / "topics.csv"
     make_texts(20, seed=3).rename(columns={"text": "message", "label": "topic"}).to_csv(csv, index=False)
-    config = ClassifierConfig(preset="tiny", trainable="all", lr=2e-3, epochs=2, patience=None)
+    config = tiny_config("classifier", trainable="all", lr=2e-3, epochs=2, patience=None)
     out = finetune_classifier_flow(str(csv), config, text_column="message", label_column="topic")
     out_dir = Path(out["out_dir"])
     assert out_dir.parent == settings.home / "classify"

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import write_random_tokens
+from conftest import tiny_config, write_random_tokens
 from pydantic import ValidationError
 
 from gptflow.ranks import DistributedEnvError, Ranks, process_ranks
@@ -137,8 +137,8 @@ def saved_as_on_cuda():
 
 @pytest.mark.slow
 def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(corpus, tmp_path, keep_threads):
-    config = PretrainConfig(
-        preset="tiny",
+    config = tiny_config(
+        "pretrain",
         context_length=16,
         batch_size=2,
         steps=6,

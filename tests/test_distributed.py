@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_random_tokens
+from conftest import tiny_config, write_random_tokens
 
 from gptflow.settings import get_settings
 from gptflow.stage import StageError
@@ -27,8 +27,8 @@ from model.pretrain import PretrainConfig, pretrain
 
 TARGET = "model.pretrain:pretrain"
 TWO_RANKS = {"kind": "torchrun", "nproc_per_node": 2}
-CONFIG = PretrainConfig(
-    preset="tiny",
+CONFIG = tiny_config(
+    "pretrain",
     context_length=32,
     batch_size=2,
     steps=6,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from classify_data import write_splits
-from conftest import command_env, write_random_tokens
+from conftest import command_env, tiny_config, write_random_tokens
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 
 from flows.pretrain import pretrain_flow
-from model.classifier import ClassifierConfig, finetune
+from model.classifier import finetune
 from model.launch import launch
 from model.pretrain import PretrainConfig
 
@@ -115,10 +115,10 @@ def test_failed_rank_fails_the_task_with_its_log(prefect_harness, settings, tmp_
 def test_classifier_data_parallel_matches_one_process(settings, tmp_path, tokenizer):
     """Two ranks with grad_accum 1 take the same steps over the same epochs as one process with grad_accum 2."""
     data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 texts, batch 4: 8 batches (the last short) per epoch
-    base = dict(preset="tiny", trainable="all", lr=1e-3, epochs=2, batch_size=4, eval_every=2, precision="fp32")
+    base = dict(trainable="all", lr=1e-3, epochs=2, batch_size=4, eval_every=2, precision="fp32")
     base |= dict(threads=1, patience=None, keep="last")
     records: list[dict] = []
-    config = ClassifierConfig(**base, launcher={"kind": "torchrun", "nproc_per_node": 2})
+    config = tiny_config("classifier", **base, launcher={"kind": "torchrun", "nproc_per_node": 2})
     launch(
         "model.classifier:finetune",
         (data, tmp_path / "ddp"),
@@ -127,7 +127,7 @@ def test_classifier_data_parallel_matches_one_process(settings, tmp_path, tokeni
         workdir=tmp_path / "launch",
         on_record=records.append,
     )
-    single = finetune(data, tmp_path / "single", ClassifierConfig(**base, grad_accum=2), tokenizer=tokenizer)
+    single = finetune(data, tmp_path / "single", tiny_config("classifier", **base, grad_accum=2), tokenizer=tokenizer)
     assert (
         [r["step"] for r in records if r["kind"] == "eval"]
         == [2, 4, 6, 8]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from classify_data import make_texts, write_splits
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config
 from pydantic import ValidationError
 from test_export_edge import classify_with_edge_alone
 
@@ -129,7 +129,7 @@ def ensemble(tmp_path_factory, tokenizer, mirror):
     settings = load_settings(mirror=mirror, home=root / "home")
     members = []
     for seed in (1, 2):
-        config = ClassifierConfig(preset="tiny", seed=seed, **FINETUNE)
+        config = tiny_config("classifier", seed=seed, **FINETUNE)
         tuned = finetune(data, root / f"member{seed}", config, tokenizer=tokenizer)
         _, splits = split_logits(open_model(tuned.best, CLASSIFIERS).classifier(), data, tokenizer=tokenizer)
         metrics = {s: {"accuracy": float((logits.argmax(1) == y).mean())} for s, (y, logits) in splits.items()}

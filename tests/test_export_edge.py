@@ -15,14 +15,13 @@ import onnx
 import pytest
 import torch
 from classify_data import make_texts
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_config
 
 from edge import BundleError
 from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, pad_batch, softmax
 from gptflow.storage import sha256_file
 from model.classifier import SequenceClassifier, load_classifier, predict_logits
-from model.config import GPTConfig
 from model.gpt import GPTModel
 from model.onnx_export import ExportError, check_parity, export_onnx, onnx_logits
 from model.quantize import QuantizationGateError, check_accuracy_gate, quantize_torch_dynamic
@@ -203,7 +202,7 @@ def test_cli_bad_input_exits_2(argv, message, settings, capsys):
 @pytest.mark.slow
 def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
     torch.manual_seed(0)
-    model = SequenceClassifier(GPTModel(GPTConfig.from_preset("tiny")), 2, "mean").eval()
+    model = SequenceClassifier(GPTModel(tiny_config("gpt")), 2, "mean").eval()
     path = export_onnx(model, tmp_path / "mean.onnx", {"pooling": "mean"})
     rows = [[5, 6, 7], list(range(100, 140)), [42]]
     assert np.abs(onnx_logits(path, rows) - predict_logits(model, rows)).max() <= 1e-4

@@ -10,11 +10,11 @@ import onnx
 import onnxruntime_genai as og
 import pytest
 import torch
+from conftest import tiny_config
 
 from gptflow.settings import load_settings
 from gptflow.storage import write_json_atomic
 from gptflow.tokenizer import EOT_ID, encode, tokenizer_files
-from model.config import GPTConfig
 from model.genai import GENAI_CONFIG, genai_config, genai_files
 from model.generate import generate
 from model.gpt import GPTModel
@@ -28,7 +28,7 @@ NEW_TOKENS = 12
 def bundle(tmp_path_factory, mirror):
     """(folder, PyTorch model): the decoder exported as model.onnx beside the genai files."""
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("tiny")
+    cfg = tiny_config("gpt")
     model = GPTModel(cfg).eval()
     with torch.no_grad():  # sharper than GPT-2's init, so that greedy tokens change with context and position
         for param in model.parameters():

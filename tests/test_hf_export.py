@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
 
 from gptflow.settings import load_settings  # noqa: E402
 from gptflow.tokenizer import tokenizer_files  # noqa: E402
-from model.config import GPTConfig  # noqa: E402
 from model.gpt import GPTModel  # noqa: E402
 from model.weights import HF_MODEL_FILES, HF_TOKENIZER_FILES, WeightsError, load_gpt2, save_hf_gpt2  # noqa: E402
 
@@ -28,7 +28,7 @@ CASES = {
 def random_model(seed: int, **overrides) -> GPTModel:
     """A tiny GPTModel whose every parameter (biases and LayerNorms too) is random, in eval mode."""
     torch.manual_seed(seed)
-    model = GPTModel(GPTConfig.from_preset("tiny", **overrides)).eval()
+    model = GPTModel(tiny_config("gpt", **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.02 if p.ndim > 1 else 0.1)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -13,7 +14,6 @@ from cli import main
 from flows.inspect import inspect_flow
 from model.checkpoint import save_model
 from model.classifier import SequenceClassifier, save_classifier
-from model.config import GPTConfig
 from model.gpt import GPTModel
 from model.introspect import InspectConfig
 
@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def tiny(seed: int = 0) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(GPTConfig.from_preset("tiny")).eval()
+    return GPTModel(tiny_config("gpt")).eval()
 
 
 @pytest.fixture

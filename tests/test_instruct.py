@@ -8,16 +8,15 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from cli import main
 from eval.plots import plot_loss_curve
 from gptflow.prompts import clean_response, extract_response, format_example, format_prompt
 from model.checkpoint import load_checkpoint
-from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.gpt import GPTModel
 from model.instruct import (
-    InstructConfig,
     collate,
     encode_entries,
     finetune,
@@ -37,9 +36,7 @@ ENTRIES = [
     }
     for i in range(20)
 ]
-TINY = dict(
-    preset="tiny", batch_size=2, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=4, max_new_tokens=6
-)
+TINY = dict(batch_size=2, log_every=1, eval_every=4, eval_batches=1, checkpoint_every=4, max_new_tokens=6)
 
 
 class Interrupted(Exception):
@@ -119,7 +116,7 @@ def test_collate_masks_prompt_and_truncates():
 
 def test_loss_ignores_masked_targets():
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=60)).eval()
+    model = GPTModel(tiny_config("gpt", vocab_size=60)).eval()
     x, y = torch.randint(0, 60, (2, 4)), torch.tensor([[2, -100, -100, 7], [-100, -100, 5, -100]])
     log_probs = torch.log_softmax(model(x), -1)
     expected = -(log_probs[0, 0, 2] + log_probs[0, 3, 7] + log_probs[1, 2, 5]) / 3  # the three kept targets
@@ -130,7 +127,7 @@ def test_loss_ignores_masked_targets():
 
 @pytest.mark.slow
 def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
-    config = InstructConfig(**{**TINY, "lr": 5e-3, "epochs": 4, "eval_every": 100, "batch_size": 4})
+    config = tiny_config("instruct", **{**TINY, "lr": 5e-3, "epochs": 4, "eval_every": 100, "batch_size": 4})
     result = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer)
     losses = [h["loss"] for h in result.history if h["kind"] == "train"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 2.0  # nats per token
@@ -145,7 +142,7 @@ def test_training_reduces_loss(data_dir, tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
-    config = InstructConfig(**TINY, style="phi3", mask_prompt=True, lr=1e-3, max_steps=6)  # 4 steps/epoch
+    config = tiny_config("instruct", **TINY, style="phi3", mask_prompt=True, lr=1e-3, max_steps=6)  # 4 steps/epoch
     full = finetune(data_dir, tmp_path / "full", config, tokenizer=tokenizer)
 
     def stop_at_6(m):
@@ -169,7 +166,7 @@ def test_resume_gives_identical_params(data_dir, tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_responses_resume_after_interrupt(data_dir, tmp_path, tokenizer):
-    config = InstructConfig(**{**TINY, "style": "phi3", "max_steps": 2})
+    config = tiny_config("instruct", **{**TINY, "style": "phi3", "max_steps": 2})
     model_path = finetune(data_dir, tmp_path / "run", config, tokenizer=tokenizer).model_path
     test = data_dir / "test.json"
     whole = generate_responses(model_path, test, tmp_path / "whole", config, tokenizer=tokenizer)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from model.checkpoint import CheckpointError, save_model
 from model.classifier import SequenceClassifier, save_classifier
-from model.config import GPTConfig
 from model.generate import next_token_distribution
 from model.gpt import GPTModel, mask_positions
 from model.introspect import InspectConfig, InspectError, Subject, inspect_model, load_subject, open_subject
@@ -35,7 +35,7 @@ BLOCK_STEPS = [
 
 def tiny_model(seed: int = 0, **overrides) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(GPTConfig.from_preset("tiny", **overrides)).eval()
+    return GPTModel(tiny_config("gpt", **overrides)).eval()
 
 
 @pytest.fixture(scope="module")

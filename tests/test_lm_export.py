@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO_ROOT, write_random_tokens
+from conftest import REPO_ROOT, tiny_config, write_random_tokens
 from test_export_edge import STANDALONE
 
 from cli import main
@@ -24,11 +24,10 @@ from gptflow.prompts import format_prompt
 from gptflow.settings import load_settings
 from gptflow.tokenizer import tokenizer_files
 from model.checkpoint import CheckpointError, load_checkpoint, save_model
-from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.generate import generate
 from model.gpt import GPTModel
-from model.instruct import InstructConfig, finetune
+from model.instruct import finetune
 from model.lm_export import export_lm, prompt_template
 from model.onnx_export import ExportConfig
 from model.opener import open_model
@@ -53,7 +52,7 @@ def lm(tmp_path_factory, tokenizer, mirror):
     data.mkdir()
     for name, part in {"train": ENTRIES[:12], "validation": ENTRIES[12:18], "test": ENTRIES[18:]}.items():
         (data / f"{name}.json").write_text(json.dumps(part))
-    config = InstructConfig(preset="tiny", batch_size=4, lr=5e-3, epochs=6, eval_every=100, max_new_tokens=8)
+    config = tiny_config("instruct", batch_size=4, lr=5e-3, epochs=6, eval_every=100, max_new_tokens=8)
     model_path = finetune(data, root / "instruct", config, tokenizer=tokenizer).model_path
     files = tokenizer_files(load_settings(mirror=mirror))
     report = export_lm(model_path, data, root / "export", ExportConfig(), tokenizer=tokenizer, tokenizer_files=files)
@@ -298,7 +297,7 @@ def test_onnxruntime_genai_runs_the_bundle_with_our_greedy_tokens(lm, tokenizer)
 def test_pretrained_model_exports_on_a_corpus_without_template(tmp_path, tokenizer, mirror):
     """A base model (no prompt style) is measured on a corpus folder's val.bin; its bundle uses plain prompts."""
     torch.manual_seed(3)
-    model = GPTModel(GPTConfig.from_preset("tiny"))
+    model = GPTModel(tiny_config("gpt"))
     checkpoint = save_model(tmp_path / "base" / "model.pt", model)
     corpus = write_random_tokens(tmp_path / "corpus", 300, 129 * 3, seed=4)
     files = tokenizer_files(load_settings(mirror=mirror))

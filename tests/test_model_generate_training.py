@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from model.checkpoint import (
     CheckpointError,
@@ -18,7 +19,6 @@ from model.checkpoint import (
     save_model,
     set_rng_state,
 )
-from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.generate import generate, sample_next, trim_at_eos
 from model.gpt import GPTModel
@@ -33,7 +33,7 @@ from model.training import (
     warmup_cosine,
 )
 
-CFG = GPTConfig.from_preset("tiny", context_length=32)
+CFG = tiny_config("gpt", context_length=32)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from model.config import PRESETS, GPTConfig, ModelConfigError
 from model.gpt import GPTModel
 
-TINY = GPTConfig.from_preset("tiny")
+TINY = tiny_config("gpt")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_from_preset_overrides_and_errors():
     with pytest.raises(ModelConfigError, match=r"unknown model preset 'gpt3'.*gpt2-small.*tiny.*mini"):
         GPTConfig.from_preset("gpt3")
     with pytest.raises(ModelConfigError, match="not divisible by n_heads"):
-        GPTConfig.from_preset("tiny", n_heads=3)
+        tiny_config("gpt", n_heads=3)
     with pytest.raises(ModelConfigError, match="emb_di"):
         GPTConfig.from_dict({"emb_di": 4, "n_layers": 1, "n_heads": 1})
     with pytest.raises(Exception):
@@ -45,7 +46,7 @@ def test_from_preset_overrides_and_errors():
 def test_gpt2_small_parameter_count():
     assert PRESETS["gpt2-small"].n_params() == 124_439_808  # the published 124M
     for tie in (True, False):
-        cfg = GPTConfig.from_preset("tiny", tie_weights=tie, qkv_bias=not tie)
+        cfg = tiny_config("gpt", tie_weights=tie, qkv_bias=not tie)
         assert GPTModel(cfg).num_params() == cfg.n_params()
 
 
@@ -54,7 +55,7 @@ def test_forward_shapes_tying_and_init(tiny_model):
     assert tiny_model(ids).shape == (3, 17, TINY.vocab_size)
     assert tiny_model.features(ids).shape == (3, 17, TINY.emb_dim)
     assert tiny_model.out_head.weight.data_ptr() == tiny_model.tok_emb.weight.data_ptr()
-    untied = GPTModel(GPTConfig.from_preset("tiny", tie_weights=False))
+    untied = GPTModel(tiny_config("gpt", tie_weights=False))
     assert untied.out_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
     torch.manual_seed(0)
     big = GPTModel(GPTConfig(vocab_size=512, context_length=64, emb_dim=256, n_layers=8, n_heads=4))

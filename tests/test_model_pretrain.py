@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_random_tokens
+from conftest import tiny_config, write_random_tokens
 
 import model.pretrain as pretrain_mod
 from eval.plots import plot_loss_curve
@@ -15,11 +15,11 @@ from gptflow.stage import StageError
 from model.checkpoint import load_checkpoint
 from model.files import CHECKPOINT_LMS
 from model.opener import open_model
-from model.pretrain import PretrainConfig, PretrainError, TokenWindows, pretrain
+from model.pretrain import PretrainError, TokenWindows, pretrain
 from model.training import NonFiniteLossError
 
-CONFIG = PretrainConfig(
-    preset="tiny",
+CONFIG = tiny_config(
+    "pretrain",
     context_length=16,
     batch_size=4,
     steps=8,

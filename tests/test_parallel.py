@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from classify_data import make_texts, write_splits
-from conftest import REPO_ROOT, command_env
+from conftest import REPO_ROOT, command_env, tiny_config
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -26,7 +26,7 @@ from model.classifier import ClassifierConfig
 from model.sweep import SweepError, grid_variants
 from tasks.parallel import THREAD_VARIABLES, dask_options
 
-TINY = {"preset": "tiny", "trainable": "all", "lr": 2e-3, "epochs": 2, "batch_size": 8, "keep": "last"}
+TINY = {"trainable": "all", "lr": 2e-3, "epochs": 2, "batch_size": 8, "keep": "last"}
 SPLITS = {"train", "validation", "test"}
 
 
@@ -113,7 +113,7 @@ def test_a_sweep_trains_its_variants_in_parallel_on_two_workers_and_reports_a_fa
 
     data = write_splits(tmp_path / "data", (20, 5, 10))
     environ = dict(os.environ)
-    config = ClassifierConfig(**{**TINY, "trainable": "last_k"})  # the tiny preset has 2 blocks: last_k 5 fails
+    config = tiny_config("classifier", **{**TINY, "trainable": "last_k"})  # 2 blocks: last_k 5 fails
     state = sweep_classifier_flow(str(data), config, {"seed": [11, 12], "last_k": [2, 5]}, return_state=True)
     *variants, failed_11, failed_12 = state.result()
     assert dict(os.environ) == environ  # the cluster's nannies left the flow's environment as it was
@@ -165,7 +165,9 @@ def test_an_ensemble_trains_its_members_on_the_scheduler_the_settings_name(
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         monkeypatch.setenv("GPTFLOW_DASK_ADDRESS", cluster.scheduler_address)
         get_settings.cache_clear()
-        state = finetune_classifier_flow(str(data), ClassifierConfig(ensemble=(1, 2), **TINY), return_state=True)
+        state = finetune_classifier_flow(
+            str(data), tiny_config("classifier", ensemble=(1, 2), **TINY), return_state=True
+        )
         assert cluster.scheduler.task_prefixes.keys() == {"train_classifier"}
         assert len(cluster.scheduler.workers) == 2
     out = state.result()
