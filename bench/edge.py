@@ -27,14 +27,13 @@ from data.spam import spam_dir
 from edge.runtime import run_session, session
 from edge.text import pad_batch, softmax
 from gptflow.settings import get_settings
+from gptflow.splits import read_labelled, read_labels
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import (
     ClassifierEnsemble,
     SequenceClassifier,
     encode_split,
-    load_labels,
     predict_logits,
-    read_split,
 )
 from model.config import GPTConfig
 from model.files import CLASSIFIERS
@@ -71,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = get_settings()
     data_dir = spam_dir(settings)
-    labels = load_labels(data_dir)
+    labels = read_labels(data_dir)
     if args.shape:
         torch.manual_seed(0)
         model = SequenceClassifier(GPTModel(GPTConfig.from_preset(args.shape)), len(labels)).eval()
@@ -82,7 +81,7 @@ def main() -> None:
         loaded = open_model(args.checkpoint, CLASSIFIERS).classifier()
         model, max_length = loaded.model, loaded.max_length
         name = f"{model.cfg.n_layers}x{model.cfg.emb_dim} classifier {loaded.path}"
-    test = encode_split(read_split(data_dir / "test.csv", labels), get_tokenizer(), max_length)
+    test = encode_split(read_labelled(data_dir / "test.csv", labels), get_tokenizer(), max_length)
     y = np.asarray(test.labels)
     lengths = [len(r) for r in test.ids]
     typical = test.ids[int(np.argsort(lengths)[len(lengths) // 2])]

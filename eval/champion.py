@@ -8,7 +8,6 @@ data changed.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from edge.runtime import ORT_FILES, EdgeClassifier
 from eval.metrics import classification_report
 from gptflow.errors import GptflowError
+from gptflow.splits import read_labelled, read_labels
 from gptflow.storage import sha256_file
 
 # The metrics each registry may be compared on, and how an error names the model.
@@ -85,22 +85,20 @@ def data_key(split_file: Path) -> str:
 def score_classifier_bundle(bundle: str | Path, data_dir: str | Path) -> dict[str, Any]:
     """Accuracy and macro-F1 of a classifier bundle on `data_dir`'s test split (its shipped model: int8 if any)."""
     bundle, data_dir = Path(bundle), Path(data_dir)
-    test, labels = data_dir / "test.csv", data_dir / "labels.json"
-    if not test.is_file() or not labels.is_file():
+    if not (data_dir / "test.csv").is_file() or not (data_dir / "labels.json").is_file():
         raise ChampionError(f"{data_dir}: expected a prepared data folder (test.csv, labels.json)")
-    data_labels = json.loads(labels.read_text(encoding="utf-8"))
-    with open(test, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    data_labels = read_labels(data_dir)
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("labels") != data_labels:
         raise ChampionError(
             f"{bundle} classifies {sorted(manifest.get('labels') or {})}; the data {data_dir} has classes "
             f"{sorted(data_labels)}: it cannot be scored on this data"
         )
+    test = read_labelled(data_dir / "test.csv", data_labels)
     int8 = ORT_FILES["int8"] in manifest.get("files", {})
     classifier = EdgeClassifier(bundle, int8=int8)
     report = classification_report(
-        [int(r["label"]) for r in rows], classifier.logits([r["text"] for r in rows]), classifier.names
+        test["label"].astype(int).tolist(), classifier.logits(test["text"].tolist()), classifier.names
     )
     return {
         "accuracy": report["accuracy"],

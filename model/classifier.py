@@ -29,6 +29,7 @@ from torch import nn
 
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
+from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
@@ -247,31 +248,6 @@ class LabelledTexts:
         return len(self.labels)
 
 
-def read_split(path: Path, labels: dict[str, int]) -> pd.DataFrame:
-    if not path.is_file():
-        raise ClassifierError(f"split file {path} does not exist; run `gptflow data spam` or `gptflow data csv` first")
-    df = pd.read_csv(path, dtype={"text": str}, keep_default_na=False)
-    if list(df.columns[:2]) != ["text", "label"]:
-        raise ClassifierError(f"{path}: expected columns text,label; found {list(df.columns)}")
-    bad = ~df["label"].isin(list(labels.values()))
-    if bad.any():
-        raise ClassifierError(
-            f"{path}: label {df['label'][bad].iloc[0]} (row {int(bad.idxmax()) + 2}) is not one "
-            f"of the ids in labels.json {sorted(labels.values())}"
-        )
-    return df
-
-
-def load_labels(data_dir: Path) -> dict[str, int]:
-    path = data_dir / "labels.json"
-    if not path.is_file():
-        raise ClassifierError(f"{path} does not exist; run `gptflow data spam` or `gptflow data csv` first")
-    labels = read_json(path)
-    if sorted(labels.values()) != list(range(len(labels))):
-        raise ClassifierError(f"{path}: ids must be 0..{len(labels) - 1}, got {sorted(labels.values())}")
-    return labels
-
-
 def encode_split(df: pd.DataFrame, tokenizer, max_length: int) -> LabelledTexts:
     texts = df["text"].tolist()
     return LabelledTexts(encode_texts(tokenizer, texts, max_length), df["label"].astype(int).tolist(), texts)
@@ -395,7 +371,7 @@ def classifier_stage(
     data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, settings=None
 ) -> Stage:
     data_dir = Path(data_dir)
-    load_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
+    read_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
     inputs: dict[str, Path | str] = {n: data_dir / n for n in SPLIT_FILES}
     inputs["init"] = config.start_input(settings)
     return Stage.declare(
@@ -447,7 +423,7 @@ def _finetune(
     settings,
     on_log: Callable[[dict[str, Any]], None] | None,
 ) -> Built:
-    labels = load_labels(data_dir)
+    labels = read_labels(data_dir)
     if config.dapt is not None or config.ensemble:
         raise ClassifierError(
             "finetune trains one classifier: pretrain it with pretrain_domain first (dapt) and train an ensemble's "
@@ -460,8 +436,8 @@ def _finetune(
         else {"init": str(config.init), "sha256": stage.inputs["init"]}
     )
     max_length = min(config.max_length or backbone.cfg.context_length, backbone.cfg.context_length)
-    train_split = encode_split(read_split(data_dir / "train.csv", labels), tokenizer, max_length)
-    val = encode_split(read_split(data_dir / "validation.csv", labels), tokenizer, max_length)
+    train_split = encode_split(read_labelled(data_dir / "train.csv", labels), tokenizer, max_length)
+    val = encode_split(read_labelled(data_dir / "validation.csv", labels), tokenizer, max_length)
     torch.manual_seed(config.seed)
     model = SequenceClassifier(backbone, len(labels), config.pooling)
     n_trainable = model.set_trainable(config.trainable, config.last_k)
@@ -576,7 +552,7 @@ def build_ensemble(
     `members`: {"best": a member's best.pt, "metrics": {split: {"accuracy": ...}}} from the same data folder. A
     stage keyed on the members' files: rebuilding it after a member changed is automatic."""
     data_dir = Path(data_dir)
-    labels = load_labels(data_dir)
+    labels = read_labels(data_dir)
     paths = [Path(m["best"]) for m in members]
     stage = Stage.declare(
         "classify",
@@ -621,11 +597,11 @@ def split_logits(
 ) -> tuple[list[str], dict[str, tuple[list[int], np.ndarray]]]:
     """Class names, and (labels, logits) of every split of `data_dir`, for a classifier (`model.opener`)."""
     data_dir = Path(data_dir)
-    labels = load_labels(data_dir)
+    labels = read_labels(data_dir)
     if labels != loaded.labels:
         raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
     splits = {}
     for split in ("train", "validation", "test"):
-        data = encode_split(read_split(data_dir / f"{split}.csv", labels), tokenizer, loaded.max_length)
+        data = encode_split(read_labelled(data_dir / f"{split}.csv", labels), tokenizer, loaded.max_length)
         splits[split] = (data.labels, predict_logits(loaded.model, data.ids, batch_size))
     return loaded.names, splits

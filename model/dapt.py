@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
+from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Stage
 from gptflow.storage import sha256_bytes
 from gptflow.tokenizer import EOT_ID
@@ -70,10 +70,11 @@ class DaptConfig(BaseModel):
 def corpus_tokens(data_dir: str | Path, tokenizer) -> np.ndarray:
     """The DAPT token stream of a data folder: its training and unused texts, an end-of-text token after each."""
     data_dir = Path(data_dir)
+    labels = read_labels(data_dir)
     texts: list[str] = []
     for name in CORPUS_FILES:
         if (path := data_dir / name).is_file():
-            texts += pd.read_csv(path, dtype={"text": str}, keep_default_na=False)["text"].tolist()
+            texts += read_labelled(path, labels)["text"].tolist()
     if not texts:
         raise DaptError(f"{data_dir}: no texts to pretrain on (expected a text column in train.csv)")
     ids = tokenizer.encode_batch(texts, allowed_special="all")

@@ -9,7 +9,6 @@ what `generate_responses` reads), `metrics.json`, a manifest. `generate_response
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pydantic import Field
 from gptflow.errors import GptflowError
 from gptflow.prompts import Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
+from gptflow.splits import read_instructions
 from gptflow.stage import Built, Decision, Journal, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
@@ -148,26 +148,6 @@ class InstructConfig(TrainConfig):
 # --- data ------------------------------------------------------------------------------------------------
 
 
-def load_split(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise InstructError(f"{path} does not exist; run `gptflow data instructions` first")
-    try:
-        data = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InstructError(f"{path}: not a JSON file ({exc})") from None
-    bad = [
-        i
-        for i, e in enumerate(data if isinstance(data, list) else [None])
-        if not (isinstance(e, dict) and isinstance(e.get("instruction"), str) and isinstance(e.get("output"), str))
-    ]
-    if not isinstance(data, list) or not data or bad:
-        raise InstructError(
-            f"{path}: expected a non-empty JSON list of {{instruction, input, output}} string "
-            f"entries" + (f"; entries {bad[:10]} are not" if bad and isinstance(data, list) else "")
-        )
-    return data
-
-
 def batch_tensors(
     examples: list[tuple[list[int], int]], config: InstructConfig, max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,8 +235,8 @@ def _finetune(
     max_length = config.max_length or ctx
     if max_length > ctx:
         raise InstructError(f"max_length {max_length} exceeds the model's context length {ctx}")
-    examples = encode_entries(load_split(data_dir / "train.json"), tokenizer, config.style)
-    val = encode_entries(load_split(data_dir / "validation.json"), tokenizer, config.style)
+    examples = encode_entries(read_instructions(data_dir / "train.json"), tokenizer, config.style)
+    val = encode_entries(read_instructions(data_dir / "validation.json"), tokenizer, config.style)
     try:
         order = EpochBatches(len(examples), config.batch_size, config.seed, drop_last=True)
     except ValueError as exc:
@@ -333,7 +313,7 @@ def generate_responses(
     after each new one is saved (progress reporting; raising from it interrupts the run)."""
     config = config or InstructConfig()
     model_path, test_path = Path(model_path), Path(test_path)
-    entries = load_split(test_path)[: config.max_test_entries]
+    entries = read_instructions(test_path)[: config.max_test_entries]
     stage = Stage.declare(
         "instruct-responses",
         inputs={"model.pt": model_path, "test.json": test_path},

@@ -32,6 +32,7 @@ from edge.lm import Decoder, EdgeGenerator
 from edge.runtime import LM, ORT_FILES
 from edge.text import EOT_ID, PAD_ID
 from gptflow.prompts import format_prompt
+from gptflow.splits import read_instructions
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import atomic_path, read_json, write_json_atomic
 from model.config import GPTConfig
@@ -312,7 +313,7 @@ def eval_rows(data_dir: Path, tokenizer: Any, style: str | None, context: int, c
     room = max(1, context - config.agreement_tokens)
     if (data_dir / "validation.json").is_file() and (data_dir / "test.json").is_file():
         style = style or "alpaca"
-        val, test = read_json(data_dir / "validation.json"), read_json(data_dir / "test.json")
+        val, test = (read_instructions(data_dir / f"{split}.json") for split in ("validation", "test"))
         # encoded as fine-tuning encodes them: the example, then one end-of-text
         rows = [(ids + [EOT_ID])[: context + 1] for ids, _ in encode_entries(val[:limit], tokenizer, style)]
         prompts = [encode_text(tokenizer, format_prompt(e, style))[-room:] for e in test[:limit]]

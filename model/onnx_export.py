@@ -23,15 +23,14 @@ from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, CLASSIFIER, ORT_FILES, 
 from edge.text import PAD_ID
 from gptflow.errors import GptflowError
 from gptflow.markdown import markdown_table
+from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 from model.classifier import (
     ClassifierError,
     SequenceClassifier,
     encode_split,
-    load_labels,
     predict_logits,
-    read_split,
 )
 from model.device import DeviceSpec, resolve_device
 from model.files import CLASSIFIERS
@@ -235,7 +234,7 @@ def export_classifier(
     ExportError / QuantizationGateError loudly."""
     loaded = open_model(checkpoint, CLASSIFIERS).classifier()
     data_dir = Path(data_dir)
-    labels = load_labels(data_dir)
+    labels = read_labels(data_dir)
     if labels != loaded.labels:
         raise ClassifierError(f"{data_dir}/labels.json {labels} differs from the checkpoint's labels {loaded.labels}")
     stage = Stage.declare(
@@ -256,7 +255,7 @@ def _export(
     loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer, tokenizer_files: tuple[Path, Path]
 ) -> Built:
     out_dir, ckpt_sha = stage.dir, stage.inputs["checkpoint"]
-    test = encode_split(read_split(data_dir / "test.csv", loaded.labels), tokenizer, loaded.max_length)
+    test = encode_split(read_labelled(data_dir / "test.csv", loaded.labels), tokenizer, loaded.max_length)
     y = np.asarray(test.labels)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,13 @@ from conftest import tiny_config
 
 from edge.text import encode_texts
 from eval.plots import plot_training_curves
+from gptflow.splits import SplitError, read_labelled
 from model.classifier import (
     ClassifierConfig,
     ClassifierError,
     SequenceClassifier,
     collate,
     finetune,
-    read_split,
 )
 from model.files import CLASSIFIERS
 from model.gpt import GPTModel
@@ -98,8 +98,8 @@ def test_bad_config_and_bad_split(tmp_path):
     with pytest.raises(ValueError, match=r"expected random \| gpt2:<preset-or-safetensors> \| checkpoint:<path>"):
         ClassifierConfig(init="huggingface")
     (tmp_path / "test.csv").write_text("text,label\nhello,0\nbye,7\n")
-    with pytest.raises(ClassifierError, match=r"test.csv: label 7 \(row 3\)"):
-        read_split(tmp_path / "test.csv", {"a": 0, "b": 1})
+    with pytest.raises(SplitError, match=r"test.csv: label 7 \(row 3\) is not one of the ids in labels.json \[0, 1\]"):
+        read_labelled(tmp_path / "test.csv", {"a": 0, "b": 1})
 
 
 CONFIG = dict(trainable="all", lr=1e-3, epochs=2, batch_size=8, eval_every=3, checkpoint_every=3, patience=None)
