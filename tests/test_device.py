@@ -1,13 +1,10 @@
-"""Devices, precision and torchrun variables: what this machine has, what a config may ask for, and a checkpoint
-written on a GPU that resumes on the CPU."""
+"""Devices, precision and torchrun variables: what this machine has and what a config may ask for. (A checkpoint
+written on a GPU resuming on the CPU: test_model_pretrain.py's resume test.)"""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from conftest import tiny_config, write_random_tokens
 from pydantic import ValidationError
 
 from gptflow.ranks import DistributedEnvError, Ranks, process_ranks
@@ -19,9 +16,7 @@ from model.device import (
     resolve_device,
     resolve_precision,
 )
-from model.files import CHECKPOINT_LMS
-from model.opener import open_model
-from model.pretrain import PretrainConfig, pretrain
+from model.pretrain import PretrainConfig
 
 TORCHRUN_ENV = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -101,93 +96,3 @@ def test_precision_on_the_cpu():
     assert isinstance(speedup, float) and speedup > 0
     assert cpu_bf16_speedup() == speedup  # measured once per process
     assert resolve_precision("auto", cpu) == ("bf16" if speedup > 1 / BF16_MARGIN else "fp32")
-
-
-# --- a GPU checkpoint resumed on the CPU ------------------------------------------------------------------------
-
-
-class Killed(Exception):
-    pass
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_random_tokens(tmp_path / "corpus", 4000, 1000, seed=7)
-
-
-@pytest.fixture
-def keep_threads():
-    """The runs below train on 1 thread (set process-wide); later tests get torch's count back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def saved_as_on_cuda():
-    """Inside the block, `torch.save` tags every CPU storage with location "cuda:0", as a file written from a GPU
-    is tagged; loading is left to torch's own deserializers (ours returns None)."""
-    entry = (0, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda storage, location: None)
-    torch.serialization.register_package(*entry)
-    try:
-        yield
-    finally:
-        torch.serialization._package_registry.remove(entry)
-
-
-@pytest.mark.slow
-def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(corpus, tmp_path, keep_threads):
-    config = tiny_config(
-        "pretrain",
-        context_length=16,
-        batch_size=2,
-        steps=6,
-        warmup_steps=2,
-        lr=3e-3,
-        log_every=1,
-        eval_every=3,
-        eval_batches=2,
-        checkpoint_every=2,
-        sample_tokens=0,
-        device="cpu",
-        precision="fp32",
-        threads=1,
-    )
-    full = pretrain(corpus, tmp_path / "full", config, progress=False)
-
-    def kill_at_step_5(record):
-        if record["kind"] == "train" and record["step"] == 5:
-            raise Killed
-
-    checkpoint = tmp_path / "split" / "last.pt"
-    with saved_as_on_cuda(), pytest.raises(Killed):
-        pretrain(corpus, tmp_path / "split", config, on_log=kill_at_step_5, progress=False)
-    assert all(e[0] != 0 for e in torch.serialization._package_registry)
-    assert not (tmp_path / "split" / "model.pt").exists()
-
-    if not torch.cuda.is_available():  # as on any CPU-only machine, the file cannot be loaded as it is
-        with pytest.raises(RuntimeError, match="CUDA"):
-            torch.load(checkpoint, weights_only=True)
-    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["train_state"]["step"] == 4
-
-    seen = []
-    resumed = pretrain(corpus, tmp_path / "split", config, on_log=seen.append, progress=False)
-    assert [r["step"] for r in seen if r["kind"] == "resume"] == [4]
-    assert [r["step"] for r in seen if r["kind"] == "train"] == [5, 6]
-    assert not resumed.reused and resumed.metrics["steps"] == 6 == full.metrics["steps"]
-    assert resumed.metrics["device"] == "cpu" and resumed.metrics["precision"] == "fp32"
-
-    # The resumed run's own checkpoint holds CPU tensors only: the optimizer state was restored to the CPU.
-    final = torch.load(checkpoint, weights_only=True)
-    assert final["train_state"]["step"] == 6
-    moments = [t for s in final["optimizer"]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
-    assert moments and all(t.device.type == "cpu" for t in moments)
-
-    a, b = (
-        open_model(full.model_path, CHECKPOINT_LMS).language_model().state_dict(),
-        open_model(resumed.model_path, CHECKPOINT_LMS).language_model().state_dict(),
-    )
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
-    assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], abs=1e-6)

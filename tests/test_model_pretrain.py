@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -53,21 +54,51 @@ def params_of(path):
     return open_model(path, CHECKPOINT_LMS).language_model().state_dict()
 
 
+@contextlib.contextmanager
+def saved_as_on_cuda():
+    """Inside the block, `torch.save` tags every CPU storage with location "cuda:0", as a file written from a GPU
+    is tagged; loading is left to torch's own deserializers (ours returns None)."""
+    entry = (0, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda storage, location: None)
+    torch.serialization.register_package(*entry)
+    try:
+        yield
+    finally:
+        torch.serialization._package_registry.remove(entry)
+
+
 @pytest.mark.slow
 def test_resume_after_kill_is_exact(corpus, tmp_path, tokenizer):
-    full = pretrain(corpus, tmp_path / "full", CONFIG, tokenizer=tokenizer, progress=False)
+    """Killed at step 6, resumed from the step-4 checkpoint: the weights of the run never killed. The checkpoint is
+    written as a GPU writes it (its storages tagged cuda:0): the resume on the CPU restores the optimizer there."""
+    config = CONFIG.model_copy(update={"device": "cpu", "precision": "fp32"})
+    full = pretrain(corpus, tmp_path / "full", config, tokenizer=tokenizer, progress=False)
 
     def kill_at_step_6(metrics):
         if metrics["kind"] == "train" and metrics["step"] == 6:
             raise Killed
 
-    with pytest.raises(Killed):
-        pretrain(corpus, tmp_path / "split", CONFIG, on_log=kill_at_step_6, progress=False)
-    assert load_checkpoint(tmp_path / "split" / "last.pt")["train_state"]["step"] == 4
+    checkpoint = tmp_path / "split" / "last.pt"
+    with saved_as_on_cuda(), pytest.raises(Killed):
+        pretrain(corpus, tmp_path / "split", config, on_log=kill_at_step_6, progress=False)
+    assert all(e[0] != 0 for e in torch.serialization._package_registry)
     assert not (tmp_path / "split" / "model.pt").exists()
+    if not torch.cuda.is_available():  # as on any CPU-only machine, the file cannot be loaded as it is
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(checkpoint, weights_only=True)
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["train_state"]["step"] == 4
+    assert load_checkpoint(checkpoint)["train_state"]["step"] == 4
+
     seen = []
-    resumed = pretrain(corpus, tmp_path / "split", CONFIG, on_log=seen.append, progress=False)
+    resumed = pretrain(corpus, tmp_path / "split", config, on_log=seen.append, progress=False)
+    assert [m["step"] for m in seen if m["kind"] == "resume"] == [4]
     assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6, 7, 8]
+    assert not resumed.reused and resumed.metrics["steps"] == 8 == full.metrics["steps"]
+    assert resumed.metrics["device"] == "cpu" and resumed.metrics["precision"] == "fp32"
+    # The resumed run's own checkpoint holds CPU tensors only: the optimizer state was restored to the CPU.
+    final = torch.load(checkpoint, weights_only=True)
+    assert final["train_state"]["step"] == 8
+    moments = [t for s in final["optimizer"]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert moments and all(t.device.type == "cpu" for t in moments)
     a, b = params_of(full.model_path), params_of(resumed.model_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
@@ -79,7 +110,7 @@ def test_resume_after_kill_is_exact(corpus, tmp_path, tokenizer):
     assert [e["step"] for e in evals] == [4, 8] and isinstance(evals[0]["sample"], str)
     assert evals[-1]["val_loss"] < math.log(50257) - 1
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
-    again = pretrain(corpus, tmp_path / "full", CONFIG, progress=False)
+    again = pretrain(corpus, tmp_path / "full", config, progress=False)
     assert again.reused and again.metrics == full.metrics
 
 
