@@ -18,6 +18,16 @@ from gptflow.storage import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
+# The end-to-end test checks the wiring, reuse and reruns, none of which depends on how long a stage trains or on
+# how many rows an export measures: on top of configs/tiny.yaml it trains fewer steps, the classifier's last block
+# only on shorter texts, and the LM export measures perplexity and agreement on 8 rows (the three LM exports were
+# half the test's time).
+QUICK = {
+    "pretrain": {"steps": 6, "eval_every": 3, "checkpoint_every": 3},
+    "classifier": {"max_length": 48, "trainable": "last_k"},
+    "instruct": {"max_steps": 4, "batch_size": 4},
+    "export": {"max_eval_rows": 8},
+}
 
 
 def test_defaults_and_overrides():
@@ -84,7 +94,7 @@ def _stage_status(summary: dict) -> dict[str, str]:
 def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harness, settings):
     from flows.pipeline import pipeline
 
-    params = load_params(TINY).merged({"judge": {"host": "http://127.0.0.1:9", "retries": 0}})
+    params = load_params(TINY).merged({**QUICK, "judge": {"host": "http://127.0.0.1:9", "retries": 0}})
     first = pipeline(params)
 
     deliverables = {k: Path(v) for k, v in first["deliverables"].items()}
@@ -158,7 +168,7 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
         "lm": ("kept", "the challenger is the champion v0001 (same bundle)"),
     }
 
-    third = pipeline(params.merged({"instruct": {"max_steps": 12}}))
+    third = pipeline(params.merged({"instruct": {"max_steps": QUICK["instruct"]["max_steps"] + 2}}))
     status = _stage_status(third)
     assert status["instruct"] == status["export-lm"] == status["inspect-instruct"] == "done"
     lm = third["promotions"]["lm"]  # a new LM bundle: promoted or kept on validation perplexity, never the same
