@@ -29,12 +29,7 @@ from edge.text import pad_batch, softmax
 from gptflow.settings import get_settings
 from gptflow.splits import read_labelled, read_labels
 from gptflow.tokenizer import get_tokenizer
-from model.classifier import (
-    ClassifierEnsemble,
-    SequenceClassifier,
-    encode_split,
-    predict_logits,
-)
+from model.classifier import ClassifierEnsemble, SequenceClassifier, encode_split, predict_logits
 from model.config import GPTConfig
 from model.files import CLASSIFIERS
 from model.gpt import GPTModel

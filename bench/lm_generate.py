@@ -46,8 +46,10 @@ from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.generate import generate
 from model.gpt import GPTModel
-from model.lm_export import export_decoder, quantize_decoder, teacher_forced_matches
+from model.lm_export import export_decoder
+from model.lm_quality import teacher_forced_matches
 from model.opener import open_model
+from model.quantize import quantize_decoder
 from model.training import set_threads
 from model.weights import save_hf_gpt2
 

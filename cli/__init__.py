@@ -28,6 +28,7 @@ VERB_MODULES = [
     "cli.evaluate",
     "cli.model",
     "cli.classify",
+    "cli.export",
     "cli.instruct",
     "cli.inspect",
     "cli.registry",

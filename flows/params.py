@@ -18,8 +18,8 @@ from eval.champion import PromotionConfig
 from eval.judge import JudgeConfig
 from gptflow.errors import GptflowError, validation_message
 from gptflow.storage import read_config_file
-from model.classifier import ClassifierConfig
 from model.device import DeviceSpec
+from model.finetune_classifier import ClassifierConfig
 from model.instruct import InstructConfig
 from model.introspect import InspectConfig
 from model.onnx_export import ExportConfig

@@ -26,12 +26,7 @@ from gptflow.markdown import markdown_table
 from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
-from model.classifier import (
-    ClassifierError,
-    SequenceClassifier,
-    encode_split,
-    predict_logits,
-)
+from model.classifier import ClassifierError, SequenceClassifier, encode_split, predict_logits
 from model.device import DeviceSpec, resolve_device
 from model.files import CLASSIFIERS
 from model.opener import open_model

@@ -17,16 +17,16 @@ from prefect.cache_policies import NO_CACHE
 from eval.metrics import report_rows, write_split_reports
 from eval.plots import plot_loss_curve, plot_training_curves
 from gptflow.tokenizer import get_tokenizer
-from model.classifier import (
+from model.classifier import split_logits
+from model.files import CLASSIFIERS
+from model.finetune_classifier import (
     ClassifierConfig,
     build_ensemble,
     classifier_stage,
     domain_stage,
     finetune,
     pretrain_domain,
-    split_logits,
 )
-from model.files import CLASSIFIERS
 from model.opener import open_model
 from tasks.artifacts import artifact_key, publish_plot, publish_table, publish_training_result, training_logger
 from tasks.training import run_training

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from eval.champion import ChampionError, PromotionRule, Verdict, comparison_rows, data_key, decide
 from eval.champion import score_classifier_bundle as score_classifier
 from gptflow.registry import Registry, bundle_sha256
-from model.lm_export import bundle_perplexity
+from model.lm_quality import bundle_perplexity
 from tasks.alerts import RunRef, notify
 from tasks.artifacts import publish_table
 

@@ -10,14 +10,9 @@ from conftest import tiny_config
 from edge.text import encode_texts
 from eval.plots import plot_training_curves
 from gptflow.splits import SplitError, read_labelled
-from model.classifier import (
-    ClassifierConfig,
-    ClassifierError,
-    SequenceClassifier,
-    collate,
-    finetune,
-)
+from model.classifier import ClassifierError, SequenceClassifier, collate
 from model.files import CLASSIFIERS
+from model.finetune_classifier import ClassifierConfig, finetune
 from model.gpt import GPTModel
 from model.opener import open_model
 

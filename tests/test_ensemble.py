@@ -20,20 +20,11 @@ from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, softmax
 from gptflow.settings import load_settings
 from gptflow.tokenizer import EOT_ID, tokenizer_files
-from model.classifier import (
-    ENSEMBLE_FORMAT,
-    ClassifierConfig,
-    ClassifierEnsemble,
-    ClassifierError,
-    build_ensemble,
-    finetune,
-    predict_logits,
-    pretrain_domain,
-    split_logits,
-)
+from model.classifier import ENSEMBLE_FORMAT, ClassifierEnsemble, ClassifierError, predict_logits, split_logits
 from model.config import GPTConfig
 from model.dapt import DaptError, compact_vocab, corpus_tokens, expand_vocab
 from model.files import CHECKPOINT_LMS, CLASSIFIERS
+from model.finetune_classifier import ClassifierConfig, build_ensemble, finetune, pretrain_domain
 from model.gpt import GPTModel
 from model.onnx_export import ExportConfig, export_classifier
 from model.opener import open_model

@@ -14,10 +14,11 @@ from conftest import REPO_ROOT
 
 import gptflow.stage as stage_mod
 import model.config as config_mod
+from gptflow.closure import PROJECT_PACKAGES, import_closure
 from gptflow.stage import Stage, StageError, describe_change
 from model.checkpoint import load_checkpoint, save_model
-from model.classifier import ClassifierConfig, finetune
 from model.config import GPTConfig
+from model.finetune_classifier import ClassifierConfig, finetune
 from model.gpt import GPTModel
 from model.pretrain import PretrainConfig, pretrain
 
@@ -38,7 +39,7 @@ def test_folder_is_named_by_inputs_and_config(inputs, settings):
     assert declare(inputs, {"lr": 0.2}).dir != a.dir
     inputs["a.txt"].write_text("beta")
     assert declare(inputs).dir != a.dir
-    assert a.inputs["init"] == "random" and set(a.code) == set(stage_mod.import_closure("gptflow.stage"))
+    assert a.inputs["init"] == "random" and set(a.code) == set(import_closure("gptflow.stage"))
     assert {"gptflow.stage", "gptflow.storage", "gptflow.settings"} <= set(a.code)
     with pytest.raises(StageError, match=r"demo: input a.txt .*missing.txt does not exist"):
         declare({"a.txt": inputs["a.txt"].parent / "missing.txt"})
@@ -135,13 +136,13 @@ def test_code_change_retrains_and_never_restamps_a_finished_checkpoint(corpus, s
 
 
 def test_import_closure_reads_every_import_of_the_source():
-    closure = stage_mod.import_closure("model.pretrain")
+    closure = import_closure("model.pretrain")
     # model.config (where the presets live) through model.training; lazy imports inside functions count too
     assert {"model.pretrain", "model.config", "model.training", "model.gpt", "gptflow.stage", "model"} <= set(closure)
     assert not {m for m in closure if m.split(".")[0] in ("eval", "tasks", "flows", "cli")}  # model imports downward
-    assert closure == sorted(closure) and stage_mod.import_closure(["model.pretrain"]) == closure
-    assert "model.weights" in stage_mod.import_closure("model.init")  # imported inside InitSpec.file only
-    assert set(stage_mod.PROJECT_PACKAGES) == {
+    assert closure == sorted(closure) and import_closure(["model.pretrain"]) == closure
+    assert "model.weights" in import_closure("model.init")  # imported inside InitSpec.file only
+    assert set(PROJECT_PACKAGES) == {
         p.rstrip("*")
         for p in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
             "include"

@@ -1,0 +1,377 @@
+"""Fine-tuning a classifier (the book's chapter 6) through the one training loop (model.training): its config,
+its stage, domain-adaptive pretraining before it (model.dapt), and the one-checkpoint ensemble of several.
+
+Outputs in the stage folder: `best.pt` (the kept weights: best validation accuracy, or the final ones),
+`last.pt` (resumable), `history.json` and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from gptflow.splits import read_labelled, read_labels
+from gptflow.stage import Built, Stage
+from gptflow.storage import read_json, write_json_atomic
+from gptflow.tokenizer import get_tokenizer
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.classifier import (
+    BEST,
+    ENSEMBLE_FORMAT,
+    FORMAT,
+    ClassifierError,
+    Keep,
+    Pooling,
+    SequenceClassifier,
+    Trainable,
+    collate,
+    encode_split,
+    evaluate_split,
+    save_classifier,
+)
+from model.config import GPTConfig
+from model.dapt import DaptConfig, corpus_tokens, dapt_stage, domain_pretrain
+from model.distributed import replicated
+from model.gpt import GPTModel
+from model.init import INIT_HELP, InitSpec
+from model.pretrain import LMResult
+from model.training import (
+    CHECKPOINT,
+    EpochBatches,
+    EvalEvery,
+    Selection,
+    TrainConfig,
+    TrainingCheckpoint,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.json"
+SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
+# best.pt is written before the training checkpoint, which cannot recreate it: it must load for its stage folder to
+# be reused or resumed (gptflow.stage readers).
+BEST_READER = {BEST: lambda path: load_checkpoint(path, mmap=True)}
+
+
+class ClassifierConfig(TrainConfig):
+    """Every knob of a fine-tuning run (also the flow's parameters and the stage's config)."""
+
+    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_batch_size"}
+
+    init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
+    shape: GPTConfig | None = Field(
+        default=None, description="the shape of a model built from scratch (init random) instead of the preset's"
+    )
+    dapt: DaptConfig | None = Field(
+        default=None,
+        description="domain-adaptive pretraining on the training texts before fine-tuning (model/dapt.py)",
+    )
+    ensemble: tuple[int, ...] = Field(
+        default=(),
+        description="seeds of an ensemble's members: each member pretrains (with dapt) and fine-tunes with its "
+        "seed, and the ensemble averages their class probabilities; empty: one classifier of `seed`",
+    )
+    pooling: Pooling = Field(default="last_real", description="which hidden state the head reads")
+    trainable: Trainable = Field(
+        default="last_k", description="head | last_k (last k blocks + final norm + head) | all"
+    )
+    last_k: int = Field(default=1, ge=1, description="blocks trained with trainable=last_k")
+    max_length: int | None = Field(default=None, gt=0, description="truncate texts (default: context length)")
+    epochs: int = Field(default=5, gt=0)
+    eval_every: EvalEvery = None
+    patience: int | None = Field(default=3, gt=0, description="stop after N evaluations without improvement")
+    keep: Keep = Field(
+        default="best_val",
+        description="best_val: the weights at the best validation accuracy "
+        "(early stopping); last: the weights at the end of the schedule, for a validation split too "
+        "small to pick a step by (no early stopping)",
+    )
+    eval_batch_size: int = Field(default=32, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_last_runs_the_schedule(cls, values: Any) -> Any:
+        """keep="last" trains the whole schedule: no early stopping unless asked for (then it is an error)."""
+        if isinstance(values, dict) and values.get("keep") == "last":
+            if values.get("patience") is not None:
+                raise ValueError("keep='last' trains the whole schedule: patience (early stopping) must be None")
+            values = {**values, "patience": None}
+        return values
+
+    @model_validator(mode="after")
+    def _shape_and_ensemble(self) -> "ClassifierConfig":
+        if self.shape is not None and self.init.kind != "random":
+            raise ValueError(f"shape builds the model from scratch: init must be random, not {self.init}")
+        if len(self.ensemble) == 1 or len(set(self.ensemble)) != len(self.ensemble):
+            raise ValueError(f"ensemble: expected 2 or more different seeds, got {list(self.ensemble)}")
+        return self
+
+    def members(self) -> list["ClassifierConfig"]:
+        """The configs of the classifiers to train: one per ensemble seed, or this one."""
+        return [self.model_copy(update={"seed": seed, "ensemble": ()}) for seed in self.ensemble] or [self]
+
+    def model_label(self) -> str:
+        """Short name of the starting model, for folder names."""
+        shape = self.shape
+        return self.init.label(self.preset if shape is None else f"{shape.n_layers}x{shape.emb_dim}")
+
+    def model_shape(self) -> dict[str, Any] | None:
+        if self.init.kind != "random":
+            return None
+        return (self.shape or GPTConfig.from_preset(self.preset)).to_dict()
+
+    def start_model(self, dropout: float, settings=None) -> GPTModel:
+        """The model fine-tuning (or domain pretraining) starts from, seeded with `seed` when built from scratch."""
+        return self.init.build(self.preset, shape=self.shape, dropout=dropout, seed=self.seed, settings=settings)
+
+    def after_dapt(self, model_path: str | Path) -> "ClassifierConfig":
+        """This config, fine-tuning from the result of its domain-adaptive pretraining."""
+        return self.model_copy(update={"init": f"checkpoint:{model_path}", "dapt": None, "shape": None})
+
+    def start_input(self, settings=None) -> Path | str:
+        """What a stage built on the starting model is keyed on: the weights file, or the random model's shape."""
+        if self.init.kind == "random" and self.shape is not None:
+            return "random:" + ",".join(f"{k}={v}" for k, v in self.shape.to_dict().items())
+        return self.init.stage_input(settings)
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    best: Path
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    reused: bool = False
+
+
+def classifier_stage(
+    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, settings=None
+) -> Stage:
+    data_dir = Path(data_dir)
+    read_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
+    inputs: dict[str, Path | str] = {n: data_dir / n for n in SPLIT_FILES}
+    inputs["init"] = config.start_input(settings)
+    return Stage.declare(
+        "classify",
+        inputs=inputs,
+        config=config,
+        code=__name__,
+        out_dir=out_dir,
+        label=label if (label := config.model_label()).startswith(data_dir.name) else f"{data_dir.name}-{label}",
+    )
+
+
+@replicated
+def finetune(
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    config: ClassifierConfig | None = None,
+    *,
+    tokenizer=None,
+    settings=None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = True,
+) -> FinetuneResult:
+    """Fine-tune on `data_dir/{train,validation}.csv` + `labels.json`; keep the best-validation-accuracy weights
+    (or, with `config.keep="last"`, the final ones) in `best.pt`, the resumable state in `last.pt` and the
+    history, in the stage folder (`out_dir`, else named by the stage contract, which also decides reuse and
+    resume)."""
+    config = config or ClassifierConfig()
+    stage = classifier_stage(data_dir, config, out_dir, settings)
+    checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
+    result = stage.run(
+        lambda decision: _finetune(
+            stage, checkpoint, Path(data_dir), config, tokenizer or get_tokenizer(settings), settings, on_log
+        ),
+        resume=resume,
+        checkpoint=checkpoint.stage_key,
+        readers=BEST_READER,
+    )
+    history = read_json(stage.dir / HISTORY) if result.reused else result.value
+    return FinetuneResult(stage.dir, stage.dir / BEST, history, result.metrics, result.reused)
+
+
+def _finetune(
+    stage: Stage,
+    checkpoint: TrainingCheckpoint,
+    data_dir: Path,
+    config: ClassifierConfig,
+    tokenizer,
+    settings,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> Built:
+    labels = read_labels(data_dir)
+    if config.dapt is not None or config.ensemble:
+        raise ClassifierError(
+            "finetune trains one classifier: pretrain it with pretrain_domain first (dapt) and train an ensemble's "
+            "members one by one (ClassifierConfig.members), as the finetune-classifier flow does"
+        )
+    backbone = config.start_model(config.dropout, settings)
+    source = (
+        {"init": "random", "preset": config.model_label()}
+        if config.init.kind == "random"
+        else {"init": str(config.init), "sha256": stage.inputs["init"]}
+    )
+    max_length = min(config.max_length or backbone.cfg.context_length, backbone.cfg.context_length)
+    train_split = encode_split(read_labelled(data_dir / "train.csv", labels), tokenizer, max_length)
+    val = encode_split(read_labelled(data_dir / "validation.csv", labels), tokenizer, max_length)
+    torch.manual_seed(config.seed)
+    model = SequenceClassifier(backbone, len(labels), config.pooling)
+    n_trainable = model.set_trainable(config.trainable, config.last_k)
+    order = EpochBatches(len(train_split), config.batch_size, config.seed)
+    steps_per_epoch = max(1, order.per_epoch // (config.grad_accum * config.world_size))
+    log.info(
+        "finetune: %d classes, %d train / %d validation texts, %d trainable parameters",
+        len(labels),
+        len(train_split),
+        len(val),
+        n_trainable,
+    )
+
+    def batch(i: int):
+        idx = order.indices(i)
+        return collate([train_split.ids[j] for j in idx], [train_split.labels[j] for j in idx])
+
+    def loss(tensors):
+        x, mask, y = tensors
+        logits = model(x, mask)
+        return F.cross_entropy(logits.float(), y), {
+            "tokens": int(mask.sum()),
+            "n": len(y),
+            "correct": int((logits.argmax(1) == y).sum()),
+        }
+
+    def keep(state) -> None:
+        save_classifier(
+            stage.dir / BEST, model, labels, max_length, source, step=state.step, data_dir=str(data_dir.resolve())
+        )
+
+    select = Selection("val_accuracy", "max", "last" if config.keep == "last" else "best", config.patience)
+    state = train(
+        model,
+        config,
+        stage=stage,
+        checkpoint=checkpoint,
+        total_steps=steps_per_epoch * config.epochs,
+        batch=batch,
+        loss=loss,
+        evaluate=lambda final: evaluate_split(model, val, config.eval_batch_size, config.runtime().precision),
+        steps_per_epoch=steps_per_epoch,
+        select=select,
+        on_best=keep,
+        on_log=on_log,
+    )
+    kept = next(h for h in state.history if h["kind"] == "eval" and h["step"] == state.best_step)
+    # best_*: the kept weights (the best validation accuracy, or the schedule's end with keep="last")
+    summary = {
+        "keep": config.keep,
+        "steps": state.step,
+        "best_step": state.best_step,
+        "best_val_accuracy": kept["val_accuracy"],
+        "best_val_loss": kept["val_loss"],
+        "early_stopped": state.stopped_early,
+        "trainable_params": n_trainable,
+        "max_length": max_length,
+        "n_classes": len(labels),
+        **state.setup,
+        "source": source,
+    }
+    write_json_atomic(stage.dir / HISTORY, state.history)
+    return Built([BEST, CHECKPOINT, HISTORY], summary, state.history)
+
+
+def domain_stage(
+    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, *, tokenizer, settings=None
+) -> tuple[Stage, np.ndarray]:
+    """The `dapt` stage of `config` (its `dapt` knobs, run settings and seed) and its corpus, the texts of
+    `data_dir` as tokens."""
+    if config.dapt is None:
+        raise ClassifierError("domain-adaptive pretraining needs a config with dapt set")
+    tokens = corpus_tokens(data_dir, tokenizer)
+    train_config = config.dapt.train_config(config)
+    return dapt_stage(
+        data_dir, config.start_input(settings), train_config, config.model_label(), tokens, out_dir
+    ), tokens
+
+
+@replicated
+def pretrain_domain(
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    config: ClassifierConfig | None = None,
+    *,
+    tokenizer=None,
+    settings=None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = True,
+) -> LMResult:
+    """Domain-adaptive pretraining of the model `config` starts from, on the texts of `data_dir`, in its stage
+    folder (`out_dir`, else named by the stage contract); `config.after_dapt(result.model_path)` fine-tunes
+    from the result."""
+    config = config or ClassifierConfig()
+    stage, tokens = domain_stage(
+        data_dir, config, out_dir, tokenizer=tokenizer or get_tokenizer(settings), settings=settings
+    )
+    return domain_pretrain(
+        stage,
+        lambda: config.start_model(config.dapt.dropout, settings),
+        tokens,
+        config.dapt.train_config(config),
+        on_log=on_log,
+        resume=resume,
+    )
+
+
+def build_ensemble(
+    data_dir: str | Path, members: Sequence[dict[str, Any]], out_dir: str | Path | None = None, *, resume: bool = True
+) -> FinetuneResult:
+    """One classifier checkpoint (`best.pt`, format ENSEMBLE_FORMAT) holding every member's weights, for
+    `members`: {"best": a member's best.pt, "metrics": {split: {"accuracy": ...}}} from the same data folder. A
+    stage keyed on the members' files: rebuilding it after a member changed is automatic."""
+    data_dir = Path(data_dir)
+    labels = read_labels(data_dir)
+    paths = [Path(m["best"]) for m in members]
+    stage = Stage.declare(
+        "classify",
+        inputs={f"member{i}": path for i, path in enumerate(paths)},
+        config={"ensemble": "mean class probability", "members": len(paths)},
+        code=__name__,
+        out_dir=out_dir,
+        label=f"{data_dir.name}-ensemble{len(paths)}",
+    )
+    result = stage.run(
+        lambda decision: _write_ensemble(stage, data_dir, labels, paths, members), resume=resume, readers=BEST_READER
+    )
+    return FinetuneResult(stage.dir, stage.dir / BEST, [], result.metrics, result.reused)
+
+
+def _write_ensemble(stage: Stage, data_dir: Path, labels: dict[str, int], paths: list[Path], members) -> Built:
+    """The ensemble checkpoint of `members` (their best.pt files `paths`) in the stage folder."""
+    entries = []
+    for i, (path, member) in enumerate(zip(paths, members)):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != FORMAT:
+            raise ClassifierError(f"ensemble member {path} is not a single classifier checkpoint ({FORMAT!r})")
+        if ckpt["labels"] != labels:
+            raise ClassifierError(f"ensemble member {path}: labels {ckpt['labels']} differ from {labels}")
+        accuracy = {split: m["accuracy"] for split, m in member.get("metrics", {}).items()}
+        info = {"checkpoint": str(path), "sha256": stage.inputs[f"member{i}"], "accuracy": accuracy}
+        entries.append({k: ckpt[k] for k in ("config", "model", "pooling", "max_length", "source")} | info)
+    summary = {"members": [{k: e[k] for k in ("checkpoint", "sha256", "accuracy")} for e in entries]}
+    save_checkpoint(
+        stage.dir / BEST,
+        format=ENSEMBLE_FORMAT,
+        members=entries,
+        labels=labels,
+        max_length=min(e["max_length"] for e in entries),
+        data_dir=str(data_dir.resolve()),
+    )
+    return Built([BEST], summary)
