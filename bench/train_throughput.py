@@ -30,8 +30,8 @@ from bench.naive_gpt import naive_from
 from model.config import GPTConfig
 from model.device import autocast, runtime
 from model.gpt import GPTModel
+from model.optim import build_optimizer
 from model.pretrain import lm_loss
-from model.training import build_optimizer
 
 LR, WD = 4e-4, 0.1  # the book's pretraining settings
 

@@ -12,7 +12,6 @@ with early stopping, logging and a progress bar.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state
 from model.config import GPTConfig, Preset
 from model.device import DeviceSpec, Precision, Runtime, allow_tf32, runtime
 from model.distributed import Launcher
+from model.optim import OptimizerName, build_optimizer, build_scheduler
 
 # Constrained field types: a stage config may change a default (`lr: LearningRate = 2e-3`) without restating them.
 LearningRate = Annotated[float, Field(gt=0, description="peak learning rate")]
@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     lr: LearningRate = 5e-5
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay (matrices and embeddings)")
     betas: Betas = (0.9, 0.95)
+    optimizer: OptimizerName = Field(
+        default="adamw",
+        description="adamw, or muon: Muon for the blocks' matrices and AdamW for embeddings, head, norms and biases",
+    )
     warmup_steps: WarmupSteps = 0
     min_lr_ratio: MinLrRatio = 1.0
     grad_clip: GradClip = 1.0
@@ -102,38 +106,6 @@ class TrainConfig(BaseModel):
 
 class NonFiniteLossError(GptflowError, FloatingPointError):
     """The loss became NaN or inf; training stopped and the last good checkpoint is kept."""
-
-
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
-) -> torch.optim.AdamW:
-    """AdamW (the fused kernel: one pass per tensor instead of a dozen); weight decay on matrices and
-    embeddings (>= 2-D) only, never on biases and LayerNorm. Frozen parameters are left out."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if step >= total:
-        return min_ratio
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.1
-) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule = functools.partial(warmup_cosine, warmup=warmup, total=total, min_ratio=min_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def check_finite(loss: torch.Tensor | float, step: int, where: str | Callable[[], str] = "training") -> None:
@@ -340,7 +312,7 @@ def train(
     model.to(rt.device)
     if ranks.distributed:
         distributed.init()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, kind=config.optimizer)
     scheduler = build_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     state = TrainState()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import random
@@ -23,15 +24,8 @@ from model.files import CHECKPOINT_LMS
 from model.generate import generate, sample_next, trim_at_eos
 from model.gpt import GPTModel
 from model.opener import open_model
-from model.training import (
-    NonFiniteLossError,
-    TrainingCheckpoint,
-    TrainState,
-    build_optimizer,
-    build_scheduler,
-    check_finite,
-    warmup_cosine,
-)
+from model.optim import MuonAdamW, build_optimizer, build_scheduler, warmup_cosine
+from model.training import NonFiniteLossError, TrainingCheckpoint, TrainState, check_finite
 
 CFG = tiny_config("gpt", context_length=32)
 
@@ -164,6 +158,41 @@ def test_optimizer_groups_and_schedule(model):
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
     opt.step(), sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_resumes_exactly():
+    torch.manual_seed(0)
+    m = GPTModel(CFG)
+    opt = build_optimizer(m, lr=1e-3, weight_decay=0.1, kind="muon")
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in m.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon == {n for n, p in m.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert len(muon) == 4 * CFG.n_layers and muon.isdisjoint(adamw) and muon | adamw == set(names.values())
+    assert {"tok_emb.weight", "pos_emb.weight", "final_norm.weight", "blocks.0.attn.qkv.bias"} <= adamw
+    sched = build_scheduler(opt, 10, 100)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4] * len(opt.param_groups))  # both scheduled
+    ids = torch.randint(0, CFG.vocab_size, (2, 8))
+
+    def steps(model, optimizer, scheduler, n):
+        for _ in range(n):
+            model(ids).logsumexp(-1).mean().backward()
+            optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+
+    steps(m, opt, sched, 2)
+    saved = copy.deepcopy((m.state_dict(), opt.state_dict(), sched.state_dict()))  # state tensors change in place
+    steps(m, opt, sched, 2)
+    m2 = GPTModel(CFG)
+    m2.load_state_dict(saved[0])
+    opt2 = build_optimizer(m2, lr=1e-3, weight_decay=0.1, kind="muon")
+    sched2 = build_scheduler(opt2, 10, 100)
+    opt2.load_state_dict(saved[1]), sched2.load_state_dict(saved[2])
+    steps(m2, opt2, sched2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert not torch.equal(m.blocks[0].attn.qkv.weight, GPTModel(CFG).blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="not the state of a Muon"):
+        opt2.load_state_dict(build_optimizer(m2, lr=1e-3).state_dict())
 
 
 @pytest.mark.slow
