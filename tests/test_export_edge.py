@@ -21,9 +21,11 @@ from edge import BundleError
 from edge.runtime import EdgeClassifier, verify_bundle
 from edge.text import encode_texts, pad_batch, softmax
 from gptflow.storage import sha256_file
-from model.classifier import SequenceClassifier, load_classifier, predict_logits
+from model.classifier import SequenceClassifier, predict_logits
+from model.files import CLASSIFIERS
 from model.gpt import GPTModel
 from model.onnx_export import ExportError, check_parity, export_onnx, onnx_logits
+from model.opener import open_model
 from model.quantize import QuantizationGateError, check_accuracy_gate, quantize_torch_dynamic
 
 TEXTS = ["the invoice payment was charged twice", "football match today, great goal", "", "garlic soup recipe"]
@@ -66,7 +68,7 @@ def test_onnx_graph_io_checker_and_metadata(exported):
 
 @pytest.mark.slow
 def test_dynamic_axes_match_torch(exported):
-    loaded = load_classifier(exported["best"])
+    loaded = open_model(exported["best"], CLASSIFIERS).classifier()
     edge = EdgeClassifier(exported["bundle"])
     for rows in ([[42]], [list(range(1, 128))], [[5, 6, 7]] * 3 + [list(range(100, 150))]):
         ids, mask = pad_batch(rows)
@@ -146,7 +148,7 @@ def test_edge_folder_alone_matches_pytorch(exported, tokenizer, tmp_path, int8):
     """edge/ copied alone beside a bundle runs with only numpy, onnxruntime and tiktoken importable."""
     texts = TEXTS + make_texts(4, seed=9)["text"].tolist()
     lines = classify_with_edge_alone(exported["bundle"], texts, int8, tmp_path)
-    loaded = load_classifier(exported["best"])
+    loaded = open_model(exported["best"], CLASSIFIERS).classifier()
     model = quantize_torch_dynamic(loaded.model) if int8 else loaded.model
     probs = softmax(predict_logits(model, encode_texts(tokenizer, texts, loaded.max_length)))
     assert [line[0] for line in lines] == [loaded.names[k] for k in probs.argmax(1)]
