@@ -72,7 +72,7 @@ def tiny_config(kind: str, **fields: Any):
     if kind == "pretrain":
         from model.pretrain import PretrainConfig as config_class
     elif kind == "classifier":
-        from model.classifier import ClassifierConfig as config_class
+        from model.finetune_classifier import ClassifierConfig as config_class
     elif kind == "instruct":
         from model.instruct import InstructConfig as config_class
     else:
@@ -177,7 +177,7 @@ def topic_classifier(tmp_path_factory, tokenizer, mirror) -> dict[str, Any]:
     from classify_data import write_splits
 
     from gptflow.tokenizer import tokenizer_files
-    from model.classifier import finetune
+    from model.finetune_classifier import finetune
     from model.onnx_export import ExportConfig, export_classifier
 
     root = tmp_path_factory.mktemp("topic-classifier")

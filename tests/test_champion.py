@@ -14,7 +14,7 @@ from conftest import tiny_config
 from eval.champion import ChampionError, PromotionConfig, PromotionRule, decide, score_classifier_bundle
 from gptflow.settings import get_settings, load_settings
 from gptflow.tokenizer import tokenizer_files
-from model.classifier import finetune
+from model.finetune_classifier import finetune
 from model.onnx_export import ExportConfig, export_classifier
 from tasks.registry import registry_task
 

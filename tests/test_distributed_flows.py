@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 
 from flows.pretrain import pretrain_flow
-from model.classifier import finetune
+from model.finetune_classifier import finetune
 from model.launch import launch
 from model.pretrain import PretrainConfig
 
@@ -120,7 +120,7 @@ def test_classifier_data_parallel_matches_one_process(settings, tmp_path, tokeni
     records: list[dict] = []
     config = tiny_config("classifier", **base, launcher={"kind": "torchrun", "nproc_per_node": 2})
     launch(
-        "model.classifier:finetune",
+        "model.finetune_classifier:finetune",
         (data, tmp_path / "ddp"),
         {"resume": True},
         config=config,
