@@ -8,8 +8,7 @@ from pathlib import Path
 from cli import prechecks
 from cli.common import VerbConfig, add_folder_options, check_init, stage_config
 from gptflow.errors import GptflowError
-
-SPLITS = ("train.json", "validation.json", "test.json")  # a prepared data folder (flows.instruct.SPLITS)
+from gptflow.splits import INSTRUCTION_FILES
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -42,7 +41,7 @@ def _check_data(args: argparse.Namespace) -> None:
             "{instruction, input, output} or a folder with train/validation/test.json)"
         )
     if data.is_dir():
-        missing = [name for name in SPLITS if not (data / name).is_file()]
+        missing = [name for name in INSTRUCTION_FILES if not (data / name).is_file()]
         if missing:
             raise GptflowError(
                 f"--data {args.data}: a folder without {', '.join(missing)} (expected a folder with "

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from prefect import flow
 
+from gptflow.splits import INSTRUCTION_FILES
 from model.instruct import InstructConfig
 from tasks.instruct import answer_test_split, finetune_model
-
-SPLITS = ("train.json", "validation.json", "test.json")
 
 
 @flow(name="finetune-instructions")
@@ -19,7 +18,7 @@ def finetune_instructions(
     """`data`: None (the book's instruction-data.json through the data flow), a JSON file of entries (split by
     the data flow) or a folder that already holds train/validation/test.json. Outputs go to `out_dir`, else to the
     folder the stage contract names (`<home>/instruct/<data>-<init>-<style>-<key>`); responses to its `responses/`."""
-    if data is not None and all((Path(data) / name).is_file() for name in SPLITS):
+    if data is not None and all((Path(data) / name).is_file() for name in INSTRUCTION_FILES):
         data_dir = data
     else:
         from flows.prepare import prepare_instructions

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gptflow.errors import GptflowError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-LABELLED_SPLITS = ("train", "validation", "test")
-INSTRUCTION_SPLITS = ("train", "validation", "test")
+LABELLED_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
+INSTRUCTION_FILES = ("train.json", "validation.json", "test.json")
 _PREPARE_LABELLED = "run `gptflow data spam` or `gptflow data csv` first"
 
 
@@ -31,10 +31,7 @@ def read_labels(folder: str | Path) -> dict[str, int]:
     path = Path(folder) / "labels.json"
     if not path.is_file():
         raise SplitError(f"{path} does not exist; {_PREPARE_LABELLED}")
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SplitError(f"{path}: not a JSON object of class name -> id ({exc})") from None
+    labels = _read_json(path, "a JSON object of class name -> id")
     if not isinstance(labels, dict) or sorted(labels.values()) != list(range(len(labels))):
         found = sorted(labels.values()) if isinstance(labels, dict) else type(labels).__name__
         raise SplitError(f"{path}: ids must be 0..{len(labels) - 1}, got {found}")
@@ -65,10 +62,7 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise SplitError(f"{path} does not exist; run `gptflow data instructions` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SplitError(f"{path}: not a JSON file ({exc})") from None
+    data = _read_json(path, "a JSON file")
     bad = [
         i
         for i, e in enumerate(data if isinstance(data, list) else [None])
@@ -80,3 +74,10 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
             f"entries" + (f"; entries {bad[:10]} are not" if bad and isinstance(data, list) else "")
         )
     return data
+
+
+def _read_json(path: Path, expected: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SplitError(f"{path}: not {expected} ({exc})") from None

@@ -56,14 +56,14 @@ def model_file(spec: str | Path, kinds: Collection[Kind]) -> Path | None:
         return next((path / name for name in names if (path / name).is_file()), path / names[-1])
     if path.is_file() or "gpt2" not in kinds:
         return path
-    return None if is_preset(str(spec)) else path
+    return None if preset_name(str(spec)) else path
 
 
-def is_preset(name: str) -> bool:
-    """A GPT-2 preset or Hugging Face name (`gpt2-small`, `gpt2`, `openai-community/gpt2`)."""
+def preset_name(name: str) -> str | None:
+    """The GPT-2 preset a preset or Hugging Face name names (`gpt2-small`, `gpt2`, `openai-community/gpt2`)."""
     from model.config import HF_NAMES  # pydantic only
 
-    return any(name in (preset, hf, f"openai-community/{hf}") for preset, hf in HF_NAMES.items())
+    return next((preset for preset, hf in HF_NAMES.items() if name in (preset, hf, f"openai-community/{hf}")), None)
 
 
 def check_model_file(spec: str | Path, kinds: Collection[Kind]) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from gptflow.splits import read_labelled, read_labels
+from gptflow.splits import LABELLED_FILES, read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
@@ -55,7 +55,6 @@ from model.training import (
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
-SPLIT_FILES = ("train.csv", "validation.csv", "test.csv", "labels.json")
 # best.pt is written before the training checkpoint, which cannot recreate it: it must load for its stage folder to
 # be reused or resumed (gptflow.stage readers).
 BEST_READER = {BEST: lambda path: load_checkpoint(path, mmap=True)}
@@ -157,7 +156,7 @@ def classifier_stage(
 ) -> Stage:
     data_dir = Path(data_dir)
     read_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
-    inputs: dict[str, Path | str] = {n: data_dir / n for n in SPLIT_FILES}
+    inputs: dict[str, Path | str] = {n: data_dir / n for n in LABELLED_FILES}
     inputs["init"] = config.start_input(settings)
     return Stage.declare(
         "classify",

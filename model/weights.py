@@ -25,7 +25,7 @@ from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_ato
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
-from model.files import WEIGHTS_FILE, WeightsError, read_safetensors_header, weights_file
+from model.files import WEIGHTS_FILE, WeightsError, preset_name, read_safetensors_header, weights_file
 from model.genai import tokenizer_config
 from model.gpt import GPTModel
 
@@ -117,7 +117,7 @@ def _strip(name: str) -> str:
 def resolve_weights(name_or_path: str | Path, settings: Settings | None = None) -> tuple[Path, str | None]:
     """(local safetensors file, preset name if one was named) for a preset/HF name, a file or a folder."""
     name = str(name_or_path)
-    preset = next((p for p, hf in HF_NAMES.items() if name in (p, hf, f"openai-community/{hf}")), None)
+    preset = preset_name(name)
     if preset is not None:
         return fetch(HF_URL.format(name=HF_NAMES[preset]), settings=settings), preset
     return weights_file(name_or_path), None
