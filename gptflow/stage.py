@@ -97,7 +97,7 @@ class Built:
 
 
 @dataclass(frozen=True)
-class StageResult:
+class StageRun:
     """A stage run: its folder, whether it was reused, its metrics (the manifest's when reused) and what the build
     returned beside them (None when reused)."""
 
@@ -290,17 +290,17 @@ class Stage:
         resume: bool = True,
         checkpoint: Callable[[], dict | None] | None = None,
         readers: Mapping[str, Reader] | None = None,
-    ) -> StageResult:
+    ) -> StageRun:
         """The one way a stage runs: under its lock, plan (see `plan` for the arguments); reuse the finished
         product, or `build(decision)` (a resume reads `decision.action`) and write the manifest of what it made."""
         with self.lock():
             decision = self.plan(resume, checkpoint, readers)
             if decision.reused:
-                return StageResult(self.dir, True, dict((self.manifest() or {}).get("metrics") or {}))
+                return StageRun(self.dir, True, dict((self.manifest() or {}).get("metrics") or {}))
             built = build(decision)
             if built.certified:
                 self.complete(built.outputs, built.metrics)
-        return StageResult(self.dir, False, dict(built.metrics), built.value)
+        return StageRun(self.dir, False, dict(built.metrics), built.value)
 
     def check_checkpoint(self, stored: dict | None, path: str | Path) -> None:
         """Refuse to load a checkpoint written under another key (e.g. a file passed by hand)."""

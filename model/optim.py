@@ -34,7 +34,8 @@ def build_optimizer(
     if not named:
         raise ValueError("the model has no trainable parameters")
     hidden = [p for name, p in named if kind == "muon" and p.ndim == 2 and ".blocks." in f".{name}"]
-    rest = [p for _, p in named if not any(p is h for h in hidden)]
+    muon_ids = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in muon_ids]
     groups = [
         {"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
