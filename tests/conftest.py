@@ -40,19 +40,8 @@ def _starts_a_process(function: Any) -> bool:
         return False
 
 
-# Tests of files kept by others that train for seconds: marked here until their files carry the mark.
-SLOW_ELSEWHERE = (
-    "tests/test_stage.py::test_code_change_retrains_and_never_restamps_a_finished_checkpoint",
-    "tests/test_stage.py::test_a_preset_edit_reruns_pretraining_and_an_unrelated_edit_reuses_it",
-    "tests/test_stage.py::test_a_truncated_best_pt_is_rebuilt_to_the_same_weights",
-    "tests/test_stage.py::test_classifier_is_keyed_on_its_init_weights",
-)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
-            item.add_marker(pytest.mark.slow)
         names = getattr(item, "fixturenames", ())
         if "prefect_harness" in names:
             item.add_marker(pytest.mark.server)

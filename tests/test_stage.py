@@ -117,6 +117,7 @@ TINY = PretrainConfig(
 )
 
 
+@pytest.mark.slow
 def test_code_change_retrains_and_never_restamps_a_finished_checkpoint(corpus, settings, monkeypatch):
     first = pretrain(corpus, None, TINY, progress=False)
     assert first.out_dir.parent == settings.home / "pretrain" and first.out_dir.name.startswith("corpus-tiny-")
@@ -150,6 +151,7 @@ def test_import_closure_reads_every_import_of_the_source():
     }
 
 
+@pytest.mark.slow
 def test_a_preset_edit_reruns_pretraining_and_an_unrelated_edit_reuses_it(corpus, settings, monkeypatch, caplog):
     """The drift the hand-kept code lists had: model.config (the presets) was not in pretraining's list."""
     caplog.set_level(logging.INFO, logger="gptflow.stage")
@@ -177,6 +179,7 @@ def test_a_preset_edit_reruns_pretraining_and_an_unrelated_edit_reuses_it(corpus
     assert manifest["config"]["model"]["emb_dim"] == 96 and "preset" not in manifest["config"]
 
 
+@pytest.mark.slow
 def test_classifier_is_keyed_on_its_init_weights(tmp_path, tokenizer, settings):
     data = write_splits(tmp_path / "data", (10, 3, 3))
     weights = tmp_path / "base.pt"
@@ -236,6 +239,7 @@ def test_an_output_that_does_not_load_is_rebuilt_and_never_certified(inputs, set
 
 
 @pytest.mark.parametrize("after", ["rerun", "rebuild killed", "truncated file certified"])
+@pytest.mark.slow
 def test_a_truncated_best_pt_is_rebuilt_to_the_same_weights(after, tmp_path, tokenizer, settings, caplog):
     data = write_splits(tmp_path / "data", (10, 3, 3))
     config = ClassifierConfig(
