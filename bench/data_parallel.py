@@ -105,8 +105,9 @@ def main() -> None:
     from gptflow.settings import get_settings
     from gptflow.storage import read_json
     from gptflow.tokenizer import get_tokenizer
+    from model.configs import PretrainConfig
     from model.launch import launch
-    from model.pretrain import METRICS, PretrainConfig, pretrain
+    from model.pretrain import METRICS, pretrain
 
     # Stages and checkpoints go to a temporary GPTFLOW_HOME (set before any stage is declared; torchrun's ranks
     # inherit it), which shares the real home's download cache: rank 0 of a launch loads the GPT-2 tokenizer.

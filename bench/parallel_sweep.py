@@ -50,7 +50,7 @@ def main() -> None:
     from flows.classify import finetune_classifier_flow
     from flows.prepare import prepare_spam
     from flows.sweep import sweep_classifier_flow
-    from model.finetune_classifier import ClassifierConfig
+    from model.configs import ClassifierConfig
 
     config = ClassifierConfig(preset=args.preset, trainable="all", lr=3e-4, epochs=args.epochs, keep="last")
     use_home(tmp / "data")

@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
-from cli.common import add_stage_options
-from cli.prechecks import config_file, early_arguments
+from cli.common import add_stage_options, validated_stage_config
+from cli.prechecks import config_file
 from cli.runtime import server_dies_with_us, tracebacks_to_file
 from gptflow.errors import GptflowError
 from gptflow.settings import get_settings, writable_folder
@@ -40,12 +40,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(
-    argv: list[str], stage_options: bool = True, parser_class: type[argparse.ArgumentParser] = Parser
-) -> argparse.ArgumentParser:
-    """The command's parser; the verb being run gets its stage's options (importing its config). Without
-    `stage_options` it gets only `--config` (`cli.prechecks.early_arguments`)."""
-    parser = parser_class(
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The command's parser; the verb being run gets its stage's options (importing its config)."""
+    parser = Parser(
         prog="gptflow",
         description="Data-to-deployment pipeline for GPT-style language models (Prefect flows).",
     )
@@ -54,10 +51,7 @@ def build_parser(
         importlib.import_module(name).register(verbs)
     verb = verbs.choices.get(_verb(argv) or "")
     if verb is not None and verb.get_default("stage"):
-        if stage_options:
-            add_stage_options(verb, verb.get_default("stage"))
-        else:
-            verb.add_argument("--config")
+        add_stage_options(verb, verb.get_default("stage"))
     return parser
 
 
@@ -98,21 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler stopping us) unwinds like Ctrl-C, so Prefect stops its ephemeral server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server_dies_with_us()  # and SIGKILL, which no handler sees, takes it down too
-    # What can be checked without a flow is checked first, before the stage config (PyTorch for a model verb) is
-    # imported where the command line can be read without it: a bad input is one line within a second or so.
-    early = early_arguments(build_parser, argv)
-    if early is not None:
-        try:
-            _precheck(early)
-        except (GptflowError, BundleError) as exc:
-            print(f"gptflow {early.verb}: error: {exc}", file=sys.stderr)
-            return 2
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser(argv).parse_args(argv)  # the stage configs are PyTorch-free (model.configs)
     log_file = settings.home / "logs" / f"{args.verb}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
     with tracebacks_to_file(log_file) as tracebacks:
         try:
-            if early is None or _read_otherwise(early, args):
-                _precheck(args)
+            # What can be checked without a flow, before the verb imports torch or Prefect: a bad input is one line
+            # within a second or so.
+            _precheck(args)
+            if getattr(args, "stage", None) is not None:
+                validated_stage_config(args)
             ranks = process_ranks()  # half-set torchrun variables stop here
             if ranks.distributed:
                 result = _run_distributed(args, ranks.is_main)
@@ -129,11 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gptflow {args.verb}: error: {message}{where}", file=sys.stderr)
             return 2
     return int(result or 0)
-
-
-def _read_otherwise(early: argparse.Namespace, args: argparse.Namespace) -> bool:
-    """Whether the full parser read an argument of the early one otherwise (an abbreviated flag: `--dat x.csv`)."""
-    return any(getattr(args, k, None) != v for k, v in vars(early).items() if not callable(v))
 
 
 def _precheck(args: argparse.Namespace) -> None:

@@ -25,9 +25,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     _add_data_options(p)
     add_folder_options(p, "classify/<data>-<init>-<key>")
-    p.set_defaults(
-        handler=run_finetune, stage=VerbConfig("model.finetune_classifier:ClassifierConfig"), precheck=_check_data
-    )
+    p.set_defaults(handler=run_finetune, stage=VerbConfig("model.configs:ClassifierConfig"), precheck=_check_data)
 
     p = verbs.add_parser(
         "sweep-classifier",
@@ -60,9 +58,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         action="store_false",
         help="start every variant over instead of resuming or reusing its stage folder",
     )
-    p.set_defaults(
-        handler=run_sweep, stage=VerbConfig("model.finetune_classifier:ClassifierConfig"), precheck=_check_data
-    )
+    p.set_defaults(handler=run_sweep, stage=VerbConfig("model.configs:ClassifierConfig"), precheck=_check_data)
 
     p = verbs.add_parser("classify", help="label texts with a classifier checkpoint or an exported bundle")
     p.add_argument("texts", nargs="*", metavar="TEXT")

@@ -19,7 +19,7 @@ from gptflow.storage import read_config_file
 @dataclass(frozen=True)
 class VerbConfig:
     """The pydantic config class ("module:Class") a verb's options come from, imported only for the verb being
-    run (a model config imports torch), and the verb's own defaults for some of its fields."""
+    run, and the verb's own defaults for some of its fields."""
 
     config: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -111,8 +111,16 @@ def _shown(default: Any) -> str:
 
 
 def stage_config(args: argparse.Namespace) -> Any:
-    """The verb's stage config: the config's defaults, the verb's, the --config file, then the flags given. A bad
-    value is one line naming its flag, or the file and the field."""
+    """The verb's stage config: the config's defaults, the verb's, the --config file, then the flags given, on a
+    device this machine has. A bad value is one line naming its flag, or the file and the field."""
+    config = validated_stage_config(args)
+    check_device(config)
+    return config
+
+
+def validated_stage_config(args: argparse.Namespace) -> Any:
+    """`stage_config` without the device check: PyTorch-free (model.configs), so `cli.main` runs it before the
+    verb imports torch or Prefect."""
     stage: VerbConfig = args.stage
     model = stage.model
     flags = {name: value for name, value in vars(args).items() if name in model.model_fields}
@@ -133,7 +141,6 @@ def stage_config(args: argparse.Namespace) -> Any:
             return f"{args.config}: {dotted(loc)}" if from_file else "--" + str(loc[0]).replace("_", "-")
 
         raise GptflowError(validation_message(exc, where, args.config or "options")) from None
-    check_device(config)
     return config
 
 

@@ -31,7 +31,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     add_folder_options(p, "export/<checkpoint folder>-<key>", resumable=False)
     p.set_defaults(
         handler=run_export,
-        stage=VerbConfig("model.onnx_export:ExportConfig", {"int8": False}),
+        stage=VerbConfig("model.configs:ExportConfig", {"int8": False}),
         precheck=_check_export,
     )
 

@@ -29,7 +29,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     add_folder_options(p, "inspect/<model>-<key>")
     p.set_defaults(
         handler=run_inspect,
-        stage=VerbConfig("model.introspect:InspectConfig"),
+        stage=VerbConfig("model.configs:InspectConfig"),
         precheck=lambda args: prechecks.any_model(args.model),
     )
 

@@ -26,7 +26,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     add_folder_options(p, "instruct/<data>-<init>-<style>-<key>")
     p.set_defaults(
-        handler=run_finetune_instructions, stage=VerbConfig("model.instruct:InstructConfig"), precheck=_check_data
+        handler=run_finetune_instructions, stage=VerbConfig("model.configs:InstructConfig"), precheck=_check_data
     )
 
 

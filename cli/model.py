@@ -25,7 +25,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--list-presets", action="store_true", help="print the model presets and exit")
     add_folder_options(p, "pretrain/<corpus>-<preset>-<key>")
-    p.set_defaults(handler=run_pretrain, stage=VerbConfig("model.pretrain:PretrainConfig"), precheck=_check_pretrain)
+    p.set_defaults(handler=run_pretrain, stage=VerbConfig("model.configs:PretrainConfig"), precheck=_check_pretrain)
 
     p = verbs.add_parser(
         "load-gpt2",

@@ -3,79 +3,21 @@ Prefect or PyTorch is imported, so that a bad input gets its one line in about a
 temporary Prefect server's start-up (some 20 s) or PyTorch's import (some 3 s).
 
 A verb that has such checks names them with `set_defaults(precheck=...)`: a function of the parsed arguments that
-raises GptflowError naming the flag or file and what was expected. `cli.main` runs it before it imports the verb's
-stage config (a model config imports PyTorch) when the command line can be read without that config, else right
-after parsing (`early_arguments`). Checks that need the stage config (a CSV's columns, the instruction split) run in
-the verb, before it imports its flow. The data are read by the data layer's own validators where they are light
-(`data.instructions.check_instructions`, `data.tabular.check_header`); a model file by `model.files`, the checkpoint
-opener's own resolver (its zip directory or its safetensors header, no weights read). The flows and stages check
-everything again when they read the files: a file can change in between.
+raises GptflowError naming the flag or file and what was expected. `cli.main` runs it right after parsing (the
+stage configs are PyTorch-free: model.configs), then validates the stage config. Checks that need the stage config
+(a CSV's columns, the instruction split) run in the verb, before it imports its flow. The data are read by the data
+layer's own validators where they are light (`data.instructions.check_instructions`, `data.tabular.check_header`);
+a model file by `model.files`, the checkpoint opener's own resolver (its zip directory or its safetensors header,
+no weights read). The flows and stages check everything again when they read the files: a file can change in
+between.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 from pathlib import Path
 
 from gptflow.errors import GptflowError
-
-_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not as options
-
-
-class _NotYet(Exception):
-    """The command line cannot be read without the verb's stage options (or it asks for help): check it later."""
-
-
-class _EarlyParser(argparse.ArgumentParser):
-    """The parser without stage options: an error or an exit means "not yet", never a message. No abbreviations:
-    an abbreviated stage flag must not be taken for one of the verb's own."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["allow_abbrev"] = False
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        raise _NotYet(message)
-
-    def exit(self, status=0, message=None):
-        raise _NotYet(message)
-
-
-def early_arguments(build_parser, argv: list[str]) -> argparse.Namespace | None:
-    """The verb's own arguments (positionals and its non-stage options), parsed without importing its stage config,
-    or None when that reading could be wrong or is not needed: help, `--`, an argparse error (left for the full
-    parser to report), a value the early parser could not place, or a stage flag's possible value that it took
-    for a positional (`export --max-int8-drop 3 model.pt` reads `3` as CHECKPOINT; `export model.pt
-    --max-int8-drop 3` is read right)."""
-    if any(a in ("-h", "--help", "--") for a in argv):
-        return None
-    try:
-        args, extras = build_parser(argv, stage_options=False, parser_class=_EarlyParser).parse_known_args(argv)
-    except _NotYet:
-        return None
-    unknown, maybe_values = set(extras), []  # options the early parser does not know; the values they may take
-    for i, arg in enumerate(argv):
-        if arg in unknown and _is_option(arg) and "=" not in arg:
-            for value in argv[i + 1 :]:
-                if _is_option(value):
-                    break
-                maybe_values.append(value)
-    placed = {
-        v
-        for value in vars(args).values()
-        for v in (value if isinstance(value, list) else [value])
-        if isinstance(v, str)
-    }
-    if any(not _is_option(e) and e not in maybe_values for e in extras) or any(v in placed for v in maybe_values):
-        return None
-    return args
-
-
-def _is_option(arg: str) -> bool:
-    return arg.startswith("-") and not _NUMBER.match(arg)
-
 
 # ---------------------------------------------------------------------------------------------- files
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from data.config import CsvDataConfig, SpamDataConfig
-from model.finetune_classifier import ClassifierConfig
+from model.configs import ClassifierConfig
 from tasks.classify import ensemble_classifiers, evaluate_splits, train_classifier
 from tasks.parallel import ParallelTaskRunner
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from model.onnx_export import ExportConfig
+from model.configs import ExportConfig
 from tasks.export import export_bundle, export_hf_folder, export_lm_bundle
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from model.introspect import InspectConfig
+from model.configs import InspectConfig
 from tasks.inspect import inspect_checkpoint, publish_inspection
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from gptflow.splits import INSTRUCTION_FILES
-from model.instruct import InstructConfig
+from model.configs import InstructConfig
 from tasks.instruct import answer_test_split, finetune_model
 
 

@@ -18,12 +18,7 @@ from eval.champion import PromotionConfig
 from eval.judge import JudgeConfig
 from gptflow.errors import GptflowError, validation_message
 from gptflow.storage import read_config_file
-from model.device import DeviceSpec
-from model.finetune_classifier import ClassifierConfig
-from model.instruct import InstructConfig
-from model.introspect import InspectConfig
-from model.onnx_export import ExportConfig
-from model.pretrain import PretrainConfig
+from model.configs import ClassifierConfig, DeviceSpec, ExportConfig, InspectConfig, InstructConfig, PretrainConfig
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pipeline.yaml"
 TRAINING_STAGES = ("pretrain", "classifier", "instruct")

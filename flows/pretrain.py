@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.limits import time_limit
-from model.pretrain import PretrainConfig
+from model.configs import PretrainConfig
 from tasks.alerts import ALERT_HOOKS
 from tasks.pretrain import convert_weights, train_model
 

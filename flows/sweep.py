@@ -7,7 +7,7 @@ from typing import Any
 from prefect import allow_failure, flow
 
 from flows.classify import prepared_data
-from model.finetune_classifier import ClassifierConfig
+from model.configs import ClassifierConfig
 from model.sweep import grid_variants
 from tasks.classify import train_classifier
 from tasks.parallel import ParallelTaskRunner

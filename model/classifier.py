@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ from gptflow.errors import GptflowError
 from gptflow.splits import read_labelled, read_labels
 from model.checkpoint import CheckpointError, save_checkpoint
 from model.config import GPTConfig
+from model.configs import Pooling, Trainable
 from model.device import autocast
 from model.gpt import GPTModel
 from model.training import (
@@ -42,10 +43,6 @@ log = logging.getLogger(__name__)
 FORMAT = "gptflow-classifier/1"
 ENSEMBLE_FORMAT = "gptflow-classifier-ensemble/1"
 BEST = "best.pt"  # classifier weights kept (best validation accuracy, or the final ones)
-
-Pooling = Literal["last_real", "last_position", "mean"]
-Trainable = Literal["head", "last_k", "all"]
-Keep = Literal["best_val", "last"]
 
 
 class ClassifierError(GptflowError, ValueError):

@@ -16,55 +16,22 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
 from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Stage
 from gptflow.storage import sha256_bytes
 from gptflow.tokenizer import EOT_ID
+from model.configs import PretrainConfig
 from model.gpt import GPTModel
-from model.pretrain import LMResult, PretrainConfig, TokenWindows, finish_lm_stage, lm_loss, run_lm_stage
-from model.training import LearningRate, MinLrRatio, TrainConfig, WarmupSteps, train
+from model.pretrain import LMResult, TokenWindows, finish_lm_stage, lm_loss, run_lm_stage
+from model.training import train
 
 CORPUS_FILES = ("train.csv", "unused.csv")  # unused.csv is optional: only balancing writes rows to it
 
 
 class DaptError(GptflowError, ValueError):
     """The data set cannot be pretrained on (no texts, or fewer tokens than one window)."""
-
-
-class DaptConfig(BaseModel):
-    """The knobs of domain-adaptive pretraining; the run settings (device, precision, threads, seed, optimizer
-    betas, weight decay, clipping) are the classifier's."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: int = Field(default=800, gt=0, description="optimizer steps")
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    window: int = Field(default=64, gt=1, description="tokens per training window (random windows of the corpus)")
-    batch_size: int = Field(default=32, gt=0, description="windows per step")
-    lr: LearningRate = 2e-3
-    warmup_steps: WarmupSteps = 40
-    min_lr_ratio: MinLrRatio = 0.05
-
-    def train_config(self, run: TrainConfig) -> PretrainConfig:
-        """The training config of a DAPT run for the classifier config `run`: its run settings and seed."""
-        shared = ("weight_decay", "betas", "grad_clip", "grad_accum", "seed", "device", "precision")
-        return PretrainConfig(
-            **{name: getattr(run, name) for name in (*shared, "launcher", "threads")},
-            dropout=self.dropout,
-            context_length=self.window,
-            steps=self.steps,
-            lr=self.lr,
-            warmup_steps=self.warmup_steps,
-            min_lr_ratio=self.min_lr_ratio,
-            batch_size=self.batch_size,
-            eval_every=None,
-            sample_tokens=0,
-            log_every=max(1, self.steps // 20),
-            checkpoint_every=max(1, self.steps // 8),
-        )
 
 
 def corpus_tokens(data_dir: str | Path, tokenizer) -> np.ndarray:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import AfterValidator, Field
 
 from gptflow.errors import GptflowError
 from gptflow.ranks import process_ranks
+from model.configs import check_device_spec
 
 Resolved = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,24 +30,6 @@ BF16_MARGIN = 0.9  # auto picks bf16 on a CPU only when its step takes under 90%
 
 class DeviceError(GptflowError, ValueError):
     """A device or precision this machine does not have."""
-
-
-def _check_device_spec(spec: str) -> str:
-    kind, _, index = spec.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise ValueError(f"{spec!r} is not a device; expected auto, cpu, cuda, cuda:N or mps")
-    return spec
-
-
-DeviceSpec = Annotated[
-    str,
-    AfterValidator(_check_device_spec),
-    Field(description="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then the CPU)"),
-]
-Precision = Annotated[
-    Literal["auto", "fp32", "bf16", "fp16"],
-    Field(description="autocast precision: auto (bf16 where supported and faster, fp16 on older GPUs, else fp32)"),
-]
 
 
 def available_devices() -> list[str]:
@@ -60,7 +42,7 @@ def available_devices() -> list[str]:
 def resolve_device(spec: str = "auto") -> torch.device:
     """The torch device for `spec`; a device this machine lacks ends in one line naming what it has."""
     try:
-        _check_device_spec(spec)
+        check_device_spec(spec)
     except ValueError as exc:
         raise DeviceError(str(exc)) from None
     local_rank = process_ranks().local_rank

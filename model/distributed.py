@@ -23,11 +23,10 @@ import functools
 import importlib
 import signal
 import sys
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 
 from gptflow.errors import GptflowError
 from gptflow.ranks import process_ranks
@@ -51,22 +50,6 @@ class LaunchError(GptflowError, RuntimeError):
 
 class FollowerDone(Exception):
     """Raised on a rank > 0 at the end of training: the rest of the stage (writing its products) is rank 0's."""
-
-
-class Launcher(BaseModel):
-    """How a stage's training runs: in the task's own process, or in `nproc_per_node` processes per node
-    started by torchrun (on `nnodes` nodes meeting at `rdzv_endpoint`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["local", "torchrun"] = "local"
-    nproc_per_node: int = Field(default=1, gt=0)
-    nnodes: int = Field(default=1, gt=0)
-    rdzv_endpoint: str | None = Field(default=None, description="host:port of the rendezvous (several nodes)")
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes if self.kind == "torchrun" else 1
 
 
 def init() -> None:

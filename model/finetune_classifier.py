@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
 from gptflow.splits import LABELLED_FILES, read_labelled, read_labels
 from gptflow.stage import Built, Stage
@@ -27,27 +26,20 @@ from model.classifier import (
     ENSEMBLE_FORMAT,
     FORMAT,
     ClassifierError,
-    Keep,
-    Pooling,
     SequenceClassifier,
-    Trainable,
     collate,
     encode_split,
     evaluate_split,
     save_classifier,
 )
-from model.config import GPTConfig
-from model.dapt import DaptConfig, corpus_tokens, dapt_stage, domain_pretrain
+from model.configs import ClassifierConfig
+from model.dapt import corpus_tokens, dapt_stage, domain_pretrain
 from model.distributed import replicated
-from model.gpt import GPTModel
-from model.init import INIT_HELP, InitSpec
 from model.pretrain import LMResult
 from model.training import (
     CHECKPOINT,
     EpochBatches,
-    EvalEvery,
     Selection,
-    TrainConfig,
     TrainingCheckpoint,
     train,
 )
@@ -58,88 +50,6 @@ HISTORY = "history.json"
 # best.pt is written before the training checkpoint, which cannot recreate it: it must load for its stage folder to
 # be reused or resumed (gptflow.stage readers).
 BEST_READER = {BEST: lambda path: load_checkpoint(path, mmap=True)}
-
-
-class ClassifierConfig(TrainConfig):
-    """Every knob of a fine-tuning run (also the flow's parameters and the stage's config)."""
-
-    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_batch_size"}
-
-    init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
-    shape: GPTConfig | None = Field(
-        default=None, description="the shape of a model built from scratch (init random) instead of the preset's"
-    )
-    dapt: DaptConfig | None = Field(
-        default=None,
-        description="domain-adaptive pretraining on the training texts before fine-tuning (model/dapt.py)",
-    )
-    ensemble: tuple[int, ...] = Field(
-        default=(),
-        description="seeds of an ensemble's members: each member pretrains (with dapt) and fine-tunes with its "
-        "seed, and the ensemble averages their class probabilities; empty: one classifier of `seed`",
-    )
-    pooling: Pooling = Field(default="last_real", description="which hidden state the head reads")
-    trainable: Trainable = Field(
-        default="last_k", description="head | last_k (last k blocks + final norm + head) | all"
-    )
-    last_k: int = Field(default=1, ge=1, description="blocks trained with trainable=last_k")
-    max_length: int | None = Field(default=None, gt=0, description="truncate texts (default: context length)")
-    epochs: int = Field(default=5, gt=0)
-    eval_every: EvalEvery = None
-    patience: int | None = Field(default=3, gt=0, description="stop after N evaluations without improvement")
-    keep: Keep = Field(
-        default="best_val",
-        description="best_val: the weights at the best validation accuracy "
-        "(early stopping); last: the weights at the end of the schedule, for a validation split too "
-        "small to pick a step by (no early stopping)",
-    )
-    eval_batch_size: int = Field(default=32, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _keep_last_runs_the_schedule(cls, values: Any) -> Any:
-        """keep="last" trains the whole schedule: no early stopping unless asked for (then it is an error)."""
-        if isinstance(values, dict) and values.get("keep") == "last":
-            if values.get("patience") is not None:
-                raise ValueError("keep='last' trains the whole schedule: patience (early stopping) must be None")
-            values = {**values, "patience": None}
-        return values
-
-    @model_validator(mode="after")
-    def _shape_and_ensemble(self) -> "ClassifierConfig":
-        if self.shape is not None and self.init.kind != "random":
-            raise ValueError(f"shape builds the model from scratch: init must be random, not {self.init}")
-        if len(self.ensemble) == 1 or len(set(self.ensemble)) != len(self.ensemble):
-            raise ValueError(f"ensemble: expected 2 or more different seeds, got {list(self.ensemble)}")
-        return self
-
-    def members(self) -> list["ClassifierConfig"]:
-        """The configs of the classifiers to train: one per ensemble seed, or this one."""
-        return [self.model_copy(update={"seed": seed, "ensemble": ()}) for seed in self.ensemble] or [self]
-
-    def model_label(self) -> str:
-        """Short name of the starting model, for folder names."""
-        shape = self.shape
-        return self.init.label(self.preset if shape is None else f"{shape.n_layers}x{shape.emb_dim}")
-
-    def model_shape(self) -> dict[str, Any] | None:
-        if self.init.kind != "random":
-            return None
-        return (self.shape or GPTConfig.from_preset(self.preset)).to_dict()
-
-    def start_model(self, dropout: float, settings=None) -> GPTModel:
-        """The model fine-tuning (or domain pretraining) starts from, seeded with `seed` when built from scratch."""
-        return self.init.build(self.preset, shape=self.shape, dropout=dropout, seed=self.seed, settings=settings)
-
-    def after_dapt(self, model_path: str | Path) -> "ClassifierConfig":
-        """This config, fine-tuning from the result of its domain-adaptive pretraining."""
-        return self.model_copy(update={"init": f"checkpoint:{model_path}", "dapt": None, "shape": None})
-
-    def start_input(self, settings=None) -> Path | str:
-        """What a stage built on the starting model is keyed on: the weights file, or the random model's shape."""
-        if self.init.kind == "random" and self.shape is not None:
-            return "random:" + ",".join(f"{k}={v}" for k, v in self.shape.to_dict().items())
-        return self.init.stage_input(settings)
 
 
 @dataclass

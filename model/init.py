@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
@@ -14,7 +13,9 @@ from gptflow.errors import GptflowError
 from gptflow.settings import Settings
 from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS, LM_FILE
-from model.gpt import GPTModel
+
+if TYPE_CHECKING:
+    from model.gpt import GPTModel
 
 INIT_HELP = "random | gpt2:<preset-or-safetensors> | checkpoint:<path> (our pretraining or load-gpt2 output)"
 
@@ -91,6 +92,10 @@ class InitSpec(str):
         settings: Settings | None = None,
     ) -> GPTModel:
         """The starting model with the requested dropout (seeded when random: the preset's shape, or `shape`)."""
+        import torch
+
+        from model.gpt import GPTModel
+
         if self.kind == "random":
             overrides: dict[str, Any] = {"dropout": dropout}
             if context_length is not None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
-from pydantic import Field
 
 from gptflow.errors import GptflowError
 from gptflow.prompts import Style, clean_response, format_example, format_prompt
@@ -24,20 +23,16 @@ from gptflow.splits import read_instructions
 from gptflow.stage import Built, Decision, Journal, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
-from model.config import GPTConfig
+from model.configs import InstructConfig
 from model.device import autocast, resolve_device
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
 from model.gpt import GPTModel
-from model.init import INIT_HELP, InitSpec
 from model.opener import open_model
 from model.pretrain import LMResult, finish_lm_stage, lm_loss, run_lm_stage
 from model.training import (
-    Betas,
     EpochBatches,
-    GradClip,
-    TrainConfig,
     TrainingCheckpoint,
     eval_mode,
     set_threads,
@@ -103,46 +98,6 @@ def collate(
 
 
 # --- config ----------------------------------------------------------------------------------------------
-
-
-class InstructConfig(TrainConfig):
-    """Every knob of an instruction fine-tune and its test responses (also the flow's parameters)."""
-
-    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
-        "eval_every",
-        "eval_batches",
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "max_test_entries",
-        "sample_rows",
-    }
-
-    init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
-    context_length: int | None = Field(default=None, gt=1, description="override the preset's (random init)")
-    style: Style = Field(default="alpaca", description="prompt format: alpaca (the book) or phi3")
-    mask_prompt: bool = Field(default=False, description="loss on the response tokens only")
-    max_length: int | None = Field(default=None, gt=1, description="truncate examples (default: model context)")
-    epochs: int = Field(default=2, gt=0)
-    max_steps: int | None = Field(default=None, gt=0, description="stop after this many steps (quick runs)")
-    betas: Betas = (0.9, 0.999)
-    grad_clip: GradClip = None
-    log_every: int = Field(default=5, gt=0, description="log training loss every N steps")
-    eval_batches: int | None = Field(default=5, gt=0, description="validation batches per evaluation (None: all)")
-    max_new_tokens: int = Field(default=256, ge=1, description="response length limit")
-    temperature: float = Field(default=0.0, ge=0, description="0: greedy (the book)")
-    top_k: int | None = Field(default=None, gt=0)
-    max_test_entries: int | None = Field(default=None, gt=0, description="answer only the first N test entries")
-    sample_rows: int = Field(default=5, ge=0, description="sample responses shown in the artifacts")
-
-    def model_shape(self) -> dict[str, Any] | None:
-        if self.init.kind != "random":
-            return None
-        overrides = {} if self.context_length is None else {"context_length": self.context_length}
-        return GPTConfig.from_preset(self.preset, **overrides).to_dict()
-
-    def generation_key(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_k", "max_test_entries", "seed")}
 
 
 # --- data ------------------------------------------------------------------------------------------------

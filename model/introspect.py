@@ -18,27 +18,19 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 
 from gptflow.errors import GptflowError
 from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
 from model.classifier import SequenceClassifier
 from model.config import GPTConfig
-from model.device import DeviceSpec, resolve_device
+from model.configs import InspectConfig
+from model.device import resolve_device
 from model.files import INSPECTABLE
 from model.generate import next_token_distribution
 from model.gpt import GPTModel
 from model.opener import OpenedModel, open_model
 
-WORDS = (
-    "king", "queen", "man", "woman", "boy", "girl",
-    "cat", "dog", "horse", "bird",
-    "one", "two", "three", "four",
-    "red", "green", "blue",
-    "Paris", "London", "Rome",
-    "happy", "sad", "good", "bad",
-)  # fmt: skip
 MAX_POSITION_TOKENS = 24  # tokens of the probe drawn in the positions figure
 SAMPLING_TOKENS = 12  # candidates compared in the sampling figure
 TRACE_VALUES = 6
@@ -46,28 +38,6 @@ TRACE_VALUES = 6
 
 class InspectError(GptflowError, ValueError):
     """The probe text or a requested layer/head does not fit the model, or the file is not a model."""
-
-
-class InspectConfig(BaseModel):
-    """What `gptflow inspect` and the pipeline's inspect stage draw; the probe text is given beside it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    layer: int | None = Field(default=None, ge=0, description="layer of the large attention map (default: the last)")
-    head: int = Field(default=0, ge=0, description="head of the large attention map")
-    top_k: int = Field(default=10, ge=1, le=100, description="next-token candidates listed, and read out by the lens")
-    words: tuple[str, ...] = Field(default=WORDS, min_length=3, description="words whose embeddings are drawn in 2-D")
-    shuffle_seed: int = Field(default=0, description="seed of the shuffled probe in the positions figure")
-    temperatures: tuple[PositiveFloat, ...] = Field(
-        default=(0.5, 1.0, 2.0), min_length=1, description="temperatures compared (> 0)"
-    )
-    sampling_top_k: int = Field(default=5, ge=1, description="the top-k setting compared in the sampling figure")
-    sampling_top_p: float = Field(default=0.9, gt=0, le=1, description="the top-p setting compared")
-    device: DeviceSpec = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
-
-    def identity(self) -> dict[str, Any]:
-        """What defines the report (the device does not)."""
-        return self.model_dump(mode="json", exclude={"device"})
 
 
 @dataclass

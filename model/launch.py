@@ -23,7 +23,8 @@ from typing import Any, Callable
 from gptflow.ranks import process_ranks
 from gptflow.storage import write_json_atomic
 from gptflow.tokenizer import get_tokenizer
-from model.distributed import Launcher, LaunchError, death_signal, destroy, run_call
+from model.configs import Launcher
+from model.distributed import LaunchError, death_signal, destroy, run_call
 
 RECORDS = "records.jsonl"
 TORCHRUN_LOG = "torchrun.log"

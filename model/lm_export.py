@@ -22,6 +22,7 @@ from gptflow.prompts import format_prompt
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from model.config import GPTConfig
+from model.configs import ExportConfig
 from model.files import CHECKPOINT_LMS
 from model.genai import genai_files
 from model.gpt import ConcatCache, GPTModel
@@ -33,7 +34,7 @@ from model.lm_quality import (
     tokens_per_second,
     torch_logits,
 )
-from model.onnx_export import BUNDLE_DIR, MODEL_FILES, REPORT, ExportConfig, ExportError, export_graph, write_bundle
+from model.onnx_export import BUNDLE_DIR, MODEL_FILES, REPORT, ExportError, export_graph, write_bundle
 from model.opener import open_model
 from model.quantize import check_perplexity_gate, quantize_decoder
 

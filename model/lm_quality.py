@@ -17,9 +17,10 @@ from edge.text import EOT_ID, PAD_ID
 from gptflow.prompts import format_prompt
 from gptflow.splits import read_instructions
 from gptflow.storage import read_json
+from model.configs import ExportConfig
 from model.gpt import GPTModel, mask_positions
 from model.instruct import encode_entries, encode_text
-from model.onnx_export import ExportConfig, ExportError
+from model.onnx_export import ExportError
 from model.pretrain import load_tokens
 
 

@@ -12,12 +12,11 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST, CLASSIFIER, ORT_FILES, run_session, session
 from edge.text import PAD_ID
@@ -27,10 +26,11 @@ from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
 from model.classifier import ClassifierError, SequenceClassifier, encode_split, predict_logits
-from model.device import DeviceSpec, resolve_device
+from model.configs import ExportConfig
+from model.device import resolve_device
 from model.files import CLASSIFIERS
 from model.opener import open_model
-from model.quantize import DEFAULT_ONNX_OPS, check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
+from model.quantize import check_accuracy_gate, quantize_onnx, quantize_torch_dynamic
 
 log = logging.getLogger(__name__)
 
@@ -174,44 +174,6 @@ def write_bundle(
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         write_json_atomic(tmp / BUNDLE_MANIFEST, {"format": BUNDLE_FORMAT, "kind": kind, "files": files, **info})
     return Path(out_dir)
-
-
-class ExportConfig(BaseModel):
-    """Knobs of the export stage (also the flow's parameters and the manifest's config)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    int8: bool = Field(default=True, description="also quantize (torch and ONNX dynamic int8) and gate")
-    max_int8_drop: float = Field(default=1.0, ge=0, description="largest allowed int8 test-accuracy drop, points")
-    onnx_int8_ops: tuple[str, ...] = Field(default=DEFAULT_ONNX_OPS, description="ONNX op types quantized")
-    batch_size: int = Field(default=32, gt=0)
-    device: DeviceSpec = Field(
-        default="cpu", description="device of the PyTorch reference pass (the ONNX graph is always traced on the CPU)"
-    )
-    format: Literal["onnx", "hf"] = Field(
-        default="onnx", description="onnx: the edge bundle; hf: a Hugging Face GPT-2 folder (language models)"
-    )
-    # Language models (the LM bundle).
-    max_ppl_increase: float = Field(
-        default=3.0, ge=0, description="largest allowed int8 perplexity increase over fp32, percent"
-    )
-    int8_block_size: int = Field(default=128, ge=16, description="int8 weight block size (a power of two)")
-    agreement_tokens: int = Field(default=32, gt=0, description="greedy tokens per test prompt compared fp32 vs int8")
-    max_eval_rows: int | None = Field(
-        default=128, gt=0, description="validation rows for perplexity and test prompts for agreement (None: all)"
-    )
-    lm_parity_atol: float = Field(default=1e-4, gt=0, description="largest fp32 ONNX vs PyTorch logit difference")
-
-    def identity(self, kind: str) -> dict[str, Any]:
-        """The stage key's config for a `kind` bundle: the fields that shape it. Not the device, the output format
-        (a Hugging Face folder is a stage of its own) or the other kind's fields, so that changing the LM gate
-        does not re-export the classifier."""
-        other = _LM_FIELDS if kind == CLASSIFIER else _CLASSIFIER_FIELDS
-        return self.model_dump(mode="json", exclude={"device", "format", *other})
-
-
-_CLASSIFIER_FIELDS = {"max_int8_drop", "onnx_int8_ops", "batch_size"}
-_LM_FIELDS = {"max_ppl_increase", "int8_block_size", "agreement_tokens", "max_eval_rows", "lm_parity_atol"}
 
 
 def export_classifier(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-OptimizerName = Literal["adamw", "muon"]
+from model.configs import OptimizerName
 
 
 def build_optimizer(

@@ -9,18 +9,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from gptflow.errors import GptflowError
 from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import save_model
-from model.config import GPTConfig
+from model.configs import PretrainConfig
 from model.device import autocast
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX, linear_cross_entropy
@@ -28,13 +27,8 @@ from model.generate import generate
 from model.gpt import GPTModel
 from model.training import (
     CHECKPOINT,
-    EvalEvery,
-    LearningRate,
-    MinLrRatio,
-    TrainConfig,
     TrainingCheckpoint,
     TrainState,
-    WarmupSteps,
     eval_mode,
     train,
 )
@@ -49,43 +43,6 @@ METRICS = "metrics.json"
 
 class PretrainError(GptflowError, ValueError):
     """Pretraining input is unusable."""
-
-
-class PretrainConfig(TrainConfig):
-    """Every knob of a pretraining run (also the flow's parameters and the stage's config)."""
-
-    RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
-        "eval_every",
-        "eval_batches",
-        "sample_prompt",
-        "sample_tokens",
-        "compile",
-    }
-
-    context_length: int | None = Field(default=None, gt=1, description="override the preset's context")
-    steps: int = Field(default=300, gt=0, description="optimizer steps")
-    lr: LearningRate = 2e-3
-    min_lr_ratio: MinLrRatio = 0.1
-    warmup_steps: WarmupSteps = 50
-    sampling: Literal["random", "strided"] = Field(
-        default="random", description="random: seeded random windows; strided: consecutive windows, wrapping"
-    )
-    compile: bool = Field(default=False, description="torch.compile the model (slow start, small gain on CPU)")
-    eval_every: EvalEvery = 50
-    eval_batches: int = Field(default=10, gt=0, description="validation batches per evaluation (at most)")
-    sample_prompt: str = Field(default="\n", description="prompt of the text sample at each evaluation")
-    sample_tokens: int = Field(default=40, ge=0, description="length of that sample (0: none)")
-
-    def model_config_for(self, vocab_size: int | None = None) -> GPTConfig:
-        overrides: dict[str, Any] = {"dropout": self.dropout}
-        if self.context_length is not None:
-            overrides["context_length"] = self.context_length
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
-        return GPTConfig.from_preset(self.preset, **overrides)
-
-    def model_shape(self) -> dict[str, Any]:
-        return self.model_config_for().to_dict()
 
 
 def load_tokens(path: Path) -> np.ndarray:

@@ -33,8 +33,7 @@ from torch import nn
 
 from gptflow.errors import GptflowError
 from gptflow.storage import atomic_path
-
-DEFAULT_ONNX_OPS = ("MatMul", "Gather")
+from model.configs import DEFAULT_ONNX_OPS
 
 
 class QuantizationError(GptflowError, ValueError):

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gptflow.errors import GptflowError, dotted, validation_message
-from model.finetune_classifier import ClassifierConfig
+from model.configs import ClassifierConfig
 
 
 class SweepError(GptflowError, ValueError):

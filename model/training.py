@@ -1,5 +1,5 @@
 """The one training loop every stage drives (pretraining, instruction tuning, classifier fine-tuning, the
-accuracy bench's domain pretraining), and the config fields they share.
+accuracy bench's domain pretraining); their configs are in model.configs.
 
 A stage supplies its model, a batch for each micro-batch index, its loss and its evaluation; the loop does the
 rest: the device and precision (model.device), data-parallel training under torchrun (model.distributed),
@@ -16,10 +16,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -28,80 +27,9 @@ from gptflow.ranks import process_ranks
 from gptflow.stage import Stage
 from model import distributed
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from model.config import GPTConfig, Preset
-from model.device import DeviceSpec, Precision, Runtime, allow_tf32, runtime
-from model.distributed import Launcher
-from model.optim import OptimizerName, build_optimizer, build_scheduler
-
-# Constrained field types: a stage config may change a default (`lr: LearningRate = 2e-3`) without restating them.
-LearningRate = Annotated[float, Field(gt=0, description="peak learning rate")]
-MinLrRatio = Annotated[
-    float, Field(ge=0, le=1, description="final LR / peak LR of the cosine schedule (1.0: constant after warmup)")
-]
-WarmupSteps = Annotated[int, Field(ge=0, description="linear LR warmup steps")]
-GradClip = Annotated[float | None, Field(gt=0, description="clip the gradient norm to this (None: no clipping)")]
-Betas = Annotated[tuple[float, float], Field(description="AdamW betas")]
-EvalEvery = Annotated[
-    int | None, Field(gt=0, description="evaluate every N steps (None: once per epoch, or only at the end)")
-]
-
-
-class TrainConfig(BaseModel):
-    """Fields every training stage shares. `RUN_ONLY` names the fields that may change between a run and its
-    resume (they do not define the product); `identity()` is the rest, plus the number of training
-    processes: the config part of the stage key."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "launcher", "threads", "log_every", "checkpoint_every"})
-
-    preset: Preset = Field(default="mini", description="model preset for a model built from scratch")
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    lr: LearningRate = 5e-5
-    weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay (matrices and embeddings)")
-    betas: Betas = (0.9, 0.95)
-    optimizer: OptimizerName = Field(
-        default="adamw",
-        description="adamw, or muon: Muon for the blocks' matrices and AdamW for embeddings, head, norms and biases",
-    )
-    warmup_steps: WarmupSteps = 0
-    min_lr_ratio: MinLrRatio = 1.0
-    grad_clip: GradClip = 1.0
-    batch_size: int = Field(default=8, gt=0, description="sequences per micro-batch")
-    grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
-    seed: int = Field(default=123, description="seed of the initial weights, data order and dropout")
-    device: DeviceSpec = "auto"
-    precision: Precision = "auto"
-    launcher: Launcher = Field(default_factory=Launcher, description="run training in this process or under torchrun")
-    threads: int | None = Field(default=None, gt=0, description="torch intra-op threads (None: torch's default)")
-    log_every: int = Field(default=10, gt=0, description="log training loss every N steps")
-    eval_every: EvalEvery = 50
-    checkpoint_every: int = Field(default=100, gt=0, description="write the resumable checkpoint every N steps")
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that define the product, and `world_size`: with more processes each step sees more batches
-        (the global batch is batch_size x grad_accum x world_size). The model is keyed on its resolved shape, not
-        on the preset's name: a preset whose shape changes is another model."""
-        fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY | {"preset"}}
-        return {**fields, "model": self.model_shape(), "world_size": self.world_size}
-
-    def model_shape(self) -> dict[str, Any] | None:
-        """The shape of the model built from scratch (None when the stage starts from weights, which its inputs
-        key by hash)."""
-        return GPTConfig.from_preset(self.preset).to_dict()
-
-    @property
-    def world_size(self) -> int:
-        """The training processes: this torchrun job's, else the ones `launcher` will start."""
-        ranks = process_ranks()
-        return ranks.world_size if ranks.distributed else self.launcher.world_size
-
-    def runtime(self) -> Runtime:
-        """The device and precision this config resolves to on this machine (decided once per process)."""
-        return runtime(self.device, self.precision)
-
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> "TrainConfig":
-        """A validated copy (pydantic's own `model_copy` does not validate `update`)."""
-        return self.model_validate({**self.model_dump(), **(update or {})})
+from model.configs import TrainConfig
+from model.device import allow_tf32
+from model.optim import build_optimizer, build_scheduler
 
 
 class NonFiniteLossError(GptflowError, FloatingPointError):
@@ -297,8 +225,9 @@ def train(
     ("tokens", and "correct"/"n" for an accuracy); `evaluate(final)` (if any, run by rank 0) returns validation
     metrics including `select.metric`. The checkpoint `<stage.dir>/last.pt` (`checkpoint`: the one the stage's
     plan already read) is resumed when that plan says so (`stage.decision`), written every
-    `config.checkpoint_every` steps and at the end. `on_log` receives every train and eval record (also kept in
-    the returned state's history). On a rank > 0 the call ends in `FollowerDone` once training is over."""
+    `config.checkpoint_every` steps and at the end. `on_log` receives a "resume" record (when it resumes), a "start"
+    record naming the stage folder, then every train and eval record (those are kept in the state's history).
+    On a rank > 0 the call ends in `FollowerDone` once training is over."""
     set_threads(config.threads)
     ranks = process_ranks()
     world = ranks.world_size
@@ -322,6 +251,7 @@ def train(
         stage.check_checkpoint(ckpt.stage_key(), ckpt.path)
         state = ckpt.restore(model, optimizer, scheduler, scaler, ranks.rank)
         _emit(state, on_log, {"kind": "resume", "step": state.step, "checkpoint": str(ckpt.path)})
+    _emit(state, on_log, {"kind": "start", "step": state.step, "folder": str(stage.dir)})  # names the run to callers
     ckpt.release()  # a checkpoint the plan read but training does not resume is not held in memory
     state.setup = {
         "device": str(rt.device),
@@ -478,7 +408,7 @@ def _means(sums: dict[str, float]) -> dict[str, float]:
 
 def _emit(state: TrainState, on_log: Callable[[dict[str, Any]], None] | None, record: dict[str, Any]) -> None:
     record = {k: v for k, v in record.items() if v is not None}
-    if record["kind"] != "resume":
+    if record["kind"] not in ("resume", "start"):
         state.history.append(record)
     if on_log is not None:
         on_log(dict(record))

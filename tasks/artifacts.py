@@ -52,35 +52,46 @@ def publish_plot(png: str | Path, key: str, description: str) -> None:
 
 
 class TrainingProgress:
-    """A progress artifact (0-100 %) that a training loop's log callback moves forward.
+    """A training stage's progress artifact (0-100 %), keyed by its stage folder's name, which the training loop's
+    "start" record gives (a reused stage trains nothing: `finish` names it then).
 
     Updates are throttled (`min_interval_s`) so a fast loop does not flood the API; `finish()` sets 100 %.
     """
 
-    def __init__(self, key: str, description: str, min_interval_s: float = 5.0) -> None:
-        self._id = create_progress_artifact(0.0, key=artifact_key(key), description=description)
-        self._min_interval_s = min_interval_s
+    def __init__(self, stage: str, min_interval_s: float = 5.0) -> None:
+        self._stage, self._min_interval_s = stage, min_interval_s
+        self._id = None
         self._last = 0.0
+
+    def start(self, folder: str) -> None:
+        name = Path(folder).name
+        key = artifact_key(self._stage, name, "progress")
+        self._id = create_progress_artifact(0.0, key=key, description=f"{name}: training done")
 
     def update(self, fraction: float) -> None:
         now = time.monotonic()
-        if now - self._last >= self._min_interval_s:
+        if self._id is not None and now - self._last >= self._min_interval_s:
             update_progress_artifact(self._id, round(100.0 * min(max(fraction, 0.0), 1.0), 1))
             self._last = now
 
-    def finish(self) -> None:
+    def finish(self, folder: str | Path) -> None:
+        if self._id is None:
+            self.start(str(folder))
         update_progress_artifact(self._id, 100.0)
 
 
-def training_logger(stage: str, name: str, fraction: Callable[[dict[str, Any]], float]) -> tuple[Callable, Any]:
+def training_logger(stage: str, fraction: Callable[[dict[str, Any]], float]) -> tuple[Callable, TrainingProgress]:
     """A training stage's `on_log`: one log line per record of the training loop and a progress artifact moved by
     `fraction(record)`; returns (on_log, the progress artifact)."""
     logger = get_run_logger()
-    progress = TrainingProgress(artifact_key(stage, name, "progress"), f"{name}: training done")
+    progress = TrainingProgress(stage)
 
     def on_log(m: dict[str, Any]) -> None:
         if m["kind"] == "resume":
             logger.info("resumed from %s at step %d", m["checkpoint"], m["step"])
+            return
+        if m["kind"] == "start":
+            progress.start(m["folder"])
             return
         progress.update(fraction(m))
         epoch = f" (epoch {m['epoch']:.2f})" if "epoch" in m else ""

@@ -18,15 +18,9 @@ from eval.metrics import report_rows, write_split_reports
 from eval.plots import plot_loss_curve, plot_training_curves
 from gptflow.tokenizer import get_tokenizer
 from model.classifier import split_logits
+from model.configs import ClassifierConfig
 from model.files import CLASSIFIERS
-from model.finetune_classifier import (
-    ClassifierConfig,
-    build_ensemble,
-    classifier_stage,
-    domain_stage,
-    finetune,
-    pretrain_domain,
-)
+from model.finetune_classifier import build_ensemble, finetune, pretrain_domain
 from model.opener import open_model
 from tasks.artifacts import artifact_key, publish_plot, publish_table, publish_training_result, training_logger
 from tasks.training import run_training
@@ -55,12 +49,9 @@ def pretrain_on_domain(data_dir: str, config: ClassifierConfig, resume: bool = T
     the config that fine-tunes from its model."""
     logger = get_run_logger()
     tokenizer = get_tokenizer()
-    name = domain_stage(data_dir, config, tokenizer=tokenizer)[0].dir.name
-    on_log, progress = training_logger("dapt", name, lambda m: m["step"] / config.dapt.steps)
-    result = run_training(
-        pretrain_domain, data_dir, None, config, name=name, on_log=on_log, resume=resume, tokenizer=tokenizer
-    )
-    progress.finish()
+    on_log, progress = training_logger("dapt", lambda m: m["step"] / config.dapt.steps)
+    result = run_training(pretrain_domain, data_dir, None, config, on_log=on_log, resume=resume, tokenizer=tokenizer)
+    progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", "domain-adaptive pretraining")
     publish_training_result(result, plot, "dapt", "domain-adaptive pretraining")
@@ -78,12 +69,9 @@ def finetune_classifier(
     data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    name = classifier_stage(data_dir, config, out_dir).dir.name
-    on_log, progress = training_logger("classify", name, lambda m: m["epoch"] / config.epochs)
-    result = run_training(
-        finetune, data_dir, out_dir, config, name=name, on_log=on_log, resume=resume, tokenizer=get_tokenizer()
-    )
-    progress.finish()
+    on_log, progress = training_logger("classify", lambda m: m["epoch"] / config.epochs)
+    result = run_training(finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, tokenizer=get_tokenizer())
+    progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
     key = artifact_key("classify", result.out_dir.name)
     evals = [h for h in result.history if h["kind"] == "eval"]

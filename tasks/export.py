@@ -10,9 +10,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gptflow.tokenizer import get_tokenizer, tokenizer_files
+from model.configs import ExportConfig
 from model.hf_export import export_hf
 from model.lm_export import export_lm, model_rows
-from model.onnx_export import MODEL_FILES, ExportConfig, export_classifier
+from model.onnx_export import MODEL_FILES, export_classifier
 from tasks.artifacts import artifact_key, publish_markdown, publish_table
 
 

@@ -13,7 +13,8 @@ from eval.introspection import headline, render_inspection, table_rows
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import get_tokenizer
-from model.introspect import InspectConfig, inspect_model, load_subject, open_subject
+from model.configs import InspectConfig
+from model.introspect import inspect_model, load_subject, open_subject
 from tasks.artifacts import artifact_key, publish_link, publish_plot, publish_table
 
 SUMMARY = "summary.json"

@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
-from model.instruct import InstructConfig, finetune, generate_responses, instruct_stage, sample_rows
+from model.configs import InstructConfig
+from model.instruct import finetune, generate_responses, sample_rows
 from tasks.artifacts import artifact_key, publish_link, publish_table, publish_training_result, training_logger
 from tasks.training import run_training
 
@@ -25,14 +26,10 @@ def finetune_model(
 ) -> dict[str, Any]:
     """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
     logger = get_run_logger()
-    name = instruct_stage(data_dir, config, out_dir).dir.name
-    on_log, progress = training_logger(
-        "instruct", name, lambda m: m["step"] / config.max_steps if config.max_steps else m["epoch"] / config.epochs
-    )
-    result = run_training(
-        finetune, data_dir, out_dir, config, name=name, on_log=on_log, resume=resume, tokenizer=get_tokenizer()
-    )
-    progress.finish()
+    done = (lambda m: m["step"] / config.max_steps) if config.max_steps else (lambda m: m["epoch"] / config.epochs)
+    on_log, progress = training_logger("instruct", done)
+    result = run_training(finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, tokenizer=get_tokenizer())
+    progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(
         result.history,

@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
-from model.pretrain import PretrainConfig, pretrain, pretrain_stage
+from model.configs import PretrainConfig
+from model.pretrain import pretrain
 from model.weights import convert_gpt2
 from tasks.artifacts import publish_training_result, training_logger
 from tasks.training import run_training
@@ -25,12 +26,9 @@ def train_model(
 ) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
     logger = get_run_logger()
-    name = pretrain_stage(data_dir, config, out_dir).dir.name
-    on_log, progress = training_logger("pretrain", name, lambda m: m["step"] / config.steps)
-    result = run_training(
-        pretrain, data_dir, out_dir, config, name=name, on_log=on_log, resume=resume, tokenizer=get_tokenizer()
-    )
-    progress.finish()
+    on_log, progress = training_logger("pretrain", lambda m: m["step"] / config.steps)
+    result = run_training(pretrain, data_dir, out_dir, config, on_log=on_log, resume=resume, tokenizer=get_tokenizer())
+    progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", f"{config.preset} pretraining")
     publish_training_result(result, plot, "pretrain", "pretraining")

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from prefect import get_run_logger
 
 from gptflow.settings import get_settings
+from gptflow.storage import sha256_json
 from model.launch import launch
 
 
@@ -18,7 +19,6 @@ def run_training(
     out_dir: str | None,
     config: Any,
     *,
-    name: str,
     on_log: Callable[[dict[str, Any]], None],
     resume: bool,
     **local: Any,
@@ -29,6 +29,9 @@ def run_training(
     launcher = config.launcher
     if launcher.kind != "torchrun":
         return stage_fn(data_dir, out_dir, config, on_log=on_log, resume=resume, **local)
+    # The launch folder (and torchrun's run id, which every node must agree on) is named by the call itself.
+    call = {"data_dir": str(data_dir), "out_dir": str(out_dir), "config": config.model_dump(mode="json")}
+    name = f"{stage_fn.__name__}-{sha256_json(call)[:12]}"
     get_run_logger().info(
         "%s: training under torchrun, %d node(s) x %d process(es)", name, launcher.nnodes, launcher.nproc_per_node
     )

@@ -58,14 +58,12 @@ def tiny_config(kind: str, **fields: Any):
         from model.config import GPTConfig
 
         return GPTConfig.from_preset("tiny", **fields)
-    if kind == "pretrain":
-        from model.pretrain import PretrainConfig as config_class
-    elif kind == "classifier":
-        from model.finetune_classifier import ClassifierConfig as config_class
-    elif kind == "instruct":
-        from model.instruct import InstructConfig as config_class
-    else:
+    from model.configs import ClassifierConfig, InstructConfig, PretrainConfig
+
+    classes = {"pretrain": PretrainConfig, "classifier": ClassifierConfig, "instruct": InstructConfig}
+    if kind not in classes:
         raise ValueError(f"tiny_config: unknown kind {kind!r}")
+    config_class = classes[kind]
     return config_class(**{"preset": "tiny", **fields})
 
 
@@ -166,8 +164,9 @@ def topic_classifier(tmp_path_factory, tokenizer, mirror) -> dict[str, Any]:
     from classify_data import write_splits
 
     from gptflow.tokenizer import tokenizer_files
+    from model.configs import ExportConfig
     from model.finetune_classifier import finetune
-    from model.onnx_export import ExportConfig, export_classifier
+    from model.onnx_export import export_classifier
 
     root = tmp_path_factory.mktemp("topic-classifier")
     data = write_splits(root / "data", (20, 5, 34))  # 60 train, 15 validation, 102 test texts

@@ -14,8 +14,9 @@ from conftest import tiny_config
 from eval.champion import ChampionError, PromotionConfig, PromotionRule, decide, score_classifier_bundle
 from gptflow.settings import get_settings, load_settings
 from gptflow.tokenizer import tokenizer_files
+from model.configs import ExportConfig
 from model.finetune_classifier import finetune
-from model.onnx_export import ExportConfig, export_classifier
+from model.onnx_export import export_classifier
 from tasks.registry import registry_task
 
 ACCURACY = PromotionRule(metric="accuracy", margin=0.01, alert_worse_by=0.05)

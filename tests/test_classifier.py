@@ -11,8 +11,9 @@ from edge.text import encode_texts
 from eval.plots import plot_training_curves
 from gptflow.splits import SplitError, read_labelled
 from model.classifier import ClassifierError, SequenceClassifier, collate
+from model.configs import ClassifierConfig
 from model.files import CLASSIFIERS
-from model.finetune_classifier import ClassifierConfig, finetune
+from model.finetune_classifier import finetune
 from model.gpt import GPTModel
 from model.opener import open_model
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from classify_data import make_texts
 from conftest import tiny_config
 
-from model.onnx_export import ExportConfig
+from model.configs import ExportConfig
 
 
 def test_finetune_then_export_flows(prefect_harness, settings, tmp_path):

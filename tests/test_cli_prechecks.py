@@ -1,5 +1,5 @@
 """Answers before Prefect starts (cli/prechecks.py): a bad input gets its one line before any flow, Prefect or
-PyTorch is imported; the checks themselves; the early reading of a command line without its stage options."""
+PyTorch is imported; the checks themselves."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, command_env
 
-from cli import build_parser, prechecks
-from cli.prechecks import early_arguments
+from cli import prechecks
 from data.instructions import check_instructions
 from data.tabular import check_header
 from gptflow.errors import GptflowError
@@ -48,6 +47,7 @@ def inputs(tmp_path):
     (d / "no-output.json").write_text(json.dumps([ENTRY, {"instruction": "x"}]))
     (d / "columns.csv").write_text("message,category\nhello,a\n")
     (d / "config.yaml").write_text("seed: many\n")
+    (d / "optimizer.yaml").write_text("optimizer: sgd\n")
     (d / "junk.pt").write_text("not a zip\n")
     (d / "short.safetensors").write_bytes(b"\x01\x02")
     (d / "empty-folder").mkdir()
@@ -77,6 +77,10 @@ CASES = {
     "config field": (
         ["data", "spam", "--config", "{d}/config.yaml"],
         "gptflow data: error: {d}/config.yaml: seed: Input should be a valid integer",
+    ),
+    "model config field": (
+        ["pretrain", "--corpus", "tinyshakespeare", "--config", "{d}/optimizer.yaml"],
+        "gptflow pretrain: error: {d}/optimizer.yaml: optimizer: Input should be 'adamw' or 'muon'",
     ),
     "export not a checkpoint": (
         ["export", "{d}/junk.pt", "--int8"],
@@ -122,7 +126,8 @@ def test_a_bad_input_is_one_line_before_prefect_starts(case, inputs, tmp_path, m
 
 
 def test_the_checks_import_neither_prefect_nor_torch(inputs):
-    """Every verb's bad input, in one process: each is answered (exit 2) and nothing heavy was imported."""
+    """Every verb's bad input, in one process: each is answered (exit 2) and nothing heavy was imported. A stage
+    config's bad field too: the configs are PyTorch-free (model.configs)."""
     d = inputs
     commands = [
         ["data", "instructions", f"{d}/dict.json"],
@@ -132,6 +137,10 @@ def test_the_checks_import_neither_prefect_nor_torch(inputs):
         ["pipeline", "--config", f"{d}/junk.pt"],
         ["pretrain", "--corpus", f"{d}/missing.txt", "--preset", "tiny"],
         ["pretrain", "--config", f"{d}/junk.pt"],
+        ["pretrain", "--config", f"{d}/optimizer.yaml"],
+        ["pretrain", "--preset", "tiny", "--steps", "0"],
+        ["finetune-classifier", "--last-k", "0"],
+        ["finetune-instructions", "--init", "gpt3"],
         ["load-gpt2", f"{d}/empty-folder"],
         ["generate", "hi", "--model", f"{d}/junk.pt"],
         ["classify", "hi", "--model", f"{d}/junk.pt"],
@@ -277,30 +286,6 @@ def test_corpus_and_config_checks(tmp_path):
     (tmp_path / "l.yaml").write_text("- 1\n")
     with pytest.raises(GptflowError, match=r"^--config: .*l.yaml holds a list, not a mapping"):
         prechecks.config_file("--config", str(tmp_path / "l.yaml"))
-
-
-@pytest.mark.parametrize(
-    "argv, expected",
-    [
-        (["export", "m.pt", "--max-int8-drop", "3"], {"checkpoint": "m.pt"}),
-        (["export", "m.pt", "--int8", "--out=x"], {"checkpoint": "m.pt", "out": "x"}),
-        (["pretrain", "--preset", "tiny", "--corpus", "c.txt"], {"corpus": "c.txt"}),
-        (["classify", "a", "b", "--model", "m"], {"texts": ["a", "b"], "model": "m"}),
-        (["export", "--max-int8-drop", "3", "m.pt"], None),  # 3 read as CHECKPOINT: wait for the full parser
-        (["export", "--max-int8-drop", "-1"], None),
-        (["export", "--int8", "m.pt"], None),  # --int8 might take m.pt as its value
-        (["export", "m.pt", "extra"], None),  # the full parser's error
-        (["export"], None),
-        (["export", "m.pt", "--help"], None),
-        (["finetune-classifier", "--dat", "x.csv"], {"data": "spam"}),  # no abbreviations: main checks again
-    ],
-)
-def test_the_early_reading_of_a_command_line(argv, expected):
-    args = early_arguments(build_parser, argv)
-    if expected is None:
-        assert args is None
-    else:
-        assert args is not None and {k: getattr(args, k) for k in expected} == expected
 
 
 def test_an_abbreviated_flag_is_checked_as_the_full_parser_reads_it(tmp_path, settings, capsys):

@@ -8,6 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from gptflow.ranks import DistributedEnvError, Ranks, process_ranks
+from model.configs import PretrainConfig
 from model.device import (
     BF16_MARGIN,
     DeviceError,
@@ -16,7 +17,6 @@ from model.device import (
     resolve_device,
     resolve_precision,
 )
-from model.pretrain import PretrainConfig
 
 TORCHRUN_ENV = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

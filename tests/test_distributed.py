@@ -19,11 +19,12 @@ from gptflow.settings import get_settings
 from gptflow.stage import StageError
 from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import load_checkpoint
+from model.configs import PretrainConfig
 from model.distributed import LaunchError
 from model.files import CHECKPOINT_LMS
 from model.launch import CALL, RECORDS, launch, torchrun_command
 from model.opener import open_model
-from model.pretrain import PretrainConfig, pretrain
+from model.pretrain import pretrain
 
 TARGET = "model.pretrain:pretrain"
 TWO_RANKS = {"kind": "torchrun", "nproc_per_node": 2}
@@ -129,7 +130,7 @@ def start_torchrun(config: PretrainConfig, data_dir: Path, out_dir: Path, workdi
         "target": TARGET,
         "args": [str(data_dir), str(out_dir)],
         "kwargs": {"resume": False},
-        "config_class": "model.pretrain:PretrainConfig",
+        "config_class": "model.configs:PretrainConfig",
         "config": config.model_dump(mode="json"),
         "records": str(workdir / RECORDS),
     }

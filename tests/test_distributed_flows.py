@@ -18,9 +18,9 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 
 from flows.pretrain import pretrain_flow
+from model.configs import PretrainConfig
 from model.finetune_classifier import finetune
 from model.launch import launch
-from model.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

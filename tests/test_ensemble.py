@@ -22,11 +22,12 @@ from gptflow.settings import load_settings
 from gptflow.tokenizer import EOT_ID, tokenizer_files
 from model.classifier import ENSEMBLE_FORMAT, ClassifierEnsemble, ClassifierError, predict_logits, split_logits
 from model.config import GPTConfig
+from model.configs import ClassifierConfig, ExportConfig
 from model.dapt import DaptError, compact_vocab, corpus_tokens, expand_vocab
 from model.files import CHECKPOINT_LMS, CLASSIFIERS
-from model.finetune_classifier import ClassifierConfig, build_ensemble, finetune, pretrain_domain
+from model.finetune_classifier import build_ensemble, finetune, pretrain_domain
 from model.gpt import GPTModel
-from model.onnx_export import ExportConfig, export_classifier
+from model.onnx_export import export_classifier
 from model.opener import open_model
 
 SHAPE = {"context_length": 64, "emb_dim": 32, "n_layers": 2, "n_heads": 2}

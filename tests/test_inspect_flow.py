@@ -14,8 +14,8 @@ from cli import main
 from flows.inspect import inspect_flow
 from model.checkpoint import save_model
 from model.classifier import SequenceClassifier, save_classifier
+from model.configs import InspectConfig
 from model.gpt import GPTModel
-from model.introspect import InspectConfig
 
 PROBE = "Every effort moves you"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,9 +9,10 @@ from conftest import tiny_config
 
 from model.checkpoint import CheckpointError, save_model
 from model.classifier import SequenceClassifier, save_classifier
+from model.configs import InspectConfig
 from model.generate import next_token_distribution
 from model.gpt import GPTModel, mask_positions
-from model.introspect import InspectConfig, InspectError, Subject, inspect_model, load_subject, open_subject
+from model.introspect import InspectError, Subject, inspect_model, load_subject, open_subject
 from model.weights import save_hf_gpt2
 
 PROBE = "Every effort moves you"

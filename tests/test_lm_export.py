@@ -24,12 +24,12 @@ from gptflow.prompts import format_prompt
 from gptflow.settings import load_settings
 from gptflow.tokenizer import tokenizer_files
 from model.checkpoint import CheckpointError, load_checkpoint, save_model
+from model.configs import ExportConfig
 from model.files import CHECKPOINT_LMS
 from model.generate import generate
 from model.gpt import GPTModel
 from model.instruct import finetune
 from model.lm_export import export_lm, prompt_template
-from model.onnx_export import ExportConfig
 from model.opener import open_model
 from model.quantize import check_perplexity_gate
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from cli import main
 from model.files import CHECKPOINT_LMS
 from model.opener import open_model
+from tasks.artifacts import artifact_key
 
 
 def _path(out: str, label: str) -> str:
@@ -42,6 +46,11 @@ def test_pretrain_then_generate(prefect_harness, settings, capsys):
     model = open_model(model_path, CHECKPOINT_LMS).language_model()
     cfg = model.cfg
     assert cfg.context_length == 32 and cfg.emb_dim == 64
+    # the progress artifact is keyed on the stage folder, which the training loop's first record names
+    key = artifact_key("pretrain", Path(model_path).parent.name, "progress")
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert [(a.type, float(a.data)) for a in progress] == [("progress", 100.0)]
     assert main(args) == 0 and capsys.readouterr().out.startswith("reused tiny: 4 steps")
 
     assert main(["generate", "Every effort moves you", "--model", model_path, "--max-new-tokens", "6"]) == 0

@@ -91,6 +91,8 @@ def test_resume_after_kill_is_exact(corpus, tmp_path, tokenizer):
     seen = []
     resumed = pretrain(corpus, tmp_path / "split", config, on_log=seen.append, progress=False)
     assert [m["step"] for m in seen if m["kind"] == "resume"] == [4]
+    # the record that names the stage folder (a task keys its progress artifact on it) follows the resume
+    assert seen[1] == {"kind": "start", "step": 4, "folder": str(tmp_path / "split")}
     assert [m["step"] for m in seen if m["kind"] == "train"] == [5, 6, 7, 8]
     assert not resumed.reused and resumed.metrics["steps"] == 8 == full.metrics["steps"]
     assert resumed.metrics["device"] == "cpu" and resumed.metrics["precision"] == "fp32"

@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import (
 )
 
 from gptflow.settings import get_settings
-from model.finetune_classifier import ClassifierConfig
+from model.configs import ClassifierConfig
 from model.sweep import SweepError, grid_variants
 from tasks.parallel import THREAD_VARIABLES, dask_options
 

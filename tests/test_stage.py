@@ -18,9 +18,10 @@ from gptflow.closure import PROJECT_PACKAGES, import_closure
 from gptflow.stage import Stage, StageError, describe_change
 from model.checkpoint import load_checkpoint, save_model
 from model.config import GPTConfig
-from model.finetune_classifier import ClassifierConfig, finetune
+from model.configs import ClassifierConfig, PretrainConfig
+from model.finetune_classifier import finetune
 from model.gpt import GPTModel
-from model.pretrain import PretrainConfig, pretrain
+from model.pretrain import pretrain
 
 
 @pytest.fixture
