@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from alert_receiver import AlertReceiver
 from e2e_harness import (
     PNG_DATA_URL,
     REPO,
-    AlertReceiver,
     Browser,
     E2EError,
     Service,

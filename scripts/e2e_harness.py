@@ -1,5 +1,5 @@
 """The machinery of the end-to-end check (scripts/e2e.py): processes and the services it starts and always stops,
-headless Chromium driven over the DevTools protocol, and a loopback webhook that records alerts."""
+and headless Chromium driven over the DevTools protocol (the alert webhook is scripts/alert_receiver.py)."""
 
 from __future__ import annotations
 
@@ -249,35 +249,3 @@ def png_size(data_url: str) -> tuple[int, int]:
     if raw[:8] != b"\x89PNG\r\n\x1a\n":
         raise E2EError("plot artifact holds a data URL that is not a PNG")
     return struct.unpack(">II", raw[16:24])
-
-
-class AlertReceiver:
-    """A loopback JSON webhook (Apprise `json://`): the runs' GPTFLOW_ALERT_URL; records every alert."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.alerts: list[dict[str, Any]] = []
-        alerts = self.alerts
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                alerts.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"json://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def about(self, run_name: str) -> list[str]:
-        """The events ("promoted", "failed", ...) of the alerts whose title names `run_name`."""
-        return [a["title"].split(": ")[1] for a in self.alerts if a["title"].endswith(f": {run_name}")]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

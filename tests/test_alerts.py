@@ -13,19 +13,19 @@ import time
 from uuid import UUID, uuid4
 
 import pytest
-from alert_receiver import Receiver
 from conftest import REPO_ROOT, command_env
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 
 from gptflow.settings import SettingsError, get_settings, load_settings
+from scripts.alert_receiver import AlertReceiver
 from tasks.alerts import ALERT_HOOKS, RunRef, notify
 
 
 @pytest.fixture
 def receiver(settings, monkeypatch):
     """A receiver that GPTFLOW_ALERT_URL points at."""
-    with Receiver() as server:
+    with AlertReceiver() as server:
         monkeypatch.setenv("GPTFLOW_ALERT_URL", server.url)
         get_settings.cache_clear()
         yield server
@@ -208,7 +208,7 @@ def test_worse_challenger_alert_is_a_warning_with_a_ui_link(receiver):
 
 
 def test_without_an_alert_url_nothing_is_sent_and_nothing_fails(prefect_harness, settings):
-    with Receiver() as server:
+    with AlertReceiver() as server:
         assert get_settings().alert_url is None
         state = failing_run(return_state=True)
         sent = notify("promoted", run=RunRef("quiet-run"), stage="registry", reason="better")

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-from alert_receiver import Receiver
 from classify_data import write_splits
 from conftest import tiny_config
 
@@ -17,6 +16,7 @@ from gptflow.tokenizer import tokenizer_files
 from model.configs import ExportConfig
 from model.finetune_classifier import finetune
 from model.onnx_export import export_classifier
+from scripts.alert_receiver import AlertReceiver
 from tasks.registry import registry_task
 
 ACCURACY = PromotionRule(metric="accuracy", margin=0.01, alert_worse_by=0.05)
@@ -111,7 +111,7 @@ def test_challengers_promote_keep_alert_and_rescore_on_new_data(prefect_harness,
     def challenge(bundle: str, data_dir: str) -> dict:
         return challenge_champion("classifier", "classifier-topics", bundle, data_dir, ACCURACY)
 
-    with Receiver() as receiver:
+    with AlertReceiver() as receiver:
         monkeypatch.setenv("GPTFLOW_ALERT_URL", receiver.url)
         get_settings.cache_clear()
         data = str(bundles["data"])
