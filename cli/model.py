@@ -118,7 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
     from model.device import resolve_device
     from model.files import LANGUAGE_MODELS
-    from model.generate import generate, trim_at_eos
+    from model.generate import NonFiniteLogitsError, generate, trim_at_eos
     from model.opener import open_model
     from model.training import set_threads
 
@@ -144,6 +144,8 @@ def run_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             use_cache=args.use_cache,
         )
+    except NonFiniteLogitsError as exc:
+        raise GptflowError(f"{opened.path}: {exc}") from None
     except ValueError as exc:
         raise GptflowError(str(exc)) from None
     new = trim_at_eos(out[0, len(ids) :].tolist(), EOT_ID)

@@ -9,6 +9,8 @@ A leaf: it imports nothing of this project, so the folder copied alone beside a 
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 
 def sha256_file(path: str | Path) -> str:
     """The one file hash of the project (gptflow.storage uses it too)."""
@@ -18,3 +20,18 @@ def sha256_file(path: str | Path) -> str:
 
 class BundleError(ValueError):
     """The bundle is incomplete, altered since export, or not an edge bundle."""
+
+
+class NonFiniteOutputError(BundleError):
+    """A model gave NaN or infinite logits: its weights are broken, so no label, probability or token is shown."""
+
+
+def finite_logits(logits: np.ndarray, model: str | Path) -> np.ndarray:
+    """`logits` (one row per input), or NonFiniteOutputError naming `model` when any row holds NaN or infinity."""
+    bad = int((~np.isfinite(logits)).reshape(len(logits), -1).any(axis=1).sum())
+    if bad:
+        raise NonFiniteOutputError(
+            f"{model} gives NaN or infinite logits for {bad} of {len(logits)} inputs: the model is broken; "
+            "retrain it, or export it again from a checkpoint with finite weights"
+        )
+    return logits

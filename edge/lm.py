@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edge import BundleError
+from edge import BundleError, finite_logits
 from edge.options import fit_context
 from edge.runtime import LM, ORT_FILES, session, verify_bundle
 from edge.text import ENDOFTEXT, EOT_ID, load_gpt2_encoding
@@ -34,6 +34,7 @@ class Decoder:
     """An ONNX decoder session and the generation loop around it."""
 
     def __init__(self, onnx_path: str | Path, context_length: int, threads: int | None = None) -> None:
+        self.path = Path(onnx_path)
         self.session = session(onnx_path, threads)
         self.context_length = context_length
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -102,7 +103,7 @@ class Decoder:
                 logits, past = self.run(new, mask, past)
             else:
                 logits, _ = self.run(out[:, -ctx:], mask[:, -ctx:])
-            next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, rng)
+            next_ids = sample_next(finite_logits(logits[:, -1], self.path), temperature, top_k, top_p, rng)
             if eos_id is not None:
                 next_ids = np.where(finished, eos_id, next_ids)
                 finished |= next_ids == eos_id

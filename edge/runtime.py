@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edge import BundleError, sha256_file
+from edge import BundleError, finite_logits, sha256_file
 from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
@@ -121,10 +121,12 @@ class EdgeClassifier:
         name = ORT_FILES["int8" if int8 else "fp32"]
         if name not in self.manifest["files"]:
             raise BundleError(f"{self.bundle} holds no int8 model; export it with `gptflow export --int8`")
-        self.session = session(self.bundle / name, threads)
+        self.model_path = self.bundle / name
+        self.session = session(self.model_path, threads)
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        return run_session(self.session, encode_texts(self.tokenizer, texts, self.max_length), batch_size)
+        logits = run_session(self.session, encode_texts(self.tokenizer, texts, self.max_length), batch_size)
+        return finite_logits(logits, self.model_path)
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text."""

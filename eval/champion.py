@@ -9,6 +9,7 @@ data changed.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from edge.runtime import ORT_FILES, EdgeClassifier
 from eval.metrics import classification_report
 from gptflow.errors import GptflowError
+from gptflow.gates import reaches
 from gptflow.splits import read_labelled, read_labels
 from gptflow.storage import sha256_file
 
@@ -71,7 +73,7 @@ class Verdict:
     challenger: float | None
     champion: float | None
     improvement: float | None  # in the metric's better direction: > 0 means the challenger is better
-    alert: bool  # worse than the champion by more than the rule allows
+    alert: bool  # worse than the champion by more than the rule allows, or not a finite score
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,14 +117,18 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: Pr
     if new is None:  # e.g. judge_score when no judge ran: nothing to decide on, the champion stays
         scored = ", ".join(k for k in sorted(challenger) if k in HIGHER_IS_BETTER)
         return Verdict("keep", f"no {metric} score this run (scored: {scored})", metric, None, None, None, False)
+    if not math.isfinite(new):  # a broken challenger is never promoted, even with no champion to beat
+        why = f"the challenger's {metric} is {new}, not a finite number"
+        return Verdict("keep", why, metric, new, None, None, True)
     if champion is None:
         return Verdict("promote", "no champion yet", metric, new, None, None, False)
     old = champion.get(metric)
-    if old is None:
-        return Verdict("promote", f"the champion has no {metric} score on this data", metric, new, None, None, False)
+    if old is None or not math.isfinite(old):
+        why = f"the champion has no {metric} score on this data" if old is None else f"the champion's {metric} is {old}"
+        return Verdict("promote", why, metric, new, old, None, False)
     improvement = (new - old) if HIGHER_IS_BETTER[metric] else (old - new)
     shown = f"{metric} {new:.4f} vs champion {old:.4f}"
-    if improvement > 0 and improvement >= rule.margin:
+    if improvement > 0 and reaches(improvement, rule.margin):
         return Verdict("promote", f"better: {shown}", metric, new, old, improvement, False)
     alert = -improvement > rule.alert_worse_by
     if improvement > 0:
@@ -155,4 +161,7 @@ def comparison_rows(
 
 
 def _round(value: Any) -> Any:
-    return round(value, 4) if isinstance(value, float) else value
+    """4 decimals; a non-finite float as its name ("nan"), which JSON and the UI's tables can hold."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else str(value)
+    return value

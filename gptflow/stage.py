@@ -73,6 +73,27 @@ def _digest_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
+def verify_output(path: str | Path) -> None:
+    """A file a stage wrote is read only while it still has the sha256 its stage's manifest records (the nearest
+    manifest.json with `outputs`, in its folder or the two above); a file no stage certified passes as it is."""
+    path = Path(path).resolve()
+    for folder in list(path.parents)[:3]:
+        manifest_path = folder / MANIFEST_NAME
+        try:
+            recorded = read_json(manifest_path).get("outputs") if manifest_path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue  # not a stage manifest we can read: nothing certified here
+        digest = recorded.get(path.relative_to(folder).as_posix()) if isinstance(recorded, dict) else None
+        if digest is None:
+            continue
+        if _file_digest(path) != digest:
+            raise StageError(
+                f"{path} no longer matches the sha256 that {manifest_path} records for it (it changed after its stage "
+                "wrote it): run the stage again, or restore the file"
+            )
+        return
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action

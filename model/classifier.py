@@ -29,7 +29,7 @@ from torch import nn
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
 from gptflow.splits import read_labelled, read_labels
-from model.checkpoint import CheckpointError, save_checkpoint
+from model.checkpoint import CheckpointError, check_finite_weights, save_checkpoint
 from model.config import GPTConfig
 from model.configs import Pooling, Trainable
 from model.device import autocast
@@ -223,7 +223,7 @@ class LoadedClassifier:
 def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
     """The classifier (or ensemble) of a loaded checkpoint, in eval mode; `path` names it."""
     if ckpt.get("format") == ENSEMBLE_FORMAT:
-        ensemble = ClassifierEnsemble([_member_model(m, len(ckpt["labels"])) for m in ckpt["members"]])
+        ensemble = ClassifierEnsemble([_member_model(m, len(ckpt["labels"]), path) for m in ckpt["members"]])
         members = [{k: v for k, v in m.items() if k not in ("config", "model")} for m in ckpt["members"]]
         source = {"init": f"ensemble of {len(members)}"}
         return LoadedClassifier(
@@ -235,7 +235,7 @@ def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
             "fine-tune one with `gptflow finetune-classifier`"
         )
     return LoadedClassifier(
-        _member_model(ckpt, len(ckpt["labels"])).eval(),
+        _member_model(ckpt, len(ckpt["labels"]), path).eval(),
         dict(ckpt["labels"]),
         int(ckpt["max_length"]),
         dict(ckpt["source"]),
@@ -244,7 +244,8 @@ def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
     )
 
 
-def _member_model(ckpt: dict[str, Any], n_classes: int) -> SequenceClassifier:
+def _member_model(ckpt: dict[str, Any], n_classes: int, path: Path) -> SequenceClassifier:
+    check_finite_weights(ckpt["model"], path)
     model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), n_classes, ckpt["pooling"])
     model.load_state_dict(ckpt["model"])
     return model

@@ -374,7 +374,9 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     int8: bool = Field(default=True, description="also quantize (torch and ONNX dynamic int8) and gate")
-    max_int8_drop: float = Field(default=1.0, ge=0, description="largest allowed int8 test-accuracy drop, points")
+    max_int8_drop: float = Field(
+        default=1.0, ge=0, description="largest int8 loss vs fp32: test accuracy in points, predictions changed in %"
+    )
     onnx_int8_ops: tuple[str, ...] = Field(default=DEFAULT_ONNX_OPS, description="ONNX op types quantized")
     batch_size: int = Field(default=32, gt=0)
     device: DeviceSpec = Field(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any, Collection, Literal
 
 from gptflow.errors import GptflowError
+from gptflow.stage import verify_output
 
 Kind = Literal["lm", "instruct", "classifier", "ensemble", "gpt2"]
 LM_FILE = "model.pt"
@@ -67,11 +68,13 @@ def preset_name(name: str) -> str | None:
 
 
 def check_model_file(spec: str | Path, kinds: Collection[Kind]) -> None:
-    """What can be told of `spec` without PyTorch: its file exists and its header reads (a torch zip archive, or a
-    safetensors header). Which kind it holds is for `model.opener.open_model`."""
+    """What can be told of `spec` without PyTorch: its file exists, still matches its stage's manifest, and its
+    header reads (a torch zip archive, or a safetensors header). Which kind it holds is for `model.opener`."""
     path = model_file(spec, kinds)
     if path is None:
         return
+    if path.is_file():
+        verify_output(path)
     if is_weights(path, kinds):
         weights_file(spec)
         with open(path, "rb") as handle:
@@ -112,7 +115,7 @@ def check_torch_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error, NotImplementedError):  # a damaged directory
         raise CheckpointError(not_torch) from None
     except OSError as exc:
         raise CheckpointError(

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gptflow.errors import GptflowError
 from model.gpt import GPTModel, mask_positions
+
+
+class NonFiniteLogitsError(GptflowError, ValueError):
+    """The model's logits hold NaN or infinity: its weights are broken, and no token is sampled from them."""
 
 
 @torch.no_grad()
@@ -29,6 +34,7 @@ def generate(
     (B, T), 1 = real token, supports left-padded batches: positions count real tokens only, so each row
     continues as it would alone. Past the context length the window is cropped
     to the last `context_length` tokens and recomputed each step (positions shift, so a cache cannot help).
+    NaN or infinite logits raise NonFiniteLogitsError.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
@@ -41,7 +47,7 @@ def generate(
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     cache = None
     try:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if use_cache and out.shape[1] <= ctx:
                 new = out if cache is None else out[:, -1:]
                 if cache is None:
@@ -52,9 +58,10 @@ def generate(
                 window_mask = mask[:, -ctx:] if mask is not None else None
                 positions = mask_positions(window_mask) if window_mask is not None else None
                 logits = model(out[:, -ctx:], attention_mask=window_mask, position_ids=positions)
-            next_ids = sample_next(
-                logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
+            last = logits[:, -1]
+            if not bool(torch.isfinite(last).all()):
+                raise NonFiniteLogitsError(f"the model gives NaN or infinite logits at generation step {step + 1}")
+            next_ids = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if eos_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
                 finished |= next_ids == eos_id

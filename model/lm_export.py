@@ -8,6 +8,7 @@ reads the token embedding through Gather and the head through Transpose + MatMul
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 from edge.lm import Decoder
 from edge.runtime import LM, ORT_FILES
 from edge.text import EOT_ID, PAD_ID
+from gptflow.gates import within
 from gptflow.prompts import format_prompt
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
@@ -172,7 +174,7 @@ def _export(
     fp32 = Decoder(fp32_path, cfg.context_length)
     parity = decoder_parity(model, fp32, sorted(prompts[:3], key=len), PARITY_STEPS)
     worst = max(parity["prompt_max_abs_logit_diff"], parity["steps_max_abs_logit_diff"])
-    if worst > config.lm_parity_atol:
+    if not within(worst, config.lm_parity_atol):
         raise ExportError(
             f"export of {path}: the fp32 ONNX decoder does not reproduce "
             f"PyTorch: max |logit diff| {worst:.3g} (allowed {config.lm_parity_atol:g})"
@@ -183,6 +185,8 @@ def _export(
         "parity": parity,
     }
     quality["perplexity"]["onnx_fp32"] = perplexity(fp32.sequence_logits, rows)
+    if not all(math.isfinite(p) for p in quality["perplexity"].values()):
+        raise ExportError(f"export of {path}: validation perplexity is not finite: {quality['perplexity']}")
     speed = {"onnx_fp32": tokens_per_second(fp32, prompts[0], config.agreement_tokens)}
     if config.int8:
         quantize_decoder(fp32_path, int8_path, config.int8_block_size)

@@ -1,8 +1,9 @@
 """The one checkpoint opener: every verb and stage that reads a model goes through `open_model`.
 
-It resolves the spec (`model.files`), reads the checkpoint's plain fields memory-mapped (no weights read yet),
-tells its kind from its format, and refuses a kind the caller does not accept in one line that says what the
-file holds. The model is built only when asked for (`language_model()`, `classifier()`).
+It resolves the spec (`model.files`), checks a file a stage wrote against its manifest's sha256, reads the
+checkpoint's plain fields memory-mapped (no weights read yet), tells its kind from its format, and refuses a kind
+the caller does not accept in one line that says what the file holds. The model is built only when asked for
+(`language_model()`, `classifier()`), and its weights must be finite.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Collection
 
 from gptflow.prompts import RESPONSE_MARKERS
+from gptflow.stage import verify_output
 from model.checkpoint import FORMAT as LM_FORMAT
 from model.checkpoint import load_checkpoint, model_from_state
 from model.classifier import ENSEMBLE_FORMAT, LoadedClassifier, classifier_from_state
@@ -73,6 +75,7 @@ def open_model(spec: str | Path, kinds: Collection[Kind], *, hint: str = "", set
 
         file, config = weights_config(spec, settings)
         return OpenedModel(spec, file, "gpt2", None, config)
+    verify_output(path)
     state = load_checkpoint(path, mmap=True)
     kind = kind_of(state, path, kinds)
     if kind not in kinds and not (kind == "instruct" and "lm" in kinds):

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from gptflow.errors import GptflowError
+from gptflow.gates import within
 from gptflow.storage import atomic_path
 from model.configs import DEFAULT_ONNX_OPS
 
@@ -71,7 +72,7 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, op_types: Sequen
 def check_accuracy_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_points: float, what: str) -> float:
     """The drop in percentage points; raises QuantizationGateError when it exceeds `max_drop_points`."""
     drop = 100.0 * (fp32_accuracy - int8_accuracy)
-    if drop > max_drop_points:
+    if not within(drop, max_drop_points):
         raise QuantizationGateError(
             f"{what}: int8 test accuracy {100 * int8_accuracy:.2f}% is {drop:.2f} points below fp32 "
             f"{100 * fp32_accuracy:.2f}% (allowed: {max_drop_points:g}); raise --max-int8-drop only if that loss "
@@ -82,8 +83,8 @@ def check_accuracy_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_poi
 
 def check_perplexity_gate(fp32_ppl: float, int8_ppl: float, max_increase_pct: float, what: str) -> float:
     """The int8 perplexity increase over fp32 in percent; raises QuantizationGateError above `max_increase_pct`."""
-    increase = 100.0 * (int8_ppl / fp32_ppl - 1.0)
-    if increase > max_increase_pct:
+    increase = 100.0 * (int8_ppl / fp32_ppl - 1.0) if math.isfinite(fp32_ppl) else math.nan
+    if not within(increase, max_increase_pct):
         raise QuantizationGateError(
             f"{what}: int8 perplexity {int8_ppl:.3f} is {increase:.2f}% above fp32 {fp32_ppl:.3f} (allowed: "
             f"{max_increase_pct:g}%); raise --max-ppl-increase only if that loss is acceptable, or ship fp32"

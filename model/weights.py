@@ -23,7 +23,7 @@ from gptflow.settings import Settings, get_settings
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from gptflow.tokenizer import EOT_ID
-from model.checkpoint import save_model
+from model.checkpoint import check_finite_weights, save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
 from model.files import WEIGHTS_FILE, WeightsError, preset_name, read_safetensors_header, weights_file
 from model.genai import tokenizer_config
@@ -235,6 +235,7 @@ def load_gpt2(
         params = dict(model.named_parameters(remove_duplicate=False))
         for ours, (theirs, conv1d) in mapping.items():
             reader.read_into(stored[theirs], params[ours].data, transpose=conv1d)
+    check_finite_weights(model.state_dict(), path)
     return model.eval(), cfg
 
 
