@@ -16,7 +16,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "export",
         help="export a classifier or a language model to ONNX (+ int8) and write its edge bundle",
         description="A classifier: fp32 parity with PyTorch and int8 agreement on the whole test split; fails when "
-        "int8 loses more than --max-int8-drop accuracy points. A language model (pretrained, converted GPT-2 or "
+        "int8 loses more than --max-int8-drop accuracy points or changes more than --max-int8-drop percent of the "
+        "predictions. A language model (pretrained, converted GPT-2 or "
         "instruction-tuned model.pt): one ONNX decoder with a KV cache, parity over a left-padded prompt pass and "
         "32 cached steps, validation perplexity fp32 vs int8 (fails above --max-ppl-increase percent) and greedy "
         "agreement on the test prompts; --format hf writes a Hugging Face GPT-2 folder instead.",

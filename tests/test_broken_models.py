@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import write_random_tokens
 from onnx import numpy_helper
 
 from cli import main
@@ -20,10 +21,10 @@ from gptflow.settings import load_settings
 from gptflow.stage import StageError
 from gptflow.storage import read_json, sha256_file, write_json_atomic
 from gptflow.tokenizer import tokenizer_files
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint, save_model
 from model.config import GPTConfig
 from model.configs import ExportConfig
-from model.files import CLASSIFIERS, CheckpointError
+from model.files import CLASSIFIERS, LANGUAGE_MODELS, CheckpointError
 from model.generate import NonFiniteLogitsError, generate
 from model.gpt import GPTModel
 from model.onnx_export import ExportError, check_parity, export_classifier
@@ -190,3 +191,23 @@ def test_int8_agreement_is_gated_by_the_users_max_int8_drop(topic_classifier, to
     report = export_classifier(tie, data, tmp_path / "lenient", ExportConfig(max_int8_drop=100), **export)
     assert report["parity"]["int8_agreement"] < 0.99 and math.isfinite(report["int8_drop_points"])
     assert "model.int8.onnx" in read_json(f"{report['bundle']}/manifest.json")["files"]
+
+
+def test_a_language_model_with_nan_in_one_matrix_is_refused(prefect_harness, tmp_path, settings, capsys):
+    """Before: `export --int8` of it exited 0, its perplexity gate passing NaN."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny"))
+    with torch.no_grad():
+        model.blocks[1].mlp.fc.weight[3, 7] = float("nan")
+    path = save_model(tmp_path / "model.pt", model)
+    message = f"{path}: weights hold NaN or infinity (blocks.1.mlp.fc.weight); the model is broken: retrain it"
+    with pytest.raises(CheckpointError) as caught:
+        open_model(path, LANGUAGE_MODELS).language_model()
+    assert str(caught.value) == message
+    corpus = write_random_tokens(tmp_path / "corpus", 2000, 2000, seed=0)
+    export = ["export", str(path), "--data", str(corpus), "--out", str(tmp_path / "x")]
+    assert main(["generate", "hi", "--model", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"gptflow generate: error: {message}"]
+    assert main(export) == 2  # found in the flow: the line names the log file with the traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"gptflow export: error: {message} (traceback: ")
+    assert not (tmp_path / "x").exists()
