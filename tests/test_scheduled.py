@@ -82,7 +82,7 @@ def test_registry_verbs_bad_input_is_one_line(argv, message, settings, capsys):
 
 
 def test_registry_rollback_without_history_and_unknown_version(tmp_path, settings, capsys):
-    Registry("lm-instructions").promote(make_bundle(tmp_path / "a", "A"), {}, reason="first", run="r1")
+    Registry("lm-instructions").promote(make_bundle(tmp_path / "a", "A", kind="lm"), {}, reason="first", run="r1")
     assert cli.main(["registry", "rollback", "lm-instructions"]) == 2
     assert "no earlier champion to roll back to" in capsys.readouterr().err
     assert cli.main(["registry", "promote", "lm-instructions", "v0007"]) == 2
