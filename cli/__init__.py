@@ -89,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except GptflowError as exc:
         print(f"gptflow{' ' + _verb(argv) if _verb(argv) else ''}: error: {exc}", file=sys.stderr)
         return 2
-    # SIGTERM (a scheduler stopping us) unwinds like Ctrl-C, so Prefect stops its ephemeral server.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (a scheduler stopping us) unwinds like Ctrl-C, so Prefect stops its ephemeral server; the exit
+    # status still tells the two apart, as a shell does: 128 + the signal's number.
+    stopped_by = [signal.SIGINT]
+
+    def on_sigterm(signum: int, frame) -> None:
+        stopped_by[0] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     server_dies_with_us()  # and SIGKILL, which no handler sees, takes it down too
     args = build_parser(argv).parse_args(argv)  # the stage configs are PyTorch-free (model.configs)
     log_file = settings.home / "logs" / f"{args.verb}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
@@ -107,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = args.handler(args)
         except KeyboardInterrupt:
-            print(f"gptflow {args.verb}: interrupted; finished stages and checkpoints are kept", file=sys.stderr)
-            return 130
+            how = "terminated (SIGTERM)" if stopped_by[0] == signal.SIGTERM else "interrupted"
+            print(f"gptflow {args.verb}: {how}; finished stages and checkpoints are kept", file=sys.stderr)
+            return 128 + stopped_by[0]
         except (GptflowError, BundleError, OSError) as exc:
             message = str(exc) if isinstance(exc, (GptflowError, BundleError)) else _home_error(exc, settings.home)
             if message is None:  # any other OSError is a bug: it keeps its traceback

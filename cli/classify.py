@@ -95,7 +95,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     from flows.classify import finetune_classifier_flow
     from tasks.classify import CONFUSION, CURVES
 
-    out = finetune_classifier_flow(args.data, config, args.text_column, args.label_column, args.out, args.resume)
+    out = finetune_classifier_flow(
+        args.data, config, args.text_column, args.label_column, args.out, args.resume, force=args.force
+    )
     if "members" in out:
         print(f"{'reused' if out['reused'] else 'built'}: an ensemble of {len(out['members'])} classifiers")
         print(table([_split_row(m["out_dir"], m["metrics"]) for m in out["members"]]))
@@ -198,6 +200,12 @@ def read_texts(path: str, text_column: str) -> list[str]:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         problem = " ".join(str(exc).split())
         raise GptflowError(f"--file: {path} is not a readable {file.suffix[1:].upper()} ({problem})") from None
+    if not isinstance(df.index, pd.RangeIndex):  # every row had more fields than the header: pandas made an index
+        delimiter = "tab" if sep == "\t" else "comma"
+        raise GptflowError(
+            f"--file: {path}: its rows hold more fields than its header names ({', '.join(df.columns)}); quote "
+            f"fields that contain the delimiter ({delimiter})"
+        )
     if text_column not in df.columns:
         raise GptflowError(
             f"--file: {path} has no column {text_column!r} (columns: {', '.join(df.columns)}); pass --text-column"
@@ -210,9 +218,16 @@ def _is_bundle(model: Path) -> bool:
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
-    texts = list(args.texts) + (read_texts(args.file, args.text_column) if args.file else [])
+    """The TEXT arguments, then --file's texts; an empty one is refused (a model would read it as one end-of-text
+    token and answer with confidence about nothing)."""
+    from_file = read_texts(args.file, args.text_column) if args.file else []
+    texts = list(args.texts) + from_file
     if not texts:
         raise GptflowError("nothing to classify: give TEXT arguments or --file")
+    for i, text in enumerate(texts):
+        if not str(text).strip():
+            where = f"TEXT {i + 1}" if i < len(args.texts) else f"--file {args.file}: row {i - len(args.texts) + 1}"
+            raise GptflowError(f'{where} is empty; give the text to classify, e.g. "Call now to claim your prize"')
     return texts
 
 

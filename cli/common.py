@@ -53,30 +53,33 @@ def add_stage_options(parser: argparse.ArgumentParser, stage: VerbConfig) -> Non
 
 
 def add_folder_options(parser: argparse.ArgumentParser, default: str, resumable: bool = True) -> None:
-    """`--out` (and `--no-resume` for a training stage); `default` is the folder the stage contract names."""
+    """`--out`, `--force` (and `--no-resume` for a training stage); `default` is the folder the stage contract
+    names."""
     parser.add_argument(
         "--out",
-        help=f"output folder (default GPTFLOW_HOME/{default}, named by the stage contract; "
-        "in a folder you choose, a checkpoint of other inputs or config is refused)",
+        help=f"output folder (default GPTFLOW_HOME/{default}, named by the stage contract); a folder you choose "
+        "must be new, empty or this stage's own: one holding other files is refused (see --force), and so is "
+        "another stage's folder or a checkpoint of other inputs or config",
     )
+    add_force_option(parser, "--out")
     if resumable:
         parser.add_argument(
             "--no-resume",
             dest="resume",
             action="store_false",
-            help="start over instead of resuming or reusing the stage folder",
+            help="start over instead of resuming or reusing the stage folder (the same stage's only: another "
+            "stage's folder is never written)",
         )
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a flag's value must be an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def add_force_option(parser: argparse.ArgumentParser, out: str) -> None:
+    """`--force`: the folder given by `out` may hold files gptflow did not write (they may be overwritten)."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"write into an {out} folder that holds files gptflow did not write (files of the same names are "
+        "overwritten); never into another stage's folder",
+    )
 
 
 def _argparse_type(annotation: Any) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import VerbConfig, stage_config, table
+from cli.common import VerbConfig, add_force_option, stage_config, table
 
 NOTHING_JUDGED = 3  # exit status: the report says why no response has a score (a script must not take it for a pass)
 
@@ -34,6 +34,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--require-judge", action="store_true", help="fail (exit 2) instead of skipping when the judge is unreachable"
     )
     parser.add_argument("--out-dir", metavar="DIR", help="report folder (default: GPTFLOW_HOME/evaluate/<file>-<hash>)")
+    add_force_option(parser, "--out-dir")
     parser.set_defaults(handler=run, stage=VerbConfig("eval.judge:JudgeConfig"), precheck=_check_responses)
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate_responses_flow
 
     outcome = evaluate_responses_flow(
-        args.responses, keys, judge, require_judge=args.require_judge, out_dir=args.out_dir
+        args.responses, keys, judge, require_judge=args.require_judge, out_dir=args.out_dir, force=args.force
     )
     if outcome.status == "skipped":
         print(f"evaluation skipped: {outcome.reason}", file=sys.stderr)

@@ -66,7 +66,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from flows.export import export_flow
 
-    report = export_flow(str(loaded.path), str(data_dir), config, args.out)
+    report = export_flow(str(loaded.path), str(data_dir), config, args.out, force=args.force)
     print(table([{"model": name, "test accuracy": f"{100 * acc:.2f}%"} for name, acc in report["accuracy"].items()]))
     p = report["parity"]
     print(
@@ -84,12 +84,12 @@ def _export_lm(args: argparse.Namespace, config, style: str | None) -> int:
     from model.lm_export import model_rows
 
     if config.format == "hf":
-        report = export_hf_flow(args.checkpoint, args.out)
+        report = export_hf_flow(args.checkpoint, args.out, force=args.force)
         print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face GPT-2 folder: {report['folder']}")
         print("  (transformers: GPT2LMHeadModel.from_pretrained(folder); GPT2Tokenizer.from_pretrained(folder))")
         return 0
     data_dir = Path(args.data) if args.data else _default_lm_data(style)
-    report = export_lm_flow(args.checkpoint, str(data_dir), config, args.out)
+    report = export_lm_flow(args.checkpoint, str(data_dir), config, args.out, force=args.force)
     q = report["quality"]
     print(table(model_rows(report)))
     p = q["parity"]

@@ -46,7 +46,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from flows.inspect import inspect_flow
 
-    out = inspect_flow(args.model, args.text, config, out_dir=args.out, resume=args.resume)
+    out = inspect_flow(args.model, args.text, config, out_dir=args.out, resume=args.resume, force=args.force)
     print(f"{'reused' if out['reused'] else 'inspected'} {out['checkpoint']} ({out['kind']})")
     print(table([{"metric": k, "value": v} for k, v in out["metrics"].items()]))
     print(f"report: {out['report']}")

@@ -57,7 +57,7 @@ def run_finetune_instructions(args: argparse.Namespace) -> int:
 
     from flows.instruct import finetune_instructions
 
-    out = finetune_instructions(args.data, config, out_dir=args.out, resume=args.resume)
+    out = finetune_instructions(args.data, config, out_dir=args.out, resume=args.resume, force=args.force)
     m = out["metrics"]
     print(
         f"{'reused' if out['reused'] else 'trained'} {config.init.label(config.preset)} ({config.style}): "

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from cli import prechecks
-from cli.common import VerbConfig, add_folder_options, positive_int, stage_config, table
-from edge.options import add_generation_options
+from cli.common import VerbConfig, add_folder_options, stage_config, table
+from edge.options import add_generation_options, positive_int
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -84,7 +84,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     from flows.pretrain import pretrain_flow
 
-    out = pretrain_flow(args.corpus, config, out_dir=args.out, resume=args.resume)
+    out = pretrain_flow(args.corpus, config, out_dir=args.out, resume=args.resume, force=args.force)
     m = out["metrics"]
     print(
         f"{'reused' if out['reused'] else 'trained'} {config.preset}: {m['steps']} steps, "

@@ -63,6 +63,13 @@ def decode_unicode(path: Path, data: bytes, error: type[DataError], expected: st
         ) from None
 
 
+def require_text(path: Path, text: str, error: type[DataError], expected: str) -> None:
+    """Refuse a file with nothing to read: empty, or whitespace only (said as such: the file is not empty)."""
+    if not text.strip():
+        what = "is empty" if not text else f"holds no text, only {len(text)} whitespace characters"
+        raise error(f"{path}: the file {what} (expected {expected})")
+
+
 @dataclass
 class StageResult:
     """What a data stage made (or found already made): its folder, whether it was reused, its report."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.common import DataError, StageResult, decode_unicode, floor_count, require_file
+from data.common import DataError, StageResult, decode_unicode, floor_count, require_file, require_text
 from data.config import CorpusConfig
 from gptflow.download import fetch_source
 from gptflow.settings import Settings, get_settings
@@ -46,8 +46,7 @@ def resolve_corpus(name_or_path: str, settings: Settings) -> tuple[str, Path]:
 
 def read_text(path: Path) -> str:
     text = decode_unicode(path, path.read_bytes(), CorpusError, TEXT)
-    if not text.strip():
-        raise CorpusError(f"{path}: the file is empty (expected {TEXT})")
+    require_text(path, text, CorpusError, TEXT)
     return text
 
 

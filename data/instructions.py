@@ -13,6 +13,7 @@ from data.common import (
     decode_unicode,
     floor_count,
     require_file,
+    require_text,
     split_sizes,
     token_length_stats,
 )
@@ -64,8 +65,7 @@ def _parse(path: Path):
     """A JSON document, or the list of a JSON Lines file's values (a `.jsonl` file, or a file whose second value
     starts a new line); an empty file, binary data and text not UTF-8 (a BOM is fine) are refused."""
     text = decode_unicode(path, path.read_bytes(), InstructionDataError, EXPECTED)
-    if not text.strip():
-        raise InstructionDataError(f"{path}: the file is empty (expected {EXPECTED})")
+    require_text(path, text, InstructionDataError, EXPECTED)
     if path.suffix.lower() == ".jsonl":
         return _json_lines(path, text)
     try:

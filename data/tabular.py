@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data.common import DataError, StageResult, decode_unicode, require_file, unicode_encoding
+from data.common import DataError, StageResult, decode_unicode, require_file, require_text, unicode_encoding
 from data.config import CsvDataConfig
 from gptflow.settings import Settings, get_settings
 from gptflow.storage import sha256_file
@@ -125,18 +125,13 @@ def _unclosed_quote(text: str, line: int, delimiter: str) -> bool:
     return False
 
 
-def _require_text(path: Path, text: str) -> None:
-    if not text.strip():
-        raise TabularError(f"{path}: the file is empty (expected a header row and labelled rows)")
-
-
 def check_header(path: Path, text_column: str, label_column: str) -> list[str]:
     """What `read_table` checks before it reads a row, for a check before any flow starts (no pandas work, nothing
     logged: the stage warns of a cp1252 file when it reads it): the file exists, decodes, is not empty, and its
     header names each of the two columns once. Returns the named columns; the stage checks all of it again."""
     require_file(path, TabularError, "a CSV/TSV with a header row")
     text, _ = decode(path, path.read_bytes(), warn=False)
-    _require_text(path, text)
+    require_text(path, text, TabularError, "a header row and labelled rows")
     delimiter = detect_delimiter(text, [text_column, label_column])
     try:
         header = _header(text, delimiter)
@@ -155,7 +150,7 @@ def read_table(path: Path, text_column: str, label_column: str) -> tuple[pd.Data
     import pandas as pd
 
     text, encoding = decode(path, path.read_bytes())
-    _require_text(path, text)
+    require_text(path, text, TabularError, "a header row and labelled rows")
     delimiter = detect_delimiter(text, [text_column, label_column])
     delimiter_name = _DELIMITER_NAMES[delimiter]
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)

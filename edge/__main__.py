@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from edge import BundleError
-from edge.options import add_generation_options
+from edge.options import add_generation_options, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", help="bundle folder written by `gptflow export`")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--int8", action="store_true", help="use model.int8.onnx")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
     p.set_defaults(handler=classify)
 
     p = verbs.add_parser(
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     add_generation_options(p, max_new_tokens=256)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None, help="default: on for one prompt")
     p.add_argument("--int8", action="store_true", help="use model.int8.onnx")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
     p.set_defaults(handler=generate)
 
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ does not pay for NumPy or tiktoken."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 class PromptTooLong(ValueError):
@@ -35,11 +36,24 @@ def _bounded(kind: type, low: float, high: float | None = None, low_open: bool =
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value):  # NaN passes every comparison below; infinity is no setting either
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low or (low_open and value == low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a flag's value must be an integer of at least 1 (threads, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_generation_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -73,7 +73,13 @@ def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
         raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")
     for name, digest in files.items():
         path = bundle / name
-        if Path(name).name != name or not path.is_file():
+        if Path(name).name != name:
+            where = "outside the bundle" if Path(name).is_absolute() or ".." in Path(name).parts else "into a folder"
+            raise BundleError(
+                f"{manifest_path}: file {name!r} points {where}; a bundle's files sit beside its manifest: "
+                "refusing the bundle"
+            )
+        if not path.is_file():
             raise BundleError(f"{bundle}: {name} is missing; refusing the bundle")
         if sha256_file(path) != digest:
             raise BundleError(

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from edge.runtime import ORT_FILES, EdgeClassifier
 from eval.metrics import classification_report
@@ -22,6 +22,7 @@ from gptflow.errors import GptflowError
 from gptflow.gates import reaches
 from gptflow.splits import read_labelled, read_labels
 from gptflow.storage import sha256_file
+from gptflow.strict import StrictConfig
 
 # The metrics each registry may be compared on, and how an error names the model.
 METRICS_OF = {
@@ -35,10 +36,8 @@ class ChampionError(GptflowError, ValueError):
     """A bundle or a data folder that cannot be scored."""
 
 
-class PromotionRule(BaseModel):
+class PromotionRule(StrictConfig):
     """When a challenger replaces the champion, and when a worse one raises an alert."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     metric: Literal["accuracy", "macro_f1", "val_perplexity", "judge_score"]
     margin: float = Field(default=0.0, ge=0, description="promote only when better by at least this much (and > 0)")
@@ -47,10 +46,8 @@ class PromotionRule(BaseModel):
     )
 
 
-class PromotionConfig(BaseModel):
+class PromotionConfig(StrictConfig):
     """The rule of each registry the pipeline feeds: its classifier bundle and its language-model bundle."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = Field(default=True, description="challenge the champions after the run (off: register nothing)")
     classifier: PromotionRule = PromotionRule(metric="accuracy", margin=0.0, alert_worse_by=0.02)

@@ -70,10 +70,15 @@ def load_responses(path: str | Path, response_keys: Sequence[str]) -> list[dict]
 
 
 def evaluation_stage(
-    path: str | Path, response_keys: Sequence[str], judge: JudgeConfig, out_dir: str | Path | None = None
+    path: str | Path,
+    response_keys: Sequence[str],
+    judge: JudgeConfig,
+    out_dir: str | Path | None = None,
+    force: bool = False,
 ) -> Stage:
     """The evaluate stage of a responses file: keyed on the file, the scored fields and what decides a judgement
-    (model, options, output format; not the host or timing)."""
+    (model, options, output format; not the host or timing). `force`: `out_dir` may hold files gptflow did not
+    write."""
     return Stage.declare(
         "evaluate",
         inputs={"responses": Path(path)},
@@ -81,6 +86,7 @@ def evaluation_stage(
         label=Path(path).stem,
         config={"response_keys": list(response_keys), "judge": judge.identity()},
         out_dir=out_dir,
+        force=force,
     )
 
 

@@ -20,18 +20,20 @@ def finetune_classifier_flow(
     label_column: str | None = None,
     out_dir: str | None = None,
     resume: bool = True,
+    force: bool = False,
 ) -> dict:
     """`data`: "spam", a labelled CSV/TSV (with `text_column`, `label_column`) or a prepared data folder. Each
     classifier (one, or one per `config.ensemble` seed) is domain-pretrained if `config.dapt` says so, fine-tuned
     and evaluated; an ensemble's members train in parallel (tasks/parallel.py), then become one checkpoint,
     evaluated in turn. The final classifier goes to `out_dir`, else to the folder the stage contract names:
-    `<home>/classify/<data>-<init>-<key>` (members: always there)."""
+    `<home>/classify/<data>-<init>-<key>` (members: always there); `force`: `out_dir` may hold files gptflow did
+    not write."""
     data_dir = prepared_data(data, text_column, label_column)
     if not config.ensemble:
-        return {**train_classifier(data_dir, config, out_dir, resume), "data_dir": data_dir}
+        return {**train_classifier(data_dir, config, out_dir, resume, force), "data_dir": data_dir}
     futures = [train_classifier.submit(data_dir, member, None, resume) for member in config.members()]
     members = [future.result() for future in futures]  # a failed member raises its own error here
-    ensemble = ensemble_classifiers(data_dir, futures, out_dir)  # the futures: the UI links the members to it
+    ensemble = ensemble_classifiers(data_dir, futures, out_dir, force)  # the futures: the UI links the members to it
     metrics = evaluate_splits(ensemble["best"], data_dir, ensemble["out_dir"])
     return {**ensemble, "data_dir": data_dir, "metrics": metrics, "members": members}
 

@@ -33,18 +33,25 @@ def evaluate_responses_flow(
     require_judge: bool = False,
     out_dir: str | None = None,
     timeout_minutes: float | None = None,
+    force: bool = False,
 ) -> EvaluationOutcome:
-    """`timeout_minutes`: fail the run (TimedOut) past this time."""
+    """`timeout_minutes`: fail the run (TimedOut) past this time. `force`: `out_dir` may hold files gptflow did not
+    write."""
     with time_limit(timeout_minutes, "the evaluation run"):
-        return _evaluate(path, response_keys, judge, require_judge, out_dir)
+        return _evaluate(path, response_keys, judge, require_judge, out_dir, force)
 
 
 def _evaluate(
-    path: str, response_keys: list[str] | None, judge: JudgeConfig | None, require_judge: bool, out_dir: str | None
+    path: str,
+    response_keys: list[str] | None,
+    judge: JudgeConfig | None,
+    require_judge: bool,
+    out_dir: str | None,
+    force: bool = False,
 ) -> EvaluationOutcome:
     keys = response_keys or [DEFAULT_RESPONSE_KEY]
     judge = judge or JudgeConfig()
-    plan = plan_evaluation(path, keys, judge, out_dir)
+    plan = plan_evaluation(path, keys, judge, out_dir, force)
     summary = plan["summary"]
     if summary is None:
         status = preflight_judge(judge)

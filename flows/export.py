@@ -10,24 +10,32 @@ from tasks.export import export_bundle, export_hf_folder, export_lm_bundle
 
 @flow(name="export")
 def export_flow(
-    checkpoint: str, data_dir: str, config: ExportConfig = ExportConfig(), out_dir: str | None = None
+    checkpoint: str,
+    data_dir: str,
+    config: ExportConfig = ExportConfig(),
+    out_dir: str | None = None,
+    force: bool = False,
 ) -> dict:
     """`data_dir`: the data stage folder whose test split checks parity and the int8 gate. Outputs go to `out_dir`,
     else to the folder the stage contract names (`<home>/export/<checkpoint folder>-<key>`); the bundle is its
-    `bundle/` folder."""
-    return export_bundle(str(checkpoint), data_dir, config, out_dir)
+    `bundle/` folder. `force`: `out_dir` may hold files gptflow did not write."""
+    return export_bundle(str(checkpoint), data_dir, config, out_dir, force)
 
 
 @flow(name="export-lm")
 def export_lm_flow(
-    checkpoint: str, data_dir: str, config: ExportConfig = ExportConfig(), out_dir: str | None = None
+    checkpoint: str,
+    data_dir: str,
+    config: ExportConfig = ExportConfig(),
+    out_dir: str | None = None,
+    force: bool = False,
 ) -> dict:
     """`data_dir`: an instructions data folder (validation perplexity, test prompts for int8 agreement) or a
     corpus folder (val.bin). The LM bundle is the stage folder's `bundle/`."""
-    return export_lm_bundle(str(checkpoint), data_dir, config, out_dir)
+    return export_lm_bundle(str(checkpoint), data_dir, config, out_dir, force)
 
 
 @flow(name="export-hf")
-def export_hf_flow(checkpoint: str, out_dir: str | None = None) -> dict:
+def export_hf_flow(checkpoint: str, out_dir: str | None = None, force: bool = False) -> dict:
     """A language model as a Hugging Face GPT-2 folder: the stage folder's `hf/`."""
-    return export_hf_folder(str(checkpoint), out_dir)
+    return export_hf_folder(str(checkpoint), out_dir, force)

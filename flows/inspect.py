@@ -16,9 +16,11 @@ def inspect_flow(
     config: InspectConfig = InspectConfig(),
     out_dir: str | None = None,
     resume: bool = True,
+    force: bool = False,
 ) -> dict:
     """`checkpoint`: a language-model checkpoint, a classifier's best.pt or GPT-2 weights. Outputs go to `out_dir`,
-    else to the folder the stage contract names: `<home>/inspect/<model>-<key>` (report.md, PNGs, report.json)."""
-    result = inspect_checkpoint(checkpoint, text, config, out_dir, resume)
+    else to the folder the stage contract names: `<home>/inspect/<model>-<key>` (report.md, PNGs, report.json);
+    `force`: `out_dir` may hold files gptflow did not write."""
+    result = inspect_checkpoint(checkpoint, text, config, out_dir, resume, force)
     publish_inspection(result)
     return result

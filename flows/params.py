@@ -11,13 +11,14 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from data.config import CsvDataConfig, InstructionDataConfig, SpamDataConfig
 from eval.champion import PromotionConfig
 from eval.judge import JudgeConfig
 from gptflow.errors import GptflowError, validation_message
 from gptflow.storage import read_config_file
+from gptflow.strict import StrictConfig
 from model.configs import ClassifierConfig, DeviceSpec, ExportConfig, InspectConfig, InstructConfig, PretrainConfig
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pipeline.yaml"
@@ -28,11 +29,9 @@ class PipelineConfigError(GptflowError, ValueError):
     """A pipeline config file or parameter is invalid."""
 
 
-class PipelineParams(BaseModel):
+class PipelineParams(StrictConfig):
     """A field left out takes its value from `configs/pipeline.yaml`, else from its stage config's default: a
     partial mapping (a config file, a Prefect run's parameters) changes only the fields it names."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: str = Field(
         default="pretrain",

@@ -19,12 +19,13 @@ def pretrain_flow(
     out_dir: str | None = None,
     resume: bool = True,
     timeout_minutes: float | None = None,
+    force: bool = False,
 ) -> dict:
     """`corpus`: a corpus name or text file (tokenized by the data flow first, reused if done) or a folder
     that already holds train.bin/val.bin. Outputs go to `out_dir`, else to the folder the stage contract names
     (`<home>/pretrain/<corpus>-<preset>-<key>`): the same config and data resume or reuse, a changed one trains
-    afresh beside it. `timeout_minutes`: fail the run (TimedOut) past this time; it resumes from its last
-    checkpoint when run again."""
+    afresh beside it; `force`: `out_dir` may hold files gptflow did not write. `timeout_minutes`: fail the run
+    (TimedOut) past this time; it resumes from its last checkpoint when run again."""
     with time_limit(timeout_minutes, "the pretraining run"):
         if (Path(corpus) / "train.bin").is_file():
             data_dir = corpus
@@ -32,7 +33,7 @@ def pretrain_flow(
             from flows.prepare import prepare_corpus
 
             data_dir = prepare_corpus(corpus)["out_dir"]
-        return train_model(data_dir, config, out_dir, resume)
+        return train_model(data_dir, config, out_dir, resume, force)
 
 
 @flow(name="load-gpt2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -77,6 +78,8 @@ class Settings(BaseSettings):
     def _mirror_is_a_folder(cls, value: Path | None) -> Path | None:
         if value is None:
             return None
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a folder; the mirror is a folder of <mirror>/HOST/PATH files")
         if not value.is_dir():
             raise ValueError(f"mirror folder {value} does not exist (expected <mirror>/HOST/PATH files)")
         return value.resolve()
@@ -125,6 +128,8 @@ def ollama_url(value: str) -> str:
         raise ValueError(f"{value!r}: scheme {url.scheme!r} is not http or https; {expected}")
     if not url.hostname:
         raise ValueError(f"{value!r} names no host; {expected}")
+    if not re.fullmatch(r"[a-z0-9._:%-]+", url.hostname, re.IGNORECASE):  # names, IPv4, IPv6 (with a zone)
+        raise ValueError(f"{value!r}: {url.hostname!r} is not a host name or address; {expected}")
     if port is None and bare:
         return url._replace(netloc=f"{url.netloc}:{OLLAMA_PORT}").geturl().rstrip("/")
     return url.geturl().rstrip("/")
@@ -154,6 +159,12 @@ def writable_folder(path: Path) -> Path:
         raise ValueError(f"{path} is not a folder{where}; expected a writable folder for the outputs")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{existing} is not writable; expected a writable folder for the outputs")
+    try:  # access() says yes to root everywhere, /proc included: make (and remove) a folder to be sure
+        os.rmdir(tempfile.mkdtemp(prefix=".gptflow-probe-", dir=existing))
+    except OSError as exc:
+        raise ValueError(
+            f"cannot create {path} ({exc.strerror or exc} in {existing}); expected a writable folder for the outputs"
+        ) from None
     return path
 
 

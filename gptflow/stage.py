@@ -15,6 +15,12 @@ Decisions, first match wins (each logged in one line that names what changed):
           it), and so is the rest of an interrupted rebuild. A stage never certifies an output its reader cannot
           load.
 
+A folder the user chose (`out_dir`) is written only when it is new, empty (hidden files aside) or a folder of this
+same stage (its manifest, its in-progress marker or its checkpoint names the stage): a folder holding files gptflow
+did not write is refused, naming them, unless `force`; a folder of another stage is refused always, even with
+`resume=False` or `force`, so that no folder ever holds the products of two stages. While a stage writes a chosen
+folder, `building.json` (its key) marks it as ours until the manifest replaces it.
+
 Code-change policy: code is part of the key, not of the folder name. After an edit of a module a stage depends
 on, a finished stage is rebuilt in its folder and an unfinished checkpoint is not resumed: a checkpoint or model
 is never certified as the product of code that did not make it. Edits to modules outside a stage's import closure
@@ -27,7 +33,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,6 +45,7 @@ from gptflow.closure import import_closure, module_digest
 from gptflow.errors import GptflowError
 from gptflow.ranks import process_ranks
 from gptflow.settings import get_settings
+from gptflow.stage_keys import describe_change, is_key, stored_key, without_code
 from gptflow.storage import (
     MANIFEST_NAME,
     code_version,
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 
 Action = Literal["reuse", "resume", "run"]
 REBUILD_NAME = "rebuild.json"  # marks a folder whose damaged outputs are being rebuilt
+BUILDING_NAME = "building.json"  # marks a folder the user chose as one a stage is writing (its key), until complete
 Reader = Callable[[Path], Any]  # loads an output; a GptflowError means the file is damaged
 
 
@@ -138,6 +145,7 @@ class Stage:
     config: dict[str, Any]
     code: dict[str, str]
     chosen: bool = False  # the folder was named by the user
+    force: bool = False  # a chosen folder may hold files gptflow did not write (never another stage's folder)
     decision: Decision | None = field(default=None, compare=False)
     readers: dict[str, Reader] = field(default_factory=dict, compare=False)
 
@@ -152,13 +160,15 @@ class Stage:
         label: str = "",
         out_dir: str | Path | None = None,
         folder: str | Path | None = None,
+        force: bool = False,
     ) -> "Stage":
         """`inputs`: label -> file (a Path, hashed) or a literal value (a str). `config`: the fields that define
         the product (a config's `identity()` if it has one). `code`: the stage's module (`__name__`); it and every
         project module it imports are hashed into the key. The folder is `out_dir` (the
-        user's choice: a checkpoint of other inputs or config there is refused, not replaced), else `folder`
-        (fixed by the stage: rebuilt in place when its key changes), else `<home>/<name>/<label>-<8 hex of the
-        inputs and config>`."""
+        user's choice: a checkpoint of other inputs or config there is refused, not replaced; so is a folder holding
+        files gptflow did not write, unless `force`, and a folder of another stage, always), else `folder` (fixed
+        by the stage: rebuilt in place when its key changes), else `<home>/<name>/<label>-<8 hex of the inputs and
+        config>`."""
         digests = {}
         for key, value in inputs.items():
             if isinstance(value, Path):
@@ -180,6 +190,7 @@ class Stage:
             config,
             {m: module_digest(m) for m in import_closure(code)},
             chosen=out_dir is not None,
+            force=force,
         )
 
     @property
@@ -192,9 +203,10 @@ class Stage:
 
     def manifest(self) -> dict[str, Any] | None:
         try:
-            return read_json(self.manifest_path) if self.manifest_path.is_file() else None
+            manifest = read_json(self.manifest_path) if self.manifest_path.is_file() else None
         except (OSError, ValueError):
             return None
+        return manifest if isinstance(manifest, dict) else None
 
     def plan(
         self,
@@ -209,11 +221,16 @@ class Stage:
         `complete` reads them too. Anything but reuse removes the manifest first, so a folder being rewritten is
         never taken for the finished product; a rebuild of damaged outputs is marked until it completes, so that
         an interrupted one starts over instead of resuming the checkpoint of the run whose output was damaged.
+        A folder the user chose is checked first (see the module's docstring): a refusal changes nothing in it.
         The other ranks of a torchrun job decide the same from the same files and change nothing."""
         self.readers = dict(readers or {})
         manifest = self.manifest()
+        if self.chosen:
+            self._check_chosen_folder(manifest, checkpoint)
         decision = self._decide(resume, manifest, checkpoint)
         if decision.action != "reuse" and process_ranks().is_main:
+            if self.chosen:  # before the manifest goes, so that the folder is always marked as this stage's
+                write_json_atomic(self.dir / BUILDING_NAME, {"stage": self.key})
             self.manifest_path.unlink(missing_ok=True)
             if decision.damaged:
                 write_json_atomic(self.dir / REBUILD_NAME, {"damaged": list(decision.damaged)})
@@ -228,11 +245,57 @@ class Stage:
         self.decision = decision
         return decision
 
+    def _check_chosen_folder(self, manifest: dict | None, checkpoint: Callable[[], dict | None] | None) -> None:
+        """Refuse a folder of another stage (always), or one holding files gptflow did not write (unless `force`)."""
+        if not self.dir.is_dir():
+            return
+        owner = self._owner(manifest, checkpoint)
+        if owner is not None:
+            stage, evidence = owner
+            if stage != self.name:
+                raise StageError(
+                    f"{self.dir} is the folder of a {stage} stage ({evidence}); a {self.name} stage never writes into "
+                    "another stage's folder, not even with --no-resume or --force: choose another output folder"
+                )
+            return
+        ours = {BUILDING_NAME, REBUILD_NAME}
+        foreign = sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in self.dir.iterdir()
+            if not p.name.startswith(".") and p.name not in ours
+        )
+        if foreign and not self.force:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise StageError(
+                f"{self.dir} is not empty and holds no gptflow stage ({shown}): {self.name} would overwrite files it "
+                "did not write; choose a new or empty output folder, or pass --force to write into this one"
+            )
+
+    def _owner(self, manifest: dict | None, checkpoint: Callable[[], dict | None] | None) -> tuple[str, str] | None:
+        """(stage name, the file that says so) of the stage whose folder this is: its manifest, else the marker of a
+        stage writing it, else its checkpoint (read only when neither says); None when no file of ours says."""
+        if manifest is not None and is_key(manifest):
+            return manifest["stage"], MANIFEST_NAME
+        try:
+            marker = read_json(self.dir / BUILDING_NAME).get("stage")
+        except (OSError, ValueError, AttributeError):
+            marker = None
+        if is_key(marker):
+            return marker["stage"], BUILDING_NAME
+        if checkpoint is not None:
+            try:
+                stored = checkpoint()
+            except GptflowError:
+                stored = None  # unreadable: not ours to vouch for (the decision says so if the folder is taken)
+            if is_key(stored):
+                return stored["stage"], "its checkpoint"
+        return None
+
     def _decide(self, resume: bool, manifest: dict | None, checkpoint: Callable[[], dict | None] | None) -> Decision:
         where = str(self.dir)
         if not resume:
             return Decision("run", f"{where}: resume turned off, starting over")
-        if manifest is not None and _stored_key(manifest) == self.key:
+        if manifest is not None and stored_key(manifest) == self.key:
             changed = [
                 n
                 for n, digest in manifest.get("outputs", {}).items()
@@ -273,14 +336,14 @@ class Stage:
                     )
                 return Decision("resume", f"{where}: its checkpoint has the same inputs, config and code")
             change = describe_change(stored, self.key)
-            if self.chosen and _without_code(stored) != _without_code(self.key):
+            if self.chosen and without_code(stored) != without_code(self.key):
                 raise StageError(
                     f"{where} holds a checkpoint of a run with different inputs or a different config "
                     f"({change}); pass another output folder, or --no-resume to start over"
                 )
             return Decision("run", f"{where}: the checkpoint was written for another key ({change}); starting over")
         if manifest is not None:
-            return Decision("run", f"{where}: {describe_change(_stored_key(manifest), self.key)} since the manifest")
+            return Decision("run", f"{where}: {describe_change(stored_key(manifest), self.key)} since the manifest")
         return Decision("run", f"{where}: nothing built yet")
 
     def _unreadable(self) -> tuple[str, str] | None:
@@ -347,6 +410,7 @@ class Stage:
         }
         write_json_atomic(self.manifest_path, manifest)
         (self.dir / REBUILD_NAME).unlink(missing_ok=True)
+        (self.dir / BUILDING_NAME).unlink(missing_ok=True)
         return manifest
 
     @contextlib.contextmanager
@@ -358,96 +422,3 @@ class Stage:
             return
         with stage_lock(self.dir):
             yield self
-
-
-class Journal:
-    """A stage's journal: an append-only JSON-lines file whose first line is the stage key, then one line per
-    finished item, for a stage whose items are independent (an instruction model's test responses). It is the
-    stage's checkpoint: `plan(checkpoint=journal.stored_key)` resumes from it, and a resumed build skips the items
-    it holds. Each line is flushed to disk before the next item starts; a line torn by a crash is dropped."""
-
-    def __init__(self, stage: Stage, name: str = "progress.jsonl") -> None:
-        self.stage, self.path = stage, stage.dir / name
-
-    def stored_key(self) -> dict | None:
-        """The key on the first line (None without a journal; {} when that line is unreadable)."""
-        if not self.path.is_file():
-            return None
-        with open(self.path, "rb") as handle:
-            try:
-                return json.loads(handle.readline()).get("stage") or {}
-            except (json.JSONDecodeError, AttributeError):
-                return {}
-
-    def begin(self, decision: Decision) -> dict[int, dict[str, Any]]:
-        """The items a resumed run finished (by index); a fresh run starts a new journal and gets none."""
-        done = self._read() if decision.action == "resume" else {}
-        if not done:
-            self.stage.dir.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"stage": self.stage.key}) + "\n", encoding="utf-8")
-        return done
-
-    def append(self, index: int, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def remove(self) -> None:
-        """Once the manifest is written (before it, an interruption resumes from the journal)."""
-        self.path.unlink(missing_ok=True)
-
-    def _read(self) -> dict[int, dict[str, Any]]:
-        done: dict[int, dict[str, Any]] = {}
-        with open(self.path, "rb") as handle:
-            good_bytes = len(handle.readline())
-            for raw in handle:
-                try:
-                    record = json.loads(raw)
-                    if not raw.endswith(b"\n"):
-                        break
-                    done[int(record.pop("index"))] = record
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-                    break
-                good_bytes += len(raw)
-        with open(self.path, "r+b") as handle:
-            handle.truncate(good_bytes)  # a torn last line is cut off before new lines follow it
-        return done
-
-
-def _without_code(key: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in key.items() if k != "code"}
-
-
-def _stored_key(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: manifest.get(k) for k in ("stage", "inputs", "config", "code")}
-
-
-def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """What differs between two stage keys, e.g. "input train.bin changed; config lr 0.001 -> 0.002"."""
-    parts = []
-    if old.get("stage") != new.get("stage"):
-        return f"belongs to stage {old.get('stage')!r}, not {new.get('stage')!r}"
-    old_in, new_in = old.get("inputs") or {}, new.get("inputs") or {}
-    parts += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in)) if old_in.get(k) != new_in.get(k)]
-    old_cfg, new_cfg = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
-    parts += [
-        f"config {k} {old_cfg.get(k, '(unset)')!r} -> {new_cfg.get(k, '(unset)')!r}"
-        for k in sorted(set(old_cfg) | set(new_cfg))
-        if old_cfg.get(k) != new_cfg.get(k)
-    ]
-    old_code, new_code = old.get("code") or {}, new.get("code") or {}
-    changed = sorted(m for m in set(old_code) | set(new_code) if old_code.get(m) != new_code.get(m))
-    if changed:
-        parts.append(f"code of {', '.join(changed)} changed")
-    return "; ".join(parts) or "was written under another key"
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

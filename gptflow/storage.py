@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -88,6 +89,32 @@ def read_json(path: str | Path) -> Any:
         return json.load(handle)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        self.key, self.line = key, line
+
+
+@functools.cache
+def _unique_key_loader():
+    """YAML's safe loader, except that a key given twice in one mapping is refused (safe_load keeps the last one
+    silently, so `lr` written twice in a recipe would hide the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML or JSON file holding a mapping (a config file); every problem is one GptflowError naming the file."""
     import yaml
@@ -95,7 +122,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     from gptflow.errors import GptflowError
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+    except _DuplicateKey as exc:
+        raise GptflowError(f"{path}: line {exc.line}: {exc.key!r} is given twice; keep one") from None
     except OSError as exc:
         raise GptflowError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

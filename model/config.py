@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from gptflow.errors import GptflowError, validation_message
+from gptflow.strict import StrictConfig
 
 
 class ModelConfigError(GptflowError, ValueError):
     """An unknown preset name or an invalid model shape."""
 
 
-class GPTConfig(BaseModel):
+class GPTConfig(StrictConfig):
     """Shape of a GPT-2 style model. Frozen: a config is a value, hashed into manifests."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     vocab_size: int = Field(default=50257, gt=0)
     context_length: int = Field(default=1024, gt=0)

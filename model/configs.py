@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import AfterValidator, Field, PositiveFloat, model_validator
 
 from edge.runtime import CLASSIFIER
 from gptflow.prompts import Style
 from gptflow.ranks import process_ranks
+from gptflow.strict import StrictConfig
 from model.config import GPTConfig, Preset
 from model.init import INIT_HELP, InitSpec
 
@@ -62,11 +63,9 @@ Keep = Literal["best_val", "last"]
 # --- training --------------------------------------------------------------------------------------------
 
 
-class Launcher(BaseModel):
+class Launcher(StrictConfig):
     """How a stage's training runs: in the task's own process, or in `nproc_per_node` processes per node
     started by torchrun (on `nnodes` nodes meeting at `rdzv_endpoint`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["local", "torchrun"] = "local"
     nproc_per_node: int = Field(default=1, gt=0)
@@ -78,12 +77,11 @@ class Launcher(BaseModel):
         return self.nproc_per_node * self.nnodes if self.kind == "torchrun" else 1
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictConfig):
     """Fields every training stage shares. `RUN_ONLY` names the fields that may change between a run and its
     resume (they do not define the product); `identity()` is the rest, plus the number of training
     processes: the config part of the stage key."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "launcher", "threads", "log_every", "checkpoint_every"})
 
     preset: Preset = Field(default="mini", description="model preset for a model built from scratch")
@@ -175,11 +173,9 @@ class PretrainConfig(TrainConfig):
         return self.model_config_for().to_dict()
 
 
-class DaptConfig(BaseModel):
+class DaptConfig(StrictConfig):
     """The knobs of domain-adaptive pretraining; the run settings (device, precision, threads, seed, optimizer
     betas, weight decay, clipping) are the classifier's."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = Field(default=800, gt=0, description="optimizer steps")
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -343,10 +339,8 @@ WORDS = (
 )  # fmt: skip
 
 
-class InspectConfig(BaseModel):
+class InspectConfig(StrictConfig):
     """What `gptflow inspect` and the pipeline's inspect stage draw; the probe text is given beside it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     layer: int | None = Field(default=None, ge=0, description="layer of the large attention map (default: the last)")
     head: int = Field(default=0, ge=0, description="head of the large attention map")
@@ -368,10 +362,8 @@ class InspectConfig(BaseModel):
 DEFAULT_ONNX_OPS = ("MatMul", "Gather")  # the op types the classifier's ONNX int8 quantizes
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(StrictConfig):
     """Knobs of the export stage (also the flow's parameters and the manifest's config)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     int8: bool = Field(default=True, description="also quantize (torch and ONNX dynamic int8) and gate")
     max_int8_drop: float = Field(

@@ -55,6 +55,7 @@ def dapt_stage(
     label: str,
     tokens: np.ndarray,
     out_dir: str | Path | None = None,
+    force: bool = False,
 ) -> Stage:
     """The stage of pretraining the model keyed as `start` (a weights file, or a literal such as the shape of a
     random model) on `tokens` of `data_dir`; `label` names the starting model in the folder name."""
@@ -70,6 +71,7 @@ def dapt_stage(
         code=__name__,
         label=f"{Path(data_dir).name}-{label}-seed{config.seed}",
         out_dir=out_dir,
+        force=force,
     )
 
 

@@ -13,6 +13,7 @@ matmuls in a slow fallback), and one that has native bf16 instructions runs it s
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,7 @@ import torch
 
 from gptflow.errors import GptflowError
 from gptflow.ranks import process_ranks
+from model.config import GPTConfig
 from model.configs import check_device_spec
 
 Resolved = Literal["fp32", "bf16", "fp16"]
@@ -149,3 +151,43 @@ def runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Device and precision for a config's `device` and `precision` fields (cached per process)."""
     resolved = resolve_device(device)
     return Runtime(resolved, resolve_precision(precision, resolved))
+
+
+class TooBigError(GptflowError, ValueError):
+    """A training step would not fit in the device's memory; said before the first step, not after minutes."""
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on `device` can have at most: the GPU's, or the machine's RAM (None where unknown: MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system
+            return None
+    return None
+
+
+def training_step_bytes(cfg: GPTConfig, batch_size: int, tokens: int, precision: str) -> int:
+    """A lower bound on the memory of one training step: fp32 weights, gradients and two AdamW moments (16 bytes a
+    parameter), plus the activations kept for the backward pass, about 17 values of width `emb_dim` per token and
+    layer (Korthikanti et al. 2022, without the attention matrix, which SDPA does not keep)."""
+    activation_bytes = 4 if precision == "fp32" else 2
+    activations = 17 * batch_size * tokens * cfg.emb_dim * cfg.n_layers * activation_bytes
+    return 16 * cfg.n_params() + activations
+
+
+def check_fits(
+    cfg: GPTConfig, batch_size: int, tokens: int, rt: Runtime, what: str, available: int | None = None
+) -> None:
+    """Refuse a model and batch whose training step needs more memory than the device has (`available`, default
+    `memory_bytes`), naming the shape and the knobs that shrink it."""
+    available = memory_bytes(rt.device) if available is None else available
+    needed = training_step_bytes(cfg, batch_size, tokens, rt.precision)
+    if available is not None and needed > available:
+        raise TooBigError(
+            f"{what}: a training step of {batch_size} x {tokens} tokens through {cfg.n_layers} layers of width "
+            f"{cfg.emb_dim} needs at least {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of "
+            f"{rt.device}; lower --context-length or --batch-size (--grad-accum keeps the global batch)"
+        )

@@ -62,7 +62,7 @@ class FinetuneResult:
 
 
 def classifier_stage(
-    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, settings=None
+    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, settings=None, force=False
 ) -> Stage:
     data_dir = Path(data_dir)
     read_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
@@ -74,6 +74,7 @@ def classifier_stage(
         config=config,
         code=__name__,
         out_dir=out_dir,
+        force=force,
         label=label if (label := config.model_label()).startswith(data_dir.name) else f"{data_dir.name}-{label}",
     )
 
@@ -88,13 +89,14 @@ def finetune(
     settings=None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
+    force: bool = False,
 ) -> FinetuneResult:
     """Fine-tune on `data_dir/{train,validation}.csv` + `labels.json`; keep the best-validation-accuracy weights
     (or, with `config.keep="last"`, the final ones) in `best.pt`, the resumable state in `last.pt` and the
     history, in the stage folder (`out_dir`, else named by the stage contract, which also decides reuse and
-    resume)."""
+    resume; `force`: `out_dir` may hold files gptflow did not write)."""
     config = config or ClassifierConfig()
-    stage = classifier_stage(data_dir, config, out_dir, settings)
+    stage = classifier_stage(data_dir, config, out_dir, settings, force)
     checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
     result = stage.run(
         lambda decision: _finetune(
@@ -198,7 +200,13 @@ def _finetune(
 
 
 def domain_stage(
-    data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, *, tokenizer, settings=None
+    data_dir: str | Path,
+    config: ClassifierConfig,
+    out_dir: str | Path | None = None,
+    *,
+    tokenizer,
+    settings=None,
+    force: bool = False,
 ) -> tuple[Stage, np.ndarray]:
     """The `dapt` stage of `config` (its `dapt` knobs, run settings and seed) and its corpus, the texts of
     `data_dir` as tokens."""
@@ -207,7 +215,7 @@ def domain_stage(
     tokens = corpus_tokens(data_dir, tokenizer)
     train_config = config.dapt.train_config(config)
     return dapt_stage(
-        data_dir, config.start_input(settings), train_config, config.model_label(), tokens, out_dir
+        data_dir, config.start_input(settings), train_config, config.model_label(), tokens, out_dir, force
     ), tokens
 
 
@@ -221,13 +229,14 @@ def pretrain_domain(
     settings=None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
+    force: bool = False,
 ) -> LMResult:
     """Domain-adaptive pretraining of the model `config` starts from, on the texts of `data_dir`, in its stage
     folder (`out_dir`, else named by the stage contract); `config.after_dapt(result.model_path)` fine-tunes
     from the result."""
     config = config or ClassifierConfig()
     stage, tokens = domain_stage(
-        data_dir, config, out_dir, tokenizer=tokenizer or get_tokenizer(settings), settings=settings
+        data_dir, config, out_dir, tokenizer=tokenizer or get_tokenizer(settings), settings=settings, force=force
     )
     return domain_pretrain(
         stage,
@@ -240,7 +249,12 @@ def pretrain_domain(
 
 
 def build_ensemble(
-    data_dir: str | Path, members: Sequence[dict[str, Any]], out_dir: str | Path | None = None, *, resume: bool = True
+    data_dir: str | Path,
+    members: Sequence[dict[str, Any]],
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+    force: bool = False,
 ) -> FinetuneResult:
     """One classifier checkpoint (`best.pt`, format ENSEMBLE_FORMAT) holding every member's weights, for
     `members`: {"best": a member's best.pt, "metrics": {split: {"accuracy": ...}}} from the same data folder. A
@@ -254,6 +268,7 @@ def build_ensemble(
         config={"ensemble": "mean class probability", "members": len(paths)},
         code=__name__,
         out_dir=out_dir,
+        force=force,
         label=f"{data_dir.name}-ensemble{len(paths)}",
     )
     result = stage.run(

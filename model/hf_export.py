@@ -21,7 +21,12 @@ HF_DIR = "hf"
 
 
 def export_hf(
-    checkpoint: str | Path, out_dir: str | Path | None, *, tokenizer_files: tuple[Path, Path], resume: bool = True
+    checkpoint: str | Path,
+    out_dir: str | Path | None,
+    *,
+    tokenizer_files: tuple[Path, Path],
+    resume: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Language-model checkpoint -> a Hugging Face GPT-2 folder (`hf/` in the stage folder: config.json,
     model.safetensors, tokenizer files) that transformers loads; read back through our loader and compared."""
@@ -34,6 +39,7 @@ def export_hf(
         code=__name__,
         label=f"hf-{path.parent.name}",
         out_dir=out_dir,
+        force=force,
     )
 
     def build(decision: Decision) -> Built:

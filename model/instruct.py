@@ -17,14 +17,16 @@ from typing import Any, Callable
 import torch
 
 from gptflow.errors import GptflowError
+from gptflow.journal import Journal
 from gptflow.prompts import Style, clean_response, format_example, format_prompt
 from gptflow.settings import Settings
 from gptflow.splits import read_instructions
-from gptflow.stage import Built, Decision, Journal, Stage
+from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
 from gptflow.tokenizer import EOT_ID, get_tokenizer
+from model.config import GPTConfig
 from model.configs import InstructConfig
-from model.device import autocast, resolve_device
+from model.device import autocast, check_fits, resolve_device
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX
 from model.generate import generate, trim_at_eos
@@ -135,7 +137,11 @@ def evaluate(
 
 
 def instruct_stage(
-    data_dir: str | Path, config: InstructConfig, out_dir: str | Path | None = None, settings: Settings | None = None
+    data_dir: str | Path,
+    config: InstructConfig,
+    out_dir: str | Path | None = None,
+    settings: Settings | None = None,
+    force: bool = False,
 ) -> Stage:
     data_dir = Path(data_dir)
     inputs: dict[str, Path | str] = {n: data_dir / n for n in ("train.json", "validation.json")}
@@ -143,12 +149,17 @@ def instruct_stage(
         if not path.is_file():
             raise InstructError(f"{path} does not exist; run `gptflow data instructions` first")
     inputs["init"] = config.init.stage_input(settings)
+    if (shape := config.model_shape()) is not None:  # a model built here (else its file's shape: known on loading)
+        cfg = GPTConfig.from_dict(shape)
+        tokens = min(config.max_length or cfg.context_length, cfg.context_length)
+        check_fits(cfg, config.batch_size, tokens, config.runtime(), f"instruction tuning {config.preset}")
     return Stage.declare(
         "instruct",
         inputs=inputs,
         config=config,
         code=__name__,
         out_dir=out_dir,
+        force=force,
         label=f"{data_dir.name}-{config.init.label(config.preset)}-{config.style}",
     )
 
@@ -163,11 +174,13 @@ def finetune(
     settings: Settings | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
+    force: bool = False,
 ) -> LMResult:
     """Fine-tune on `data_dir/{train,validation}.json` into the stage folder (`out_dir`, else named by the stage
-    contract, which also decides reuse and resume). `on_log` receives every train/eval record."""
+    contract, which also decides reuse and resume; `force`: `out_dir` may hold files gptflow did not write).
+    `on_log` receives every train/eval record."""
     config = config or InstructConfig()
-    stage = instruct_stage(data_dir, config, out_dir, settings)
+    stage = instruct_stage(data_dir, config, out_dir, settings, force)
     return run_lm_stage(
         stage, resume, lambda ckpt: _finetune(stage, ckpt, Path(data_dir), config, tokenizer, settings, on_log)
     )

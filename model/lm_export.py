@@ -128,6 +128,7 @@ def export_lm(
     tokenizer: Any,
     tokenizer_files: tuple[Path, Path],
     resume: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Language-model checkpoint -> ONNX decoder fp32 (+ int8 with the perplexity gate), parity, agreement,
     LM bundle in `bundle/`, report and manifest in the stage folder. Raises ExportError /
@@ -143,6 +144,7 @@ def export_lm(
         code=__name__,
         label=f"lm-{path.parent.name}",
         out_dir=out_dir,
+        force=force,
     )
 
     def build(decision: Decision) -> Built:

@@ -194,6 +194,7 @@ def export_classifier(
     tokenizer,
     tokenizer_files: tuple[Path, Path],
     resume: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Classifier checkpoint -> ONNX fp32 (+ int8), parity on the whole test split, int8 gate, edge bundle in
     `bundle/`, report and manifest in the stage folder (`out_dir`, else named by the stage contract). Raises
@@ -210,6 +211,7 @@ def export_classifier(
         code=__name__,
         label=loaded.path.parent.name,
         out_dir=out_dir,
+        force=force,
     )
     result = stage.run(
         lambda decision: _export(loaded, stage, data_dir, config, tokenizer, tokenizer_files), resume=resume

@@ -20,7 +20,7 @@ from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
 from model.checkpoint import save_model
 from model.configs import PretrainConfig
-from model.device import autocast
+from model.device import autocast, check_fits
 from model.distributed import replicated
 from model.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from model.generate import generate
@@ -153,16 +153,22 @@ def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: A
     return Built([CHECKPOINT, MODEL, METRICS], final, state.history)
 
 
-def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | Path | None = None) -> Stage:
+def pretrain_stage(
+    data_dir: str | Path, config: PretrainConfig, out_dir: str | Path | None = None, force: bool = False
+) -> Stage:
+    """The pretraining stage, once its shape fits: both splits hold a window (validation runs at least at the end)
+    and a training step fits the device's memory. Both are checked before the first step, not minutes into it."""
     data_dir = Path(data_dir)
-    window = config.model_config_for().context_length + 1
-    for name in TOKEN_FILES:
+    shape = config.model_config_for()
+    window = shape.context_length + 1
+    for name, split in zip(TOKEN_FILES, ("training", "validation")):
         n = len(load_tokens(data_dir / name))
-        if name == "train.bin" and n < window:  # (a short val.bin fails at the first evaluation)
+        if n < window:
             raise PretrainError(
-                f"{data_dir / name}: {n} tokens are fewer than one window of {window}; "
-                "use a longer corpus or a smaller --context-length"
+                f"{data_dir / name}: the {split} split holds {n} tokens, fewer than one window of {window} "
+                f"(--context-length {shape.context_length} + 1); use a longer corpus or a smaller --context-length"
             )
+    check_fits(shape, config.batch_size, shape.context_length, config.runtime(), f"pretraining {config.preset}")
     return Stage.declare(
         "pretrain",
         inputs={n: data_dir / n for n in TOKEN_FILES},
@@ -170,6 +176,7 @@ def pretrain_stage(data_dir: str | Path, config: PretrainConfig, out_dir: str | 
         code=__name__,
         label=f"{data_dir.name}-{config.preset}",
         out_dir=out_dir,
+        force=force,
     )
 
 
@@ -183,12 +190,14 @@ def pretrain(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> LMResult:
     """Train a `config.preset` model on `data_dir/{train,val}.bin` into the stage folder (`out_dir`, else named
-    by the stage contract). Reused, resumed or run as the stage contract decides. `tokenizer` (tiktoken) enables
+    by the stage contract; `force`: it may hold files gptflow did not write). Reused, resumed or run as the stage
+    contract decides. `tokenizer` (tiktoken) enables
     text samples at each evaluation; `on_log` receives every train/eval record."""
     config = config or PretrainConfig()
-    stage = pretrain_stage(data_dir, config, out_dir)
+    stage = pretrain_stage(data_dir, config, out_dir, force)
     return run_lm_stage(
         stage, resume, lambda ckpt: _train(stage, ckpt, Path(data_dir), config, tokenizer, on_log, progress)
     )

@@ -31,7 +31,7 @@ CONFUSION = "confusion_test.png"
 
 @task(cache_policy=NO_CACHE)
 def train_classifier(
-    data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True
+    data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True, force: bool = False
 ) -> dict[str, Any]:
     """One classifier: domain-adaptive pretraining if `config.dapt` says so, fine-tuning, then the metrics of every
     split, each stage its own task run inside this one. The unit a flow submits to its parallel runner
@@ -39,7 +39,7 @@ def train_classifier(
     get_run_logger().info("training in process %d on %s", os.getpid(), socket.gethostname())
     if config.dapt is not None:
         config = pretrain_on_domain(data_dir, config, resume)["config"]
-    trained = finetune_classifier(data_dir, config, out_dir, resume)
+    trained = finetune_classifier(data_dir, config, out_dir, resume, force)
     return {**trained, "metrics": evaluate_splits(trained["best"], data_dir, trained["out_dir"])}
 
 
@@ -66,11 +66,13 @@ def pretrain_on_domain(data_dir: str, config: ClassifierConfig, resume: bool = T
 
 @task(cache_policy=NO_CACHE)
 def finetune_classifier(
-    data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True
+    data_dir: str, config: ClassifierConfig, out_dir: str | None = None, resume: bool = True, force: bool = False
 ) -> dict[str, Any]:
     logger = get_run_logger()
     on_log, progress = training_logger("classify", lambda m: m["epoch"] / config.epochs)
-    result = run_training(finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, tokenizer=get_tokenizer())
+    result = run_training(
+        finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force, tokenizer=get_tokenizer()
+    )
     progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
     key = artifact_key("classify", result.out_dir.name)
@@ -82,10 +84,12 @@ def finetune_classifier(
 
 
 @task(cache_policy=NO_CACHE)
-def ensemble_classifiers(data_dir: str, members: list[dict[str, Any]], out_dir: str | None = None) -> dict[str, Any]:
+def ensemble_classifiers(
+    data_dir: str, members: list[dict[str, Any]], out_dir: str | None = None, force: bool = False
+) -> dict[str, Any]:
     """One checkpoint of the members (fine-tuning results with their split metrics) that averages their class
     probabilities; publishes the members' accuracies."""
-    result = build_ensemble(data_dir, members, out_dir)
+    result = build_ensemble(data_dir, members, out_dir, force=force)
     get_run_logger().info("%s ensemble %s", "reused" if result.reused else "built", result.best)
     rows = [
         {

@@ -30,10 +30,13 @@ from tasks.artifacts import publish_markdown, publish_plot, publish_table
 
 
 @task(name="plan-evaluation", cache_policy=NO_CACHE)
-def plan_evaluation(path: str, response_keys: list[str], judge: JudgeConfig, out_dir: str | None) -> dict:
-    """Check the responses file; let the stage contract pick the folder and say whether it is already done."""
+def plan_evaluation(
+    path: str, response_keys: list[str], judge: JudgeConfig, out_dir: str | None, force: bool = False
+) -> dict:
+    """Check the responses file; let the stage contract pick the folder (`out_dir`: the user's, which `force` lets
+    hold files gptflow did not write) and say whether it is already done."""
     entries = load_responses(path, response_keys)
-    stage = evaluation_stage(path, response_keys, judge, out_dir)
+    stage = evaluation_stage(path, response_keys, judge, out_dir, force)
     done = stage.plan().reused
     get_run_logger().info(
         "%d entries in %s, scoring %s; outputs in %s%s",
@@ -43,7 +46,12 @@ def plan_evaluation(path: str, response_keys: list[str], judge: JudgeConfig, out
         stage.dir,
         " (already evaluated: reusing it)" if done else "",
     )
-    return {"out_dir": str(stage.dir), "summary": read_json(stage.dir / SUMMARY_NAME) if done else None}
+    return {
+        "out_dir": str(stage.dir),
+        "chosen": out_dir is not None,
+        "force": force,
+        "summary": read_json(stage.dir / SUMMARY_NAME) if done else None,
+    }
 
 
 @task(name="judge-preflight", cache_policy=NO_CACHE)
@@ -63,7 +71,8 @@ def preflight_judge(judge: JudgeConfig) -> dict:
 def judge_responses(path: str, response_keys: list[str], judge: JudgeConfig, plan: dict, judge_info: dict) -> dict:
     logger = get_run_logger()
     entries = load_responses(path, response_keys)
-    stage = evaluation_stage(path, response_keys, judge, plan["out_dir"])
+    chosen = plan["out_dir"] if plan["chosen"] else None  # else the contract names the same folder again
+    stage = evaluation_stage(path, response_keys, judge, chosen, plan["force"])
 
     def build(decision: Decision) -> Built:
         summary = evaluate_responses(

@@ -18,10 +18,18 @@ from tasks.artifacts import artifact_key, publish_markdown, publish_table
 
 
 @task(cache_policy=NO_CACHE)
-def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None) -> dict[str, Any]:
+def export_bundle(
+    checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
+) -> dict[str, Any]:
     logger = get_run_logger()
     report = export_classifier(
-        checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(), tokenizer_files=tokenizer_files()
+        checkpoint,
+        data_dir,
+        out_dir,
+        config,
+        tokenizer=get_tokenizer(),
+        tokenizer_files=tokenizer_files(),
+        force=force,
     )
     logger.info("%s bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("test accuracy %s; parity %s", report["accuracy"], report["parity"])
@@ -42,11 +50,17 @@ def export_bundle(checkpoint: str, data_dir: str, config: ExportConfig, out_dir:
 
 @task(cache_policy=NO_CACHE)
 def export_lm_bundle(
-    checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None
+    checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     logger = get_run_logger()
     report = export_lm(
-        checkpoint, data_dir, out_dir, config, tokenizer=get_tokenizer(), tokenizer_files=tokenizer_files()
+        checkpoint,
+        data_dir,
+        out_dir,
+        config,
+        tokenizer=get_tokenizer(),
+        tokenizer_files=tokenizer_files(),
+        force=force,
     )
     q = report["quality"]
     logger.info("%s LM bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
@@ -65,7 +79,7 @@ def export_lm_bundle(
 
 
 @task(cache_policy=NO_CACHE)
-def export_hf_folder(checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
-    report = export_hf(checkpoint, out_dir, tokenizer_files=tokenizer_files())
+def export_hf_folder(checkpoint: str, out_dir: str | None = None, force: bool = False) -> dict[str, Any]:
+    report = export_hf(checkpoint, out_dir, tokenizer_files=tokenizer_files(), force=force)
     get_run_logger().info("%s Hugging Face folder %s", "reused" if report["reused"] else "wrote", report["folder"])
     return report

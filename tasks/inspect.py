@@ -29,7 +29,9 @@ TABLES = {
 }
 
 
-def inspection_stage(checkpoint: Path, text: str, config: InspectConfig, out_dir: str | None) -> Stage:
+def inspection_stage(
+    checkpoint: Path, text: str, config: InspectConfig, out_dir: str | None, force: bool = False
+) -> Stage:
     """Keyed by the checkpoint's hash, the probe text and what is drawn; folder `<home>/inspect/<model>-<key>`."""
     label = (
         checkpoint.parent.name if checkpoint.name in ("model.pt", "best.pt", "model.safetensors") else checkpoint.stem
@@ -41,18 +43,24 @@ def inspection_stage(checkpoint: Path, text: str, config: InspectConfig, out_dir
         code=__name__,
         label=label,
         out_dir=out_dir,
+        force=force,
     )
 
 
 @task(cache_policy=NO_CACHE)
 def inspect_checkpoint(
-    checkpoint: str, text: str, config: InspectConfig, out_dir: str | None = None, resume: bool = True
+    checkpoint: str,
+    text: str,
+    config: InspectConfig,
+    out_dir: str | None = None,
+    resume: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write report.md, report.json, attention.npy and the PNGs into the stage folder (reused when done)."""
     logger = get_run_logger()
     opened = open_subject(checkpoint)
     path = opened.path
-    stage = inspection_stage(path, text, config, out_dir)
+    stage = inspection_stage(path, text, config, out_dir, force)
 
     def build(decision: Decision) -> Built:
         report = inspect_model(load_subject(opened), text, config, get_tokenizer())

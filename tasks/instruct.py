@@ -22,13 +22,15 @@ from tasks.training import run_training
 
 @task(cache_policy=NO_CACHE)
 def finetune_model(
-    data_dir: str, config: InstructConfig, out_dir: str | None = None, resume: bool = True
+    data_dir: str, config: InstructConfig, out_dir: str | None = None, resume: bool = True, force: bool = False
 ) -> dict[str, Any]:
     """Fine-tune on the data stage's train/validation split; publish the final metrics and the loss curve."""
     logger = get_run_logger()
     done = (lambda m: m["step"] / config.max_steps) if config.max_steps else (lambda m: m["epoch"] / config.epochs)
     on_log, progress = training_logger("instruct", done)
-    result = run_training(finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, tokenizer=get_tokenizer())
+    result = run_training(
+        finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force, tokenizer=get_tokenizer()
+    )
     progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(

@@ -22,12 +22,14 @@ from tasks.training import run_training
 
 @task(cache_policy=NO_CACHE)
 def train_model(
-    data_dir: str, config: PretrainConfig, out_dir: str | None = None, resume: bool = True
+    data_dir: str, config: PretrainConfig, out_dir: str | None = None, resume: bool = True, force: bool = False
 ) -> dict[str, Any]:
     """Pretrain (or resume, or reuse) and publish the final metrics and the loss curve."""
     logger = get_run_logger()
     on_log, progress = training_logger("pretrain", lambda m: m["step"] / config.steps)
-    result = run_training(pretrain, data_dir, out_dir, config, on_log=on_log, resume=resume, tokenizer=get_tokenizer())
+    result = run_training(
+        pretrain, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force, tokenizer=get_tokenizer()
+    )
     progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", f"{config.preset} pretraining")

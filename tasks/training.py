@@ -21,14 +21,15 @@ def run_training(
     *,
     on_log: Callable[[dict[str, Any]], None],
     resume: bool,
+    force: bool = False,
     **local: Any,
 ) -> Any:
-    """`stage_fn(data_dir, out_dir, config, on_log=..., resume=..., **local)`. Under torchrun the ranks train and
-    write the stage folder, then the call here finds the stage complete and returns its result (reused).
+    """`stage_fn(data_dir, out_dir, config, on_log=..., resume=..., force=..., **local)`. Under torchrun the ranks
+    train and write the stage folder, then the call here finds the stage complete and returns its result (reused).
     `local` (the tokenizer) stays in this process. A failed rank fails the task with the ranks' logs."""
     launcher = config.launcher
     if launcher.kind != "torchrun":
-        return stage_fn(data_dir, out_dir, config, on_log=on_log, resume=resume, **local)
+        return stage_fn(data_dir, out_dir, config, on_log=on_log, resume=resume, force=force, **local)
     # The launch folder (and torchrun's run id, which every node must agree on) is named by the call itself.
     call = {"data_dir": str(data_dir), "out_dir": str(out_dir), "config": config.model_dump(mode="json")}
     name = f"{stage_fn.__name__}-{sha256_json(call)[:12]}"
@@ -44,11 +45,11 @@ def run_training(
     launch(
         f"{stage_fn.__module__}:{stage_fn.__qualname__}",
         (data_dir, out_dir),
-        {"resume": resume},
+        {"resume": resume, "force": force},
         config=config,
         workdir=get_settings().home / "launch" / name,
         on_record=on_record,
     )
-    result = stage_fn(data_dir, out_dir, config, resume=resume, **local)
+    result = stage_fn(data_dir, out_dir, config, resume=resume, force=force, **local)
     result.reused = not records  # the ranks trained (or resumed) only if they sent records
     return result

@@ -242,7 +242,7 @@ def test_csv_header_check_reads_what_the_stage_reads(tmp_path, caplog):
     assert caplog.records == []  # the stage warns of cp1252 when it reads the rows, once
     for data, message in [
         (b"text,text,label\n", "the header names column 'text' 2 times"),
-        (b"  \n", "the file is empty"),
+        (b"  \n", "the file holds no text, only 3 whitespace characters"),
         (b"a\x00b", "looks binary"),
         (
             b"txt,label\n",

@@ -66,7 +66,7 @@ def test_user_text_file(tmp_path, settings):
     "content, message",
     [
         ("café".encode("cp1252"), r"not UTF-8 text \(byte 0xe9 at offset 3\)"),
-        (b"  \n", r"the file is empty"),
+        (b"  \n", r"the file holds no text, only 3 whitespace characters"),  # before: "is empty"
         (b"hi", r"1 tokens are too few to split"),
     ],
     ids=["cp1252", "empty", "too-short"],

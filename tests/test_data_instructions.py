@@ -145,7 +145,7 @@ EXPECTED = "a non-empty JSON list (or JSON Lines) of {instruction, input, output
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("empty.json", b" \n", f"the file is empty (expected {EXPECTED})"),
+        ("empty.json", b" \n", f"the file holds no text, only 2 whitespace characters (expected {EXPECTED})"),
         ("zeros.json", b"\0" * 64, f"looks binary (NUL byte at offset 0); expected {EXPECTED}"),
         (
             "latin.json",

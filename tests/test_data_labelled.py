@@ -349,7 +349,10 @@ TEN_EACH = "".join(f"note {i},{'spam' if i % 2 else 'ham'}\n" for i in range(20)
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"\xef\xbb\xbf\r\n", "the file is empty (expected a header row and labelled rows)"),
+        (
+            b"\xef\xbb\xbf\r\n",
+            "the file holds no text, only 2 whitespace characters (expected a header row and labelled rows)",
+        ),
         (
             b"text,label\r\n",
             "no labelled rows (0 read, none with both a text and a label); expected a header row "

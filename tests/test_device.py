@@ -8,14 +8,20 @@ import torch
 from pydantic import ValidationError
 
 from gptflow.ranks import DistributedEnvError, Ranks, process_ranks
+from model.config import GPTConfig
 from model.configs import PretrainConfig
 from model.device import (
     BF16_MARGIN,
     DeviceError,
+    Runtime,
+    TooBigError,
     available_devices,
+    check_fits,
     cpu_bf16_speedup,
+    memory_bytes,
     resolve_device,
     resolve_precision,
+    training_step_bytes,
 )
 
 TORCHRUN_ENV = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -96,3 +102,20 @@ def test_precision_on_the_cpu():
     assert isinstance(speedup, float) and speedup > 0
     assert cpu_bf16_speedup() == speedup  # measured once per process
     assert resolve_precision("auto", cpu) == ("bf16" if speedup > 1 / BF16_MARGIN else "fp32")
+
+
+def test_a_training_step_too_big_for_the_memory_is_refused_up_front():
+    """Before: `--context-length 100000` trained for 7 minutes, then failed allocating 160 GB."""
+    rt = Runtime(torch.device("cpu"), "fp32")
+    big = GPTConfig.from_preset("mini", context_length=100_000)
+    # 16 bytes a parameter + 17 fp32 values of width 256 per token and layer: 8 x 100,000 tokens x 4 layers
+    assert training_step_bytes(big, 8, 100_000, "fp32") == 16 * big.n_params() + 17 * 8 * 100_000 * 256 * 4 * 4
+    assert training_step_bytes(big, 8, 100_000, "bf16") == 16 * big.n_params() + 17 * 8 * 100_000 * 256 * 4 * 2
+    with pytest.raises(TooBigError) as caught:
+        check_fits(big, 8, 100_000, rt, "pretrain", available=24 * 2**30)
+    assert str(caught.value) == (
+        "pretrain: a training step of 8 x 100000 tokens through 4 layers of width 256 needs at least 52.5 GiB, "
+        "more than the 24.0 GiB of cpu; lower --context-length or --batch-size (--grad-accum keeps the global batch)"
+    )
+    check_fits(GPTConfig.from_preset("mini"), 8, 256, rt, "pretrain", available=24 * 2**30)  # make run's shape
+    assert memory_bytes(torch.device("cpu")) > 2**30  # this machine's RAM, what the check uses by default

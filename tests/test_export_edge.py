@@ -173,7 +173,7 @@ def test_classify_cli_checkpoint_and_bundle(exported, settings, tmp_path, capsys
     from cli import main
 
     texts_file = tmp_path / "msgs.csv"
-    texts_file.write_text("text\nfootball match today, great goal\ngarlic soup recipe\n")
+    texts_file.write_text('text\n"football match today, great goal"\ngarlic soup recipe\n')
     outputs = []
     for model, extra in ((exported["best"], []), (exported["bundle"], ["--int8"])):
         assert main(["classify", TEXTS[0], "--model", str(model), "--file", str(texts_file), *extra]) == 0
@@ -219,6 +219,9 @@ def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
         (lambda m: m.update(files=sorted(m["files"])), "'files' must map each file name to its sha256"),
         (lambda m: m.pop("files"), "'files' must map each file name to its sha256"),
         (lambda m: m.update(max_length="128"), "'max_length' must be a positive integer, got '128'"),
+        # before: "missing", though the file exists
+        (lambda m: m["files"].update({"../bundle/card.md": "0" * 64}), "file '../bundle/card.md' points outside"),
+        (lambda m: m["files"].update({"/etc/hostname": "0" * 64}), "file '/etc/hostname' points outside the bundle"),
     ],
 )
 @pytest.mark.slow

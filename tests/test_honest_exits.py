@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, command_env
 from fake_ollama import closed_port_host
 
 from cli import main
+from gptflow.errors import GptflowError
 from gptflow.settings import get_settings
 
 ENTRY = {"instruction": "Name a colour.", "input": "", "output": "Red.", "model_response": "Blue."}
@@ -170,6 +171,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_down(tmp_path, mirr
         ("http://host:notaport", "'http://host:notaport' is not a URL (Port could not be cast to integer value"),
         ("http://host:70000", "'http://host:70000' is not a URL (Port out of range 0-65535)"),
         ("ftp://host", "'ftp://host': scheme 'ftp' is not http or https"),
+        ("abc def", "'abc def': 'abc def' is not a host name or address"),  # before: "not reachable", later
     ],
 )
 def test_a_bad_ollama_host_stops_every_verb_in_one_line(host, message, settings, monkeypatch, capsys):
@@ -205,6 +207,11 @@ def test_ollama_host_forms_the_client_accepts(settings, monkeypatch):
         ("GPTFLOW_HOME", "{file}", "GPTFLOW_HOME: Value error, {file} is not a folder; expected a writable folder"),
         ("GPTFLOW_JUDGE_MODEL", "llama 3", "GPTFLOW_JUDGE_MODEL: Value error, 'llama 3' is not an Ollama model name"),
         ("PREFECT_HOME", "{file}/prefect", "PREFECT_HOME: cannot create {file}/prefect (Not a directory)"),
+        (
+            "GPTFLOW_MIRROR",
+            "{file}",
+            "GPTFLOW_MIRROR: Value error, {file} is a file, not a folder",
+        ),  # before: "does not exist"
     ],
 )
 def test_an_unusable_folder_or_name_in_the_environment_is_one_line(
@@ -219,6 +226,17 @@ def test_an_unusable_folder_or_name_in_the_environment_is_one_line(
     assert (
         err.startswith(f"gptflow data: error: invalid settings: {message.format(file=file)}") and err.count("\n") == 1
     )
+
+
+def test_a_home_that_cannot_be_created_stops_at_start_up(settings, monkeypatch, capsys):
+    """Before: 250 lines and 15 tracebacks. access() says root may write in /proc; only mkdir tells."""
+    monkeypatch.setenv("GPTFLOW_HOME", "/proc/x")
+    get_settings.cache_clear()
+    assert main(["data", "spam"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gptflow data: error: invalid settings: GPTFLOW_HOME: Value error, ")
+    assert "cannot create /proc/x (" in err or "/proc is not writable" in err  # root / other users
+    assert err.rstrip().endswith("expected a writable folder for the outputs")
 
 
 def test_an_unwritable_folder_under_home_is_one_line(prefect_harness, settings, capsys):
@@ -260,6 +278,14 @@ def test_classify_file_reads_what_the_data_stage_reads(odd_files):
 
     assert read_texts(str(odd_files / "cp1252.txt"), "text") == ["café ok", "second"]
     assert read_texts(str(odd_files / "cp1252.csv"), "text") == ["café"]
+    unquoted = odd_files / "unquoted.csv"  # before: "great goal" and "" were classified, the rest dropped
+    unquoted.write_text("text\nfootball match today, great goal\ngarlic soup, hot\n")
+    with pytest.raises(GptflowError) as caught:
+        read_texts(str(unquoted), "text")
+    assert str(caught.value) == (
+        f"--file: {unquoted}: its rows hold more fields than its header names (text); quote fields that contain "
+        "the delimiter (comma)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -349,6 +375,9 @@ def test_a_bad_flag_value_is_argparse_one_line(settings, capsys):
         ("--top-p", "0", "a number > 0.0 and <= 1.0"),
         ("--temperature", "-0.5", "a number >= 0.0"),
         ("--top-k", "many", "an integer >= 1"),
+        ("--temperature", "nan", "a finite number"),  # before: a traceback, or "Probabilities contain NaN"
+        ("--temperature", "inf", "a finite number"),  # before: accepted
+        ("--top-p", "nan", "a finite number"),
     ],
 )
 def test_generation_options_out_of_range_are_one_line(flag, value, expected, settings, capsys):
@@ -364,3 +393,57 @@ def test_generation_options_out_of_range_are_one_line(flag, value, expected, set
     with pytest.raises(SystemExit):
         edge_main(["generate", "bundle", "hi", flag, value])
     assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sig, code, how", [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_sigterm_exits_143_and_ctrl_c_130(sig, code, how, settings, monkeypatch, capsys):
+    """Before: SIGTERM exited 130, SIGINT's code. The signal arrives while the command checks its inputs."""
+    from cli import prechecks
+
+    monkeypatch.setattr(prechecks, "classifier", lambda spec: signal.raise_signal(sig))
+    assert main(["classify", "--model", "m.pt", "some text"]) == code
+    assert capsys.readouterr().err == f"gptflow classify: {how}; finished stages and checkpoints are kept\n"
+
+
+@pytest.mark.parametrize("verb", ["classify", "generate"])
+def test_edge_threads_are_checked_as_gptflow_checks_them(verb, capsys):
+    """Before: `python -m edge generate --threads -1` was passed on to onnxruntime."""
+    from edge.__main__ import main as edge_main
+
+    with pytest.raises(SystemExit):
+        edge_main([verb, "bundle", "hi", "--threads", "-1"])
+    assert "argument --threads: expected a positive integer, got '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["a real text", ""], "TEXT 2 is empty"),  # before: classified as one end-of-text token
+        (["  "], "TEXT 1 is empty"),
+    ],
+)
+def test_an_empty_text_to_classify_is_refused(argv, message, settings, capsys):
+    assert main(["classify", "--model", "m.pt", *argv]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f'gptflow classify: error: {message}; give the text to classify, e.g. "Call now to claim your prize"\n'
+    )
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("pretrain:\n  lr: 0.001\n  steps: 5\n  lr: 0.002\n", "{path}: line 4: 'lr' is given twice; keep one"),
+        ("seed: true\n", "{path}: seed: Value error, expected a number, got true"),  # before: seed 1
+        ("lr: .nan\n", "{path}: lr: Input should be a finite number"),
+        ("grad_clip: .inf\n", "{path}: grad_clip: Input should be a finite number"),
+    ],
+)
+def test_a_config_file_says_what_it_means_or_is_refused(config, message, settings, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(config)
+    assert main(["pretrain", "--corpus", "tinyshakespeare", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(path=path) in err, err

@@ -165,5 +165,29 @@ def test_token_windows_and_bad_inputs(tmp_path):
         pretrain(tmp_path / "missing", tmp_path / "out", CONFIG, progress=False)
     short = write_random_tokens(tmp_path / "short", 10, 1000, seed=0)
     window = CONFIG.model_config_for().context_length + 1
-    with pytest.raises(PretrainError, match=f"{short / 'train.bin'}: 10 tokens are fewer than one window of {window}"):
+    with pytest.raises(PretrainError, match=f"{short / 'train.bin'}: the training split holds 10 tokens, fewer than"):
         pretrain(short, tmp_path / "out", CONFIG, progress=False)
+    short_val = write_random_tokens(tmp_path / "short-val", 1000, 10, seed=0)
+    with pytest.raises(PretrainError) as caught:  # before: found after training, naming neither file nor split
+        pretrain(short_val, tmp_path / "out-val", CONFIG, progress=False)
+    assert str(caught.value) == (
+        f"{short_val / 'val.bin'}: the validation split holds 10 tokens, fewer than one window of {window} "
+        f"(--context-length {window - 1} + 1); use a longer corpus or a smaller --context-length"
+    )
+    assert not (tmp_path / "out-val").exists()
+
+
+def test_a_context_too_long_for_the_memory_is_refused_before_training(tmp_path, monkeypatch):
+    """Before: `--context-length 100000` trained for 7 minutes, then failed allocating 160 GB."""
+    import model.device
+
+    monkeypatch.setattr(model.device, "memory_bytes", lambda device: 24 * 2**30)  # this machine's, on any machine
+    corpus = write_random_tokens(tmp_path / "corpus", 100_001, 100_001, seed=0)
+    config = tiny_config("pretrain", preset="mini", context_length=100_000, batch_size=8, precision="fp32")
+    with pytest.raises(
+        model.device.TooBigError,
+        match=r"pretraining mini: a training step of 8 x 100000 tokens .* "
+        r"needs at least 52\.5 GiB, more than the 24\.0 GiB of cpu",
+    ):
+        pretrain(corpus, tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out").exists()

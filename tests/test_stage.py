@@ -15,7 +15,8 @@ from conftest import REPO_ROOT
 import gptflow.stage as stage_mod
 import model.config as config_mod
 from gptflow.closure import PROJECT_PACKAGES, import_closure
-from gptflow.stage import Stage, StageError, describe_change
+from gptflow.stage import Stage, StageError
+from gptflow.stage_keys import describe_change
 from model.checkpoint import load_checkpoint, save_model
 from model.config import GPTConfig
 from model.configs import ClassifierConfig, PretrainConfig
