@@ -22,15 +22,7 @@ def export_bundle(
     checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    report = export_classifier(
-        checkpoint,
-        data_dir,
-        out_dir,
-        config,
-        tokenizer=get_tokenizer(),
-        tokenizer_files=tokenizer_files(),
-        force=force,
-    )
+    report = export_classifier(checkpoint, data_dir, out_dir, config, force=force, **_tokenizer())
     logger.info("%s bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("test accuracy %s; parity %s", report["accuracy"], report["parity"])
     sizes = report["sizes_bytes"]
@@ -53,15 +45,7 @@ def export_lm_bundle(
     checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    report = export_lm(
-        checkpoint,
-        data_dir,
-        out_dir,
-        config,
-        tokenizer=get_tokenizer(),
-        tokenizer_files=tokenizer_files(),
-        force=force,
-    )
+    report = export_lm(checkpoint, data_dir, out_dir, config, force=force, **_tokenizer())
     q = report["quality"]
     logger.info("%s LM bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("perplexity %s; parity %s", q["perplexity"], q["parity"])
@@ -83,3 +67,8 @@ def export_hf_folder(checkpoint: str, out_dir: str | None = None, force: bool = 
     report = export_hf(checkpoint, out_dir, tokenizer_files=tokenizer_files(), force=force)
     get_run_logger().info("%s Hugging Face folder %s", "reused" if report["reused"] else "wrote", report["folder"])
     return report
+
+
+def _tokenizer() -> dict[str, Any]:
+    """The GPT-2 tokenizer and its two files, which a bundle ships."""
+    return {"tokenizer": get_tokenizer(), "tokenizer_files": tokenizer_files()}
