@@ -46,6 +46,7 @@ def generate(
     out, mask = input_ids, attention_mask
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     cache = None
+    bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step with non-finite logits (0: none)
     try:
         for step in range(max_new_tokens):
             if use_cache and out.shape[1] <= ctx:
@@ -58,9 +59,12 @@ def generate(
                 window_mask = mask[:, -ctx:] if mask is not None else None
                 positions = mask_positions(window_mask) if window_mask is not None else None
                 logits = model(out[:, -ctx:], attention_mask=window_mask, position_ids=positions)
+            # Non-finite logits are recorded on the device and raised after the loop: a host sync per step would
+            # stall the GPU's queue. Their rows sample from zeros meanwhile, so that sampling itself cannot fail.
             last = logits[:, -1]
-            if not bool(torch.isfinite(last).all()):
-                raise NonFiniteLogitsError(f"the model gives NaN or infinite logits at generation step {step + 1}")
+            finite = torch.isfinite(last).all(dim=-1, keepdim=True)
+            bad_step = torch.where((bad_step == 0) & ~finite.all(), step + 1, bad_step)
+            last = torch.where(finite, last, torch.zeros_like(last))
             next_ids = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if eos_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
@@ -72,6 +76,8 @@ def generate(
                 break
     finally:
         model.train(was_training)
+    if bad := int(bad_step):
+        raise NonFiniteLogitsError(f"the model gives NaN or infinite logits at generation step {bad}")
     return out
 
 
