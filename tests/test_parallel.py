@@ -113,7 +113,9 @@ def test_a_sweep_trains_its_variants_in_parallel_on_two_workers_and_reports_a_fa
 
     data = write_splits(tmp_path / "data", (20, 5, 10))
     environ = dict(os.environ)
-    config = tiny_config("classifier", **{**TINY, "trainable": "last_k"})  # 2 blocks: last_k 5 fails
+    # 2 blocks: last_k 5 fails, at once. 6 epochs keep the first good variant training while the second worker gets
+    # past a failed one to the other good variant (with 2 epochs a loaded machine could run them one after the other).
+    config = tiny_config("classifier", **{**TINY, "trainable": "last_k", "epochs": 6})
     state = sweep_classifier_flow(str(data), config, {"seed": [11, 12], "last_k": [2, 5]}, return_state=True)
     *variants, failed_11, failed_12 = state.result()
     assert dict(os.environ) == environ  # the cluster's nannies left the flow's environment as it was
