@@ -1,4 +1,5 @@
-"""`gptflow pretrain`, `gptflow load-gpt2 NAME|PATH` and `gptflow generate PROMPT --model PATH`."""
+"""`gptflow pretrain`, `gptflow load-gpt2 NAME|PATH`, `gptflow load-hf NAME|FOLDER` and `gptflow generate PROMPT
+--model PATH`."""
 
 from __future__ import annotations
 
@@ -37,11 +38,22 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_load_gpt2, precheck=lambda args: prechecks.gpt2_weights(args.source))
 
     p = verbs.add_parser(
+        "load-hf",
+        help="convert a Hugging Face model (GPT-2, Llama family, Qwen3) to a gptflow checkpoint",
+        description="NAME: a Hugging Face repo (HuggingFaceTB/SmolLM2-135M-Instruct, Qwen/Qwen3-0.6B, distilgpt2, "
+        "...; fetched file by file, or read from GPTFLOW_MIRROR; HF_TOKEN is sent for gated repos); FOLDER: a "
+        "model folder with config.json, safetensors weights and tokenizer.json.",
+    )
+    p.add_argument("source", metavar="NAME|FOLDER")
+    p.add_argument("--keep-dtype", action="store_true", help="keep bf16/fp16 weights as they are (default: fp32)")
+    p.set_defaults(handler=run_load_hf, precheck=lambda args: prechecks.hf_model(args.source))
+
+    p = verbs.add_parser(
         "generate",
         help="continue a prompt, or answer an instruction, with a trained model",
         description="Greedy by default; --temperature > 0 samples (with --top-k/--top-p). An instruction-tuned "
-        "checkpoint applies its prompt template (Alpaca or Phi-3) and prints the response; --raw continues the "
-        "text as it is.",
+        "checkpoint applies its prompt template (Alpaca or Phi-3), a model with a chat template (SmolLM, Qwen3, "
+        "Llama 3.2 Instruct) its own, and prints the response; --raw continues the text as it is.",
     )
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument(
@@ -109,13 +121,21 @@ def run_load_gpt2(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_load_hf(args: argparse.Namespace) -> int:
+    from flows.pretrain import load_hf_flow
+
+    out = load_hf_flow(args.source, args.keep_dtype)
+    print(f"{'reused' if out['reused'] else 'converted'} {args.source}")
+    print(f"model: {out['model']}")
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from edge.options import fit_context
     from gptflow.errors import GptflowError
     from gptflow.prompts import format_prompt
-    from gptflow.tokenizer import EOT_ID, encode, get_tokenizer
     from model.device import resolve_device
     from model.files import LANGUAGE_MODELS
     from model.generate import NonFiniteLogitsError, generate, trim_at_eos
@@ -125,14 +145,19 @@ def run_generate(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     opened = open_model(args.model, LANGUAGE_MODELS)
-    model, style = opened.language_model().to(device), opened.style
-    tok = get_tokenizer()
+    model, style, tok = opened.language_model().to(device), opened.style, opened.tokenizer()
+    chat = tok.chat_template is not None and not style and not args.raw
     if style and not args.raw:
         prompt = format_prompt({"instruction": args.prompt, "input": args.input}, style)
+        ids = tok.encode(prompt)
+    elif chat:  # the model's own chat template, as transformers renders it
+        prompt = args.prompt + (f"\n\n{args.input}" if args.input else "")
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": prompt}]))
     else:
         prompt = args.prompt + (f"\n{args.input}" if args.input else "")
+        ids = tok.encode(prompt, add_special_tokens=True)
     try:
-        ids = fit_context(encode(tok, prompt) or [EOT_ID], model.cfg.context_length, args.truncate)
+        ids = fit_context(ids or [tok.eos_id], model.cfg.context_length, args.truncate)
         out = generate(
             model,
             torch.tensor([ids], device=device),
@@ -140,7 +165,7 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            eos_id=EOT_ID,
+            eos_id=tok.eos_ids,
             seed=args.seed,
             use_cache=args.use_cache,
         )
@@ -148,8 +173,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise GptflowError(f"{opened.path}: {exc}") from None
     except ValueError as exc:
         raise GptflowError(str(exc)) from None
-    new = trim_at_eos(out[0, len(ids) :].tolist(), EOT_ID)
-    if style and not args.raw:
+    new = trim_at_eos(out[0, len(ids) :].tolist(), tok.eos_ids)
+    if (style or chat) and not args.raw:
         sys.stdout.write(tok.decode(new) + "\n")  # the response alone, as `python -m edge generate` prints it
     else:
         sys.stdout.write(prompt + tok.decode(new) + "\n")

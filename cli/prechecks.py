@@ -33,6 +33,34 @@ def gpt2_weights(spec: str) -> None:
     check_model_file(spec, ("gpt2",))
 
 
+def hf_model(spec: str) -> None:
+    """`load-hf`: a model folder whose config.json names a supported architecture, or a hub repo name (fetched by
+    the stage)."""
+    from gptflow.hub import repo_id
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from model.files import HF_ARCHITECTURES as ARCHITECTURES
+
+        config = path / "config.json"
+        if not config.is_file():
+            raise GptflowError(f"{path} has no config.json; expected a Hugging Face model folder")
+        try:
+            import json
+
+            architectures = json.loads(config.read_bytes()).get("architectures") or []
+        except (OSError, ValueError, AttributeError) as exc:
+            raise GptflowError(f"{config}: cannot read it as a JSON object ({exc})") from None
+        if not architectures or architectures[0] not in ARCHITECTURES:
+            raise GptflowError(
+                f"{config}: architectures {architectures} is not supported; supported: {', '.join(ARCHITECTURES)}"
+            )
+    elif path.exists() or repo_id(spec) is None:
+        raise GptflowError(
+            f"{spec}: neither a model folder nor a Hugging Face repo name (owner/name, or distilgpt2, gpt2, ...)"
+        )
+
+
 def language_model(spec: str) -> None:
     """`generate --model`: a language-model checkpoint (zip directory) or GPT-2 weights (`model.files`)."""
     from model.files import LANGUAGE_MODELS, check_model_file

@@ -9,7 +9,7 @@ from prefect import flow
 from flows.limits import time_limit
 from model.configs import PretrainConfig
 from tasks.alerts import ALERT_HOOKS
-from tasks.pretrain import convert_weights, train_model
+from tasks.pretrain import convert_hf_model, convert_weights, train_model
 
 
 @flow(name="pretrain", **ALERT_HOOKS)
@@ -40,3 +40,10 @@ def pretrain_flow(
 def load_gpt2_flow(name_or_path: str = "gpt2-small") -> dict:
     """Public GPT-2 weights (Hugging Face safetensors) -> a gptflow checkpoint under `<home>/models/`."""
     return convert_weights(name_or_path)
+
+
+@flow(name="load-hf")
+def load_hf_flow(name_or_folder: str, keep_dtype: bool = False) -> dict:
+    """A Hugging Face model (GPT-2, Llama family, Qwen3; hub name or folder) -> a gptflow checkpoint under
+    `<home>/models/`, its tokenizer inside. `keep_dtype`: keep bf16 weights bf16 (default: fp32)."""
+    return convert_hf_model(name_or_folder, keep_dtype)

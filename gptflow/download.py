@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 class DownloadError(GptflowError, RuntimeError):
     """A file could not be fetched, or its content is not what the registry says it is."""
 
+    status: int | None = None  # the HTTP status of a refused download (404, 401, ...); None for anything else
+
 
 @dataclass(frozen=True)
 class Member:
@@ -129,8 +131,10 @@ def fetch(
     sha256: str | None = None,
     size: int | None = None,
     settings: Settings | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Path:
-    """Return a local, verified copy of `url` (from the mirror, the cache, or the network)."""
+    """Return a local, verified copy of `url` (from the mirror, the cache, or the network). `headers` go with the
+    GET only (credentials, say): they are never logged and never part of the cache path."""
     settings = settings or get_settings()
     rel = url_relpath(url)
     if settings.mirror is not None:
@@ -152,17 +156,27 @@ def fetch(
             except DownloadError as exc:
                 log.warning("%s; downloading it again", exc)
                 dest.unlink()
-        _download(url, dest, sha256=sha256, size=size, settings=settings)
+        _download(url, dest, sha256=sha256, size=size, settings=settings, headers=headers)
     return dest
 
 
-def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, settings: Settings) -> None:
+def _download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None,
+    size: int | None,
+    settings: Settings,
+    headers: dict[str, str] | None = None,
+) -> None:
     """Stream `url` to `dest.part` with retries and backoff; rename to `dest` only once verified."""
     part = dest.with_name(dest.name + ".part")
     attempts = settings.download_retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            with httpx.stream("GET", url, timeout=settings.download_timeout_s, follow_redirects=True) as resp:
+            with httpx.stream(
+                "GET", url, headers=headers, timeout=settings.download_timeout_s, follow_redirects=True
+            ) as resp:
                 resp.raise_for_status()
                 with open(part, "wb") as handle:
                     for chunk in resp.iter_bytes(1 << 20):
@@ -173,10 +187,12 @@ def _download(url: str, dest: Path, *, sha256: str | None, size: int | None, set
             status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
             permanent = status is not None and 400 <= status < 500 and status not in (408, 429)
             if permanent or attempt == attempts:
-                raise DownloadError(
+                error = DownloadError(
                     f"could not download {url} after {attempt} attempt(s): {exc}. "
                     "Behind a firewall? Set GPTFLOW_MIRROR to a folder laid out as HOST/PATH."
-                ) from None
+                )
+                error.status = status
+                raise error from None
             delay = min(2 ** (attempt - 1), 30)
             log.warning("download of %s failed (%s); retry %d/%d in %ss", url, exc, attempt, attempts - 1, delay)
             time.sleep(delay)

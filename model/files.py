@@ -30,6 +30,8 @@ KIND_FILES: dict[str, str] = {
     "gpt2": WEIGHTS_FILE,
 }
 MAX_SAFETENSORS_HEADER = 100_000_000
+# `architectures[0]` of a Hugging Face config.json -> the family `gptflow load-hf` reads it as.
+HF_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 
 # The kinds each use accepts.
 LANGUAGE_MODELS: tuple[Kind, ...] = ("lm", "instruct", "gpt2")

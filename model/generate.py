@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -22,15 +24,16 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Return `input_ids` followed by up to `max_new_tokens` new tokens, (B, T + n).
 
-    Greedy when `temperature == 0`. Generation stops once every row has produced `eos_id`; the EOS token is
-    kept and a row that finished early is padded with `eos_id` (see `trim_at_eos`). `attention_mask`
+    Greedy when `temperature == 0`. Generation stops once every row has produced an end token (`eos_id`: one id,
+    or several, as Llama 3 and Qwen3 have); the end token is kept and a row that finished early is padded with the
+    first end token (see `trim_at_eos`). `attention_mask`
     (B, T), 1 = real token, supports left-padded batches: positions count real tokens only, so each row
     continues as it would alone. Past the context length the window is cropped
     to the last `context_length` tokens and recomputed each step (positions shift, so a cache cannot help).
@@ -45,6 +48,9 @@ def generate(
     model.eval()
     out, mask = input_ids, attention_mask
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    stops = (
+        None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
+    )
     cache = None
     bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first step with non-finite logits (0: none)
     try:
@@ -52,7 +58,7 @@ def generate(
             if use_cache and out.shape[1] <= ctx:
                 new = out if cache is None else out[:, -1:]
                 if cache is None:
-                    cache = model.new_kv_cache(out.shape[0])
+                    cache = model.new_kv_cache(out.shape[0], out.shape[1] + max_new_tokens)
                 positions = mask_positions(mask)[:, -new.shape[1] :] if mask is not None else None
                 logits = model(new, attention_mask=mask, kv_cache=cache, position_ids=positions)
             else:
@@ -66,13 +72,13 @@ def generate(
             bad_step = torch.where((bad_step == 0) & ~finite.all(), step + 1, bad_step)
             last = torch.where(finite, last, torch.zeros_like(last))
             next_ids = sample_next(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_id is not None:
-                next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
-                finished |= next_ids == eos_id
+            if stops is not None:
+                next_ids = torch.where(finished, stops[0], next_ids)
+                finished |= torch.isin(next_ids, stops)
             out = torch.cat([out, next_ids[:, None]], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if eos_id is not None and bool(finished.all()):
+            if stops is not None and bool(finished.all()):
                 break
     finally:
         model.train(was_training)
@@ -123,6 +129,7 @@ def next_token_distribution(
     return logits.softmax(dim=-1)
 
 
-def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:
-    """Tokens before the first `eos_id` (the response proper)."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+def trim_at_eos(ids: list[int], eos_id: int | Sequence[int]) -> list[int]:
+    """Tokens before the first end token (the response proper)."""
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)

@@ -1,5 +1,9 @@
-"""The GPT-2 architecture: pre-LayerNorm blocks, fused q/k/v attention through
-`F.scaled_dot_product_attention`, tanh-GELU MLP, learned positions, LM head tied to the token embedding.
+"""One decoder-only transformer for the GPT-2 family, the Llama family and Qwen3 (the switches: `model.config`).
+
+GPT-2: pre-LayerNorm blocks, fused q/k/v attention through `F.scaled_dot_product_attention`, tanh-GELU MLP,
+learned positions, LM head tied to the token embedding. Llama: RMSNorm, SwiGLU MLP (gate and up fused in one
+matrix), rotary positions, fewer key/value heads than query heads (the cache stores the key/value heads only).
+Qwen3: Llama plus RMSNorm on each head's queries and keys before the rotation.
 
 The no-cache forward has no Python branches on tensor values, so `torch.onnx.export(dynamo=True)` traces it
 with dynamic batch and sequence.
@@ -19,7 +23,7 @@ from model.config import GPTConfig
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, shape (B, H, max_len, head_dim); `pos` tokens are filled."""
+    """Preallocated keys/values for every layer, shape (B, kv_heads, max_len, head_dim); `pos` tokens are filled."""
 
     def __init__(
         self,
@@ -31,7 +35,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.max_len = min(max_len or cfg.context_length, cfg.context_length)
-        shape = (batch_size, cfg.n_heads, self.max_len, cfg.head_dim)
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0
@@ -77,21 +81,80 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    """LayerNorm (GPT-2, with a bias) or RMSNorm (Llama, Qwen3), at the model's epsilon."""
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else nn.RMSNorm(dim, eps=cfg.norm_eps)
+
+
+def rope_frequencies(cfg: GPTConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,) in fp32, with Llama 3's stretch when the config has `rope_scaling`:
+    long wavelengths slowed by `factor`, short ones kept, the band between blended smoothly. Computed where they
+    are used rather than kept as a buffer, so that neither a bf16 cast nor a model built on the meta device can
+    change them."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old = scaling.original_context_length
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > old / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * slowed / scaling.factor + smooth * slowed
+    middle = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return torch.where(middle, blended, slowed)
+
+
+def rope_angles(
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (B|1, 1, T, head_dim), for `position_ids` (B, T) or (T,); computed in fp32."""
+    positions = position_ids.reshape(-1, position_ids.shape[-1]).float()
+    angles = positions[:, :, None] * inv_freq[None, None, :]  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as Hugging Face's Llama applies it: the head's two halves are the rotated pairs."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.n_heads, self.kv_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.dropout
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.emb_dim, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(q_dim, cfg.emb_dim, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
+        self.qk_norm = cfg.qk_norm
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.recorded: list[torch.Tensor] | None = None  # set by `GPTModel.recording_attention`
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, layer: int) -> torch.Tensor:
-        B, T, E = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: Cache | None,
+        layer: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2).split([H, KV, KV], dim=1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+        if KV != H:  # grouped-query attention: each key/value head serves H/KV query heads
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         dropout = self.dropout if self.training else 0.0
         if self.recorded is not None:
             y = self._attend_recording(q, k, v, mask, past, dropout)
@@ -100,7 +163,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past == 0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, E)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))
 
     def _attend_recording(self, q, k, v, mask: torch.Tensor | None, past: int, dropout: float) -> torch.Tensor:
         """The attention of `F.scaled_dot_product_attention` spelled out, so that its weights (B, H, Tq, Tk) can be
@@ -114,26 +177,39 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """tanh-GELU (GPT-2), or SwiGLU (Llama): `fc` holds the gate and up projections stacked, one matmul for both."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.emb_dim, (2 if self.swiglu else 1) * cfg.hidden_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.dropout(self.proj(F.silu(gate) * up))
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.norm1 = make_norm(cfg, cfg.emb_dim)
         self.attn = CausalSelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.norm2 = make_norm(cfg, cfg.emb_dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask, kv_cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: Cache | None,
+        layer: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, kv_cache, layer, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -162,10 +238,11 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.final_norm = make_norm(cfg, cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
@@ -178,7 +255,7 @@ class GPTModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for block in self.blocks:
@@ -213,7 +290,7 @@ class GPTModel(nn.Module):
         kv_cache: Cache | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final LayerNorm, (B, T, E).
+        """Hidden states after the final norm, (B, T, E).
 
         With `kv_cache`, `input_ids` are the new tokens and `attention_mask` (if any) covers the cached and
         the new tokens, (B, past+T); the cache advances by T. `position_ids` (B, T) default to the tokens'
@@ -223,10 +300,16 @@ class GPTModel(nn.Module):
         past = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
+        x = self.tok_emb(input_ids)
+        rope = None
+        if self.cfg.positions == "learned":
+            x = x + self.pos_emb(position_ids)
+        else:
+            rope = rope_angles(rope_frequencies(self.cfg, x.device), position_ids, x.dtype)
+        x = self.drop(x)
         mask = attention_bias(attention_mask, T, past, input_ids.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, kv_cache, i)
+            x = block(x, mask, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.final_norm(x)

@@ -47,6 +47,14 @@ class OpenedModel:
         """The prompt style an instruction model was fine-tuned with."""
         return self.state.get("style") if self.state is not None else None
 
+    def tokenizer(self, settings=None):
+        """The tokenizer the model reads text with: the Hugging Face tokenizer whose files the checkpoint keeps
+        (`load-hf` of a model with its own vocabulary), else GPT-2's BPE."""
+        from gptflow.tokenizer import model_tokenizer
+
+        files = self.state.get("tokenizer") if self.state is not None else None
+        return model_tokenizer(files, settings)
+
     def language_model(self, settings=None) -> GPTModel:
         """The language model, in eval mode on the CPU (a classifier's: its backbone)."""
         if self.kind == "gpt2":

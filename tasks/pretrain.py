@@ -1,4 +1,4 @@
-"""Prefect tasks of the model core: pretraining and GPT-2 weight conversion.
+"""Prefect tasks of the model core: pretraining, and GPT-2 and Hugging Face weight conversion.
 
 The stage contract (gptflow.stage) is the cache, so the tasks run every time (NO_CACHE) and return at once when
 their stage is already complete.
@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from eval.plots import plot_loss_curve
 from gptflow.tokenizer import get_tokenizer
 from model.configs import PretrainConfig
+from model.hf_models import convert_hf
 from model.pretrain import pretrain
 from model.weights import convert_gpt2
 from tasks.artifacts import publish_training_result, training_logger
@@ -48,4 +49,12 @@ def convert_weights(name_or_path: str) -> dict[str, Any]:
     """GPT-2 safetensors (preset name via the mirror-aware download layer, or a local path) -> our checkpoint."""
     path, reused = convert_gpt2(name_or_path)
     get_run_logger().info("%s %s -> %s", "reused" if reused else "converted", name_or_path, path)
+    return {"model": str(path), "reused": reused}
+
+
+@task(cache_policy=NO_CACHE)
+def convert_hf_model(name_or_folder: str, keep_dtype: bool = False) -> dict[str, Any]:
+    """A Hugging Face model (hub name via the mirror-aware download layer, or a local folder) -> our checkpoint."""
+    path, reused = convert_hf(name_or_folder, keep_dtype=keep_dtype)
+    get_run_logger().info("%s %s -> %s", "reused" if reused else "converted", name_or_folder, path)
     return {"model": str(path), "reused": reused}
