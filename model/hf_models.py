@@ -256,7 +256,7 @@ def fill_model(
                 f"{where}: tensor {parts[0][0]} has shape {got[0]}, which does not fit {ours} {want} "
                 f"(emb {cfg.emb_dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size})"
             )
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to(dtype).to_empty(device="cpu")  # a dtype change on the meta device costs nothing
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
     params = dict(model.named_parameters(remove_duplicate=False))
