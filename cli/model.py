@@ -81,9 +81,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
                 [
                     {
                         "preset": name,
+                        "family": c.family,
                         "emb": c.emb_dim,
                         "layers": c.n_layers,
                         "heads": c.n_heads,
+                        "kv heads": c.kv_heads,
                         "context": c.context_length,
                         "params": f"{c.n_params() / 1e6:.1f}M",
                     }

@@ -16,6 +16,8 @@ from pydantic_core import PydanticCustomError
 from gptflow.errors import GptflowError, validation_message
 from gptflow.strict import StrictConfig
 
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE, which every corpus and data set here is tokenized with
+
 
 class ModelConfigError(GptflowError, ValueError):
     """An unknown preset name or an invalid model shape."""
@@ -39,7 +41,7 @@ class GPTConfig(StrictConfig):
     keys, Qwen3). `bias` covers the attention output and MLP projections, `qkv_bias` the query/key/value one.
     """
 
-    vocab_size: int = Field(default=50257, gt=0)
+    vocab_size: int = Field(default=GPT2_VOCAB_SIZE, gt=0)
     context_length: int = Field(default=1024, gt=0)
     emb_dim: int = Field(gt=0)
     n_layers: int = Field(gt=0)

@@ -14,7 +14,7 @@ from edge.runtime import CLASSIFIER
 from gptflow.prompts import Style
 from gptflow.ranks import process_ranks
 from gptflow.strict import StrictConfig
-from model.config import GPTConfig, Preset
+from model.config import GPT2_VOCAB_SIZE, GPTConfig, Preset
 from model.init import INIT_HELP, InitSpec
 
 if TYPE_CHECKING:
@@ -162,11 +162,11 @@ class PretrainConfig(TrainConfig):
     sample_tokens: int = Field(default=40, ge=0, description="length of that sample (0: none)")
 
     def model_config_for(self, vocab_size: int | None = None) -> GPTConfig:
-        overrides: dict[str, Any] = {"dropout": self.dropout}
+        """The preset's shape with GPT-2's vocabulary, which the corpus is tokenized with: `--preset smollm2-135m`
+        pretrains SmolLM2's architecture on GPT-2's BPE."""
+        overrides: dict[str, Any] = {"dropout": self.dropout, "vocab_size": vocab_size or GPT2_VOCAB_SIZE}
         if self.context_length is not None:
             overrides["context_length"] = self.context_length
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
         return GPTConfig.from_preset(self.preset, **overrides)
 
     def model_shape(self) -> dict[str, Any]:

@@ -224,3 +224,19 @@ def test_load_hf_by_name_through_the_mirror(hf_folders, tmp_path):
     state = load_checkpoint(path)
     assert state["source"] == "Qwen/Qwen3-0.6B" and state["config"]["qk_norm"] is True
     assert set(state["tokenizer"]) >= {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+
+
+def test_pretrain_a_llama_family_preset_from_scratch(prefect_harness, settings, capsys):
+    """`--preset llama-mini`: RMSNorm, SwiGLU, rotary positions and grouped-query attention trained by the same
+    loop (fused loss included) that trains GPT-2 presets, then read back by `generate` with GPT-2's BPE."""
+    args = ["pretrain", "--corpus", "the-verdict", "--preset", "llama-mini", "--steps", "6", "--batch-size", "2"]
+    args += ["--context-length", "32", "--eval-every", "3", "--checkpoint-every", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    path = re.search(r"^model: (.+)$", out, re.M).group(1)
+    state = load_checkpoint(path)
+    assert state["config"]["n_kv_heads"] == 2 and state["config"]["mlp"] == "swiglu" and "tokenizer" not in state
+    losses = [float(v) for v in re.findall(r"val loss (\d+\.\d+)", out)]
+    assert losses and losses[0] < 10.8  # ln(50257) = 10.82: six steps already learn something
+    assert main(["generate", "Every effort moves you", "--model", path, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("Every effort moves you")
