@@ -153,16 +153,16 @@ class CausalSelfAttention(nn.Module):
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        if KV != H:  # grouped-query attention: each key/value head serves H/KV query heads
-            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-        dropout = self.dropout if self.training else 0.0
+        dropout, groups = (self.dropout if self.training else 0.0), KV != H
         if self.recorded is not None:
+            if groups:  # grouped-query attention: each key/value head serves H/KV query heads
+                k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
             y = self._attend_recording(q, k, v, mask, past, dropout)
         elif mask is None:
             # No mask: no past (the kernel's top-left causal mask is exact) or one new token (nothing to hide).
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past == 0)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=past == 0, enable_gqa=groups)
+        else:  # `enable_gqa`: the kernel reads each key/value head for its query heads, no repeated copy (4x on a step)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=groups)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))
 
     def _attend_recording(self, q, k, v, mask: torch.Tensor | None, past: int, dropout: float) -> torch.Tensor:
