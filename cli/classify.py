@@ -258,7 +258,6 @@ def run_classify(args: argparse.Namespace) -> int:
 def _torch_predict(path: Path, texts: list[str], device: str) -> list[tuple[str, float]]:
     from edge import finite_logits
     from edge.text import encode_texts, softmax
-    from gptflow.tokenizer import get_tokenizer
     from model.classifier import predict_logits
     from model.device import resolve_device
     from model.files import CLASSIFIERS
@@ -266,6 +265,7 @@ def _torch_predict(path: Path, texts: list[str], device: str) -> list[tuple[str,
 
     loaded = open_model(path, CLASSIFIERS).classifier()
     model = loaded.model.to(resolve_device(device))
-    logits = predict_logits(model, encode_texts(get_tokenizer(), texts, loaded.max_length))
+    # the texts are read with the tokenizer the classifier was fine-tuned with (its backbone's own, or GPT-2's)
+    logits = predict_logits(model, encode_texts(loaded.tokenizer(), texts, loaded.max_length))
     probs = softmax(finite_logits(logits, loaded.path))
     return [(loaded.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]

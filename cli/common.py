@@ -160,10 +160,17 @@ def check_device(config: BaseModel) -> None:
 
 
 def check_init(init: Any) -> None:
-    """A missing init checkpoint (an `InitSpec`): one line before any flow starts. GPT-2 weights are not fetched
-    here but by the stage."""
+    """A missing init checkpoint or a bad Hugging Face model (an `InitSpec`): one line before any flow starts. GPT-2
+    weights and hub models are not fetched here but by the stage."""
     if init.kind == "checkpoint":
         init.file()
+    elif init.kind == "hf":
+        from cli.prechecks import hf_model
+
+        try:
+            hf_model(init.ref)
+        except GptflowError as exc:
+            raise GptflowError(f"init {init}: {exc}") from None
 
 
 def table(rows: list[dict]) -> str:

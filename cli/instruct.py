@@ -60,7 +60,8 @@ def run_finetune_instructions(args: argparse.Namespace) -> int:
     out = finetune_instructions(args.data, config, out_dir=args.out, resume=args.resume, force=args.force)
     m = out["metrics"]
     print(
-        f"{'reused' if out['reused'] else 'trained'} {config.init.label(config.preset)} ({config.style}): "
+        f"{'reused' if out['reused'] else 'trained'} {config.init.label(config.preset)} "
+        f"({m.get('style') or config.style}): "
         f"{m['steps']} steps, train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}"
     )
     print(f"model: {out['model']}")

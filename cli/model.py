@@ -137,10 +137,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from edge.options import fit_context
     from gptflow.errors import GptflowError
-    from gptflow.prompts import format_prompt
+    from gptflow.prompts import CHAT
     from model.device import resolve_device
     from model.files import LANGUAGE_MODELS
     from model.generate import NonFiniteLogitsError, generate, trim_at_eos
+    from model.instruct import prompt_ids
     from model.opener import open_model
     from model.training import set_threads
 
@@ -149,9 +150,9 @@ def run_generate(args: argparse.Namespace) -> int:
     opened = open_model(args.model, LANGUAGE_MODELS)
     model, style, tok = opened.language_model().to(device), opened.style, opened.tokenizer()
     chat = tok.chat_template is not None and not style and not args.raw
-    if style and not args.raw:
-        prompt = format_prompt({"instruction": args.prompt, "input": args.input}, style)
-        ids = tok.encode(prompt)
+    if style and not args.raw:  # asked as it was fine-tuned: its text prompt, or its chat template (style chat)
+        prompt = args.prompt
+        ids = prompt_ids(tok, {"instruction": args.prompt, "input": args.input or ""}, style)
     elif chat:  # the model's own chat template, as transformers renders it
         prompt = args.prompt + (f"\n\n{args.input}" if args.input else "")
         ids = tok.encode(tok.render_chat([{"role": "user", "content": prompt}]))
@@ -177,7 +178,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise GptflowError(str(exc)) from None
     new = trim_at_eos(out[0, len(ids) :].tolist(), tok.eos_ids)
     if (style or chat) and not args.raw:
-        sys.stdout.write(tok.decode(new) + "\n")  # the response alone, as `python -m edge generate` prints it
+        # the response alone, as `python -m edge generate` prints it
+        sys.stdout.write(tok.decode(new, skip_special_tokens=style == CHAT) + "\n")
     else:
         sys.stdout.write(prompt + tok.decode(new) + "\n")
     return 0

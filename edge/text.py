@@ -1,10 +1,11 @@
 """The GPT-2 encoding and text -> padded token batches, shared by training and the edge runtime.
 
-NumPy and tiktoken only. tiktoken's own `get_encoding("gpt2")` downloads `encoder.json` + `vocab.bpe`; here
-they come from the download layer (mirror-aware, hash-checked) or from an edge bundle. One definition of the
-input encoding means the exported model sees exactly the tokens it was trained on: first `max_length` GPT-2
-tokens, an empty text read as one `<|endoftext|>`, right padding with the pad id (the model reads the last
-real token, so padding never reaches it through causal attention).
+NumPy and tiktoken only (a model with its own vocabulary passes its `edge.hf_tokenizer.HFTokenizer`). tiktoken's
+own `get_encoding("gpt2")` downloads `encoder.json` + `vocab.bpe`; here they come from the download layer
+(mirror-aware, hash-checked) or from an edge bundle. One definition of the input encoding means the exported model
+sees exactly the tokens it was trained on: first `max_length` tokens, an empty text read as one end token
+(GPT-2's `<|endoftext|>`), right padding with the pad id (the model reads the last real token, so padding never
+reaches it through causal attention).
 """
 
 from __future__ import annotations
@@ -46,9 +47,17 @@ def load_gpt2_encoding(encoder_json: str | Path, vocab_bpe: str | Path) -> tikto
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to the first `max_length`; never empty."""
-    ids = tokenizer.encode_batch(list(texts), allowed_special={ENDOFTEXT})
-    return [(row[:max_length] or [PAD_ID]) for row in ids]
+    """Token ids per text, truncated to the first `max_length`; never empty (an empty text reads as the end token).
+
+    `tokenizer`: tiktoken's GPT-2 encoding, or anything with the interface of `edge.hf_tokenizer.HFTokenizer`
+    (`encode_batch`, `eos_id`): GPT-2's BPE behind it gives the same ids as tiktoken, a Hugging Face tokenizer
+    encodes as `tokenizer(text)` does in transformers, its post-processor's tokens included (Llama 3's bos)."""
+    if isinstance(tokenizer, tiktoken.Encoding):
+        ids, empty = tokenizer.encode_batch(list(texts), allowed_special={ENDOFTEXT}), PAD_ID
+    else:
+        ids = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        empty = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
+    return [(row[:max_length] or [empty]) for row in ids]
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:

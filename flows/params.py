@@ -35,8 +35,9 @@ class PipelineParams(StrictConfig):
 
     weights: str = Field(
         default="pretrain",
-        description="pretrain (from scratch on `corpus`) or "
-        "gpt2:<gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|path to model.safetensors>",
+        description="pretrain (from scratch on `corpus`), "
+        "gpt2:<gpt2-small|gpt2-medium|gpt2-large|gpt2-xl|path to model.safetensors> or hf:<Hugging Face repo or "
+        "model folder> (GPT-2, Llama family, Qwen3: fine-tuned with its own tokenizer and chat template)",
     )
     corpus: str = Field(
         default="tinyshakespeare", description="pretraining corpus: a name, or a UTF-8 text file (path or http(s) URL)"
@@ -91,13 +92,19 @@ class PipelineParams(StrictConfig):
     @classmethod
     def _weights_source(cls, value: str) -> str:
         kind, sep, ref = value.partition(":")
-        if value == "pretrain" or (kind == "gpt2" and sep and ref.strip()):
+        if value == "pretrain" or (kind in ("gpt2", "hf") and sep and ref.strip()):
             return value
-        raise ValueError(f"expected 'pretrain' or 'gpt2:<name-or-path>', got {value!r}")
+        raise ValueError(f"expected 'pretrain', 'gpt2:<name-or-path>' or 'hf:<repo-or-folder>', got {value!r}")
+
+    @property
+    def weights_kind(self) -> str:
+        """pretrain, gpt2 or hf."""
+        return self.weights.partition(":")[0]
 
     @property
     def gpt2_source(self) -> str:
-        return self.weights.partition(":")[2]
+        """The GPT-2 preset or path of `gpt2:...` weights, or the Hugging Face repo or folder of `hf:...` ones."""
+        return self.weights.partition(":")[2].strip()
 
     def data_sources(self) -> dict[str, str]:
         """The inputs a run checks for new content (a registered name is pinned): role -> name, path or URL."""

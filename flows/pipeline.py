@@ -1,6 +1,6 @@
-"""The end-to-end pipeline: data check -> data -> base model -> classifier -> edge bundle; instruction model ->
-judge and LM edge bundle; each bundle then challenges its registry's champion; last, a look inside the base and
-the instruction model on a probe text.
+"""The end-to-end pipeline: data check -> data -> base model (pretrained, GPT-2 weights or a Hugging Face model) ->
+classifier -> edge bundle; instruction model -> judge and LM edge bundle; each bundle then challenges its registry's
+champion; last, a look inside the base and the instruction model on a probe text.
 
 Entry point for `gptflow pipeline`, `make run` and the `prefect.yaml` deployments: `flows/pipeline.py:pipeline`.
 Every stage is a subflow whose outputs live in content-addressed stage folders under GPTFLOW_HOME (reused
@@ -19,7 +19,7 @@ from flows.instruct import finetune_instructions
 from flows.limits import time_limit
 from flows.params import PipelineParams
 from flows.prepare import prepare_csv, prepare_instructions, prepare_spam
-from flows.pretrain import load_gpt2_flow, pretrain_flow
+from flows.pretrain import load_gpt2_flow, load_hf_flow, pretrain_flow
 from tasks.alerts import ALERT_HOOKS
 from tasks.pipeline import write_run_report
 from tasks.prepare import check_data_source
@@ -43,6 +43,8 @@ def run_stages(params: PipelineParams) -> dict:
 
     if params.weights == "pretrain":
         base = pretrain_flow(sources["corpus"]["path"], params.pretrain)
+    elif params.weights_kind == "hf":  # its tokenizer (and chat template) travels in the checkpoint
+        base = load_hf_flow(params.gpt2_source)
     else:
         base = load_gpt2_flow(params.gpt2_source)
     init = f"checkpoint:{base['model']}"

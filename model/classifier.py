@@ -8,8 +8,11 @@ padding mask. The book's variant (the last position, padding included) is `pooli
 which reads every token of a short message rather than one.
 
 Classifier checkpoints: {"format": FORMAT, "config": GPTConfig dict, "model": state_dict (backbone.* +
-head.*), "labels": {name: id}, "pooling", "max_length", "source": {init, sha256}}. The LM head is dropped:
-the classifier neither trains, saves nor exports it. Fine-tuning is `model.finetune_classifier`.
+head.*), "labels": {name: id}, "pooling", "max_length", "source": {init, sha256}, "pad_id", and "tokenizer" (the
+backbone's tokenizer files) where the backbone has its own vocabulary}. The LM head is dropped: the classifier
+neither trains, saves nor exports it. Fine-tuning is `model.finetune_classifier`. Any family's backbone works
+(GPT-2, Llama, Qwen3): the parts the book's recipe trains (the last blocks, the final norm, the new head) have the
+same names in each. Rows are padded with the backbone tokenizer's pad id (GPT-2: 50256, as the book).
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class ClassifierError(GptflowError, ValueError):
 
 
 class SequenceClassifier(nn.Module):
-    def __init__(self, backbone: GPTModel, n_classes: int, pooling: Pooling = "last_real") -> None:
+    def __init__(
+        self, backbone: GPTModel, n_classes: int, pooling: Pooling = "last_real", pad_id: int = PAD_ID
+    ) -> None:
         super().__init__()
         if n_classes < 2:
             raise ClassifierError(f"a classifier needs at least 2 classes, got {n_classes}")
@@ -59,6 +64,7 @@ class SequenceClassifier(nn.Module):
         self.backbone = backbone
         self.cfg = backbone.cfg
         self.pooling = pooling
+        self.pad_id = int(pad_id)  # what rows are padded with (its tokenizer's pad token)
         self.head = nn.Linear(backbone.cfg.emb_dim, n_classes)
 
     @property
@@ -123,6 +129,10 @@ class ClassifierEnsemble(nn.Module):
     def pooling(self) -> str:
         return "+".join(dict.fromkeys(m.pooling for m in self.members))
 
+    @property
+    def pad_id(self) -> int:
+        return self.members[0].pad_id
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         log_probs = torch.stack([F.log_softmax(m(input_ids, attention_mask).float(), -1) for m in self.members])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
@@ -151,7 +161,7 @@ def encode_split(df: pd.DataFrame, tokenizer, max_length: int) -> LabelledTexts:
 def collate(
     rows: Sequence[Sequence[int]], labels: Sequence[int] | None = None, pad_id: int = PAD_ID
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(input_ids, attention_mask, labels) padded to the longest row of this batch (dynamic padding)."""
+    """(input_ids, attention_mask, labels) padded with `pad_id` to the longest row of this batch (dynamic padding)."""
     input_ids, mask = pad_batch(rows, pad_id)
     target = torch.tensor(list(labels), dtype=torch.long) if labels is not None else None
     return torch.from_numpy(input_ids), torch.from_numpy(mask), target
@@ -161,14 +171,15 @@ def collate(
 def predict_logits(
     model: SequenceClassifier, ids: Sequence[Sequence[int]], batch_size: int = 32, precision: str = "fp32"
 ) -> np.ndarray:
-    """Logits (N, n_classes) in the input order, on the model's device; batches of similar length pad least."""
+    """Logits (N, n_classes) in the input order, on the model's device; batches of similar length pad least (with
+    the model's pad id)."""
     order = np.argsort([len(r) for r in ids], kind="stable")
     out = np.zeros((len(ids), model.n_classes), dtype=np.float32)
     device = next(model.parameters()).device
     with eval_mode(model), autocast(precision, device):
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            x, mask, _ = collate([ids[j] for j in idx])
+            x, mask, _ = collate([ids[j] for j in idx], pad_id=getattr(model, "pad_id", PAD_ID))
             out[idx] = model(x.to(device), mask.to(device)).float().cpu().numpy()
     return out
 
@@ -190,8 +201,11 @@ def save_classifier(
     labels: dict[str, int],
     max_length: int,
     source: dict[str, str],
+    *,
+    tokenizer: dict[str, str] | None = None,
     **extra: Any,
 ) -> Path:
+    """`tokenizer`: the backbone's tokenizer files, kept so that every reader encodes text as training did."""
     return save_checkpoint(
         path,
         format=FORMAT,
@@ -201,6 +215,8 @@ def save_classifier(
         pooling=model.pooling,
         max_length=max_length,
         source=source,
+        pad_id=model.pad_id,
+        **({"tokenizer": tokenizer} if tokenizer else {}),
         **extra,
     )
 
@@ -214,6 +230,13 @@ class LoadedClassifier:
     path: Path
     data_dir: str | None  # the data stage folder it was fine-tuned on
     members: list[dict[str, Any]] = field(default_factory=list)  # an ensemble's: checkpoint, sha256, accuracies
+    tokenizer_files: dict[str, str] | None = None  # the backbone's own tokenizer (None: GPT-2's BPE)
+
+    def tokenizer(self, given: Any = None, settings=None) -> Any:
+        """The tokenizer its texts are read with (`model.init.text_tokenizer`; `given`: GPT-2's, if at hand)."""
+        from model.init import text_tokenizer
+
+        return text_tokenizer(self.tokenizer_files, given, settings)
 
     @property
     def names(self) -> list[str]:
@@ -227,7 +250,14 @@ def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
         members = [{k: v for k, v in m.items() if k not in ("config", "model")} for m in ckpt["members"]]
         source = {"init": f"ensemble of {len(members)}"}
         return LoadedClassifier(
-            ensemble.eval(), dict(ckpt["labels"]), int(ckpt["max_length"]), source, path, ckpt.get("data_dir"), members
+            ensemble.eval(),
+            dict(ckpt["labels"]),
+            int(ckpt["max_length"]),
+            source,
+            path,
+            ckpt.get("data_dir"),
+            members,
+            _files(ckpt.get("tokenizer")),
         )
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
@@ -241,20 +271,28 @@ def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
         dict(ckpt["source"]),
         path,
         ckpt.get("data_dir"),
+        tokenizer_files=_files(ckpt.get("tokenizer")),
     )
+
+
+def _files(files: Any) -> dict[str, str] | None:
+    return dict(files) if files else None
 
 
 def _member_model(ckpt: dict[str, Any], n_classes: int, path: Path) -> SequenceClassifier:
     check_finite_weights(ckpt["model"], path)
-    model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), n_classes, ckpt["pooling"])
+    pad_id = int(ckpt.get("pad_id", PAD_ID))  # checkpoints older than the field padded with GPT-2's 50256
+    model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), n_classes, ckpt["pooling"], pad_id)
     model.load_state_dict(ckpt["model"])
     return model
 
 
 def split_logits(
-    loaded: LoadedClassifier, data_dir: str | Path, *, tokenizer, batch_size: int = 32
+    loaded: LoadedClassifier, data_dir: str | Path, *, tokenizer=None, batch_size: int = 32
 ) -> tuple[list[str], dict[str, tuple[list[int], np.ndarray]]]:
-    """Class names, and (labels, logits) of every split of `data_dir`, for a classifier (`model.opener`)."""
+    """Class names, and (labels, logits) of every split of `data_dir`, for a classifier (`model.opener`), its texts
+    read with the classifier's own tokenizer (`tokenizer`: GPT-2's, for one that keeps none)."""
+    tokenizer = loaded.tokenizer(tokenizer)
     data_dir = Path(data_dir)
     labels = read_labels(data_dir)
     if labels != loaded.labels:

@@ -219,8 +219,14 @@ class InstructConfig(TrainConfig):
 
     init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
     context_length: int | None = Field(default=None, gt=1, description="override the preset's (random init)")
-    style: Style = Field(default="alpaca", description="prompt format: alpaca (the book) or phi3")
-    mask_prompt: bool = Field(default=False, description="loss on the response tokens only")
+    style: Style = Field(
+        default="alpaca",
+        description="prompt format of a model without a chat template: alpaca (the book) or phi3 (a model with "
+        "one, such as SmolLM2, Llama 3 or Qwen3, is tuned in its template)",
+    )
+    mask_prompt: bool = Field(
+        default=False, description="loss on the response tokens only (always so in a model's chat template)"
+    )
     max_length: int | None = Field(default=None, gt=1, description="truncate examples (default: model context)")
     epochs: int = Field(default=2, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="stop after this many steps (quick runs)")
@@ -375,7 +381,8 @@ class ExportConfig(StrictConfig):
         default="cpu", description="device of the PyTorch reference pass (the ONNX graph is always traced on the CPU)"
     )
     format: Literal["onnx", "hf"] = Field(
-        default="onnx", description="onnx: the edge bundle; hf: a Hugging Face GPT-2 folder (language models)"
+        default="onnx",
+        description="onnx: the edge bundle; hf: a Hugging Face folder of the model's family (language models)",
     )
     # Language models (the LM bundle).
     max_ppl_increase: float = Field(

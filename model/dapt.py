@@ -6,7 +6,8 @@ after each; never a validation or test text. A short-message corpus uses a small
 (about a fifth for SMS spam), so the model trains in a compact vocabulary of only those tokens: the same
 objective on this corpus (a full softmax over every token that can occur as a target) without the cost of
 embedding rows and optimizer state that would never be touched. The trained rows are then scattered back into
-the full-vocabulary model, which is saved in GPT-2 token ids; tokens the corpus lacks keep their starting rows.
+the full-vocabulary model, which is saved in the model's token ids (GPT-2's, or those of the tokenizer its
+checkpoint keeps, which the result keeps too); tokens the corpus lacks keep their starting rows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class DaptError(GptflowError, ValueError):
 
 
 def corpus_tokens(data_dir: str | Path, tokenizer) -> np.ndarray:
-    """The DAPT token stream of a data folder: its training and unused texts, an end-of-text token after each."""
+    """The DAPT token stream of a data folder: its training and unused texts, an end-of-text token after each (the
+    tokenizer's eos: GPT-2's 50256)."""
     data_dir = Path(data_dir)
     labels = read_labels(data_dir)
     texts: list[str] = []
@@ -44,8 +46,11 @@ def corpus_tokens(data_dir: str | Path, tokenizer) -> np.ndarray:
             texts += read_labelled(path, labels)["text"].tolist()
     if not texts:
         raise DaptError(f"{data_dir}: no texts to pretrain on (expected a text column in train.csv)")
-    ids = tokenizer.encode_batch(texts, allowed_special="all")
-    return np.fromiter((t for row in ids for t in (*row, EOT_ID)), dtype=np.int64)
+    if hasattr(tokenizer, "eos_ids"):  # the common interface: GPT2Text (the same ids as below) or a model's own
+        ids, end = tokenizer.encode_batch(texts), tokenizer.eos_id
+    else:  # tiktoken's GPT-2 encoding
+        ids, end = tokenizer.encode_batch(texts, allowed_special="all"), EOT_ID
+    return np.fromiter((t for row in ids for t in (*row, end)), dtype=np.int64)
 
 
 def dapt_stage(
@@ -83,13 +88,15 @@ def domain_pretrain(
     *,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
+    tokenizer_files: dict[str, str] | None = None,
 ) -> LMResult:
     """Pretrain the model `start()` builds (seeded) on `tokens` in `stage` (`dapt_stage`), whose `model.pt` is
-    the full-vocabulary result. Reused, resumed or run as the stage contract decides."""
-    return run_lm_stage(stage, resume, lambda ckpt: _train(stage, ckpt, start, tokens, config, on_log))
+    the full-vocabulary result (with `tokenizer_files`, the starting model's own tokenizer, where it has one).
+    Reused, resumed or run as the stage contract decides."""
+    return run_lm_stage(stage, resume, lambda ckpt: _train(stage, ckpt, start, tokens, config, on_log, tokenizer_files))
 
 
-def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig, on_log):
+def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig, on_log, tokenizer_files=None):
     keep, compact_ids = np.unique(tokens, return_inverse=True)
     full = start()
     if config.context_length > full.cfg.context_length:
@@ -105,6 +112,8 @@ def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig,
         x, y = batch
         return lm_loss(model.features(x), model.out_head.weight, y), {"tokens": x.numel()}
 
+    if tokenizer_files:
+        checkpoint.extra = {"tokenizer": tokenizer_files}
     state = train(
         model,
         config,
@@ -116,7 +125,9 @@ def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig,
         on_log=on_log,
     )
     expand_vocab(full, model.cpu(), torch.from_numpy(keep))
-    return finish_lm_stage(stage, full, state, corpus_tokens=len(tokens), vocab_used=len(keep))
+    return finish_lm_stage(
+        stage, full, state, tokenizer=tokenizer_files, corpus_tokens=len(tokens), vocab_used=len(keep)
+    )
 
 
 def compact_vocab(model: GPTModel, keep: torch.Tensor) -> GPTModel:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from gptflow.splits import LABELLED_FILES, read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
-from gptflow.tokenizer import get_tokenizer
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.classifier import (
     BEST,
@@ -94,14 +93,13 @@ def finetune(
     """Fine-tune on `data_dir/{train,validation}.csv` + `labels.json`; keep the best-validation-accuracy weights
     (or, with `config.keep="last"`, the final ones) in `best.pt`, the resumable state in `last.pt` and the
     history, in the stage folder (`out_dir`, else named by the stage contract, which also decides reuse and
-    resume; `force`: `out_dir` may hold files gptflow did not write)."""
+    resume; `force`: `out_dir` may hold files gptflow did not write). Texts are read with the starting model's own
+    tokenizer (`tokenizer`: GPT-2's, for a model that keeps none), which `best.pt` keeps."""
     config = config or ClassifierConfig()
     stage = classifier_stage(data_dir, config, out_dir, settings, force)
     checkpoint = TrainingCheckpoint(stage.dir / CHECKPOINT)
     result = stage.run(
-        lambda decision: _finetune(
-            stage, checkpoint, Path(data_dir), config, tokenizer or get_tokenizer(settings), settings, on_log
-        ),
+        lambda decision: _finetune(stage, checkpoint, Path(data_dir), config, tokenizer, settings, on_log),
         resume=resume,
         checkpoint=checkpoint.stage_key,
         readers=BEST_READER,
@@ -125,6 +123,7 @@ def _finetune(
             "finetune trains one classifier: pretrain it with pretrain_domain first (dapt) and train an ensemble's "
             "members one by one (ClassifierConfig.members), as the finetune-classifier flow does"
         )
+    tokenizer = config.init.tokenizer(settings, tokenizer)
     backbone = config.start_model(config.dropout, settings)
     source = (
         {"init": "random", "preset": config.model_label()}
@@ -135,7 +134,8 @@ def _finetune(
     train_split = encode_split(read_labelled(data_dir / "train.csv", labels), tokenizer, max_length)
     val = encode_split(read_labelled(data_dir / "validation.csv", labels), tokenizer, max_length)
     torch.manual_seed(config.seed)
-    model = SequenceClassifier(backbone, len(labels), config.pooling)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    model = SequenceClassifier(backbone, len(labels), config.pooling, pad_id)
     n_trainable = model.set_trainable(config.trainable, config.last_k)
     order = EpochBatches(len(train_split), config.batch_size, config.seed)
     steps_per_epoch = max(1, order.per_epoch // (config.grad_accum * config.world_size))
@@ -149,7 +149,7 @@ def _finetune(
 
     def batch(i: int):
         idx = order.indices(i)
-        return collate([train_split.ids[j] for j in idx], [train_split.labels[j] for j in idx])
+        return collate([train_split.ids[j] for j in idx], [train_split.labels[j] for j in idx], pad_id)
 
     def loss(tensors):
         x, mask, y = tensors
@@ -160,9 +160,20 @@ def _finetune(
             "correct": int((logits.argmax(1) == y).sum()),
         }
 
+    files = tokenizer.files  # None for GPT-2's BPE
+    if files:
+        checkpoint.extra = {"tokenizer": files}
+
     def keep(state) -> None:
         save_classifier(
-            stage.dir / BEST, model, labels, max_length, source, step=state.step, data_dir=str(data_dir.resolve())
+            stage.dir / BEST,
+            model,
+            labels,
+            max_length,
+            source,
+            tokenizer=files,
+            step=state.step,
+            data_dir=str(data_dir.resolve()),
         )
 
     select = Selection("val_accuracy", "max", "last" if config.keep == "last" else "best", config.patience)
@@ -204,7 +215,7 @@ def domain_stage(
     config: ClassifierConfig,
     out_dir: str | Path | None = None,
     *,
-    tokenizer,
+    tokenizer=None,
     settings=None,
     force: bool = False,
 ) -> tuple[Stage, np.ndarray]:
@@ -212,7 +223,7 @@ def domain_stage(
     `data_dir` as tokens."""
     if config.dapt is None:
         raise ClassifierError("domain-adaptive pretraining needs a config with dapt set")
-    tokens = corpus_tokens(data_dir, tokenizer)
+    tokens = corpus_tokens(data_dir, config.init.tokenizer(settings, tokenizer))
     train_config = config.dapt.train_config(config)
     return dapt_stage(
         data_dir, config.start_input(settings), train_config, config.model_label(), tokens, out_dir, force
@@ -233,11 +244,9 @@ def pretrain_domain(
 ) -> LMResult:
     """Domain-adaptive pretraining of the model `config` starts from, on the texts of `data_dir`, in its stage
     folder (`out_dir`, else named by the stage contract); `config.after_dapt(result.model_path)` fine-tunes
-    from the result."""
+    from the result, which keeps the starting model's tokenizer (its texts are read with it)."""
     config = config or ClassifierConfig()
-    stage, tokens = domain_stage(
-        data_dir, config, out_dir, tokenizer=tokenizer or get_tokenizer(settings), settings=settings, force=force
-    )
+    stage, tokens = domain_stage(data_dir, config, out_dir, tokenizer=tokenizer, settings=settings, force=force)
     return domain_pretrain(
         stage,
         lambda: config.start_model(config.dapt.dropout, settings),
@@ -245,6 +254,7 @@ def pretrain_domain(
         config.dapt.train_config(config),
         on_log=on_log,
         resume=resume,
+        tokenizer_files=config.init.tokenizer_files(settings),
     )
 
 
@@ -279,16 +289,23 @@ def build_ensemble(
 
 def _write_ensemble(stage: Stage, data_dir: Path, labels: dict[str, int], paths: list[Path], members) -> Built:
     """The ensemble checkpoint of `members` (their best.pt files `paths`) in the stage folder."""
-    entries = []
+    entries, tokenizers = [], []
     for i, (path, member) in enumerate(zip(paths, members)):
         ckpt = load_checkpoint(path)
         if ckpt.get("format") != FORMAT:
             raise ClassifierError(f"ensemble member {path} is not a single classifier checkpoint ({FORMAT!r})")
         if ckpt["labels"] != labels:
             raise ClassifierError(f"ensemble member {path}: labels {ckpt['labels']} differ from {labels}")
+        tokenizers.append(ckpt.get("tokenizer") or None)
+        if tokenizers[-1] != tokenizers[0]:
+            raise ClassifierError(
+                f"ensemble member {path} reads text with another tokenizer than {paths[0]}: an ensemble's members "
+                "must share one vocabulary"
+            )
         accuracy = {split: m["accuracy"] for split, m in member.get("metrics", {}).items()}
         info = {"checkpoint": str(path), "sha256": stage.inputs[f"member{i}"], "accuracy": accuracy}
-        entries.append({k: ckpt[k] for k in ("config", "model", "pooling", "max_length", "source")} | info)
+        keys = ("config", "model", "pooling", "max_length", "source", "pad_id")
+        entries.append({k: ckpt[k] for k in keys if k in ckpt} | info)
     summary = {"members": [{k: e[k] for k in ("checkpoint", "sha256", "accuracy")} for e in entries]}
     save_checkpoint(
         stage.dir / BEST,
@@ -297,5 +314,6 @@ def _write_ensemble(stage: Stage, data_dir: Path, labels: dict[str, int], paths:
         labels=labels,
         max_length=min(e["max_length"] for e in entries),
         data_dir=str(data_dir.resolve()),
+        **({"tokenizer": tokenizers[0]} if tokenizers[0] else {}),
     )
     return Built([BEST], summary)

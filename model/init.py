@@ -1,5 +1,11 @@
-"""Where a model starts: `random` (a preset), `gpt2:<preset-or-path>` (public GPT-2 weights) or
-`checkpoint:<path>` (our pretraining or `load-gpt2` output). The spec is parsed once, into `InitSpec`."""
+"""Where a model starts: `random` (a preset), `gpt2:<preset-or-path>` (public GPT-2 weights), `checkpoint:<path>`
+(our pretraining or `load-gpt2`/`load-hf` output) or `hf:<repo-or-folder>` (a Hugging Face model of the GPT-2 or
+Llama family or Qwen3, converted once by `model.hf_models.convert_hf` and reused). The spec is parsed once, into
+`InitSpec`.
+
+The model's tokenizer travels with it: `InitSpec.tokenizer()` is the one its checkpoint keeps (a Hugging Face
+model's own files), else GPT-2's BPE; a stage built on it reads text with that tokenizer and writes the same
+`tokenizer` field into every checkpoint it makes (`InitSpec.tokenizer_files()`)."""
 
 from __future__ import annotations
 
@@ -17,7 +23,13 @@ from model.files import CHECKPOINT_LMS, LM_FILE
 if TYPE_CHECKING:
     from model.gpt import GPTModel
 
-INIT_HELP = "random | gpt2:<preset-or-safetensors> | checkpoint:<path> (our pretraining or load-gpt2 output)"
+INIT_HELP = (
+    "random | gpt2:<preset-or-safetensors> | checkpoint:<path> (our pretraining, load-gpt2 or load-hf output) | "
+    "hf:<repo-or-folder> (a Hugging Face model: GPT-2, Llama family, Qwen3)"
+)
+KINDS = ("checkpoint", "gpt2", "hf")
+# hf: specs converted in this process: (ref, home, mirror) -> checkpoint (the conversion hashes every file).
+_CONVERTED: dict[tuple[str, str, str], Path] = {}
 
 
 class InitSpecError(GptflowError, ValueError):
@@ -33,7 +45,7 @@ class InitSpec(str):
 
     def __new__(cls, value: str) -> "InitSpec":
         kind, sep, ref = str(value).partition(":")
-        if not (value == "random" or (sep and kind in ("checkpoint", "gpt2") and ref.strip())):
+        if not (value == "random" or (sep and kind in KINDS and ref.strip())):
             raise InitSpecError(f"expected {INIT_HELP}, got {value!r}")
         spec = super().__new__(cls, value)
         spec.kind, spec.ref = kind, ref.strip()
@@ -55,15 +67,18 @@ class InitSpec(str):
         """Short name of the starting point, for folder names."""
         if self.kind == "random":
             return preset
-        path = Path(self.ref)
+        path = Path(self.ref.rstrip("/"))
         if path.name in (LM_FILE, "model.safetensors"):
             return path.parent.name
         return path.stem if path.suffix in (".pt", ".safetensors") else path.name
 
     def file(self, settings: Settings | None = None) -> Path | None:
-        """The local weights file (None for random); GPT-2 weights named by preset are fetched."""
+        """The local weights file (None for random); GPT-2 weights named by preset are fetched, a Hugging Face model
+        is converted to our checkpoint (`<home>/models/<name>/model.pt`, reused)."""
         if self.kind == "random":
             return None
+        if self.kind == "hf":
+            return _convert_hf(self.ref, settings)
         if self.kind == "checkpoint":
             path = Path(self.ref).expanduser()
             path = path / LM_FILE if path.is_dir() else path
@@ -113,3 +128,44 @@ class InitSpec(str):
         model = GPTModel(opened.config.model_copy(update={"dropout": dropout}))
         model.load_state_dict(opened.language_model().state_dict())
         return model
+
+    def tokenizer_files(self, settings: Settings | None = None) -> dict[str, str] | None:
+        """The texts of the tokenizer files the starting checkpoint keeps (name -> text), None where the model reads
+        GPT-2's BPE (random, GPT-2 weights, and every checkpoint whose vocabulary is GPT-2's)."""
+        if self.kind in ("random", "gpt2"):
+            return None
+        from model.checkpoint import load_checkpoint
+
+        files = load_checkpoint(self.file(settings), mmap=True).get("tokenizer")
+        return dict(files) if files else None
+
+    def tokenizer(self, settings: Settings | None = None, given: Any = None) -> Any:
+        """The tokenizer the starting model reads text with (`text_tokenizer`): its checkpoint's own, else GPT-2's
+        BPE (`given` when the caller already has it: a tiktoken encoding or a `GPT2Text`)."""
+        return text_tokenizer(self.tokenizer_files(settings), given, settings)
+
+
+def text_tokenizer(files: dict[str, str] | None, given: Any = None, settings: Settings | None = None) -> Any:
+    """The tokenizer of a model whose checkpoint keeps tokenizer `files` (an `HFTokenizer`), or, for `files` None,
+    GPT-2's BPE behind the same interface (`GPT2Text`): `given` as it is when it already has that interface,
+    wrapped when it is a tiktoken encoding, else built from the mirrored or downloaded files."""
+    from gptflow.tokenizer import GPT2Text, model_tokenizer
+
+    if files:
+        return model_tokenizer(dict(files), settings)
+    if given is None:
+        return model_tokenizer(None, settings)
+    return given if hasattr(given, "eos_ids") else GPT2Text(given)
+
+
+def _convert_hf(ref: str, settings: Settings | None) -> Path:
+    """Our checkpoint of the Hugging Face model `ref` (converted once per home; each process checks it once)."""
+    from gptflow.settings import get_settings
+    from model.hf_models import convert_hf
+
+    settings = settings or get_settings()
+    key = (ref, str(settings.home.resolve()), str(settings.mirror))
+    path = _CONVERTED.get(key)
+    if path is None or not path.is_file():
+        path = _CONVERTED[key] = convert_hf(ref, settings)[0]
+    return path

@@ -133,9 +133,12 @@ def run_lm_stage(stage: Stage, resume: bool, build: Callable[[TrainingCheckpoint
     return LMResult(stage.dir, stage.dir / CHECKPOINT, stage.dir / MODEL, result.metrics, history, result.reused)
 
 
-def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: Any) -> Built:
-    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one) and
-    `metrics.json`: what the stage built, its history as the value."""
+def finish_lm_stage(
+    stage: Stage, model: GPTModel, state: TrainState, *, tokenizer: dict[str, str] | None = None, **extra: Any
+) -> Built:
+    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one, and
+    the model's tokenizer files `tokenizer` where it has its own) and `metrics.json`: what the stage built, its
+    history as the value."""
     trains = [h for h in state.history if h["kind"] == "train"]
     evals = [h for h in state.history if h["kind"] == "eval"]
     final = {
@@ -148,7 +151,8 @@ def finish_lm_stage(stage: Stage, model: GPTModel, state: TrainState, **extra: A
         **state.setup,
         **extra,
     }
-    save_model(stage.dir / MODEL, model, metrics=final, **{k: v for k, v in extra.items() if k == "style"})
+    fields = {k: v for k, v in extra.items() if k == "style"} | ({"tokenizer": tokenizer} if tokenizer else {})
+    save_model(stage.dir / MODEL, model, metrics=final, **fields)
     write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
     return Built([CHECKPOINT, MODEL, METRICS], final, state.history)
 

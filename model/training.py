@@ -118,6 +118,7 @@ class TrainingCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._state: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}  # plain fields written beside the state (the model's tokenizer files)
 
     def load(self) -> dict[str, Any]:
         if self._state is None:
@@ -152,6 +153,7 @@ class TrainingCheckpoint:
             rng=rng_ranks[0] if rng_ranks else rng_state(),
             rng_ranks=rng_ranks or [],
             stage=stage_key,
+            **self.extra,
         )
         self._state = None
 

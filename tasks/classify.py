@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 
 from eval.metrics import report_rows, write_split_reports
 from eval.plots import plot_loss_curve, plot_training_curves
-from gptflow.tokenizer import get_tokenizer
 from model.classifier import split_logits
 from model.configs import ClassifierConfig
 from model.files import CLASSIFIERS
@@ -48,9 +47,8 @@ def pretrain_on_domain(data_dir: str, config: ClassifierConfig, resume: bool = T
     """Domain-adaptive pretraining of the model `config` starts from (its `dapt`); returns the stage's outputs and
     the config that fine-tunes from its model."""
     logger = get_run_logger()
-    tokenizer = get_tokenizer()
     on_log, progress = training_logger("dapt", lambda m: m["step"] / config.dapt.steps)
-    result = run_training(pretrain_domain, data_dir, None, config, on_log=on_log, resume=resume, tokenizer=tokenizer)
+    result = run_training(pretrain_domain, data_dir, None, config, on_log=on_log, resume=resume)
     progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(result.history, result.out_dir / "loss_curve.png", "domain-adaptive pretraining")
@@ -70,9 +68,7 @@ def finetune_classifier(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     on_log, progress = training_logger("classify", lambda m: m["epoch"] / config.epochs)
-    result = run_training(
-        finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force, tokenizer=get_tokenizer()
-    )
+    result = run_training(finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force)
     progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.summary)
     key = artifact_key("classify", result.out_dir.name)
@@ -106,7 +102,7 @@ def ensemble_classifiers(
 @task(cache_policy=NO_CACHE)
 def evaluate_splits(model_path: str, data_dir: str, out_dir: str) -> dict[str, Any]:
     loaded = open_model(model_path, CLASSIFIERS).classifier()
-    names, splits = split_logits(loaded, data_dir, tokenizer=get_tokenizer())
+    names, splits = split_logits(loaded, data_dir)  # read with the classifier's own tokenizer
     reports = write_split_reports(splits, names, Path(out_dir), checkpoint=model_path, confusion_png=CONFUSION)
     logger = get_run_logger()
     for split, report in reports.items():

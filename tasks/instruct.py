@@ -13,7 +13,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from eval.plots import plot_loss_curve
-from gptflow.tokenizer import get_tokenizer
 from model.configs import InstructConfig
 from model.instruct import finetune, generate_responses, sample_rows
 from tasks.artifacts import artifact_key, publish_link, publish_table, publish_training_result, training_logger
@@ -28,15 +27,13 @@ def finetune_model(
     logger = get_run_logger()
     done = (lambda m: m["step"] / config.max_steps) if config.max_steps else (lambda m: m["epoch"] / config.epochs)
     on_log, progress = training_logger("instruct", done)
-    result = run_training(
-        finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force, tokenizer=get_tokenizer()
-    )
+    result = run_training(finetune, data_dir, out_dir, config, on_log=on_log, resume=resume, force=force)
     progress.finish(result.out_dir)
     logger.info("%s %s: %s", "reused" if result.reused else "trained", result.out_dir, result.metrics)
     plot = plot_loss_curve(
         result.history,
         result.out_dir / "loss_curve.png",
-        f"instruction fine-tuning ({config.style}, {config.init.label(config.preset)})",
+        f"instruction fine-tuning ({result.metrics.get('style', config.style)}, {config.init.label(config.preset)})",
     )
     publish_training_result(result, plot, "instruct", "fine-tuning")
     return {
@@ -57,7 +54,7 @@ def answer_test_split(model_path: str, test_path: str, config: InstructConfig) -
     def on_response(index: int, entry: dict[str, Any]) -> None:
         logger.info("test entry %d: %r", index, entry["model_response"][:120])
 
-    result = generate_responses(model_path, test_path, None, config, tokenizer=get_tokenizer(), on_response=on_response)
+    result = generate_responses(model_path, test_path, None, config, on_response=on_response)
     logger.info(
         "%s %s: %d entries (%d generated now in %.1f s)",
         "reused" if result.reused else "wrote",

@@ -239,6 +239,7 @@ def test_flow_through_cli(prefect_harness, settings, tmp_path, capsys):
             "--init: Value error, expected random | gpt2:<preset-or-safetensors> | checkpoint:<path>",
         ),
         (["--init", "checkpoint:/no/such.pt"], "init checkpoint:/no/such.pt: no such checkpoint"),
+        (["--init", "hf:/no/such/folder"], "init hf:/no/such/folder: /no/such/folder: neither a model folder nor"),
         (["--data", "/no/such.json"], "--data /no/such.json: no such file or folder"),
         (["--epochs", "0"], "--epochs: Input should be greater than 0"),
     ],

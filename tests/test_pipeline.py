@@ -58,7 +58,10 @@ def test_the_recipe_file_is_the_default_of_cli_flow_and_nightly_deployment(monke
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("weights: gpt3\n", "weights: Value error, expected 'pretrain' or 'gpt2:<name-or-path>', got 'gpt3'"),
+        (
+            "weights: gpt3\n",
+            "weights: Value error, expected 'pretrain', 'gpt2:<name-or-path>' or 'hf:<repo-or-folder>', got 'gpt3'",
+        ),
         ("pretrain: {steps: 0}\n", "pretrain.steps: Input should be greater than 0"),
         ("pretrain: {preset: huge}\n", "pretrain.preset: unknown model preset 'huge'; presets: gpt2-small"),
         ("classifier: {epochz: 3}\n", "classifier.epochz: Extra inputs are not permitted"),
