@@ -1,5 +1,5 @@
-"""`gptflow export CHECKPOINT [--int8] [--format onnx|hf]`: a classifier or a language model to its edge bundle
-(or a Hugging Face folder)."""
+"""`gptflow export CHECKPOINT [--int8] [--format onnx|hf]`: a classifier or a language model (GPT-2, Llama, Qwen3) to
+its edge bundle (or a Hugging Face folder)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,18 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="export a classifier or a language model to ONNX (+ int8) and write its edge bundle",
         description="A classifier: fp32 parity with PyTorch and int8 agreement on the whole test split; fails when "
         "int8 loses more than --max-int8-drop accuracy points or changes more than --max-int8-drop percent of the "
-        "predictions. A language model (pretrained, converted GPT-2 or "
-        "instruction-tuned model.pt): one ONNX decoder with a KV cache, parity over a left-padded prompt pass and "
-        "32 cached steps, validation perplexity fp32 vs int8 (fails above --max-ppl-increase percent) and greedy "
-        "agreement on the test prompts; --format hf writes a Hugging Face GPT-2 folder instead.",
+        "predictions. A language model of any family (GPT-2, Llama, Qwen3: pretrained, converted with load-gpt2 or "
+        "load-hf, or instruction-tuned model.pt): one ONNX decoder with a KV cache, parity over a left-padded prompt "
+        "pass and 32 cached steps (no data needed), and with --int8 validation perplexity fp32 vs int8 (fails above "
+        "--max-ppl-increase percent) and greedy agreement on the test prompts, on --data encoded with the model's "
+        "own tokenizer; --format hf writes a Hugging Face folder of the model's family instead.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt or LM model.pt, or their folder")
     p.add_argument(
         "--data",
         help="classifier: data folder with test.csv (default: the one it was tuned on); language model: an "
-        "instructions data folder or a corpus folder with val.bin (default for instruction models: "
-        "<home>/data/instructions)",
+        "instructions data folder or a corpus folder with val.bin to measure perplexity on (needed by --int8 only; "
+        "default with --int8: the data the checkpoint records, else for instruction models <home>/data/instructions)",
     )
     add_folder_options(p, "export/<checkpoint folder>-<key>", resumable=False)
     p.set_defaults(
@@ -54,11 +55,9 @@ def run_export(args: argparse.Namespace) -> int:
     config = stage_config(args)
     opened = open_model(args.checkpoint, EXPORTABLE)  # neither kind: one line before the flow
     if opened.kind in ("lm", "instruct"):
-        return _export_lm(args, config, opened.style)
+        return _export_lm(args, config, opened)
     if config.format == "hf":
-        raise GptflowError(
-            f"{opened.path} is not a language-model checkpoint: --format hf writes GPT-2 language models"
-        )
+        raise GptflowError(f"{opened.path} is not a language-model checkpoint: --format hf writes language models")
     loaded = opened.classifier()
     data_dir = args.data or loaded.data_dir
     if not data_dir or not (Path(data_dir) / "test.csv").is_file():
@@ -79,17 +78,18 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_lm(args: argparse.Namespace, config, style: str | None) -> int:
+def _export_lm(args: argparse.Namespace, config, opened) -> int:
     from flows.export import export_hf_flow, export_lm_flow
-    from model.lm_export import model_rows
+    from model.lm_export import lm_data_dir, model_rows
 
     if config.format == "hf":
         report = export_hf_flow(args.checkpoint, args.out, force=args.force)
-        print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face GPT-2 folder: {report['folder']}")
-        print("  (transformers: GPT2LMHeadModel.from_pretrained(folder); GPT2Tokenizer.from_pretrained(folder))")
+        architecture = report.get("architecture", "GPT2LMHeadModel")
+        print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face {architecture} folder: {report['folder']}")
+        print("  (transformers: AutoModelForCausalLM.from_pretrained(folder); AutoTokenizer.from_pretrained(folder))")
         return 0
-    data_dir = Path(args.data) if args.data else _default_lm_data(style)
-    report = export_lm_flow(args.checkpoint, str(data_dir), config, args.out, force=args.force)
+    data_dir = lm_data_dir(opened, args.data, config.int8)  # int8 without data: one line before the flow
+    report = export_lm_flow(args.checkpoint, str(data_dir) if data_dir else None, config, args.out, force=args.force)
     q = report["quality"]
     print(table(model_rows(report)))
     p = q["parity"]
@@ -106,16 +106,3 @@ def _export_lm(args: argparse.Namespace, config, style: str | None) -> int:
         )
     print(f'bundle: {report["bundle"]}  (run: python -m edge generate {report["bundle"]} "instruction")')
     return 0
-
-
-def _default_lm_data(style: str | None) -> Path:
-    """An instruction model's default data: the book's instructions folder, when it was prepared."""
-    from gptflow.settings import get_settings
-
-    folder = get_settings().home / "data" / "instructions"
-    if style and (folder / "validation.json").is_file():
-        return folder
-    raise GptflowError(
-        "--data: give the folder to measure perplexity and int8 agreement on: an instructions data folder "
-        "(validation.json, test.json) or a corpus folder (val.bin)"
-    )

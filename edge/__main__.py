@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p = verbs.add_parser(
         "generate",
         help="answer instructions with a language-model bundle",
-        description="The bundle's prompt template (Alpaca or Phi-3) is applied; greedy unless --temperature > 0. "
+        description="The bundle's prompt template (Alpaca or Phi-3) is applied, else the model's own chat template "
+        "when it has one; generation stops at any of the model's end tokens; greedy unless --temperature > 0. "
         "One instruction streams its answer as it is produced; several are answered as one left-padded batch.",
     )
     p.add_argument("bundle", help="language-model bundle folder written by `gptflow export`")
@@ -57,11 +58,12 @@ def classify(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from edge.lm import EdgeGenerator, PromptTemplate
+    from edge.lm import EdgeGenerator
 
     generator = EdgeGenerator(args.bundle, int8=args.int8, threads=args.threads)
-    template = PromptTemplate(None) if args.raw else generator.template
-    prompts = [template.format(text, args.input) for text in args.instructions]
+    prompts = [
+        generator.instruction_ids(text, args.input, raw=args.raw, truncate=args.truncate) for text in args.instructions
+    ]
     stream = len(prompts) == 1 if args.stream is None else args.stream
     if stream and len(prompts) > 1:
         raise ValueError("--stream shows one answer as it is produced: give one instruction")
@@ -73,7 +75,6 @@ def generate(args: argparse.Namespace) -> int:
     answers = generator.generate(
         prompts,
         args.max_new_tokens,
-        truncate=args.truncate,
         on_text=write if stream else None,
         temperature=args.temperature,
         top_k=args.top_k,

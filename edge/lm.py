@@ -1,28 +1,33 @@
-"""Text generation with an exported language-model bundle: onnxruntime, NumPy and tiktoken only.
+"""Text generation with an exported language-model bundle: onnxruntime, NumPy and the bundle's tokenizer package
+only (tiktoken for GPT-2's vocabulary; tokenizers, and jinja2 for a chat template, for a model's own).
 
 The bundle's decoder is one ONNX graph for the prompt pass and every decoding step: inputs `input_ids`,
 `attention_mask` (past + new tokens, 1 = real), `position_ids` and `past_key_values.{i}.key|value`
-(batch, heads, past, head_dim; empty for the prompt pass); outputs `logits` and `present.{i}.key|value`,
-fed back as the next step's past. The loop here is the same algorithm as `model.generate.generate`, so greedy
-tokens equal `gptflow generate` on the checkpoint the bundle came from: left-padded batches with positions that
-count real tokens only, end-of-text stop, and past the context a window of the last `context_length` tokens
-recomputed without a cache.
+(batch, kv_heads, past, head_dim; empty for the prompt pass); outputs `logits` and `present.{i}.key|value`,
+fed back as the next step's past. The same graph serves every family: GPT-2 (learned positions), Llama and
+Qwen3 (rotary positions from `position_ids`, a grouped-query cache of fewer key/value heads). The loop here is the
+same algorithm as `model.generate.generate`, so greedy tokens equal `gptflow generate` on the checkpoint the
+bundle came from: left-padded batches with positions that count real tokens only, a stop at any of the model's
+end tokens, and past the context a window of the last `context_length` tokens recomputed without a cache.
+
+The prompt is built as `gptflow generate` builds it: the fine-tuning template (Alpaca or Phi-3) of an instruction
+model, else the model's own chat template when it has one, else the text as it is.
 """
 
 from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edge import BundleError, finite_logits
 from edge.options import fit_context
-from edge.runtime import LM, ORT_FILES, session, verify_bundle
-from edge.text import ENDOFTEXT, EOT_ID, load_gpt2_encoding
+from edge.runtime import LM, ORT_FILES, session, tokenizer_files, verify_bundle
 
 PAST = "past_key_values.{layer}.{kind}"
+GPT2_EOT = 50256  # GPT-2's <|endoftext|> (edge.text.EOT_ID; not imported, so that tiktoken stays optional)
 
 
 def mask_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -43,6 +48,8 @@ class Decoder:
         self.n_layers = len(past) // 2
         _, self.n_heads, _, self.head_dim = past[0].shape
         self.outputs = ["logits"] + [f"present.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+        vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else None
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.n_heads, 0, self.head_dim)
@@ -78,17 +85,23 @@ class Decoder:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        eos_id: int | None = EOT_ID,
+        eos_id: int | Sequence[int] | None = GPT2_EOT,
         use_cache: bool = True,
         on_step: Callable[[np.ndarray], None] | None = None,
-        pad_id: int = EOT_ID,
+        pad_id: int | None = None,
     ) -> list[list[int]]:
-        """The new tokens of each prompt (up to and including its end-of-text). Prompts of different lengths
-        are left-padded into one batch. `on_step(next_ids)` sees each step's tokens as they are produced (a
-        finished row repeats `eos_id`)."""
+        """The new tokens of each prompt (up to and including its end token). `eos_id`: one end token, several
+        (Llama 3, Qwen3), or None to run to `max_new_tokens`. Prompts of different lengths are left-padded into one
+        batch. `on_step(next_ids)` sees each step's tokens as they are produced (a finished row repeats the first
+        end token, as `model.generate.generate` pads it). `pad_id` fills the left padding (masked out: any id of the
+        vocabulary serves); default the first end token, else GPT-2's end of text."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise BundleError("every prompt needs at least one token")
         rng = np.random.default_rng(seed)
+        stops = None if eos_id is None else np.asarray([eos_id] if isinstance(eos_id, int) else list(eos_id))
+        if pad_id is None:
+            pad_id = int(stops[0]) if stops is not None and len(stops) else GPT2_EOT
+            pad_id = pad_id if self.vocab_size is None or pad_id < self.vocab_size else 0
         width = max(len(p) for p in prompts)
         out = np.full((len(prompts), width), pad_id, dtype=np.int64)
         mask = np.zeros_like(out)
@@ -104,14 +117,14 @@ class Decoder:
             else:
                 logits, _ = self.run(out[:, -ctx:], mask[:, -ctx:])
             next_ids = sample_next(finite_logits(logits[:, -1], self.path), temperature, top_k, top_p, rng)
-            if eos_id is not None:
-                next_ids = np.where(finished, eos_id, next_ids)
-                finished |= next_ids == eos_id
+            if stops is not None:
+                next_ids = np.where(finished, stops[0], next_ids)
+                finished |= np.isin(next_ids, stops)
             out = np.concatenate([out, next_ids[:, None]], axis=1)
             mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
             if on_step is not None:
                 on_step(next_ids)
-            if eos_id is not None and finished.all():
+            if stops is not None and finished.all():
                 break
         return [row[width:].tolist() for row in out]
 
@@ -155,16 +168,30 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 class PromptTemplate:
-    """The prompt format the model was tuned with, as stored in the bundle: `without_input` and `with_input`
-    are format strings with `{instruction}` (and `{input}`) fields. No template: the text is the prompt."""
+    """The prompt format the model was tuned with, as stored in the bundle: for a text style (Alpaca, Phi-3)
+    `without_input` and `with_input` are format strings with `{instruction}` (and `{input}`) fields; the style
+    "chat" (tuned in the model's own chat template) keeps the keywords the template is rendered with. No template:
+    the text is the prompt."""
+
+    CHAT = "chat"
 
     def __init__(self, spec: dict | None) -> None:
         self.style = spec["style"] if spec else None
         self.spec = spec
 
+    @property
+    def chat(self) -> bool:
+        return self.style == self.CHAT
+
+    @property
+    def chat_kwargs(self) -> dict:
+        return dict((self.spec or {}).get("chat_kwargs") or {})
+
     def format(self, instruction: str, input_text: str = "") -> str:
         if self.spec is None:
             return instruction + (f"\n{input_text}" if input_text else "")
+        if self.chat:
+            raise BundleError("this bundle's model was tuned in its chat template: the prompt is rendered by it")
         if input_text:
             return self.spec["with_input"].format(instruction=instruction, input=input_text)
         return self.spec["without_input"].format(instruction=instruction)
@@ -179,43 +206,170 @@ class EdgeGenerator:
         name = ORT_FILES["int8" if int8 else "fp32"]
         if name not in self.manifest["files"]:
             raise BundleError(f"{self.bundle} holds no int8 model; export it with `gptflow export --int8`")
-        self.tokenizer = load_gpt2_encoding(self.bundle / "encoder.json", self.bundle / "vocab.bpe")
+        self.text = BundleText(self.bundle, self.manifest)
+        self.tokenizer = self.text.tokenizer
         self.template = PromptTemplate(self.manifest.get("prompt"))
         self.context_length = int(self.manifest["model"]["context_length"])
-        self.eos_id = int(self.manifest.get("eos_id", EOT_ID))
+        self.eos_ids = self.text.eos_ids
+        self.eos_id = self.eos_ids[0]
+        self.pad_id = int(self.manifest.get("pad_id", self.eos_id))
         self.decoder = Decoder(self.bundle / name, self.context_length, threads)
 
-    def encode(self, text: str, *, truncate: bool = False) -> list[int]:
+    @property
+    def chat(self) -> bool:
+        """Prompts go through the model's chat template: it was tuned in it, or it has one and no text template."""
+        return self.template.chat or (self.template.spec is None and self.text.chat_template is not None)
+
+    def encode(self, text: str, *, truncate: bool = False, add_special_tokens: bool = False) -> list[int]:
         """Token ids of a prompt; longer than the context: an error, or its last `context_length` tokens."""
-        ids = self.tokenizer.encode(text, allowed_special={ENDOFTEXT}) or [self.eos_id]
+        ids = self.text.encode(text, add_special_tokens=add_special_tokens) or [self.eos_id]
         return fit_context(ids, self.context_length, truncate)
+
+    def instruction_ids(
+        self, instruction: str, input_text: str = "", *, raw: bool = False, truncate: bool = False
+    ) -> list[int]:
+        """The prompt's token ids as `gptflow generate` builds them: the bundle's text template (Alpaca or Phi-3,
+        its text read as data, as fine-tuning encoded it), else the model's chat template with the instruction (and
+        input, after a blank line) as the user's message, else (or with `raw`) the text itself with the tokenizer's
+        own special tokens (Llama 3's begin-of-text)."""
+        if not raw and self.template.spec is not None and not self.template.chat:
+            ids = self.text.encode_data(self.template.format(instruction, input_text))
+            return fit_context(ids or [self.eos_id], self.context_length, truncate)
+        if not raw and self.chat:
+            content = instruction + (f"\n\n{input_text}" if input_text else "")
+            return self.encode(self.text.render_chat(content, **self.template.chat_kwargs), truncate=truncate)
+        text = instruction + (f"\n{input_text}" if input_text else "")
+        return self.encode(text, truncate=truncate, add_special_tokens=True)
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | Sequence[Sequence[int]],
         max_new_tokens: int = 256,
         *,
         truncate: bool = False,
         on_text: Callable[[int, str], None] | None = None,
         **options,
     ) -> list[str]:
-        """The response text of each prompt (template already applied), stopping at end-of-text.
-        `on_text(row, piece)` receives the text of each row as it is produced (UTF-8 split across tokens is
-        held back until whole)."""
-        ids = [self.encode(p, truncate=truncate) for p in prompts]
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+        """The response text of each prompt (a text with the template already applied, or token ids), stopping at
+        any end token. `on_text(row, piece)` receives the text of each row as it is produced (a character split
+        across tokens is held back until whole)."""
+        ids = [self.encode(p, truncate=truncate) if isinstance(p, str) else list(p) for p in prompts]
+        streams = [self.text.stream(skip_special_tokens=self.skip_special) for _ in prompts]
         done = [False] * len(prompts)
+        shown = [""] * len(prompts)
+        stops = set(self.eos_ids)
 
         def on_step(next_ids: np.ndarray) -> None:
             if on_text is None:
                 return
             for row, token in enumerate(next_ids.tolist()):
-                if done[row] or token == self.eos_id:
+                if done[row] or token in stops:
                     done[row] = True
                     continue
-                piece = decoders[row].decode(self.tokenizer.decode_single_token_bytes(token))
+                piece = streams[row](token)
                 if piece:
+                    shown[row] += piece
                     on_text(row, piece)
 
-        new = self.decoder.generate(ids, max_new_tokens, eos_id=self.eos_id, on_step=on_step, **options)
-        return [self.tokenizer.decode(row[: row.index(self.eos_id)] if self.eos_id in row else row) for row in new]
+        options.setdefault("pad_id", self.pad_id)
+        new = self.decoder.generate(ids, max_new_tokens, eos_id=self.eos_ids, on_step=on_step, **options)
+        answers = [self.text.decode(_until(row, stops), skip_special_tokens=self.skip_special) for row in new]
+        if on_text is not None:  # what a stream held back (an unfinished character at the token limit)
+            for row, answer in enumerate(answers):
+                if answer.startswith(shown[row]) and len(answer) > len(shown[row]):
+                    on_text(row, answer[len(shown[row]) :])
+        return answers
+
+    @property
+    def skip_special(self) -> bool:
+        """A model tuned in its chat template answers without special tokens, as `gptflow generate` prints it."""
+        return self.template.chat
+
+
+def _until(ids: list[int], stops: set[int]) -> list[int]:
+    """The tokens before the first end token."""
+    return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
+
+
+class BundleText:
+    """The bundle's tokenizer behind one interface: GPT-2's BPE through tiktoken (encoder.json, vocab.bpe), or the
+    model's own Hugging Face tokenizer (tokenizer.json and its configs, through `tokenizers`; a chat template
+    through jinja2). Only the package the bundle needs is imported."""
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any]) -> None:
+        names = tokenizer_files(manifest, bundle / "manifest.json")
+        self.hf = manifest.get("tokenizer", "gpt2") == "hf"
+        if self.hf:
+            from edge.hf_tokenizer import HFTokenizer
+
+            files = {}
+            for name in names:
+                try:
+                    files[name] = (bundle / name).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise BundleError(f"{bundle / name} cannot be read as UTF-8 text: {exc}") from None
+            self.tokenizer = HFTokenizer.from_files(files, origin=bundle)
+            self.chat_template = self.tokenizer.chat_template
+            eos_ids = self.tokenizer.eos_ids
+        else:
+            from edge.text import ENDOFTEXT, load_gpt2_encoding
+
+            self.tokenizer = load_gpt2_encoding(bundle / names[0], bundle / names[1])
+            self.chat_template = None
+            self._special = {ENDOFTEXT}
+            eos_ids = [GPT2_EOT]
+        stored = manifest.get("eos_ids", [manifest["eos_id"]] if "eos_id" in manifest else None)
+        self.eos_ids = [int(i) for i in stored] if stored else list(eos_ids)
+        if not self.eos_ids:
+            raise BundleError(f"{bundle}: the tokenizer names no end token, so generation could never stop")
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """GPT-2: `<|endoftext|>` typed in a prompt is the end token, as `gptflow generate` reads it. A Hugging Face
+        tokenizer: its special tokens written in the text are those tokens; `add_special_tokens` adds the ones
+        its post-processor adds (Llama 3's begin-of-text)."""
+        if self.hf:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, allowed_special=self._special)
+
+    def encode_data(self, text: str) -> list[int]:
+        """A text-template prompt as fine-tuning encodes it: GPT-2 reads a literal `<|endoftext|>` in it as plain
+        text; a Hugging Face tokenizer adds its post-processor's tokens, as transformers' `tokenizer(text)`."""
+        if self.hf:
+            return self.tokenizer.encode(text, add_special_tokens=True)
+        return self.tokenizer.encode(text, disallowed_special=())
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, special tokens kept unless `skip_special_tokens` (GPT-2's BPE: `<|endoftext|>`)."""
+        if not self.hf:
+            return self.tokenizer.decode([i for i in ids if not (skip_special_tokens and i == GPT2_EOT)])
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, content: str, **kwargs: Any) -> str:
+        """A one-message conversation from the user, with the assistant's turn opened, in the model's template;
+        `kwargs` reach the template (`enable_thinking=False` for a Qwen3 tuned without reasoning)."""
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True, **kwargs)
+
+    def stream(self, *, skip_special_tokens: bool = False) -> Callable[[int], str]:
+        """A function of one row's next token -> the new text it completes (empty while a character is unfinished)."""
+        if not self.hf:
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+            def piece(token: int) -> str:
+                if skip_special_tokens and token == GPT2_EOT:
+                    return ""
+                return decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+
+            return piece
+        ids: list[int] = []
+        shown = [0]
+
+        def step(token: int) -> str:
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            if text.endswith("\ufffd"):  # the token ends inside a character: wait for the rest of its bytes
+                return ""
+            piece, shown[0] = text[shown[0] :], len(text)
+            return piece
+
+        return step

@@ -59,7 +59,12 @@ def positive_int(text: str) -> int:
 def add_generation_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The options `python -m edge generate` and `gptflow generate` share, with one name and meaning each."""
     parser.add_argument("--input", default="", help="the instruction's input text (Alpaca's `### Input:`)")
-    parser.add_argument("--raw", action="store_true", help="no prompt template: continue the text as it is")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="no prompt template (neither the fine-tuning template nor the model's chat template): continue the text "
+        "as it is",
+    )
     parser.add_argument("--max-new-tokens", type=_bounded(int, 1), default=max_new_tokens)
     parser.add_argument(
         "--temperature", type=_bounded(float, 0.0), default=0.0, help="0: greedy (default); > 0 samples"

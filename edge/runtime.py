@@ -1,9 +1,13 @@
 """Verified edge bundles, and classification with onnxruntime.
 
-A bundle folder holds model.onnx (and model.int8.onnx), encoder.json, vocab.bpe and manifest.json (the sha256
-of every other file and the bundle's kind): a classifier bundle adds labels.json; a language-model bundle
-(edge.lm) adds the onnxruntime-genai and Hugging Face tokenizer files and a card. Every hash is checked before
-anything is loaded: a changed, missing or unlisted-but-required file refuses the whole bundle.
+A bundle folder holds model.onnx (and model.int8.onnx), its tokenizer's files and manifest.json (the sha256 of
+every other file and the bundle's kind): a classifier bundle has GPT-2's encoder.json and vocab.bpe and adds
+labels.json; a language-model bundle (edge.lm) has GPT-2's two files (manifest `tokenizer: "gpt2"`) or the model's
+own Hugging Face tokenizer files (`tokenizer: "hf"`, their names in `tokenizer_files`), and adds the
+onnxruntime-genai files and a card. Every hash is checked before anything is loaded: a changed, missing or
+unlisted-but-required file refuses the whole bundle.
+
+tiktoken is imported only for a bundle that reads GPT-2's vocabulary.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ from typing import Sequence
 import numpy as np
 
 from edge import BundleError, finite_logits, sha256_file
-from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
 BUNDLE_MANIFEST = "manifest.json"
 ORT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 CLASSIFIER, LM = "classifier", "lm"
 # Files each kind must list (int8 is optional); bundles written before kinds existed are classifiers.
+GPT2_FILES = ("encoder.json", "vocab.bpe")
+HF_TOKENIZER = "tokenizer.json"
 REQUIRED = {
-    CLASSIFIER: (ORT_FILES["fp32"], "encoder.json", "vocab.bpe", "labels.json"),
-    LM: (ORT_FILES["fp32"], "encoder.json", "vocab.bpe"),
+    CLASSIFIER: (ORT_FILES["fp32"], *GPT2_FILES, "labels.json"),
+    LM: (ORT_FILES["fp32"],),  # and its tokenizer's files: `tokenizer_files`
 }
 RUN_WITH = {CLASSIFIER: "python -m edge classify BUNDLE TEXT...", LM: 'python -m edge generate BUNDLE "instruction"'}
 
@@ -42,6 +47,21 @@ def check_classifier_fields(manifest: dict, manifest_path: Path) -> None:
     length = manifest.get("max_length")
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise BundleError(f"{manifest_path}: 'max_length' must be a positive integer, got {length!r}")
+
+
+def tokenizer_files(manifest: dict, manifest_path: Path | str = BUNDLE_MANIFEST) -> tuple[str, ...]:
+    """The files a language-model bundle's tokenizer is read from: GPT-2's two (`tokenizer` "gpt2", the default of
+    bundles written before other vocabularies), or the Hugging Face files its manifest lists (`tokenizer` "hf")."""
+    kind = manifest.get("tokenizer", "gpt2")
+    if kind == "gpt2":
+        return GPT2_FILES
+    names = manifest.get("tokenizer_files")
+    if kind != "hf" or not isinstance(names, list) or HF_TOKENIZER not in names:
+        raise BundleError(
+            f"{manifest_path}: 'tokenizer' must be \"gpt2\", or \"hf\" with 'tokenizer_files' listing "
+            f"{HF_TOKENIZER}; got tokenizer {kind!r}, tokenizer_files {names!r}"
+        )
+    return tuple(names)
 
 
 def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
@@ -68,7 +88,8 @@ def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
         raise BundleError(f"{manifest_path}: 'files' must map each file name to its sha256; refusing the bundle")
     if found == CLASSIFIER:
         check_classifier_fields(manifest, manifest_path)
-    unlisted = [name for name in REQUIRED[found] if name not in files]
+    required = REQUIRED[found] + (tokenizer_files(manifest, manifest_path) if found == LM else ())
+    unlisted = [name for name in required if name not in files]
     if unlisted:
         raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")
     for name, digest in files.items():
@@ -102,6 +123,8 @@ def session(onnx_path: str | Path, threads: int | None = None):
 
 def run_session(sess, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
     """Logits (N, classes) in input order; rows batched by length so that little padding is computed."""
+    from edge.text import pad_batch
+
     order = np.argsort([len(r) for r in ids], kind="stable")
     out: np.ndarray | None = None
     for i in range(0, len(order), batch_size):
@@ -123,6 +146,8 @@ class EdgeClassifier:
         labels = self.manifest["labels"]
         self.names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
         self.max_length = int(self.manifest["max_length"])
+        from edge.text import load_gpt2_encoding
+
         self.tokenizer = load_gpt2_encoding(self.bundle / "encoder.json", self.bundle / "vocab.bpe")
         name = ORT_FILES["int8" if int8 else "fp32"]
         if name not in self.manifest["files"]:
@@ -131,10 +156,14 @@ class EdgeClassifier:
         self.session = session(self.model_path, threads)
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        from edge.text import encode_texts
+
         logits = run_session(self.session, encode_texts(self.tokenizer, texts, self.max_length), batch_size)
         return finite_logits(logits, self.model_path)
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text."""
+        from edge.text import softmax
+
         probs = softmax(self.logits(texts))
         return [(self.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]

@@ -25,17 +25,20 @@ def export_flow(
 @flow(name="export-lm")
 def export_lm_flow(
     checkpoint: str,
-    data_dir: str,
+    data_dir: str | None = None,
     config: ExportConfig = ExportConfig(),
     out_dir: str | None = None,
     force: bool = False,
 ) -> dict:
-    """`data_dir`: an instructions data folder (validation perplexity, test prompts for int8 agreement) or a
-    corpus folder (val.bin). The LM bundle is the stage folder's `bundle/`."""
+    """A language model of any family (GPT-2, Llama, Qwen3) to its LM bundle, the stage folder's `bundle/`.
+    `data_dir`: an instructions data folder (validation perplexity, test prompts for int8 agreement) or a corpus
+    folder (val.bin), encoded with the model's own tokenizer; None: fp32 needs none, int8 measures on the data the
+    checkpoint records."""
     return export_lm_bundle(str(checkpoint), data_dir, config, out_dir, force)
 
 
 @flow(name="export-hf")
 def export_hf_flow(checkpoint: str, out_dir: str | None = None, force: bool = False) -> dict:
-    """A language model as a Hugging Face GPT-2 folder: the stage folder's `hf/`."""
+    """A language model as a Hugging Face folder of its family (GPT2LMHeadModel, LlamaForCausalLM,
+    Qwen3ForCausalLM) with its tokenizer: the stage folder's `hf/`."""
     return export_hf_folder(str(checkpoint), out_dir, force)

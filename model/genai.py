@@ -1,37 +1,45 @@
 """The files onnxruntime-genai reads beside our exported decoder: genai_config.json and a Hugging Face tokenizer.
 
-Model type "decoder", not "gpt2": genai's gpt2 type expects one combined past per layer, our graph has separate
-`past_key_values.{i}.key|value` inputs. genai sets positions and the attention mask itself and does not mask left
-padding (0.18), so it serves batch 1 and equal-length prompts. Its tokenizer reads tokenizer.json, not
-encoder.json / vocab.bpe. The source walk behind each value: docs/design-notes.md, "onnxruntime-genai".
+The model type is the family's: "llama" and "qwen3" (genai's `DecoderOnly_Model` for both; the rotary positions
+are computed inside our graph from `position_ids`, so the config carries no rope parameters, as genai's own
+builder writes none), and "decoder" for the GPT-2 architecture, not "gpt2": genai's gpt2 type expects one combined
+past per layer, our graph has separate `past_key_values.{i}.key|value` inputs. The cache is grouped-query:
+`num_key_value_heads` key/value heads per layer. genai sets positions and the attention mask itself and does not
+mask left padding (0.18), so it serves batch 1 and equal-length prompts. Its tokenizer reads tokenizer.json and
+tokenizer_config.json: the model's own files, or for GPT-2's vocabulary ones written here from encoder.json /
+vocab.bpe. The source walk behind each value: docs/design-notes.md, "onnxruntime-genai".
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from edge.text import ENDOFTEXT, EOT_ID
 from model.config import GPTConfig
 
 GENAI_CONFIG = "genai_config.json"
+# Our config's family -> genai's model type (src/models/model_type.h of onnxruntime-genai 0.18).
+GENAI_TYPES = {"gpt2": "decoder", "llama": "llama", "qwen3": "qwen3"}
 
 
 def genai_config(
     cfg: GPTConfig,
     *,
     model_file: str = "model.onnx",
-    eos_id: int = EOT_ID,
+    eos_id: int | Sequence[int] = EOT_ID,
     pad_id: int = EOT_ID,
     bos_id: int = EOT_ID,
 ) -> dict[str, Any]:
-    """genai_config.json for our decoder graph (docs/design-notes.md says why each value)."""
+    """genai_config.json for our decoder graph (docs/design-notes.md says why each value). `eos_id`: one id, or every
+    id generation stops on (genai takes a list: Llama 3's three, Qwen3's two)."""
+    eos = eos_id if isinstance(eos_id, int) else list(eos_id)
     return {
         "model": {
-            "type": "decoder",
+            "type": GENAI_TYPES[cfg.family],
             "bos_token_id": bos_id,
-            "eos_token_id": eos_id,
+            "eos_token_id": eos[0] if isinstance(eos, list) and len(eos) == 1 else eos,
             "pad_token_id": pad_id,
             "vocab_size": cfg.vocab_size,
             "context_length": cfg.context_length,
@@ -40,7 +48,7 @@ def genai_config(
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "hidden_size": cfg.emb_dim,
                 "num_attention_heads": cfg.n_heads,
-                "num_key_value_heads": cfg.n_heads,  # no grouped-query attention: one KV head per head
+                "num_key_value_heads": cfg.kv_heads,  # the cache holds these heads only (grouped-query attention)
                 "num_hidden_layers": cfg.n_layers,
                 "head_size": cfg.head_dim,
                 "inputs": {
@@ -138,11 +146,37 @@ def tokenizer_config(context_length: int) -> dict[str, Any]:
     }
 
 
-def genai_files(cfg: GPTConfig, tokenizer_files: tuple[Path, Path], model_file: str = "model.onnx") -> dict[str, Any]:
-    """genai_config.json, tokenizer.json and tokenizer_config.json (name -> JSON content) for a folder that holds
-    the decoder as `model_file`."""
-    return {
-        GENAI_CONFIG: genai_config(cfg, model_file=model_file),
-        "tokenizer.json": hf_tokenizer_json(*tokenizer_files),
-        "tokenizer_config.json": tokenizer_config(cfg.context_length),
+def genai_files(
+    cfg: GPTConfig,
+    tokenizer_files: tuple[Path, Path] | None,
+    model_file: str = "model.onnx",
+    *,
+    hf_tokenizer: Any = None,
+) -> dict[str, Any]:
+    """The files genai needs beside the decoder `model_file` (name -> JSON content, or text).
+
+    GPT-2's vocabulary (`tokenizer_files` = encoder.json, vocab.bpe): genai_config.json, tokenizer.json and
+    tokenizer_config.json written here. A model with its own tokenizer (`hf_tokenizer`, an
+    `edge.hf_tokenizer.HFTokenizer`): genai_config.json with its bos/eos/pad ids, and the tokenizer's own files as
+    they are (genai's tokenizer needs tokenizer_config.json: a minimal one when the model came without)."""
+    if hf_tokenizer is None:
+        if tokenizer_files is None:
+            raise ValueError("genai_files: give GPT-2's tokenizer files or the model's Hugging Face tokenizer")
+        return {
+            GENAI_CONFIG: genai_config(cfg, model_file=model_file),
+            "tokenizer.json": hf_tokenizer_json(*tokenizer_files),
+            "tokenizer_config.json": tokenizer_config(cfg.context_length),
+        }
+    eos_ids = hf_tokenizer.eos_ids
+    if not eos_ids:
+        raise ValueError("the model's tokenizer names no end-of-sequence token: generation could never stop")
+    pad = hf_tokenizer.pad_id if hf_tokenizer.pad_id is not None else eos_ids[0]
+    bos = hf_tokenizer.bos_id if hf_tokenizer.bos_id is not None else eos_ids[0]
+    files: dict[str, Any] = {
+        GENAI_CONFIG: genai_config(cfg, model_file=model_file, eos_id=eos_ids, pad_id=pad, bos_id=bos)
     }
+    texts = hf_tokenizer.files
+    files.update({name: text for name, text in texts.items() if "/" not in name})
+    if "tokenizer_config.json" not in texts:
+        files["tokenizer_config.json"] = {"model_max_length": cfg.context_length}
+    return files

@@ -13,8 +13,11 @@ symmetric, accuracy level 4): activations are quantized per row and block inside
 do not depend on the other tokens of the call, and generation with and without the cache gives the same tokens.
 Per-tensor dynamic quantization (MatMulInteger) scales activations over the whole call, which is what makes cached
 and uncached int8 differ. onnxruntime's quantizer only takes a MatMul whose weight is an initializer, and its
-8-bit Gather is not supported, so the tied matrix is quantized here once: the head becomes a MatMulNBits over it
-and the embedding lookup gathers the same int8 rows and dequantizes them.
+8-bit Gather is not supported, so the token embedding is quantized here: its lookup gathers int8 rows and
+dequantizes them, and a tied head becomes a MatMulNBits over the same int8 rows (one copy for both uses). An untied
+head (Llama 3.2, SmolLM's larger sizes) is a MatMul with its own weight, which the quantizer takes like any other.
+The same holds for every family: GPT-2, Llama (grouped-query attention, SwiGLU) and Qwen3 (q/k norms, which stay
+fp32 like every norm).
 """
 
 from __future__ import annotations
@@ -100,9 +103,7 @@ def quantize_decoder(fp32_path: str | Path, int8_path: str | Path, block_size: i
     if block_size < 16 or block_size & (block_size - 1):
         raise QuantizationError(f"int8 block size {block_size}: expected a power of two >= 16")
     proto = onnx.load(fp32_path)
-    past = next(i for i in proto.graph.input if i.name == "past_key_values.0.key")
-    heads, head_dim = (d.dim_value for d in past.type.tensor_type.shape.dim[1::2])
-    while block_size > max(16, heads * head_dim):  # a block wider than the rows would only store padding
+    while block_size > max(16, _narrowest_row(proto)):  # a block wider than the rows would only store padding
         block_size //= 2
     quantizer = MatMulNBitsQuantizer(
         proto, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
@@ -115,6 +116,26 @@ def quantize_decoder(fp32_path: str | Path, int8_path: str | Path, block_size: i
         onnx.save(proto, tmp)
         onnx.checker.check_model(str(tmp))
     return int8_path
+
+
+def _narrowest_row(proto: onnx.ModelProto) -> int:
+    """The shortest row (K, the input width) of the matrices to quantize: the MatMul weights ([K, N] initializers)
+    and the token embedding ([vocab, emb]). K is the width, q heads x head size, or the MLP's hidden width."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    widths = [
+        inits[n.input[1]].dims[0]
+        for n in proto.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+    ]
+    widths += [
+        inits[n.input[0]].dims[1]
+        for n in proto.graph.node
+        if n.op_type == "Gather"
+        and n.input[1] == "input_ids"
+        and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 2
+    ]
+    return min((int(w) for w in widths if w > 0), default=16)
 
 
 def blockwise_int8(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:

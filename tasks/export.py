@@ -42,13 +42,15 @@ def export_bundle(
 
 @task(cache_policy=NO_CACHE)
 def export_lm_bundle(
-    checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
+    checkpoint: str, data_dir: str | None, config: ExportConfig, out_dir: str | None = None, force: bool = False
 ) -> dict[str, Any]:
+    """The LM bundle of any family; the model's own tokenizer (or GPT-2's files, fetched when it reads GPT-2's
+    vocabulary). `data_dir` None: no perplexity, unless int8 finds the checkpoint's own data (model.lm_export)."""
     logger = get_run_logger()
-    report = export_lm(checkpoint, data_dir, out_dir, config, force=force, **_tokenizer())
+    report = export_lm(checkpoint, data_dir, out_dir, config, force=force)
     q = report["quality"]
-    logger.info("%s LM bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
-    logger.info("perplexity %s; parity %s", q["perplexity"], q["parity"])
+    logger.info("%s %s LM bundle %s", "reused" if report["reused"] else "wrote", report.get("family"), report["bundle"])
+    logger.info("perplexity %s (data %s); parity %s", q.get("perplexity"), report.get("data"), q["parity"])
     key = artifact_key("export-lm", report["checkpoint_sha256"][:12])
     publish_table(
         model_rows(report), f"{key}-models", "LM export: file size, validation perplexity and tokens/s per model"
@@ -64,8 +66,13 @@ def export_lm_bundle(
 
 @task(cache_policy=NO_CACHE)
 def export_hf_folder(checkpoint: str, out_dir: str | None = None, force: bool = False) -> dict[str, Any]:
-    report = export_hf(checkpoint, out_dir, tokenizer_files=tokenizer_files(), force=force)
-    get_run_logger().info("%s Hugging Face folder %s", "reused" if report["reused"] else "wrote", report["folder"])
+    report = export_hf(checkpoint, out_dir, force=force)
+    get_run_logger().info(
+        "%s Hugging Face %s folder %s",
+        "reused" if report["reused"] else "wrote",
+        report.get("architecture", "GPT2LMHeadModel"),
+        report["folder"],
+    )
     return report
 
 

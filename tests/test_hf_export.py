@@ -1,10 +1,13 @@
-"""Export to a Hugging Face GPT-2 folder (`save_hf_gpt2`): `GPT2LMHeadModel.from_pretrained` gives our logits (tied,
+"""Export to a Hugging Face folder. GPT-2 (`save_hf_gpt2`): `GPT2LMHeadModel.from_pretrained` gives our logits (tied,
 untied, no q/k/v bias), `load_gpt2` reads the folder back exactly, `GPT2Tokenizer` reads the tokenizer files, and
-a second export replaces the first."""
+a second export replaces the first. Every family (`export_hf`): Llama, Qwen3 and GPT-2 with another vocabulary load
+in transformers' `AutoModelForCausalLM` with our logits and their own tokenizer and chat template, and convert back
+to the same checkpoint."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +116,89 @@ def test_refuses_to_replace_foreign_folder_or_file(tmp_path):
     with pytest.raises(WeightsError, match="missing.json does not exist"):
         save_hf_gpt2(model, tmp_path / "hf", tokenizer_files=(tmp_path / "missing.json", tmp_path / "file"))
     assert not (tmp_path / "hf").exists()
+
+
+# --- every family: Llama, Qwen3, GPT-2 with another vocabulary, through `load-hf` and `export --format hf` ---------
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, mirror) -> dict[str, dict]:
+    """Per family (tests/test_family_export.py's tiny random models and tokenizers): the Hugging Face folder, our
+    checkpoint of it, and the folder `export_hf` writes back."""
+    from hf_fixtures import write_tokenizer
+    from test_family_export import FAMILIES, hf_model
+
+    from model.hf_export import export_hf
+    from model.hf_models import convert_hf
+
+    root = tmp_path_factory.mktemp("families-hf")
+    settings = load_settings(home=root / "home", mirror=mirror)
+    out = {}
+    for name, style in FAMILIES.items():
+        folder = root / name
+        vocab = write_tokenizer(root / f"{name}-tokenizer", style).vocab_size
+        hf_model(name, vocab).eval().save_pretrained(folder)
+        write_tokenizer(folder, style)
+        checkpoint, _ = convert_hf(folder, settings)
+        report = export_hf(checkpoint, root / f"export-{name}", settings=settings)
+        out[name] = {"folder": folder, "checkpoint": checkpoint, "report": report, "settings": settings}
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2-vocab"])
+def test_family_export_loads_in_transformers_with_equal_logits(converted, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge.hf_tokenizer import HFTokenizer
+    from model.files import CHECKPOINT_LMS
+    from model.gpt import mask_positions
+    from model.opener import open_model
+
+    family, report = converted[name], converted[name]["report"]
+    folder = Path(report["folder"])
+    architecture = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(name, "GPT2LMHeadModel")
+    assert report["architecture"] == architecture and report["roundtrip_max_abs_logit_diff"] <= 1e-5
+    hf, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert type(hf).__name__ == architecture
+    ours = open_model(family["checkpoint"], CHECKPOINT_LMS).language_model()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0  # left padding
+    with torch.no_grad():
+        expected = ours(ids, attention_mask=mask, position_ids=mask_positions(mask))
+        got = hf.eval()(ids, attention_mask=mask, position_ids=mask_positions(mask)).logits
+    assert (got - expected)[mask.bool()].abs().max().item() <= 1e-4
+    original = AutoModelForCausalLM.from_pretrained(family["folder"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(original(ids[:1]).logits, hf(ids[:1]).logits)  # the same model as the one loaded
+    tok, theirs = HFTokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "user", "content": "Hello there, what's new?"}]
+    assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.render_chat(chat)
+    assert theirs("Order #123 costs $4.50")["input_ids"] == tok.encode(
+        "Order #123 costs $4.50", add_special_tokens=True
+    )
+    assert (folder / "tokenizer.json").read_text() == (family["folder"] / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_family_export_converts_back_to_the_same_checkpoint(converted, name):
+    from model.checkpoint import load_checkpoint
+    from model.hf_models import convert_hf
+
+    family = converted[name]
+    again, _ = convert_hf(family["report"]["folder"], family["settings"])
+    first, second = load_checkpoint(family["checkpoint"]), load_checkpoint(again)
+    assert second["config"] == first["config"] and second["tokenizer"] == first["tokenizer"]
+    assert all(torch.equal(second["model"][k], v) for k, v in first["model"].items())
+
+
+def test_a_shape_no_hugging_face_class_has_is_refused():
+    from model.hf_export import hf_export_config
+    from model.onnx_export import ExportError
+
+    cfg = tiny_config("gpt", mlp="swiglu", norm="rmsnorm")  # learned positions: GPT-2's family, Llama's MLP
+    with pytest.raises(
+        ExportError, match="a gpt2 model with norm, mlp set as here has no Hugging Face GPT2LMHeadModel"
+    ):
+        hf_export_config(cfg, torch.float32, None, [])

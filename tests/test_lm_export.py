@@ -258,7 +258,7 @@ def test_export_cli_lm_bundle_and_hf_folder(prefect_harness, lm, tmp_path, setti
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf-export"
     assert main(["export", str(lm["model"]), "--format", "hf", "--out", str(out)]) == 0
-    assert f"Hugging Face GPT-2 folder: {out / 'hf'}" in capsys.readouterr().out
+    assert f"Hugging Face GPT2LMHeadModel folder: {out / 'hf'}" in capsys.readouterr().out
     hf = transformers.GPT2LMHeadModel.from_pretrained(out / "hf").eval()
     model = open_model(lm["model"], CHECKPOINT_LMS).language_model().eval()
     ids = torch.tensor([[15496, 11, 995, 318, 257], [40, 588, 257, 3797, 13]])
