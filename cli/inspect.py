@@ -17,13 +17,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "last block (shapes, first values), attention heatmaps per layer (heads as tiles) and one large map for "
         "--layer/--head, the next-token top-k and a logit lens after every block, token embeddings in 2-D (a word "
         "list; the probe shuffled, with and without positions), and how temperature, top-k and top-p reshape the "
-        "next-token distribution. A classifier checkpoint shows its backbone and class probabilities.",
+        "next-token distribution. A classifier checkpoint shows its backbone and class probabilities. Any family: "
+        "GPT-2, and Llama-family or Qwen3 models converted with load-hf (read with their own tokenizer; rotary "
+        "models have no position embeddings, grouped-query heads name their key/value head).",
     )
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="a gptflow checkpoint (model.pt, a classifier's best.pt, or their folder), a GPT-2 preset or a "
-        ".safetensors file",
+        help="a gptflow checkpoint (model.pt, a classifier's best.pt, or their folder; load-hf converts a Hugging "
+        "Face model of any family), a GPT-2 preset or a .safetensors file",
     )
     p.add_argument("text", metavar="TEXT", help="the probe text")
     add_folder_options(p, "inspect/<model>-<key>")
@@ -35,14 +37,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from gptflow.tokenizer import get_tokenizer
     from model.introspect import check_request, open_subject
 
     config = stage_config(args)
-    cfg = open_subject(
-        args.model
-    ).config  # a file that is no model, a bad probe or layer: one line before the flow starts
-    check_request(cfg, args.text, config, get_tokenizer())
+    opened = open_subject(args.model)  # a file that is no model, a bad probe or layer: one line before the flow starts
+    check_request(opened.config, args.text, config, opened.tokenizer())
 
     from flows.inspect import inspect_flow
 

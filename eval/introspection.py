@@ -16,6 +16,7 @@ from gptflow.markdown import markdown_table
 from gptflow.storage import atomic_path, write_json_atomic, write_text_atomic
 
 HEADS_IN_MARKDOWN = 10
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&$#])")
 
 
@@ -36,14 +37,22 @@ def _sig(value: Any) -> Any:
 def table_rows(report: dict) -> dict[str, list[dict]]:
     """The report's tables as rows of plain values (pieces in their visible form), for UI table artifacts and the
     markdown report: tokens, trace, heads (by previous-token weight, highest first), next-token or classes,
-    logit-lens (one row per layer) and, for an LM, sampling (one row per setting)."""
+    logit-lens (one row per layer) and, for an LM, sampling (one row per setting). Tokens carry their vocabulary
+    entry where it differs from the text (a Hugging Face tokenizer's, or GPT-2's); heads the key/value head each
+    query head reads in a grouped-query model."""
     lens = report["logit_lens"]
+    # a vocabulary's own spelling of each token (Ġ for a leading space) where the report has it and it differs
+    spelled = any(t.get("token") not in (None, t["piece"]) for t in report["tokens"])
+    head_columns = ["layer", "head", "previous_token", "first_token", "self", "entropy"]
+    if grouped_query(report):
+        head_columns.insert(2, "kv_head")
     rows: dict[str, list[dict]] = {
         "tokens": [
             {
                 "position": int(t["position"]),
                 "id": int(t["id"]),
                 "piece": visible(t["piece"]),
+                **({"vocabulary entry": None if t.get("token") is None else visible(t["token"])} if spelled else {}),
                 "special": bool(t["special"]),
             }
             for t in report["tokens"]
@@ -61,8 +70,7 @@ def table_rows(report: dict) -> dict[str, list[dict]]:
             for s in report["trace"]
         ],
         "heads": [
-            {key: _sig(h[key]) for key in ("layer", "head", "previous_token", "first_token", "self", "entropy")}
-            for h in sorted(report["heads"], key=_previous_token_first)
+            {key: _sig(h[key]) for key in head_columns} for h in sorted(report["heads"], key=_previous_token_first)
         ],
     }
     if report["kind"] == "classifier":
@@ -108,6 +116,17 @@ def table_rows(report: dict) -> dict[str, list[dict]]:
         for s in report["sampling"]["settings"]
     ]
     return rows
+
+
+def grouped_query(report: dict) -> bool:
+    """Whether the model has fewer key/value heads than query heads (grouped-query attention: Llama, Qwen3)."""
+    model = report["model"]
+    return model.get("n_kv_heads", model["n_heads"]) < model["n_heads"] and all("kv_head" in h for h in report["heads"])
+
+
+def rotary(report: dict) -> bool:
+    """Whether the model has rotary positions (no position embeddings)."""
+    return report["model"].get("positions") == "rope"
 
 
 def standout_heads(report: dict) -> tuple[dict, dict] | None:
@@ -175,14 +194,19 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
     if report.get("style"):
         lines += [f"Prompt style: {_md(report['style'])}", ""]
     shape = {
+        **({"family": FAMILY_NAMES.get(model["family"], model["family"])} if "family" in model else {}),
         "layers": model["n_layers"],
         "heads": model["n_heads"],
+        **({"key/value heads": model["n_kv_heads"]} if "n_kv_heads" in model else {}),
+        **({"head dim": model["head_dim"]} if "head_dim" in model else {}),
         "embedding dim": model["emb_dim"],
         "context length": model["context_length"],
         "vocabulary": model["vocab_size"],
         "parameters": f"{model['params']:,}",
     }
     lines += ["## Model", "", *markdown_table([shape], _md_cell), ""]
+    if "norm" in model:
+        lines += [_architecture(model), ""]
     lines += ["## Tokens", "", *markdown_table(rows["tokens"], _md_cell), ""]
     lines += ["## Forward trace", ""]
     lines += [
@@ -199,6 +223,14 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
             f"Layer {previous['layer']} head {previous['head']} attends most to the previous token (mean weight "
             f"{previous['previous_token']:.3g}); layer {first['layer']} head {first['head']} attends most to the "
             f"first token (mean weight {first['first_token']:.3g}).",
+            "",
+        ]
+    if grouped_query(report):
+        group = model["n_heads"] // model["n_kv_heads"]
+        lines += [
+            f"Grouped-query attention: {model['n_heads']} query heads share {model['n_kv_heads']} key/value "
+            f"head{'s' if model['n_kv_heads'] > 1 else ''}, {group} query heads each (`kv_head`); the weights are per "
+            "query head.",
             "",
         ]
     lines += [
@@ -229,13 +261,24 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
     lines += [*markdown_table(rows["logit-lens"], _md_cell), "", image("logit-lens", "logit lens"), ""]
 
     positions = report["embeddings"]["positions"]
+    if positions.get("kind") == "rotary":
+        shuffle = (
+            "This model has no position embeddings: its positions are rotary (RoPE), a rotation of each head's "
+            "queries and keys inside attention. The figure shows block 0's keys of the probe's tokens: shuffling the "
+            f"probe moves a token's key by {positions['shift_without']:.3g} on average without the rotation, and by "
+            f"{positions['shift_with']:.3g} rotated for its new position."
+        )
+    else:
+        shuffle = (
+            f"Shuffling the probe moves a token's point by {positions['shift_without']:.3g} on average with token "
+            f"embeddings only, and by {positions['shift_with']:.3g} with positional embeddings added."
+        )
     lines += [
         "## Embeddings",
         "",
         image("embeddings-words", "word embeddings"),
         "",
-        f"Shuffling the probe moves a token's point by {positions['shift_without']:.3g} on average with token "
-        f"embeddings only, and by {positions['shift_with']:.3g} with positional embeddings added.",
+        shuffle,
         "",
         image("embeddings-positions", "embeddings in order and shuffled"),
         "",
@@ -250,6 +293,15 @@ def _markdown(report: dict, figures: dict[str, Path]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _architecture(model: dict) -> str:
+    """One sentence on the family's switches: norm, MLP, positions, q/k norm."""
+    norm = "LayerNorm" if model["norm"] == "layernorm" else "RMSNorm"
+    mlp = "a GELU MLP" if model["mlp"] == "gelu" else "a SwiGLU MLP (`silu(gate) * up`)"
+    positions = "learned position embeddings" if model["positions"] == "learned" else "rotary positions (RoPE)"
+    qk = ", RMSNorm on each head's queries and keys (`q_norm`, `k_norm`)" if model.get("qk_norm") else ""
+    return f"Blocks: {norm}, {mlp}, {positions}{qk}."
 
 
 def _md_cell(value: Any) -> str:

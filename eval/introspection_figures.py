@@ -1,8 +1,9 @@
 """The figures of a model inspection report (eval.introspection): per layer, each head's attention weights (row =
 query, column = key) and one head drawn large; the logit lens (the top-1 token read out after each layer, and the
 probability each layer gives the final answer; for a classifier, the class probabilities per layer); a PCA of word
-embeddings and of the probe in order and shuffled, with and without positional embeddings; and the next-token
-probabilities under each sampling setting (LM) or the class probabilities (classifier).
+embeddings and of the probe in order and shuffled, with and without positional embeddings (a rotary model, which
+has none: block 0's keys without and with the rotation); and the next-token probabilities under each sampling
+setting (LM) or the class probabilities (classifier).
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def _label(piece: str, width: int = 12) -> str:
 def draw_figures(report: dict, attention: np.ndarray, pieces: Sequence[str], out: Path) -> dict[str, Path]:
     """Every figure of the report as a PNG in `out`: {name: path}."""
     figures: dict[str, Path] = {}
+    model = report["model"]
+    group = model["n_heads"] // model.get("n_kv_heads", model["n_heads"])  # query heads per key/value head
     for layer, weights in enumerate(attention):
         path = out / f"attention_layer{layer:02d}.png"
-        figures[f"attention-layer-{layer}"] = _attention_layer_figure(weights, pieces, layer, path)
+        figures[f"attention-layer-{layer}"] = _attention_layer_figure(weights, pieces, layer, path, group)
     layer, head = report["focus"]["layer"], report["focus"]["head"]
     path = out / f"attention_layer{layer:02d}_head{head:02d}.png"
     figures["attention-focus"] = _focus_figure(attention[layer, head], pieces, layer, head, path)
@@ -62,8 +65,9 @@ def draw_figures(report: dict, attention: np.ndarray, pieces: Sequence[str], out
     return figures
 
 
-def _attention_layer_figure(weights: np.ndarray, pieces: Sequence[str], layer: int, path: Path) -> Path:
-    """One tile per head on a shared 0..1 scale; only the outer tiles carry the pieces, so 25 heads stay clear."""
+def _attention_layer_figure(weights: np.ndarray, pieces: Sequence[str], layer: int, path: Path, group: int = 1) -> Path:
+    """One tile per head on a shared 0..1 scale; only the outer tiles carry the pieces, so 25 heads stay clear.
+    With grouped-query attention (`group` query heads per key/value head) each tile names its key/value head."""
     n_heads, t = weights.shape[0], weights.shape[-1]
     cols = math.ceil(math.sqrt(n_heads))
     rows = math.ceil(n_heads / cols)
@@ -78,7 +82,7 @@ def _attention_layer_figure(weights: np.ndarray, pieces: Sequence[str], layer: i
         row, col = divmod(h, cols)
         ax = fig.add_subplot(grid[row, col])
         image = ax.imshow(weights[h], cmap=CMAP, vmin=0, vmax=1)
-        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_title(f"head {h}" + (f" (kv {h // group})" if group > 1 else ""), fontsize=9)
         # ticks only where labels show (lowest tile of a column, first column): ticks are what makes this slow
         if labelled and h + cols >= n_heads:
             ax.set_xticks(range(t), labels, rotation=90, fontsize=fontsize)
@@ -91,6 +95,8 @@ def _attention_layer_figure(weights: np.ndarray, pieces: Sequence[str], layer: i
     fig.colorbar(image, cax=fig.add_subplot(grid[:, -1]), label="attention weight")
     # 0.1 inch from the top: at the default y (2% of the height) a tall figure's title overlaps the top tiles' titles
     title = f"layer {layer}: attention weights of each head (row = query, column = key)"
+    if group > 1:
+        title += f"\n{group} query heads share each key/value head (grouped-query attention)"
     fig.suptitle(title, y=1 - 0.1 / fig.get_figheight())
     return save_figure(fig, path)
 
@@ -202,10 +208,17 @@ def _positions_figure(positions: dict, path: Path) -> Path:
     """The probe's tokens in order (circles) and shuffled (crosses): without positions the two sets coincide."""
     pieces, order = positions["pieces"], positions["order"]
     fig = Figure(figsize=(14, 6.5))
-    panels = (
-        ("without", f"token embeddings only (shift {positions['shift_without']:.3g})"),
-        ("with", f"token + positional embeddings (shift {positions['shift_with']:.3g})"),
-    )
+    rotary = positions.get("kind") == "rotary"
+    if rotary:  # no position embeddings: block 0's keys, without and with the rotation for their position
+        panels = (
+            ("without", f"block 0 keys, not rotated (shift {positions['shift_without']:.3g})"),
+            ("with", f"block 0 keys rotated for their position, RoPE (shift {positions['shift_with']:.3g})"),
+        )
+    else:
+        panels = (
+            ("without", f"token embeddings only (shift {positions['shift_without']:.3g})"),
+            ("with", f"token + positional embeddings (shift {positions['shift_with']:.3g})"),
+        )
     for ax, (key, title) in zip(fig.subplots(1, 2), panels):
         original = np.asarray(positions[key]["original"], dtype=float).reshape(-1, 2)
         shuffled = np.asarray(positions[key]["shuffled"], dtype=float).reshape(-1, 2)
@@ -223,7 +236,10 @@ def _positions_figure(positions: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     sentence = " ".join(positions["sentence"].split())
-    fig.suptitle(f"the probe in order and shuffled: {_plot_text(sentence, 80)}")
+    title = f"the probe in order and shuffled: {_plot_text(sentence, 80)}"
+    if rotary:
+        title += "\nno position embeddings: rotary positions rotate each head's queries and keys inside attention"
+    fig.suptitle(title)
     return save_figure(fig, path)
 
 

@@ -18,7 +18,8 @@ def inspect_flow(
     resume: bool = True,
     force: bool = False,
 ) -> dict:
-    """`checkpoint`: a language-model checkpoint, a classifier's best.pt or GPT-2 weights. Outputs go to `out_dir`,
+    """`checkpoint`: a language-model checkpoint of any family (GPT-2, or Llama / Qwen3 converted by load-hf, read
+    with its own tokenizer), a classifier's best.pt or GPT-2 weights. Outputs go to `out_dir`,
     else to the folder the stage contract names: `<home>/inspect/<model>-<key>` (report.md, PNGs, report.json);
     `force`: `out_dir` may hold files gptflow did not write."""
     result = inspect_checkpoint(checkpoint, text, config, out_dir, resume, force)

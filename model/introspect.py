@@ -1,13 +1,21 @@
 """Look inside a checkpoint: what `gptflow inspect` reports about one probe text.
 
+Any family the one model module builds (GPT-2, the Llama family, Qwen3), read with the model's own tokenizer: GPT-2's
+BPE, or the Hugging Face tokenizer a converted checkpoint keeps (pieces and special tokens from its vocabulary).
 Tokens and ids; a trace of one forward pass through block 0 and the last block (shape, mean, std and first values
 of every step); every head's attention weights; the next-token distribution and how temperature / top-k / top-p
 reshape it; a logit lens (each block's hidden state read out through the final norm and head); token embeddings in
 2-D. A classifier checkpoint shows its backbone the same way, with class probabilities in place of next tokens.
 
+A rotary model (Llama, Qwen3) has no position embeddings: its trace shows the queries and keys after the rotation,
+and its positions figure shows block 0's keys without and with the rotation. A grouped-query layer's K and V rows
+hold its fewer key/value heads; its attention weights are per query head, and each head names the key/value head
+it reads (`kv_head`).
+
 Everything is read off the model itself: forward hooks on its modules, its own attention-recording API
-(`GPTModel.recording_attention`), its own final norm and head for the lens. No second copy of the architecture.
-The numbers come back as one dict (`inspect_model`), which `eval.introspection` draws and writes.
+(`GPTModel.recording_attention`), its own final norm and head for the lens, its own rotary functions. No second
+copy of the architecture. The numbers come back as one dict (`inspect_model`), which `eval.introspection` draws and
+writes.
 """
 
 from __future__ import annotations
@@ -17,18 +25,19 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
+import tiktoken
 import torch
 from torch import nn
 
 from gptflow.errors import GptflowError
-from gptflow.tokenizer import ENDOFTEXT, EOT_ID, encode
+from gptflow.tokenizer import GPT2Text
 from model.classifier import SequenceClassifier
 from model.config import GPTConfig
 from model.configs import InspectConfig
 from model.device import resolve_device
 from model.files import INSPECTABLE
 from model.generate import next_token_distribution
-from model.gpt import GPTModel
+from model.gpt import GPTModel, rope_angles, rope_frequencies, rotate
 from model.opener import OpenedModel, open_model
 
 MAX_POSITION_TOKENS = 24  # tokens of the probe drawn in the positions figure
@@ -60,7 +69,8 @@ INSPECT_HINT = "; inspect a model.pt, a classifier's best.pt (one member of an e
 
 def open_subject(spec: str | Path) -> OpenedModel:
     """The model file `gptflow inspect` reads: a language-model or classifier checkpoint (a file, or a folder holding
-    model.pt / best.pt), or GPT-2 weights (a preset, a .safetensors file or a folder holding one); no weights read."""
+    model.pt / best.pt; `load-hf` writes one for any family), or GPT-2 weights (a preset, a .safetensors file or a
+    folder holding one); no weights read."""
     return open_model(spec, INSPECTABLE, hint=INSPECT_HINT)
 
 
@@ -72,26 +82,106 @@ def load_subject(opened: OpenedModel) -> Subject:
     return Subject(opened.path, opened.language_model(), style=opened.style)
 
 
+# ------------------------------------------------------------------------------------------------- tokens
+
+
+def text_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer behind the one interface every verb reads text with (`encode(text, add_special_tokens=...)`,
+    `decode(ids, skip_special_tokens=...)`): GPT-2's tiktoken encoding wrapped in `GPT2Text`; a `GPT2Text` or an
+    `edge.hf_tokenizer.HFTokenizer` (what `OpenedModel.tokenizer()` gives) as it is."""
+    return GPT2Text(tokenizer) if isinstance(tokenizer, tiktoken.Encoding) else tokenizer
+
+
+def probe_ids(tokenizer: Any, text: str) -> list[int]:
+    """The probe's ids as the model reads plain text (as `gptflow generate --raw` and transformers' tokenizer call
+    encode it): with the tokenizer's own special tokens added, such as Llama 3's `<|begin_of_text|>`; GPT-2 adds
+    none and reads a written `<|endoftext|>` as its special token."""
+    return text_tokenizer(tokenizer).encode(text, add_special_tokens=True)
+
+
+def token_piece(tokenizer: Any, token_id: int) -> str:
+    """A token's text as the tokenizer decodes it alone (a leading space included; a special token as written);
+    bytes that are only part of a UTF-8 character show as U+FFFD."""
+    tokenizer = text_tokenizer(tokenizer)
+    if isinstance(tokenizer, GPT2Text):
+        return tokenizer.encoding.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+    return tokenizer.decode([int(token_id)])
+
+
+def vocabulary_entry(tokenizer: Any, token_id: int) -> str | None:
+    """The token as its vocabulary spells it: `tokenizer.json`'s entry for a Hugging Face tokenizer (byte-level
+    BPE writes a leading space as Ġ), GPT-2's `encoder.json` entry (the same byte-to-character map) for tiktoken."""
+    tokenizer = text_tokenizer(tokenizer)
+    if isinstance(tokenizer, GPT2Text):
+        return "".join(_BYTE_CHARS[b] for b in tokenizer.encoding.decode_single_token_bytes(token_id))
+    id_to_token = getattr(tokenizer, "id_to_token", None)
+    return id_to_token(int(token_id)) if id_to_token is not None else None
+
+
+def is_special(tokenizer: Any, token_id: int) -> bool:
+    """A special token of the tokenizer (GPT-2's `<|endoftext|>`, Llama 3's `<|begin_of_text|>`, ...): one that
+    decoding with `skip_special_tokens` drops. Plain added tokens (Qwen3's `<think>`) are not special."""
+    tokenizer = text_tokenizer(tokenizer)
+    return tokenizer.decode([int(token_id)], skip_special_tokens=True) == "" and tokenizer.decode([int(token_id)]) != ""
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character map (`bytes_to_unicode` of its encoder): the spelling of byte-level BPE
+    vocabularies, a space as Ġ, a newline as Ċ."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
+
+
+_BYTE_CHARS = _byte_chars()
+
+
 def check_request(cfg: GPTConfig, text: str, config: InspectConfig, tokenizer: Any) -> list[int]:
-    """The probe's token ids, once the text and the requested layer/head fit the model: an empty text or one
-    longer than the context is refused."""
+    """The probe's token ids, once the text and the requested layer/head fit the model: an empty text, one longer
+    than the context, or one with ids outside the model's vocabulary (another model's tokenizer) is refused."""
     if config.layer is not None and config.layer >= cfg.n_layers:
         raise InspectError(f"--layer {config.layer}: the model has {cfg.n_layers} layers (0-{cfg.n_layers - 1})")
     if config.head >= cfg.n_heads:
         raise InspectError(f"--head {config.head}: the model has {cfg.n_heads} heads per layer (0-{cfg.n_heads - 1})")
     if not text.strip():
         raise InspectError('the probe text is empty; give the text to inspect, e.g. "Every effort moves you"')
-    ids = encode(tokenizer, text)
+    ids = probe_ids(tokenizer, text)
     if len(ids) > cfg.context_length:
         raise InspectError(
             f"the probe text is {len(ids)} tokens; the model reads at most {cfg.context_length} (its context length)"
         )
+    if ids and max(ids) >= cfg.vocab_size:
+        raise InspectError(
+            f"the probe text has token id {max(ids)}, outside the model's vocabulary of {cfg.vocab_size}: the "
+            "tokenizer is not the model's"
+        )
     return ids
+
+
+def model_summary(cfg: GPTConfig) -> dict[str, Any]:
+    """The shape the report shows: size, and the family's switches (norm, MLP, positions, key/value heads)."""
+    return {
+        **cfg.model_dump(include={"n_layers", "n_heads", "emb_dim", "context_length", "vocab_size"}),
+        "family": cfg.family,
+        "n_kv_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "norm": cfg.norm,
+        "mlp": cfg.mlp,
+        "positions": cfg.positions,
+        "qk_norm": cfg.qk_norm,
+    }
 
 
 def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer: Any) -> dict[str, Any]:
     """The inspection report of `text` (see the module docstring); `report["attention"]` is a float32 array
-    (layers, heads, T, T), everything else is plain JSON."""
+    (layers, heads, T, T), everything else is plain JSON. `tokenizer`: the model's (`OpenedModel.tokenizer()`), or
+    GPT-2's tiktoken encoding."""
+    tokenizer = text_tokenizer(tokenizer)
     model = subject.model
     cfg = model.cfg
     ids = check_request(cfg, text, config, tokenizer)
@@ -108,14 +198,20 @@ def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer:
             "kind": subject.kind,
             "text": text,
             "style": subject.style,
-            "model": {
-                **cfg.model_dump(include={"n_layers", "n_heads", "emb_dim", "context_length", "vocab_size"}),
-                "params": sum(p.numel() for p in network.parameters()),
-            },
-            "tokens": [{"position": p, "id": i, "piece": pieces[p], "special": i == EOT_ID} for p, i in enumerate(ids)],
+            "model": {**model_summary(cfg), "params": sum(p.numel() for p in network.parameters())},
+            "tokens": [
+                {
+                    "position": p,
+                    "id": i,
+                    "piece": pieces[p],
+                    "token": vocabulary_entry(tokenizer, i),
+                    "special": is_special(tokenizer, i),
+                }
+                for p, i in enumerate(ids)
+            ],
             "trace": trace,
             "attention": attention,
-            "heads": head_stats(attention),
+            "heads": head_stats(attention, cfg.kv_heads),
             "focus": {"layer": layer, "head": config.head},
             "logit_lens": lens,
             "embeddings": {
@@ -137,20 +233,18 @@ def inspect_model(subject: Subject, text: str, config: InspectConfig, tokenizer:
     return report
 
 
-def token_piece(tokenizer: Any, token_id: int) -> str:
-    """A token's text; bytes that are only part of a UTF-8 character show as U+FFFD."""
-    if token_id == EOT_ID:
-        return ENDOFTEXT
-    return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
-
-
 # ------------------------------------------------------------------------------------------- forward trace
 
 
 def _traced_forward(subject: Subject, input_ids: torch.Tensor) -> tuple[list[dict], np.ndarray, list, torch.Tensor]:
     """One forward pass with hooks: (trace rows, attention (L, H, T, T), the hidden state entering block 0 and
-    leaving every block, the model's output: logits (B, T, V) or class logits (B, C))."""
+    leaving every block, the model's output: logits (B, T, V) or class logits (B, C)).
+
+    Steps are named for the model's family: LayerNorm or RMSNorm; Q/K/V per head (a grouped-query layer's K and V
+    have its key/value heads), Qwen3's q_norm/k_norm, the rotated Q and K of a rotary model; GELU or SwiGLU."""
     model = subject.model
+    cfg = model.cfg
+    norm = "LayerNorm" if cfg.norm == "layernorm" else "RMSNorm"
     last = len(model.blocks) - 1
     trace: list[dict] = []
     hidden: list[torch.Tensor] = []
@@ -178,26 +272,38 @@ def _traced_forward(subject: Subject, input_ids: torch.Tensor) -> tuple[list[dic
             )
 
         capture(model.tok_emb, "embeddings", "token embedding", "tok_emb")
-        capture(model.pos_emb, "embeddings", "position embedding", "pos_emb")
-        capture(model.drop, "embeddings", "token + position", "drop")
+        if cfg.positions == "learned":
+            capture(model.pos_emb, "embeddings", "position embedding", "pos_emb")
+            capture(model.drop, "embeddings", "token + position", "drop")
         keep_hidden(model.drop)
         for index, block in enumerate(model.blocks):
             keep_hidden(block)
             if index not in (0, last):
                 continue
             part, prefix = f"block {index}", f"blocks.{index}"
-            capture(block.norm1, part, "LayerNorm 1", f"{prefix}.norm1")
-            handles.append(block.attn.qkv.register_forward_hook(_qkv_hook(trace, part, prefix, model.cfg.n_heads)))
-            record_weights(block, part, f"{prefix}.attn")
-            capture(block.attn.proj, part, "attention output (heads merged)", f"{prefix}.attn.proj", on_input=True)
-            capture(block.attn, part, "attention projection", f"{prefix}.attn")
+            attn = f"{prefix}.attn"
+            capture(block.norm1, part, f"{norm} 1", f"{prefix}.norm1")
+            qk = _QKRows(trace, part, attn, cfg)
+            handles.append(block.attn.qkv.register_forward_hook(qk.from_qkv))
+            if cfg.qk_norm:
+                handles.append(block.attn.q_norm.register_forward_hook(qk.from_norm("Q", "q_norm")))
+                handles.append(block.attn.k_norm.register_forward_hook(qk.from_norm("K", "k_norm")))
+            if cfg.positions == "rope":
+                handles.append(block.attn.proj.register_forward_pre_hook(qk.rotated))
+            record_weights(block, part, attn)
+            capture(block.attn.proj, part, "attention output (heads merged)", f"{attn}.proj", on_input=True)
+            capture(block.attn, part, "attention projection", attn)
             capture(block.norm2, part, "residual 1 (x + attention)", f"{prefix}.norm2", on_input=True)
-            capture(block.norm2, part, "LayerNorm 2", f"{prefix}.norm2")
-            capture(block.mlp.fc, part, "MLP hidden (fc)", f"{prefix}.mlp.fc")
-            capture(block.mlp.proj, part, "GELU", f"{prefix}.mlp.proj", on_input=True)
+            capture(block.norm2, part, f"{norm} 2", f"{prefix}.norm2")
+            if cfg.mlp == "swiglu":
+                handles.append(block.mlp.fc.register_forward_hook(_gate_up_hook(trace, part, f"{prefix}.mlp.fc")))
+                capture(block.mlp.proj, part, "SwiGLU: silu(gate) * up", f"{prefix}.mlp.proj", on_input=True)
+            else:
+                capture(block.mlp.fc, part, "MLP hidden (fc)", f"{prefix}.mlp.fc")
+                capture(block.mlp.proj, part, "GELU", f"{prefix}.mlp.proj", on_input=True)
             capture(block.mlp, part, "MLP output", f"{prefix}.mlp")
             capture(block, part, "residual 2 (block output)", prefix)
-        capture(model.final_norm, "output", "final LayerNorm", "final_norm")
+        capture(model.final_norm, "output", f"final {norm}", "final_norm")
         try:
             if subject.classifier is None:
                 capture(model.out_head, "output", "logits", "out_head")
@@ -212,14 +318,50 @@ def _traced_forward(subject: Subject, input_ids: torch.Tensor) -> tuple[list[dic
     return trace, attention, hidden, output
 
 
-def _qkv_hook(trace: list[dict], part: str, prefix: str, n_heads: int) -> Callable:
-    """Q, K and V per head (B, H, T, head_dim) from the fused projection's output."""
+class _QKRows:
+    """Trace rows of one attention layer's queries, keys and values per head, (B, heads, T, head_dim), from the
+    fused projection's output [H*D queries | KV*D keys | KV*D values]; then, where the model has them, the q/k
+    norms' outputs and (rotary positions) the queries and keys as the attention reads them, rotated by the model's
+    own rotary functions at positions 0..T-1 (the traced pass has no cache)."""
+
+    def __init__(self, trace: list[dict], part: str, attn: str, cfg: GPTConfig) -> None:
+        self.trace, self.part, self.attn, self.cfg = trace, part, attn, cfg
+        self.latest: dict[str, torch.Tensor] = {}
+
+    def from_qkv(self, _module, _args, out: torch.Tensor) -> None:
+        B, T, _ = out.shape
+        H, KV, D = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
+        q, k, v = out.view(B, T, H + 2 * KV, D).transpose(1, 2).split([H, KV, KV], dim=1)
+        for name, tensor in (("Q", q), ("K", k), ("V", v)):
+            self.trace.append(_trace_row(self.part, name, f"{self.attn}.qkv", tensor))
+        self.latest = {"Q": q, "K": k}
+
+    def from_norm(self, which: str, module: str) -> Callable:
+        def hook(_module, _args, out: torch.Tensor) -> None:
+            self.trace.append(
+                _trace_row(self.part, f"{which} after {module} (RMSNorm per head)", f"{self.attn}.{module}", out)
+            )
+            self.latest[which] = out
+
+        return hook
+
+    def rotated(self, _module, _args) -> None:
+        for which in ("Q", "K"):
+            x = self.latest[which]
+            cos, sin = rope_angles(
+                rope_frequencies(self.cfg, x.device), torch.arange(x.shape[2], device=x.device), x.dtype
+            )
+            step = f"{which} rotated (RoPE)"
+            self.trace.append(_trace_row(self.part, step, f"{self.attn} (rotary)", rotate(x, cos, sin)))
+
+
+def _gate_up_hook(trace: list[dict], part: str, module: str) -> Callable:
+    """SwiGLU's fused projection [gate | up] as two rows, (B, T, hidden) each."""
 
     def hook(_module, _args, out: torch.Tensor) -> None:
-        B, T, three_e = out.shape
-        for name, tensor in zip("QKV", out.split(three_e // 3, dim=-1)):
-            per_head = tensor.view(B, T, n_heads, -1).transpose(1, 2)
-            trace.append(_trace_row(part, name, f"{prefix}.attn.qkv", per_head))
+        gate, up = out.chunk(2, dim=-1)
+        trace.append(_trace_row(part, "MLP gate (fc, first half)", module, gate))
+        trace.append(_trace_row(part, "MLP up (fc, second half)", module, up))
 
     return hook
 
@@ -246,16 +388,21 @@ def _trace_row(part: str, step: str, module: str, tensor: torch.Tensor) -> dict[
     }
 
 
-def head_stats(attention: np.ndarray) -> list[dict[str, Any]]:
-    """Per head: mean weight on the previous token, the first token and itself (queries 1..T-1), and mean entropy."""
+def head_stats(attention: np.ndarray, kv_heads: int | None = None) -> list[dict[str, Any]]:
+    """Per head: mean weight on the previous token, the first token and itself (queries 1..T-1), and mean entropy;
+    with `kv_heads` (grouped-query attention: fewer key/value heads than query heads) also the key/value head each
+    query head reads, `kv_head` (query heads share key/value heads in blocks of n_heads / kv_heads)."""
     n_layers, n_heads, T, _ = attention.shape
+    group = n_heads // kv_heads if kv_heads else 1
     rows = []
     queries = np.arange(1, T)
     for layer in range(n_layers):
         for head in range(n_heads):
             a = attention[layer, head].astype(np.float64)
             entropy = -(a * np.log(np.where(a > 0, a, 1.0))).sum(axis=-1).mean()
-            stats = {"layer": layer, "head": head}
+            stats: dict[str, Any] = {"layer": layer, "head": head}
+            if kv_heads:
+                stats["kv_head"] = head // group
             if T > 1:
                 stats |= {
                     "previous_token": float(a[queries, queries - 1].mean()),
@@ -372,30 +519,62 @@ def pca_2d(points: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
 
 def word_embeddings(model: GPTModel, tokenizer: Any, words: tuple[str, ...]) -> dict[str, Any]:
     """Each word's token embedding (mean over its tokens when it has several, as a word after a space), in 2-D."""
+    tokenizer = text_tokenizer(tokenizer)
     weight = model.tok_emb.weight
-    vectors = torch.stack([weight[encode(tokenizer, " " + w)].mean(dim=0) for w in words])
+    vectors = torch.stack([weight[tokenizer.encode(" " + w, add_special_tokens=False)].mean(dim=0) for w in words])
     xy, share = pca_2d(vectors.float().cpu())
     return {"labels": list(words), "xy": xy.tolist(), "explained_variance": share}
 
 
 def position_embeddings(model: GPTModel, ids: list[int], pieces: list[str], seed: int) -> dict[str, Any]:
-    """The probe's token vectors, as written and shuffled, without and with positional embeddings added: without
-    them the shuffled tokens land on exactly the same points; positions are what tells the orders apart."""
+    """The probe's token vectors, as written and shuffled, without and with positions: without them the shuffled
+    tokens land on exactly the same points; positions are what tells the orders apart.
+
+    Learned positions (GPT-2): token embeddings, then with the position embeddings added (`kind` "learned").
+    Rotary positions (Llama, Qwen3) have no position embeddings: a token's position reaches the model only as a
+    rotation of each head's queries and keys, so the vectors are block 0's keys of each token (all key/value heads,
+    after k_norm where the model has one), without and with the rotation for their position (`kind` "rotary")."""
     n = min(len(ids), MAX_POSITION_TOKENS)
     order = np.random.default_rng(seed).permutation(n).tolist()
     if n > 1 and order == list(range(n)):
         order = order[::-1]
     device = model.tok_emb.weight.device
-    tokens = model.tok_emb(torch.tensor(ids[:n], device=device)).float().cpu()
-    positions = model.pos_emb(torch.arange(n, device=device)).float().cpu()
-    shuffled = tokens[order]
-    result: dict[str, Any] = {"sentence": "".join(pieces[:n]), "pieces": pieces[:n], "order": order}
+    tokens = model.tok_emb(torch.tensor(ids[:n], device=device))
+    rotary = model.cfg.positions == "rope"
+    if rotary:
+        vectors = _block0_keys(model, tokens)  # (KV, n, D): a function of each token alone
+        base = vectors.transpose(0, 1).flatten(1).float().cpu()
+
+        def place(rows: list[int]) -> torch.Tensor:  # token rows[i] at position i, rotated there
+            cos, sin = rope_angles(rope_frequencies(model.cfg, device), torch.arange(n, device=device), tokens.dtype)
+            return rotate(vectors[:, rows][None], cos, sin)[0].transpose(0, 1).flatten(1).float().cpu()
+
+        with_original, with_shuffled = place(list(range(n))), place(order)
+    else:
+        base = tokens.float().cpu()
+        positions = model.pos_emb(torch.arange(n, device=device)).float().cpu()
+        with_original, with_shuffled = base + positions, base[order] + positions
+    result: dict[str, Any] = {
+        "sentence": "".join(pieces[:n]),
+        "pieces": pieces[:n],
+        "order": order,
+        "kind": "rotary" if rotary else "learned",
+    }
     for name, original, moved in (
-        ("without", tokens, shuffled),
-        ("with", tokens + positions, shuffled + positions),
+        ("without", base, base[order]),
+        ("with", with_original, with_shuffled),
     ):
         xy, _ = pca_2d(torch.cat([original, moved]))
         result[name] = {"original": xy[:n].tolist(), "shuffled": xy[n:].tolist()}
         # token order[i] sits at shuffled position i: how far its vector moved
         result[f"shift_{name}"] = float((original[order] - moved).norm(dim=-1).mean()) if n else 0.0
     return result
+
+
+def _block0_keys(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Block 0's keys (kv_heads, n, head_dim) of token embeddings (n, E) before any rotation: its norm, the key
+    part of its fused projection, and its k_norm where the model has one."""
+    cfg, block = model.cfg, model.blocks[0]
+    H, KV, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    keys = block.attn.qkv(block.norm1(tokens))[:, H * D : (H + KV) * D].view(-1, KV, D).transpose(0, 1)
+    return block.attn.k_norm(keys) if cfg.qk_norm else keys

@@ -1,5 +1,6 @@
 """Prefect tasks of the inspect stage: one checkpoint's introspection report on one probe text, and its artifacts
-(each figure a plot, the numbers tables, the report a link)."""
+(each figure a plot, the numbers tables, the report a link). Any family (GPT-2, Llama, Qwen3), read with the
+model's own tokenizer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from prefect.cache_policies import NO_CACHE
 from eval.introspection import headline, render_inspection, table_rows
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
-from gptflow.tokenizer import get_tokenizer
 from model.configs import InspectConfig
 from model.introspect import inspect_model, load_subject, open_subject
 from tasks.artifacts import artifact_key, publish_link, publish_plot, publish_table
@@ -63,7 +63,7 @@ def inspect_checkpoint(
     stage = inspection_stage(path, text, config, out_dir, force)
 
     def build(decision: Decision) -> Built:
-        report = inspect_model(load_subject(opened), text, config, get_tokenizer())
+        report = inspect_model(load_subject(opened), text, config, opened.tokenizer())  # the model's own
         files = render_inspection(report, stage.dir)
         summary = {
             "checkpoint": str(path),

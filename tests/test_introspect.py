@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 from model.checkpoint import CheckpointError, save_model
 from model.classifier import SequenceClassifier, save_classifier
+from model.config import GPTConfig
 from model.configs import InspectConfig
 from model.generate import next_token_distribution
 from model.gpt import GPTModel, mask_positions
@@ -52,12 +53,21 @@ def test_tokens_shapes_and_trace_steps(lm_report):
     report, logits = lm_report
     assert [t["id"] for t in report["tokens"]] == PROBE_IDS
     assert [t["piece"] for t in report["tokens"]] == ["Every", " effort", " moves", " you"]
+    assert [t["token"] for t in report["tokens"]] == ["Every", "Ġeffort", "Ġmoves", "Ġyou"]  # encoder.json's spelling
+    assert not any(t["special"] for t in report["tokens"])
     assert report["model"] == {
         "n_layers": 3,
         "n_heads": 2,
         "emb_dim": 64,
         "context_length": 128,
         "vocab_size": 50257,
+        "family": "gpt2",
+        "n_kv_heads": 2,
+        "head_dim": 32,
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "positions": "learned",
+        "qk_norm": False,
         "params": tiny_model(n_layers=3).num_params(),
     }
     steps = [(row["part"], row["step"]) for row in report["trace"]]
@@ -214,3 +224,40 @@ def test_a_file_that_is_not_a_model_is_refused_in_one_line(tmp_path):
         f"{other} is not a gptflow checkpoint (format 'something-else'); expected a language-model checkpoint or a "
         "classifier checkpoint or GPT-2 weights"
     )
+
+
+def test_gpt2_special_tokens_and_vocabulary_spelling(tokenizer):
+    """GPT-2's `<|endoftext|>` written in the probe is its special token; pieces are text, entries encoder.json's."""
+    report = inspect_model(Subject(None, tiny_model()), "Hi\n<|endoftext|> you", InspectConfig(), tokenizer)
+    tokens = report["tokens"]
+    assert [t["id"] for t in tokens] == [17250, 198, 50256, 345]
+    assert [t["piece"] for t in tokens] == ["Hi", "\n", "<|endoftext|>", " you"]
+    assert [t["token"] for t in tokens] == ["Hi", "Ċ", "<|endoftext|>", "Ġyou"]
+    assert [t["special"] for t in tokens] == [False, False, True, False]
+    assert report["embeddings"]["positions"]["kind"] == "learned"
+    assert {h["kv_head"] for h in report["heads"]} == {0, 1}  # one key/value head per query head
+
+
+def test_rotary_grouped_query_model_without_position_embeddings(tokenizer):
+    """`llama-mini`'s switches at a tiny width (GPT-2's BPE, rotary positions, 2 query heads per key/value head):
+    no position-embedding step, K/V with the key/value heads, and positions shown on block 0's rotated keys."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("llama-mini", context_length=32, emb_dim=32, n_layers=2, n_heads=4, mlp_hidden=48)
+    model = GPTModel(cfg).eval()
+    report = inspect_model(Subject(None, model), PROBE, InspectConfig(), tokenizer)
+    steps = [(row["part"], row["step"]) for row in report["trace"]]
+    shapes = {(row["part"], row["step"]): row["shape"] for row in report["trace"]}
+    assert steps[0] == ("embeddings", "token embedding") and steps[1] == ("block 0", "RMSNorm 1")
+    assert shapes["block 0", "Q"] == [1, 4, 4, 8] and shapes["block 0", "K"] == shapes["block 0", "V"] == [1, 2, 4, 8]
+    assert shapes["block 0", "K rotated (RoPE)"] == [1, 2, 4, 8]
+    assert steps[-2] == ("output", "final RMSNorm")
+    attention = report["attention"]
+    assert attention.shape == (2, 4, 4, 4)
+    np.testing.assert_allclose(attention.sum(axis=-1), 1.0, atol=1e-6)
+    assert [h["kv_head"] for h in report["heads"][:4]] == [0, 0, 1, 1]
+    positions = report["embeddings"]["positions"]
+    assert positions["kind"] == "rotary"
+    assert positions["shift_without"] == 0.0 and positions["shift_with"] > 0.01
+    with torch.no_grad():
+        logits = model(torch.tensor([PROBE_IDS]))[0]
+    assert report["logit_lens"]["top1_prob"][-1] == pytest.approx(logits.softmax(-1).max(-1).values.tolist(), abs=1e-6)

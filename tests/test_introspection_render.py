@@ -324,3 +324,42 @@ def test_heads_without_statistics_sort_last():
         "entropy": float(f"{report['heads'][1]['entropy']:.4g}"),
     }
     assert [h["previous_token"] for h in heads[:-1]] == sorted((h["previous_token"] for h in heads[:-1]), reverse=True)
+
+
+def test_a_rotary_grouped_query_report(tmp_path):
+    """A Llama-family report: its shape and switches in the model section, the vocabulary's own spelling beside each
+    piece, the key/value head of each query head, and positions that are rotary (no position embeddings)."""
+    report = make_report("lm")
+    report["model"] |= {
+        "family": "llama",
+        "n_kv_heads": 1,
+        "head_dim": 4,
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "positions": "rope",
+        "qk_norm": False,
+    }
+    for token in report["tokens"]:
+        token["token"] = token["piece"].replace(" ", "Ġ")
+    for head in report["heads"]:
+        head["kv_head"] = 0
+    report["embeddings"]["positions"]["kind"] = "rotary"
+    rows = table_rows(report)
+    assert rows["tokens"][1] == {
+        "position": 1,
+        "id": 101,
+        "piece": "␣cat|\\n",
+        "vocabulary entry": "Ġcat|\\n",
+        "special": False,
+    }
+    assert list(rows["heads"][0]) == ["layer", "head", "kv_head", "previous_token", "first_token", "self", "entropy"]
+
+    result = render_inspection(report, tmp_path)
+    markdown = Path(result["report"]).read_text(encoding="utf-8")
+    assert "| Llama | 2 | 2 | 1 | 4 | 8 | 16 | 50257 | 123,456 |" in markdown
+    assert "Blocks: RMSNorm, a SwiGLU MLP (`silu(gate) * up`), rotary positions (RoPE)." in markdown
+    assert "Grouped-query attention: 2 query heads share 1 key/value head, 2 query heads each" in markdown
+    assert "This model has no position embeddings: its positions are rotary (RoPE)" in markdown
+    assert "with positional embeddings added" not in markdown
+    width, height = png_size(Path(result["figures"]["embeddings-positions"]))
+    assert width > height
