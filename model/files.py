@@ -97,6 +97,13 @@ def weights_file(spec: str | Path) -> Path:
     from model.config import HF_NAMES
 
     path = Path(spec).expanduser()
+    folder = path if path.is_dir() else path.parent
+    architecture = _hf_architecture(folder)
+    if architecture not in (None, "GPT2LMHeadModel") or (folder / "model.safetensors.index.json").is_file():
+        raise WeightsError(
+            f"{folder} is a Hugging Face {architecture or 'sharded'} model folder: convert it with "
+            f"`gptflow load-hf {folder}` and pass the checkpoint it prints"
+        )
     if path.is_dir():
         path = path / WEIGHTS_FILE
     if not path.is_file():
@@ -107,6 +114,15 @@ def weights_file(spec: str | Path) -> Path:
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: only .safetensors weights are loaded (never pickled .bin/.pt files)")
     return path
+
+
+def _hf_architecture(folder: Path) -> str | None:
+    """`architectures[0]` of the folder's Hugging Face config.json, if it has a readable one."""
+    try:
+        architectures = json.loads((folder / "config.json").read_bytes()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return architectures[0] if isinstance(architectures, list) and architectures else None
 
 
 def check_torch_archive(path: Path) -> None:

@@ -240,3 +240,16 @@ def test_pretrain_a_llama_family_preset_from_scratch(prefect_harness, settings, 
     assert losses and losses[0] < 10.8  # ln(50257) = 10.82: six steps already learn something
     assert main(["generate", "Every effort moves you", "--model", path, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+def test_a_llama_folder_given_as_a_model_says_to_convert_it(hf_folders, capsys):
+    folder = hf_folders["smollm"]
+    assert main(["generate", "Hi", "--model", str(folder)]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"{folder} is a Hugging Face LlamaForCausalLM model folder: convert it with `gptflow load-hf {folder}` and "
+            "pass the checkpoint it prints"
+        )
+    )
