@@ -303,7 +303,9 @@ def _finetune(
         steps_per_epoch=steps_per_epoch,
         on_log=on_log,
     )
-    return finish_lm_stage(stage, model, state, tokenizer=files, epochs=state.step / steps_per_epoch, style=style)
+    return finish_lm_stage(
+        stage, model, state, data_dir=data_dir, tokenizer=files, epochs=state.step / steps_per_epoch, style=style
+    )
 
 
 # --- responses -------------------------------------------------------------------------------------------

@@ -134,11 +134,18 @@ def run_lm_stage(stage: Stage, resume: bool, build: Callable[[TrainingCheckpoint
 
 
 def finish_lm_stage(
-    stage: Stage, model: GPTModel, state: TrainState, *, tokenizer: dict[str, str] | None = None, **extra: Any
+    stage: Stage,
+    model: GPTModel,
+    state: TrainState,
+    *,
+    data_dir: Path | None = None,
+    tokenizer: dict[str, str] | None = None,
+    **extra: Any,
 ) -> Built:
-    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one, and
-    the model's tokenizer files `tokenizer` where it has its own) and `metrics.json`: what the stage built, its
-    history as the value."""
+    """Final metrics from the history (plus `extra`), `model.pt` (with the prompt style if `extra` names one, the
+    model's tokenizer files `tokenizer` where it has its own, and the corpus or instructions folder it learned
+    from, which `export --int8` measures on by default) and `metrics.json`: what the stage built, its history as
+    the value."""
     trains = [h for h in state.history if h["kind"] == "train"]
     evals = [h for h in state.history if h["kind"] == "eval"]
     final = {
@@ -152,6 +159,8 @@ def finish_lm_stage(
         **extra,
     }
     fields = {k: v for k, v in extra.items() if k == "style"} | ({"tokenizer": tokenizer} if tokenizer else {})
+    if data_dir is not None:
+        fields["data_dir"] = str(data_dir)
     save_model(stage.dir / MODEL, model, metrics=final, **fields)
     write_json_atomic(stage.dir / METRICS, {"final": final, "history": state.history})
     return Built([CHECKPOINT, MODEL, METRICS], final, state.history)
@@ -247,7 +256,7 @@ def _train(
         progress=progress,
     )
     last_eval = next((h for h in reversed(state.history) if h["kind"] == "eval"), {})
-    return finish_lm_stage(stage, model, state, val_ppl=last_eval.get("val_ppl"))
+    return finish_lm_stage(stage, model, state, data_dir=data_dir, val_ppl=last_eval.get("val_ppl"))
 
 
 def sample_text(model: GPTModel, tokenizer: Any, prompt: str, n_tokens: int) -> str:

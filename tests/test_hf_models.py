@@ -236,6 +236,7 @@ def test_pretrain_a_llama_family_preset_from_scratch(prefect_harness, settings, 
     path = re.search(r"^model: (.+)$", out, re.M).group(1)
     state = load_checkpoint(path)
     assert state["config"]["n_kv_heads"] == 2 and state["config"]["mlp"] == "swiglu" and "tokenizer" not in state
+    assert state["data_dir"] == str(settings.home / "data" / "corpus" / "the-verdict")  # export --int8's default
     losses = [float(v) for v in re.findall(r"val loss (\d+\.\d+)", out)]
     assert losses and losses[0] < 10.8  # ln(50257) = 10.82: six steps already learn something
     assert main(["generate", "Every effort moves you", "--model", path, "--max-new-tokens", "5"]) == 0
