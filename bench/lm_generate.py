@@ -7,7 +7,7 @@ the KV cache, the exported ONNX decoder (fp32 and weight-only int8) run by edge.
 
 Engines: torch-nocache / torch-kv = `model.generate.generate(use_cache=False / True)`, fp32; onnx-fp32 / onnx-int8
 = `edge.lm.Decoder.generate` on `model.lm_export.export_decoder` / `quantize_decoder`; transformers =
-`GPT2LMHeadModel.from_pretrained` on the folder `model.weights.save_hf_gpt2` wrote, `generate(do_sample=False,
+`GPT2LMHeadModel.from_pretrained` on the folder `model.hf_export.save_hf_model` wrote, `generate(do_sample=False,
 use_cache=True, min_new_tokens = max_new_tokens)`. Every engine generates exactly --new-tokens tokens per row
 (eos_id None) after a prompt of --prompt-tokens random token ids, at batch 1 and at batch 8 (8 such prompts).
 
@@ -46,12 +46,12 @@ from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.generate import generate
 from model.gpt import GPTModel
+from model.hf_export import save_hf_model
 from model.lm_export import export_decoder
 from model.lm_quality import teacher_forced_matches
 from model.opener import open_model
 from model.quantize import quantize_decoder
 from model.training import set_threads
-from model.weights import save_hf_gpt2
 
 ENGINES = ("torch-nocache", "torch-kv", "onnx-fp32", "onnx-int8", "transformers")
 BASELINE = "torch-kv"
@@ -296,7 +296,7 @@ def main() -> None:
         else:
             from transformers import GPT2LMHeadModel
 
-            save_hf_gpt2(model, hf_dir)
+            save_hf_model(model, hf_dir)
             hf_model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
             run = transformers_runner(hf_model, pad_id=min(EOT_ID, cfg.vocab_size - 1))
         for batch in batches:

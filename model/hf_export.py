@@ -164,6 +164,9 @@ def save_hf_model(
                 f"{folder} holds files that are not a Hugging Face export ({', '.join(foreign[:5])}"
                 f"{' ...' if len(foreign) > 5 else ''}); not replacing it"
             )
+    for path in gpt2_files or ():
+        if not Path(path).is_file():
+            raise WeightsError(f"tokenizer file {path} does not exist (expected encoder.json and vocab.bpe)")
     cfg = model.cfg
     if tokenizer is not None:
         bos, eos_ids, pad = tokenizer.bos_id, list(tokenizer.eos_ids), tokenizer.pad_id

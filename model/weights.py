@@ -1,5 +1,5 @@
-"""Load public GPT-2 weights (Hugging Face `model.safetensors`) into `GPTModel`, and write a `GPTModel` back out
-as a Hugging Face GPT-2 folder (`save_hf_gpt2`).
+"""Load public GPT-2 weights (Hugging Face `model.safetensors`) into `GPTModel`, and name them for the way back out
+(`hf_config`, `hf_state_dict`, which `model.hf_export` writes for every family).
 
 Only safetensors: a JSON header plus raw little-endian tensors, so nothing is unpickled. The model is built
 on the meta device and given uninitialised storage; each tensor is then read from the file straight into
@@ -11,29 +11,23 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from gptflow.download import fetch
 from gptflow.settings import Settings, get_settings
 from gptflow.stage import Built, Decision, Stage
-from gptflow.storage import atomic_dir, atomic_path, sha256_file, write_json_atomic
+from gptflow.storage import sha256_file
 from gptflow.tokenizer import EOT_ID
 from model.checkpoint import check_finite_weights, save_model
 from model.config import HF_NAMES, PRESETS, GPTConfig
 from model.files import WEIGHTS_FILE, WeightsError, preset_name, read_safetensors_header, weights_file
-from model.genai import tokenizer_config
 from model.gpt import GPTModel
 
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
 WEIGHTS_NAME = WEIGHTS_FILE
-# What `save_hf_gpt2` writes: the model files always, the tokenizer files when it is given them.
-HF_MODEL_FILES = ("config.json", "generation_config.json", WEIGHTS_NAME)
-HF_TOKENIZER_FILES = ("merges.txt", "tokenizer_config.json", "vocab.json")
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Hugging Face buffers that are not weights: the causal mask and its fill value in older GPT-2 files.
@@ -314,48 +308,3 @@ def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
         for i in range(cfg.n_layers):
             tensors[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim, dtype=dtype)
     return tensors
-
-
-def save_hf_gpt2(model: GPTModel, folder: str | Path, *, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
-    """Write `model` as a Hugging Face GPT-2 folder that `GPT2LMHeadModel.from_pretrained` loads and `load_gpt2`
-    reads back: config.json, generation_config.json, model.safetensors, and with `tokenizer_files` =
-    (encoder.json, vocab.bpe) the files `GPT2Tokenizer` reads (vocab.json, merges.txt, tokenizer_config.json).
-
-    Built in a temporary sibling folder and renamed into place, so a half-written export is never visible. An
-    existing export is replaced; a folder holding anything else is refused rather than deleted.
-    """
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise WeightsError(f"{folder} exists and is not a folder; cannot write a Hugging Face GPT-2 export there")
-    if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in HF_MODEL_FILES + HF_TOKENIZER_FILES)
-        if foreign:
-            raise WeightsError(
-                f"{folder} holds files that are not a Hugging Face GPT-2 export ({', '.join(foreign[:5])}"
-                f"{' ...' if len(foreign) > 5 else ''}); not replacing it"
-            )
-    if tokenizer_files is not None:
-        for path in tokenizer_files:
-            if not Path(path).is_file():
-                raise WeightsError(f"tokenizer file {path} does not exist (expected encoder.json and vocab.bpe)")
-    cfg = model.cfg
-    tensors = hf_state_dict(model)
-    try:
-        with atomic_dir(folder) as tmp:
-            with atomic_path(tmp / WEIGHTS_NAME) as part:  # also gives the file the usual mode (safetensors: 0600)
-                save_file(tensors, part, metadata={"format": "pt"})
-            del tensors
-            config = hf_config(cfg, model.tok_emb.weight.dtype)
-            write_json_atomic(tmp / "config.json", config)
-            write_json_atomic(
-                tmp / "generation_config.json",
-                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
-            )
-            if tokenizer_files is not None:
-                encoder_json, vocab_bpe = tokenizer_files
-                shutil.copyfile(encoder_json, tmp / "vocab.json")
-                shutil.copyfile(vocab_bpe, tmp / "merges.txt")
-                write_json_atomic(tmp / "tokenizer_config.json", tokenizer_config(cfg.context_length))
-    except OSError as exc:
-        raise WeightsError(f"cannot write a Hugging Face GPT-2 export to {folder}: {exc}") from None
-    return folder

@@ -1,4 +1,4 @@
-"""Export to a Hugging Face folder. GPT-2 (`save_hf_gpt2`): `GPT2LMHeadModel.from_pretrained` gives our logits (tied,
+"""Export to a Hugging Face folder. GPT-2 (`save_hf_model`): `GPT2LMHeadModel.from_pretrained` gives our logits (tied,
 untied, no q/k/v bias), `load_gpt2` reads the folder back exactly, `GPT2Tokenizer` reads the tokenizer files, and
 a second export replaces the first. Every family (`export_hf`): Llama, Qwen3 and GPT-2 with another vocabulary load
 in transformers' `AutoModelForCausalLM` with our logits and their own tokenizer and chat template, and convert back
@@ -19,7 +19,10 @@ from transformers import GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
 from gptflow.settings import load_settings  # noqa: E402
 from gptflow.tokenizer import tokenizer_files  # noqa: E402
 from model.gpt import GPTModel  # noqa: E402
-from model.weights import HF_MODEL_FILES, HF_TOKENIZER_FILES, WeightsError, load_gpt2, save_hf_gpt2  # noqa: E402
+from model.hf_export import GPT2_TOKENIZER_FILES as HF_TOKENIZER_FILES  # noqa: E402
+from model.hf_export import MODEL_FILES as HF_MODEL_FILES  # noqa: E402
+from model.hf_export import save_hf_model  # noqa: E402
+from model.weights import WeightsError, load_gpt2  # noqa: E402
 
 CASES = {
     "tied": {},
@@ -41,7 +44,7 @@ def random_model(seed: int, **overrides) -> GPTModel:
 @pytest.mark.parametrize("case", list(CASES))
 def test_transformers_loads_export_with_same_logits(tmp_path, case):
     model = random_model(0, **CASES[case])
-    folder = save_hf_gpt2(model, tmp_path / "hf")
+    folder = save_hf_model(model, tmp_path / "hf")
     assert sorted(p.name for p in folder.iterdir()) == sorted(HF_MODEL_FILES)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["activation_function"] == "gelu_new"
@@ -66,7 +69,7 @@ def test_transformers_loads_export_with_same_logits(tmp_path, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_load_gpt2_reads_export_back_exactly(tmp_path, case):
     model = random_model(2, **CASES[case])
-    loaded, cfg = load_gpt2(save_hf_gpt2(model, tmp_path / "hf"))
+    loaded, cfg = load_gpt2(save_hf_model(model, tmp_path / "hf"))
     assert cfg == model.cfg.model_copy(update={"qkv_bias": True})
     ours, back = model.state_dict(), loaded.state_dict()
     if not model.cfg.qkv_bias:  # HF GPT-2 always has a q/k/v bias: it comes back as zeros, the same function
@@ -79,7 +82,7 @@ def test_load_gpt2_reads_export_back_exactly(tmp_path, case):
 
 def test_tokenizer_files_read_by_gpt2_tokenizer(tmp_path, mirror):
     files = tokenizer_files(load_settings(mirror=mirror, home=tmp_path / "home"))
-    folder = save_hf_gpt2(random_model(3), tmp_path / "hf", tokenizer_files=files)
+    folder = save_hf_model(random_model(3), tmp_path / "hf", gpt2_files=files)
     assert sorted(p.name for p in folder.iterdir()) == sorted(HF_MODEL_FILES + HF_TOKENIZER_FILES)
     assert (folder / "vocab.json").read_bytes() == files[0].read_bytes()
     assert (folder / "merges.txt").read_bytes() == files[1].read_bytes()
@@ -93,9 +96,9 @@ def test_tokenizer_files_read_by_gpt2_tokenizer(tmp_path, mirror):
 def test_second_export_replaces_first(tmp_path, mirror):
     files = tokenizer_files(load_settings(mirror=mirror, home=tmp_path / "home"))
     folder = tmp_path / "hf"
-    save_hf_gpt2(random_model(4), folder, tokenizer_files=files)
+    save_hf_model(random_model(4), folder, gpt2_files=files)
     second = random_model(5, tie_weights=False)
-    save_hf_gpt2(second, folder)
+    save_hf_model(second, folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted(HF_MODEL_FILES)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
     loaded, _ = load_gpt2(folder)
@@ -108,13 +111,13 @@ def test_refuses_to_replace_foreign_folder_or_file(tmp_path):
     keep.mkdir()
     (keep / "todo.txt").write_text("mine")
     with pytest.raises(WeightsError, match=r"notes holds files that are not .*todo\.txt"):
-        save_hf_gpt2(model, keep)
+        save_hf_model(model, keep)
     assert (keep / "todo.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
     with pytest.raises(WeightsError, match="is not a folder"):
-        save_hf_gpt2(model, tmp_path / "file")
+        save_hf_model(model, tmp_path / "file")
     with pytest.raises(WeightsError, match="missing.json does not exist"):
-        save_hf_gpt2(model, tmp_path / "hf", tokenizer_files=(tmp_path / "missing.json", tmp_path / "file"))
+        save_hf_model(model, tmp_path / "hf", gpt2_files=(tmp_path / "missing.json", tmp_path / "file"))
     assert not (tmp_path / "hf").exists()
 
 

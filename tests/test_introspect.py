@@ -13,8 +13,8 @@ from model.config import GPTConfig
 from model.configs import InspectConfig
 from model.generate import next_token_distribution
 from model.gpt import GPTModel, mask_positions
+from model.hf_export import save_hf_model
 from model.introspect import InspectError, Subject, inspect_model, load_subject, open_subject
-from model.weights import save_hf_gpt2
 
 PROBE = "Every effort moves you"
 PROBE_IDS = [6109, 3626, 6100, 345]
@@ -180,7 +180,7 @@ def test_classifier_shows_its_backbone_and_class_probabilities(tmp_path, tokeniz
 
 def test_gpt2_format_and_gptflow_checkpoints_load_for_inspection(tmp_path, tokenizer):
     model = tiny_model(seed=3)
-    save_hf_gpt2(model, tmp_path / "hf")
+    save_hf_model(model, tmp_path / "hf")
     save_model(tmp_path / "lm" / "model.pt", model, style="alpaca")
     ids = torch.tensor([PROBE_IDS])
     for spec, style in ((tmp_path / "hf", None), (tmp_path / "lm", "alpaca")):
