@@ -1,5 +1,5 @@
 """Hugging Face models of three families enter gptflow: random-weight folders written by transformers'
-`save_pretrained` (GPT-2 in distilgpt2's shape and with another vocabulary, Llama in SmolLM-135M's shape with two
+`save_pretrained` (GPT-2 in distilgpt2's layer shape and with another vocabulary, Llama in SmolLM-135M's shape with two
 layers, Llama 3.2 with its rotary scaling, Qwen3 small) load with logits and greedy tokens equal to transformers',
 convert with their tokenizer to a checkpoint, and generate through the CLI."""
 
@@ -54,7 +54,7 @@ def _hf_model(name: str, vocab_size: int):
         return Qwen3ForCausalLM(config)
     if name == "gpt2-vocab":  # GPT-2's architecture trained with another vocabulary
         return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256))
-    return GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=6, n_head=12))  # distilgpt2's shape
+    return GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=2, n_head=12))  # distilgpt2's layer shape, 2 of its 6
 
 
 @pytest.fixture(scope="session")
