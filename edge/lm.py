@@ -24,7 +24,8 @@ import numpy as np
 
 from edge import BundleError, finite_logits
 from edge.options import fit_context
-from edge.runtime import LM, ORT_FILES, session, tokenizer_files, verify_bundle
+from edge.runtime import LM, ORT_FILES, read_tokenizer_texts, session, tokenizer_files, verify_bundle
+from edge.text import softmax
 
 PAST = "past_key_values.{layer}.{kind}"
 GPT2_EOT = 50256  # GPT-2's <|endoftext|> (edge.text.EOT_ID; not imported, so that tiktoken stays optional)
@@ -153,18 +154,13 @@ def sample_next(
         scaled = np.where(scaled < kth, -np.inf, scaled)
     if top_p is not None:
         order = np.argsort(-scaled, axis=-1)
-        sorted_probs = _softmax(np.take_along_axis(scaled, order, axis=-1))
+        sorted_probs = softmax(np.take_along_axis(scaled, order, axis=-1))
         drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         scaled = np.where(drop, -np.inf, scaled)
-    probs = _softmax(scaled)
+    probs = softmax(scaled)
     return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class PromptTemplate:
@@ -302,13 +298,7 @@ class BundleText:
         if self.hf:
             from edge.hf_tokenizer import HFTokenizer
 
-            files = {}
-            for name in names:
-                try:
-                    files[name] = (bundle / name).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise BundleError(f"{bundle / name} cannot be read as UTF-8 text: {exc}") from None
-            self.tokenizer = HFTokenizer.from_files(files, origin=bundle)
+            self.tokenizer = HFTokenizer.from_files(read_tokenizer_texts(bundle, names), origin=bundle)
             self.chat_template = self.tokenizer.chat_template
             eos_ids = self.tokenizer.eos_ids
         else:

@@ -1,13 +1,14 @@
 """Verified edge bundles, and classification with onnxruntime.
 
 A bundle folder holds model.onnx (and model.int8.onnx), its tokenizer's files and manifest.json (the sha256 of
-every other file and the bundle's kind): a classifier bundle has GPT-2's encoder.json and vocab.bpe and adds
-labels.json; a language-model bundle (edge.lm) has GPT-2's two files (manifest `tokenizer: "gpt2"`) or the model's
-own Hugging Face tokenizer files (`tokenizer: "hf"`, their names in `tokenizer_files`), and adds the
-onnxruntime-genai files and a card. Every hash is checked before anything is loaded: a changed, missing or
-unlisted-but-required file refuses the whole bundle.
+every other file and the bundle's kind). Either kind carries GPT-2's encoder.json and vocab.bpe (manifest
+`tokenizer: "gpt2"`, the default of bundles written before other vocabularies) or the model's own Hugging Face
+tokenizer files (`tokenizer: "hf"`, their names in `tokenizer_files`); a classifier bundle adds labels.json, a
+language-model bundle (edge.lm) the onnxruntime-genai files and a card. Every hash is checked before anything is
+loaded: a changed, missing or unlisted-but-required file refuses the whole bundle.
 
-tiktoken is imported only for a bundle that reads GPT-2's vocabulary.
+tiktoken is imported only for a bundle that reads GPT-2's vocabulary; a bundle with its own tokenizer reads text
+through `tokenizers` (edge.hf_tokenizer), and its rows are padded here with the bundle's pad id.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from edge import BundleError, finite_logits, sha256_file
+from edge.text import PAD_ID as GPT2_PAD_ID
+from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
 BUNDLE_MANIFEST = "manifest.json"
@@ -27,9 +30,9 @@ CLASSIFIER, LM = "classifier", "lm"
 # Files each kind must list (int8 is optional); bundles written before kinds existed are classifiers.
 GPT2_FILES = ("encoder.json", "vocab.bpe")
 HF_TOKENIZER = "tokenizer.json"
-REQUIRED = {
-    CLASSIFIER: (ORT_FILES["fp32"], *GPT2_FILES, "labels.json"),
-    LM: (ORT_FILES["fp32"],),  # and its tokenizer's files: `tokenizer_files`
+REQUIRED = {  # and, for either kind, its tokenizer's files (`tokenizer_files`)
+    CLASSIFIER: (ORT_FILES["fp32"], "labels.json"),
+    LM: (ORT_FILES["fp32"],),
 }
 RUN_WITH = {CLASSIFIER: "python -m edge classify BUNDLE TEXT...", LM: 'python -m edge generate BUNDLE "instruction"'}
 
@@ -50,8 +53,8 @@ def check_classifier_fields(manifest: dict, manifest_path: Path) -> None:
 
 
 def tokenizer_files(manifest: dict, manifest_path: Path | str = BUNDLE_MANIFEST) -> tuple[str, ...]:
-    """The files a language-model bundle's tokenizer is read from: GPT-2's two (`tokenizer` "gpt2", the default of
-    bundles written before other vocabularies), or the Hugging Face files its manifest lists (`tokenizer` "hf")."""
+    """The files a bundle's tokenizer is read from: GPT-2's two (`tokenizer` "gpt2", the default of bundles written
+    before other vocabularies), or the Hugging Face files its manifest lists (`tokenizer` "hf")."""
     kind = manifest.get("tokenizer", "gpt2")
     if kind == "gpt2":
         return GPT2_FILES
@@ -88,7 +91,7 @@ def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
         raise BundleError(f"{manifest_path}: 'files' must map each file name to its sha256; refusing the bundle")
     if found == CLASSIFIER:
         check_classifier_fields(manifest, manifest_path)
-    required = REQUIRED[found] + (tokenizer_files(manifest, manifest_path) if found == LM else ())
+    required = REQUIRED[found][:1] + tokenizer_files(manifest, manifest_path) + REQUIRED[found][1:]
     unlisted = [name for name in required if name not in files]
     if unlisted:
         raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")
@@ -121,15 +124,14 @@ def session(onnx_path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def run_session(sess, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
-    """Logits (N, classes) in input order; rows batched by length so that little padding is computed."""
-    from edge.text import pad_batch
-
+def run_session(sess, ids: Sequence[Sequence[int]], batch_size: int = 32, pad_id: int = GPT2_PAD_ID) -> np.ndarray:
+    """Logits (N, classes) in input order; rows batched by length so that little padding is computed, padded with
+    `pad_id` (the classifier's tokenizer's, as `model.classifier.predict_logits` pads)."""
     order = np.argsort([len(r) for r in ids], kind="stable")
     out: np.ndarray | None = None
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        input_ids, mask = pad_batch([ids[j] for j in idx])
+        input_ids, mask = pad_batch([ids[j] for j in idx], pad_id)
         logits = sess.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
         if out is None:
             out = np.zeros((len(ids), logits.shape[1]), dtype=np.float32)
@@ -138,7 +140,8 @@ def run_session(sess, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.
 
 
 class EdgeClassifier:
-    """A verified bundle's tokenizer, labels and ONNX session (fp32, or int8 with `int8=True`)."""
+    """A verified bundle's tokenizer (GPT-2's through tiktoken, or the model's own through tokenizers), labels, pad
+    id and ONNX session (fp32, or int8 with `int8=True`)."""
 
     def __init__(self, bundle: str | Path, *, int8: bool = False, threads: int | None = None) -> None:
         self.bundle = Path(bundle)
@@ -146,24 +149,43 @@ class EdgeClassifier:
         labels = self.manifest["labels"]
         self.names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
         self.max_length = int(self.manifest["max_length"])
-        from edge.text import load_gpt2_encoding
+        self.pad_id = int(self.manifest.get("pad_id", GPT2_PAD_ID))
+        names = tokenizer_files(self.manifest, self.bundle / BUNDLE_MANIFEST)
+        self.hf = self.manifest.get("tokenizer", "gpt2") == "hf"
+        if self.hf:
+            from edge.hf_tokenizer import HFTokenizer
 
-        self.tokenizer = load_gpt2_encoding(self.bundle / "encoder.json", self.bundle / "vocab.bpe")
+            self.tokenizer = HFTokenizer.from_files(read_tokenizer_texts(self.bundle, names), origin=self.bundle)
+            if self.tokenizer.eos_id is None and self.tokenizer.pad_id is None:
+                raise BundleError(f"{self.bundle}: the tokenizer names no end or pad token to read an empty text as")
+        else:
+            self.tokenizer = load_gpt2_encoding(self.bundle / names[0], self.bundle / names[1])
         name = ORT_FILES["int8" if int8 else "fp32"]
         if name not in self.manifest["files"]:
             raise BundleError(f"{self.bundle} holds no int8 model; export it with `gptflow export --int8`")
         self.model_path = self.bundle / name
         self.session = session(self.model_path, threads)
 
-    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        from edge.text import encode_texts
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text as the classifier was trained on them (`edge.text.encode_texts`)."""
+        return encode_texts(self.tokenizer, texts, self.max_length)
 
-        logits = run_session(self.session, encode_texts(self.tokenizer, texts, self.max_length), batch_size)
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        logits = run_session(self.session, self.encode(texts), batch_size, self.pad_id)
         return finite_logits(logits, self.model_path)
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text."""
-        from edge.text import softmax
-
         probs = softmax(self.logits(texts))
         return [(self.names[k], float(p[k])) for p, k in zip(probs, probs.argmax(axis=1))]
+
+
+def read_tokenizer_texts(bundle: Path, names: Sequence[str]) -> dict[str, str]:
+    """The bundle's tokenizer files as texts (name -> text), as `HFTokenizer.from_files` takes them."""
+    files = {}
+    for name in names:
+        try:
+            files[name] = (bundle / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{bundle / name} cannot be read as UTF-8 text: {exc}") from None
+    return files

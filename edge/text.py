@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+if TYPE_CHECKING:
+    import tiktoken
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
@@ -29,8 +30,12 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 
 @functools.lru_cache(maxsize=4)
-def load_gpt2_encoding(encoder_json: str | Path, vocab_bpe: str | Path) -> tiktoken.Encoding:
-    """Build tiktoken's GPT-2 encoding from local files; tiktoken checks both sha256 values."""
+def load_gpt2_encoding(encoder_json: str | Path, vocab_bpe: str | Path) -> "tiktoken.Encoding":
+    """Build tiktoken's GPT-2 encoding from local files; tiktoken checks both sha256 values. tiktoken is imported
+    here, not with the module: a bundle with its own tokenizer runs without it."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe),
         encoder_json_file=str(encoder_json),
@@ -52,7 +57,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[
     `tokenizer`: tiktoken's GPT-2 encoding, or anything with the interface of `edge.hf_tokenizer.HFTokenizer`
     (`encode_batch`, `eos_id`): GPT-2's BPE behind it gives the same ids as tiktoken, a Hugging Face tokenizer
     encodes as `tokenizer(text)` does in transformers, its post-processor's tokens included (Llama 3's bos)."""
-    if isinstance(tokenizer, tiktoken.Encoding):
+    if type(tokenizer).__module__.startswith("tiktoken"):
         ids, empty = tokenizer.encode_batch(list(texts), allowed_special={ENDOFTEXT}), PAD_ID
     else:
         ids = tokenizer.encode_batch(list(texts), add_special_tokens=True)

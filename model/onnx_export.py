@@ -1,8 +1,13 @@
 """ONNX export of a classifier (dynamo exporter, dynamic batch and sequence), parity checks, the edge bundle.
 
-Only what the classifier computes is exported: token and position embeddings, blocks, final norm, gather of
-the last real token, the class head. The LM head is not in the classifier at all (a tied LM head exported
-beside the embedding is a second vocab x emb matrix: see bench/edge.py for the size it costs).
+Only what the classifier computes is exported: token and position embeddings (or the rotary positions of Llama and
+Qwen3, computed in the graph), blocks, final norm, gather of the last real token, the class head. The LM head is
+not in the classifier at all (a tied LM head exported beside the embedding is a second vocab x emb matrix: see
+bench/edge.py for the size it costs).
+
+A classifier reads text with its backbone's tokenizer: GPT-2's BPE (the bundle ships encoder.json and vocab.bpe,
+manifest `tokenizer: "gpt2"`), or the model's own Hugging Face tokenizer that its checkpoint keeps (the bundle ships
+those files, manifest `tokenizer: "hf"` and `tokenizer_files`, as the LM bundle does), and pads with its `pad_id`.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def export_onnx(model: SequenceClassifier, path: str | Path, metadata: dict[str,
     logits (batch, n_classes)); `metadata` goes to metadata_props. Checked with onnx.checker."""
     context = model.cfg.context_length
     seq = min(8, context)  # example sizes >= 2: the exporter specializes sizes 0 and 1
-    example = (torch.full((2, seq), PAD_ID, dtype=torch.long), torch.ones(2, seq, dtype=torch.long))
+    pad_id = getattr(model, "pad_id", PAD_ID)  # an id of the model's vocabulary (GPT-2's 50256 may not be one)
+    example = (torch.full((2, seq), pad_id, dtype=torch.long), torch.ones(2, seq, dtype=torch.long))
     batch_dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq_dim = torch.export.Dim("seq", min=1, max=context)
     shapes = {"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: seq_dim}}
@@ -116,20 +122,31 @@ def onnx_opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def model_metadata(labels: dict[str, int], max_length: int, source_sha256: str, pooling: str) -> dict[str, str]:
+def model_metadata(
+    labels: dict[str, int],
+    max_length: int,
+    source_sha256: str,
+    pooling: str,
+    tokenizer: str = "gpt2",
+    pad_id: int = PAD_ID,
+) -> dict[str, str]:
+    """The ONNX file's metadata_props. `tokenizer`: "gpt2" or "hf" (the bundle's manifest names the files)."""
     return {
         "labels": json.dumps(labels, sort_keys=True),
-        "tokenizer": "gpt2",
+        "tokenizer": tokenizer,
         "max_length": str(max_length),
-        "pad_id": str(PAD_ID),
+        "pad_id": str(pad_id),
         "source_checkpoint_sha256": source_sha256,
         "pooling": pooling,
     }
 
 
-def onnx_logits(onnx_path: str | Path, ids: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
-    """Logits of an ONNX classifier over token rows, batched like `predict_logits` (same padding)."""
-    return run_session(session(onnx_path), ids, batch_size)
+def onnx_logits(
+    onnx_path: str | Path, ids: Sequence[Sequence[int]], batch_size: int = 32, pad_id: int = PAD_ID
+) -> np.ndarray:
+    """Logits of an ONNX classifier over token rows, batched like `predict_logits` (same padding: `pad_id`, the
+    classifier's)."""
+    return run_session(session(onnx_path), ids, batch_size, pad_id)
 
 
 def check_parity(
@@ -191,14 +208,19 @@ def export_classifier(
     out_dir: str | Path | None,
     config: ExportConfig,
     *,
-    tokenizer,
-    tokenizer_files: tuple[Path, Path],
+    tokenizer: Any = None,
+    tokenizer_files: tuple[Path, Path] | None = None,
+    settings=None,
     resume: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
     """Classifier checkpoint -> ONNX fp32 (+ int8), parity on the whole test split, int8 gate, edge bundle in
     `bundle/`, report and manifest in the stage folder (`out_dir`, else named by the stage contract). Raises
-    ExportError / QuantizationGateError loudly."""
+    ExportError / QuantizationGateError loudly.
+
+    The test split is read with the classifier's own tokenizer: the Hugging Face one its checkpoint keeps (shipped in
+    the bundle), else GPT-2's BPE (`tokenizer`, a tiktoken encoding, and `tokenizer_files` = encoder.json,
+    vocab.bpe, which the bundle ships; fetched through the download layer when not given and needed)."""
     loaded = open_model(checkpoint, CLASSIFIERS).classifier()
     data_dir = Path(data_dir)
     labels = read_labels(data_dir)
@@ -213,32 +235,52 @@ def export_classifier(
         out_dir=out_dir,
         force=force,
     )
-    result = stage.run(
-        lambda decision: _export(loaded, stage, data_dir, config, tokenizer, tokenizer_files), resume=resume
-    )
+
+    def build(decision) -> Built:
+        text = loaded.tokenizer(tokenizer, settings)  # GPT2Text, or the checkpoint's HFTokenizer
+        gpt2_files = None
+        if not loaded.tokenizer_files:
+            from gptflow.tokenizer import tokenizer_files as fetch_gpt2_files
+
+            gpt2_files = tokenizer_files or fetch_gpt2_files(settings)
+        return _export(loaded, stage, data_dir, config, text, gpt2_files)
+
+    result = stage.run(build, resume=resume)
     return {**read_json(stage.dir / REPORT), "out_dir": str(stage.dir), "reused": result.reused}
 
 
 def _export(
-    loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer, tokenizer_files: tuple[Path, Path]
+    loaded, stage: Stage, data_dir: Path, config: ExportConfig, tokenizer, gpt2_files: tuple[Path, Path] | None
 ) -> Built:
+    """`tokenizer`: the classifier's (`LoadedClassifier.tokenizer`); `gpt2_files`: GPT-2's encoder.json and vocab.bpe
+    for a classifier that reads GPT-2's vocabulary, None for one with its own tokenizer (whose files it keeps)."""
     out_dir, ckpt_sha = stage.dir, stage.inputs["checkpoint"]
+    hf = gpt2_files is None
+    pad_id = loaded.model.pad_id
+    vocab = loaded.model.cfg.vocab_size
     test = encode_split(read_labelled(data_dir / "test.csv", loaded.labels), tokenizer, loaded.max_length)
+    outside = sorted(i for i in {pad_id}.union(*test.ids) if not 0 <= i < vocab)
+    if outside:
+        raise ExportError(
+            f"export of {loaded.path}: its tokenizer gives ids {outside[:5]} outside the model's vocabulary of "
+            f"{vocab}: the checkpoint's tokenizer and weights do not belong together; fine-tune it again"
+        )
     y = np.asarray(test.labels)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     fp32_path, int8_path = work / ORT_FILES["fp32"], work / ORT_FILES["int8"]
-    meta = model_metadata(loaded.labels, loaded.max_length, ckpt_sha, loaded.model.pooling)
+    kind = "hf" if hf else "gpt2"
+    meta = model_metadata(loaded.labels, loaded.max_length, ckpt_sha, loaded.model.pooling, kind, pad_id)
     export_onnx(loaded.model, fp32_path, meta)
 
     torch_fp32 = predict_logits(loaded.model.to(resolve_device(config.device)), test.ids, config.batch_size)
     loaded.model.cpu()  # dynamic int8 quantization is CPU-only
-    onnx_fp32 = onnx_logits(fp32_path, test.ids, config.batch_size)
+    onnx_fp32 = onnx_logits(fp32_path, test.ids, config.batch_size, pad_id)
     onnx_int8 = None
     accuracy = {"torch_fp32": _acc(torch_fp32, y), "onnx_fp32": _acc(onnx_fp32, y)}
     if config.int8:
         quantize_onnx(fp32_path, int8_path, config.onnx_int8_ops)
-        onnx_int8 = onnx_logits(int8_path, test.ids, config.batch_size)
+        onnx_int8 = onnx_logits(int8_path, test.ids, config.batch_size, pad_id)
         torch_int8 = predict_logits(quantize_torch_dynamic(loaded.model), test.ids, config.batch_size)
         accuracy |= {"torch_int8": _acc(torch_int8, y), "onnx_int8": _acc(onnx_int8, y)}
     parity = check_parity(torch_fp32, onnx_fp32, onnx_int8, f"export of {loaded.path}", config.max_int8_drop)
@@ -256,21 +298,29 @@ def _export(
         )
     if loaded.members:
         report["members"] = loaded.members
+    # The tokenizer as the LM bundle carries it (model.lm_export): GPT-2's two files, or the model's own files.
+    copies = {ORT_FILES["fp32"]: fp32_path}
+    tokenizer_info: dict[str, Any] = {"tokenizer": kind}
+    documents: dict[str, Any] = {"labels.json": loaded.labels}
+    if hf:
+        kept = sorted(name for name in tokenizer.files if "/" not in name)
+        documents.update({name: tokenizer.files[name] for name in kept})
+        tokenizer_info["tokenizer_files"] = kept
+    else:
+        copies.update({"encoder.json": gpt2_files[0], "vocab.bpe": gpt2_files[1]})
     info = {
         "max_length": loaded.max_length,
-        "pad_id": PAD_ID,
-        "tokenizer": "gpt2",
+        "pad_id": pad_id,
+        **tokenizer_info,
         "pooling": loaded.model.pooling,
         "source_checkpoint_sha256": ckpt_sha,
         "opset": report["opset"],
         "test_accuracy": accuracy,
         **({"members": loaded.members} if loaded.members else {}),
     }
-    encoder_json, vocab_bpe = tokenizer_files
-    copies = {ORT_FILES["fp32"]: fp32_path, "encoder.json": encoder_json, "vocab.bpe": vocab_bpe}
     if config.int8:
         copies[ORT_FILES["int8"]] = int8_path
-    documents = {"labels.json": loaded.labels, "card.md": classifier_card(loaded, report, copies)}
+    documents["card.md"] = classifier_card(loaded, report, copies, tokenizer if hf else None)
     bundle = write_bundle(out_dir / BUNDLE_DIR, CLASSIFIER, copies, documents, {"labels": loaded.labels, **info})
     report["bundle"] = str(bundle)
     report["sizes_bytes"] = {
@@ -285,17 +335,27 @@ def _export(
     )
 
 
-def classifier_card(loaded, report: dict[str, Any], copies: dict[str, Path]) -> str:
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
+
+
+def classifier_card(loaded, report: dict[str, Any], copies: dict[str, Path], hf_tokenizer: Any = None) -> str:
     """The bundle's card: what it is (an ensemble: its members and their accuracies), how it was checked, how to
-    run it."""
+    run it. `hf_tokenizer`: the model's own tokenizer, which the bundle ships (None: GPT-2's BPE)."""
     cfg, parity = loaded.model.cfg, report["parity"]
     what = f"an ensemble of {len(loaded.members)} classifiers" if loaded.members else "a classifier"
+    family = FAMILY_NAMES.get(cfg.family, cfg.family)
+    vocabulary = (
+        ""
+        if hf_tokenizer is None
+        else f"; vocabulary {cfg.vocab_size}, the model's own tokenizer (tokenizer.json), padding with id "
+        f"{loaded.model.pad_id}"
+    )
     lines = [
         "# gptflow classifier bundle",
         "",
-        f"{what.capitalize()} on a GPT-2 architecture backbone ({cfg.n_layers} layers, {cfg.n_heads} heads, width "
-        f"{cfg.emb_dim}, context {cfg.context_length}); labels {', '.join(loaded.labels)}; texts truncated to "
-        f"{loaded.max_length} tokens; pooling {loaded.model.pooling}. Source checkpoint sha256 "
+        f"{what.capitalize()} on a {family} architecture backbone ({cfg.n_layers} layers, {cfg.n_heads} heads, width "
+        f"{cfg.emb_dim}, context {cfg.context_length}{vocabulary}); labels {', '.join(loaded.labels)}; texts truncated "
+        f"to {loaded.max_length} tokens; pooling {loaded.model.pooling}. Source checkpoint sha256 "
         f"`{report['checkpoint_sha256']}`; ONNX opset {report['opset']}.",
     ]
     if loaded.members:

@@ -9,7 +9,6 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gptflow.tokenizer import get_tokenizer, tokenizer_files
 from model.configs import ExportConfig
 from model.hf_export import export_hf
 from model.lm_export import export_lm, model_rows
@@ -21,9 +20,11 @@ from tasks.artifacts import artifact_key, publish_markdown, publish_table
 def export_bundle(
     checkpoint: str, data_dir: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
 ) -> dict[str, Any]:
+    """The classifier's edge bundle; its texts are read with the classifier's own tokenizer (the Hugging Face one its
+    checkpoint keeps, else GPT-2's BPE, whose files are fetched only then)."""
     logger = get_run_logger()
-    report = export_classifier(checkpoint, data_dir, out_dir, config, force=force, **_tokenizer())
-    logger.info("%s bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
+    report = export_classifier(checkpoint, data_dir, out_dir, config, force=force)
+    logger.info("%s classifier bundle %s", "reused" if report["reused"] else "wrote", report["bundle"])
     logger.info("test accuracy %s; parity %s", report["accuracy"], report["parity"])
     sizes = report["sizes_bytes"]
     rows = [{"model": name, "test_accuracy": round(acc, 4)} for name, acc in report["accuracy"].items()]
@@ -74,8 +75,3 @@ def export_hf_folder(checkpoint: str, out_dir: str | None = None, force: bool = 
         report["folder"],
     )
     return report
-
-
-def _tokenizer() -> dict[str, Any]:
-    """The GPT-2 tokenizer and its two files, which a bundle ships."""
-    return {"tokenizer": get_tokenizer(), "tokenizer_files": tokenizer_files()}

@@ -12,7 +12,10 @@ chat_template.jinja) plus a generation_config.json with the eos ids the real mod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,3 +419,20 @@ def write_tokenizer(folder: str | Path, style: str) -> TokenizerFolder:
 def write_all(root: str | Path) -> dict[str, TokenizerFolder]:
     """Every style, each in `root/<style>`."""
     return {style: write_tokenizer(Path(root) / style, style) for style in STYLES}
+
+
+def write_hub_mirror(root: Path, repo: str, folder: Path) -> None:
+    """`folder` laid out as the hub serves it: the listing (with sha256 for the weights, as LFS files get) and
+    every file under resolve/main."""
+    listing = []
+    for file in sorted(folder.iterdir()):
+        entry = {"type": "file", "path": file.name, "size": file.stat().st_size}
+        if file.suffix == ".safetensors":
+            entry["lfs"] = {"oid": hashlib.sha256(file.read_bytes()).hexdigest(), "size": file.stat().st_size}
+        listing.append(entry)
+        target = root / "huggingface.co" / repo / "resolve/main" / file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+    api = root / "huggingface.co/api/models" / repo / "tree/main"
+    api.parent.mkdir(parents=True, exist_ok=True)
+    api.write_text(json.dumps(listing))

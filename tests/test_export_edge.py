@@ -86,6 +86,14 @@ def test_bundle_manifest_lists_every_file(exported):
     names = {"model.onnx", "model.int8.onnx", "encoder.json", "vocab.bpe", "labels.json", "card.md"}
     assert set(manifest["files"]) == names
     assert all(manifest["files"][n] == sha256_file(bundle / n) for n in names)
+    # A classifier of GPT-2's vocabulary: the manifest (and card) of bundles written before other vocabularies
+    # existed, field for field, so that registry entries and their comparisons stay valid.
+    assert list(manifest) == [
+        "format", "kind", "files", "labels", "max_length", "pad_id", "tokenizer", "pooling",
+        "source_checkpoint_sha256", "opset", "test_accuracy",
+    ]  # fmt: skip
+    assert (manifest["tokenizer"], manifest["pad_id"]) == ("gpt2", 50256)
+    assert "on a GPT-2 architecture backbone (" in (bundle / "card.md").read_text()
 
 
 @pytest.mark.slow
@@ -219,6 +227,11 @@ def test_mean_pooling_exports_with_dynamic_axes(tmp_path):
         (lambda m: m.update(files=sorted(m["files"])), "'files' must map each file name to its sha256"),
         (lambda m: m.pop("files"), "'files' must map each file name to its sha256"),
         (lambda m: m.update(max_length="128"), "'max_length' must be a positive integer, got '128'"),
+        (
+            lambda m: m.update(tokenizer="hf"),
+            "'tokenizer' must be \"gpt2\", or \"hf\" with 'tokenizer_files' listing tokenizer.json; got tokenizer "
+            "'hf', tokenizer_files None",
+        ),
         # before: "missing", though the file exists
         (lambda m: m["files"].update({"../bundle/card.md": "0" * 64}), "file '../bundle/card.md' points outside"),
         (lambda m: m["files"].update({"/etc/hostname": "0" * 64}), "file '/etc/hostname' points outside the bundle"),

@@ -3,7 +3,11 @@ head, Qwen3 with q/k norms and a head wider than emb/heads, GPT-2's architecture
 its locally trained tokenizer and chat template, converted with `load-hf` and exported with int8. The ONNX decoder
 (rotary positions, grouped-query KV cache) is within 1e-4 of PyTorch, onnxruntime-genai (the family's model type)
 generates our greedy tokens, and `python -m edge generate` answers as `gptflow generate` does with onnxruntime,
-numpy, tokenizers and jinja2 only (tiktoken and torch blocked). About 35 s on 2 cores."""
+numpy, tokenizers and jinja2 only (tiktoken and torch blocked). About 35 s on 2 cores.
+
+Then a classifier fine-tuned on each of those backbones exports to a classifier bundle that reads text with the
+model's own tokenizer and pads with its pad id: fp32 ONNX within 1e-4 of PyTorch, the int8 gates, and `python -m
+edge classify` from edge/ alone (tiktoken blocked) equal to PyTorch."""
 
 from __future__ import annotations
 
@@ -253,3 +257,162 @@ def test_chat_tuned_model_exports_without_data_and_answers_as_gptflow(families, 
     streamed = capsys.readouterr().out
     assert main(["generate", "--model", str(checkpoint), *argv]) == 0
     assert streamed == capsys.readouterr().out and streamed.strip()
+
+
+# --- classifier bundles -----------------------------------------------------------------------------------------
+
+# Each family's classifier reads a different hidden state, so the padding (the classifier's own pad id) is checked
+# where it matters: `last_position` reads the padding itself.
+POOLING = {"llama": "last_real", "qwen3": "last_position", "gpt2-vocab": "mean"}
+TEXTS = ["the invoice payment was charged twice", "football match today, great goal", "garlic soup recipe"]
+TEXTS += ["Order #123 costs $4.50, héllo wörld, refund please"]
+
+
+@pytest.fixture(scope="module")
+def classifiers(families, tmp_path_factory, mirror) -> dict[str, dict]:
+    """Per family: a 3-topic classifier fine-tuned from the converted model (its tokenizer kept in best.pt) and
+    exported with int8 by `export_classifier`, given no GPT-2 tokenizer (none is needed)."""
+    from classify_data import write_splits
+
+    from model.configs import ClassifierConfig
+    from model.finetune_classifier import finetune
+    from model.onnx_export import export_classifier
+
+    root = tmp_path_factory.mktemp("family-classifiers")
+    settings = load_settings(home=root / "home", mirror=mirror)
+    data = write_splits(root / "data", (20, 5, 34))  # 60 train, 15 validation, 102 test texts
+    out = {}
+    for name, family in families.items():
+        config = ClassifierConfig(
+            init=f"checkpoint:{family['checkpoint']}", trainable="all", lr=2e-3, epochs=5, batch_size=8,
+            patience=None, keep="last", pooling=POOLING[name], max_length=48,
+        )  # fmt: skip
+        tuned = finetune(data, root / f"classify-{name}", config, settings=settings)
+        report = export_classifier(tuned.best, data, root / f"export-{name}", ExportConfig(), settings=settings)
+        out[name] = {"best": tuned.best, "data": data, "report": report, "bundle": Path(report["bundle"])}
+    return out
+
+
+def _torch_probs(best: Path, texts: list[str]) -> np.ndarray:
+    from edge.text import encode_texts, softmax
+    from model.classifier import predict_logits
+    from model.files import CLASSIFIERS
+
+    loaded = open_model(best, CLASSIFIERS).classifier()
+    return softmax(predict_logits(loaded.model, encode_texts(loaded.tokenizer(), texts, loaded.max_length)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_classifier_bundle_parity_int8_gate_and_its_tokenizer(classifiers, families, name, capsys):
+    """The export reads the test split with the classifier's own tokenizer and pads with its pad id: fp32 ONNX within
+    1e-4 of PyTorch on all 102 texts, the int8 gates pass, and the bundle carries the model's tokenizer files as the
+    LM bundle does (manifest `tokenizer: "hf"`, `tokenizer_files`). The edge runtime encodes as training did; the
+    champion scoring reads the bundle the same way."""
+    from edge.runtime import EdgeClassifier
+    from edge.text import encode_texts, softmax
+    from eval.champion import score_classifier_bundle
+    from model.checkpoint import load_checkpoint
+    from model.files import CLASSIFIERS
+
+    clf = classifiers[name]
+    report, bundle = clf["report"], clf["bundle"]
+    parity = report["parity"]
+    assert parity["n"] == parity["fp32_prediction_matches"] == 102 and parity["fp32_max_abs_logit_diff"] <= 1e-4
+    assert parity["int8_agreement"] >= 0.99 and report["int8_drop_points"] <= 1.0
+    assert report["accuracy"]["torch_fp32"] == report["accuracy"]["onnx_fp32"] > 0.9  # the classifier learned
+    best = load_checkpoint(clf["best"])
+    manifest = verify_bundle(bundle, "classifier")
+    tokenizer_files = ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert manifest["tokenizer"] == "hf" and manifest["tokenizer_files"] == tokenizer_files
+    assert set(manifest["files"]) == {"model.onnx", "model.int8.onnx", "labels.json", "card.md", *tokenizer_files}
+    assert manifest["pad_id"] == best["pad_id"] == HFTokenizer.from_folder(families[name]["folder"]).pad_id
+    assert manifest["pooling"] == POOLING[name]
+    for file in tokenizer_files:
+        assert (bundle / file).read_text() == best["tokenizer"][file]
+    meta = {p.key: p.value for p in onnx.load(bundle / "model.onnx").metadata_props}
+    assert (meta["tokenizer"], meta["pad_id"]) == ("hf", str(best["pad_id"]))
+
+    texts = TEXTS + [""]
+    loaded = open_model(clf["best"], CLASSIFIERS).classifier()
+    edge = EdgeClassifier(bundle)
+    assert edge.encode(texts) == encode_texts(loaded.tokenizer(), texts, loaded.max_length)
+    diff = float(np.abs(softmax(edge.logits(texts)) - _torch_probs(clf["best"], texts)).max())
+    int8 = EdgeClassifier(bundle, int8=True).predict(texts)
+    with capsys.disabled():  # the measured numbers, in the log of a `-s` run
+        print(f"\n{name}: max |prob diff| {diff:.2e}; parity {parity}; accuracy {report['accuracy']}", end=" ")
+    assert diff <= 1e-4
+    assert [label for label, _ in int8] == [label for label, _ in edge.predict(texts)]
+    score = score_classifier_bundle(bundle, clf["data"])
+    assert score["model"] == "int8" and score["accuracy"] == pytest.approx(report["accuracy"]["onnx_int8"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_edge_classify_alone_equals_pytorch_and_gptflow_classify(classifiers, name, tmp_path, settings, capsys):
+    """`python -m edge classify` from a copy of edge/ alone (torch and tiktoken blocked: the bundle's tokenizer is
+    read with tokenizers) gives PyTorch's labels and probabilities; `gptflow classify --model BUNDLE` prints the same
+    lines, and `--int8` the same labels."""
+    clf = classifiers[name]
+    shutil.copytree(REPO_ROOT / "edge", tmp_path / "edge", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(clf["bundle"], tmp_path / "bundle")
+    outputs = {}
+    for extra in ([], ["--int8"]):
+        args = [str(tmp_path), sysconfig.get_paths()["purelib"], "classify", "bundle", *TEXTS, *extra]
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", STANDALONE, *args], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr
+        outputs[tuple(extra)] = proc.stdout
+        assert main(["classify", *TEXTS, "--model", str(clf["bundle"]), *extra]) == 0
+        assert capsys.readouterr().out == proc.stdout
+    lines = [line.split("\t") for line in outputs[()].splitlines()]
+    probs = _torch_probs(clf["best"], TEXTS)
+    labels = json.loads((clf["bundle"] / "labels.json").read_text())
+    names = sorted(labels, key=labels.get)
+    assert [line[2] for line in lines] == TEXTS
+    assert [line[0] for line in lines] == [names[k] for k in probs.argmax(1)]
+    assert np.allclose([float(line[1]) for line in lines], probs.max(1), atol=1e-4 + 5e-5)  # printed to 4 places
+    int8 = [line.split("\t")[0] for line in outputs[("--int8",)].splitlines()]
+    assert int8 == [line[0] for line in lines]
+    assert main(["classify", *TEXTS, "--model", str(clf["best"])]) == 0  # the checkpoint, read with PyTorch
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == int8
+
+
+@pytest.mark.slow
+def test_a_classifier_whose_tokenizer_does_not_fit_its_weights_is_one_clear_error(classifiers, tokenizer, tmp_path):
+    """The bug's shape: a Qwen3 classifier's texts read with GPT-2's BPE give ids beyond its vocabulary. Before: an
+    IndexError deep in the embedding; now the export says what is wrong before anything is written."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.onnx_export import export_classifier
+
+    state = load_checkpoint(classifiers["qwen3"]["best"])
+    del state["tokenizer"]
+    broken = save_checkpoint(tmp_path / "no-tokenizer.pt", **state)
+    files = ("unused", "unused")
+    with pytest.raises(ExportError, match=r"ids \[.*\] outside the model's vocabulary of \d+"):
+        export_classifier(
+            broken, classifiers["qwen3"]["data"], tmp_path / "x", ExportConfig(), tokenizer=tokenizer,
+            tokenizer_files=files,
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_an_ensemble_exports_with_its_members_tokenizer_and_refuses_two_vocabularies(classifiers, tmp_path):
+    """Members sharing one tokenizer (the Llama classifier twice) export as one graph that reads text with it;
+    members of different vocabularies are refused in one line when the ensemble is built."""
+    from model.classifier import ClassifierError
+    from model.finetune_classifier import build_ensemble
+    from model.onnx_export import export_classifier
+
+    data, llama = classifiers["llama"]["data"], classifiers["llama"]["best"]
+    metrics = {"test": {"accuracy": classifiers["llama"]["report"]["accuracy"]["torch_fp32"]}}
+    with pytest.raises(ClassifierError, match="reads text with another tokenizer") as caught:
+        build_ensemble(data, [{"best": llama}, {"best": classifiers["qwen3"]["best"]}], tmp_path / "mixed")
+    assert len(str(caught.value).splitlines()) == 1
+    built = build_ensemble(data, [{"best": llama, "metrics": metrics}] * 2, tmp_path / "ensemble")
+    report = export_classifier(built.best, data, tmp_path / "export", ExportConfig(int8=False))
+    manifest = verify_bundle(report["bundle"], "classifier")
+    assert manifest["tokenizer"] == "hf" and len(manifest["members"]) == 2
+    assert report["parity"]["fp32_max_abs_logit_diff"] <= 1e-4 and report["parity"]["fp32_prediction_matches"] == 102
+    assert report["accuracy"]["onnx_fp32"] == classifiers["llama"]["report"]["accuracy"]["onnx_fp32"]

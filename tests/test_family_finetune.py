@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from classify_data import make_texts, write_splits
 from conftest import tiny_config
-from hf_fixtures import write_tokenizer
+from hf_fixtures import write_hub_mirror, write_tokenizer
 
 from cli import main
 from edge.hf_tokenizer import HFTokenizer
@@ -218,24 +217,6 @@ def test_the_smollm2_recipe_validates_as_pipeline_params():
     assert "corpus" not in params.data_sources()  # nothing is pretrained
 
 
-def _hub_mirror(root: Path, repo: str, folder: Path) -> None:
-    """`folder` laid out as the hub serves it (the listing with the weights' sha256, and the files)."""
-    import hashlib
-
-    listing = []
-    for file in sorted(folder.iterdir()):
-        entry = {"type": "file", "path": file.name, "size": file.stat().st_size}
-        if file.suffix == ".safetensors":
-            entry["lfs"] = {"oid": hashlib.sha256(file.read_bytes()).hexdigest(), "size": file.stat().st_size}
-        listing.append(entry)
-        target = root / "huggingface.co" / repo / "resolve/main" / file.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, target)
-    api = root / "huggingface.co/api/models" / repo / "tree/main"
-    api.parent.mkdir(parents=True, exist_ok=True)
-    api.write_text(json.dumps(listing))
-
-
 @pytest.mark.slow
 def test_smollm2_recipe_runs_its_classify_and_instruct_stages_from_a_hub_mirror(
     tiny_hf, prefect_harness, mirror, tmp_path, monkeypatch
@@ -243,8 +224,9 @@ def test_smollm2_recipe_runs_its_classify_and_instruct_stages_from_a_hub_mirror(
     """`pipeline` with configs/smollm2.yaml (its stages cut to a few steps) and a mirror holding a tiny random
     SmolLM-shaped model under SmolLM2's hub name: the base model is that model converted, the classifier and the
     instruction model are fine-tuned from it with its own tokenizer and chat template, the judge is skipped (no
-    server). The export, export-lm and inspect stages are stood in for: their Llama-family support is not part of
-    this test."""
+    server), and every later stage runs for real: the classifier's edge bundle and the LM bundle carry the model's
+    tokenizer files (before: the classifier export read its test split with GPT-2's BPE, ids beyond the model's
+    vocabulary, IndexError), and both models are inspected."""
     import flows.pipeline
     from flows.params import load_params
     from gptflow.settings import get_settings
@@ -254,12 +236,9 @@ def test_smollm2_recipe_runs_its_classify_and_instruct_stages_from_a_hub_mirror(
     for host in mirror.iterdir():  # the shared mirror's data, and the hub beside it
         if host.is_dir():
             (hub / host.name).symlink_to(host)
-    _hub_mirror(hub, SMOLLM2, tiny_hf["smollm"])
+    write_hub_mirror(hub, SMOLLM2, tiny_hf["smollm"])
     monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("GPTFLOW_MIRROR", str(hub))
-    stood_in = []
-    for name in ("export_flow", "export_lm_flow", "inspect_flow"):
-        monkeypatch.setattr(flows.pipeline, name, lambda *args, _name=name, **kw: stood_in.append(_name) or {})
     get_settings.cache_clear()
     try:
         params = load_params(REPO / "configs" / "smollm2.yaml").merged(
@@ -273,7 +252,6 @@ def test_smollm2_recipe_runs_its_classify_and_instruct_stages_from_a_hub_mirror(
         summary = flows.pipeline.pipeline(params)
     finally:
         get_settings.cache_clear()
-    assert stood_in == ["export_flow", "export_lm_flow", "inspect_flow", "inspect_flow"]
     status = {row["stage"]: row for row in summary["stages"]}
     base = tmp_path / "home/models/HuggingFaceTB--SmolLM2-135M-Instruct"
     assert status["base-model"]["status"] == "done" and (base / "model.pt").is_file()
@@ -287,3 +265,20 @@ def test_smollm2_recipe_runs_its_classify_and_instruct_stages_from_a_hub_mirror(
     responses = json.loads(deliverables["test responses"].read_text())
     assert len(responses) == 2 and all(isinstance(r["model_response"], str) for r in responses)
     assert status["evaluate"]["status"] == "skipped"
+
+    from edge.runtime import EdgeClassifier, verify_bundle
+
+    assert all(status[s]["status"] == "done" for s in ("export", "export-lm", "inspect-base", "inspect-instruct"))
+    kept = sorted(name for name in files if "/" not in name)
+    manifest = verify_bundle(deliverables["edge bundle"], "classifier")
+    assert manifest["tokenizer"] == "hf" and manifest["tokenizer_files"] == kept
+    assert "encoder.json" not in manifest["files"]
+    assert manifest["pad_id"] == best["pad_id"] and {"model.onnx", "model.int8.onnx", *kept} <= set(manifest["files"])
+    report = json.loads((deliverables["edge bundle"].parent / "export_report.json").read_text())
+    assert report["parity"]["fp32_max_abs_logit_diff"] <= 1e-4 and report["parity"]["int8_agreement"] >= 0.99
+    labels = [label for label, _ in EdgeClassifier(deliverables["edge bundle"], int8=True).predict(["Win a prize!"])]
+    assert labels[0] in ("ham", "spam")
+    lm_manifest = verify_bundle(deliverables["LM edge bundle"], "lm")
+    assert lm_manifest["tokenizer"] == "hf" and lm_manifest["prompt"]["style"] == CHAT
+    for name in ("base model inspection", "instruction model inspection"):
+        assert deliverables[name].is_file()

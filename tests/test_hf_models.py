@@ -5,7 +5,6 @@ convert with their tokenizer to a checkpoint, and generate through the CLI."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import write_tokenizer
+from hf_fixtures import write_hub_mirror, write_tokenizer
 
 from cli import main
 from gptflow.settings import load_settings
@@ -198,26 +197,9 @@ def test_gpt2_vocabulary_is_read_by_tiktoken(hf_folders, settings):
     assert "tokenizer.json" in load_checkpoint(path)["tokenizer"]
 
 
-def _hub_mirror(root: Path, repo: str, folder: Path) -> None:
-    """`folder` laid out as the hub serves it: the listing (with sha256 for the weights, as LFS files get) and
-    every file under resolve/main."""
-    listing = []
-    for file in sorted(folder.iterdir()):
-        entry = {"type": "file", "path": file.name, "size": file.stat().st_size}
-        if file.suffix == ".safetensors":
-            entry["lfs"] = {"oid": hashlib.sha256(file.read_bytes()).hexdigest(), "size": file.stat().st_size}
-        listing.append(entry)
-        target = root / "huggingface.co" / repo / "resolve/main" / file.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, target)
-    api = root / "huggingface.co/api/models" / repo / "tree/main"
-    api.parent.mkdir(parents=True, exist_ok=True)
-    api.write_text(json.dumps(listing))
-
-
 def test_load_hf_by_name_through_the_mirror(hf_folders, tmp_path):
     mirror = tmp_path / "mirror"
-    _hub_mirror(mirror, "Qwen/Qwen3-0.6B", hf_folders["qwen3"])
+    write_hub_mirror(mirror, "Qwen/Qwen3-0.6B", hf_folders["qwen3"])
     settings = load_settings(mirror=mirror, home=tmp_path / "home")
     path, reused = convert_hf("Qwen/Qwen3-0.6B", settings)
     assert path == tmp_path / "home/models/Qwen--Qwen3-0.6B/model.pt" and not reused
