@@ -40,6 +40,8 @@ from model.lm_quality import eval_rows
 from model.onnx_export import ExportError
 from model.opener import open_model
 
+pytestmark = pytest.mark.slow  # every test exports ONNX graphs end to end (make test only)
+
 FAMILIES = {"llama": "llama3", "qwen3": "qwen3", "gpt2-vocab": "chatml"}  # model -> tokenizer style
 GENAI_TYPES = {"llama": "llama", "qwen3": "qwen3", "gpt2-vocab": "decoder"}
 ENTRIES = [
@@ -62,6 +64,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 sys.path += sys.argv[1:3]
 import edge
+
 assert edge.__file__.startswith(sys.argv[1]), edge.__file__
 sys.argv = ["edge", *sys.argv[3:]]
 runpy.run_module("edge", run_name="__main__")
@@ -302,7 +305,6 @@ def _torch_probs(best: Path, texts: list[str]) -> np.ndarray:
     return softmax(predict_logits(loaded.model, encode_texts(loaded.tokenizer(), texts, loaded.max_length)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_classifier_bundle_parity_int8_gate_and_its_tokenizer(classifiers, families, name, capsys):
     """The export reads the test split with the classifier's own tokenizer and pads with its pad id: fp32 ONNX within
@@ -347,7 +349,6 @@ def test_classifier_bundle_parity_int8_gate_and_its_tokenizer(classifiers, famil
     assert score["model"] == "int8" and score["accuracy"] == pytest.approx(report["accuracy"]["onnx_int8"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_edge_classify_alone_equals_pytorch_and_gptflow_classify(classifiers, name, tmp_path, settings, capsys):
     """`python -m edge classify` from a copy of edge/ alone (torch and tiktoken blocked: the bundle's tokenizer is
@@ -379,7 +380,6 @@ def test_edge_classify_alone_equals_pytorch_and_gptflow_classify(classifiers, na
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == int8
 
 
-@pytest.mark.slow
 def test_a_classifier_whose_tokenizer_does_not_fit_its_weights_is_one_clear_error(classifiers, tokenizer, tmp_path):
     """The bug's shape: a Qwen3 classifier's texts read with GPT-2's BPE give ids beyond its vocabulary. Before: an
     IndexError deep in the embedding; now the export says what is wrong before anything is written."""
@@ -397,7 +397,6 @@ def test_a_classifier_whose_tokenizer_does_not_fit_its_weights_is_one_clear_erro
         )  # fmt: skip
 
 
-@pytest.mark.slow
 def test_an_ensemble_exports_with_its_members_tokenizer_and_refuses_two_vocabularies(classifiers, tmp_path):
     """Members sharing one tokenizer (the Llama classifier twice) export as one graph that reads text with it;
     members of different vocabularies are refused in one line when the ensemble is built."""

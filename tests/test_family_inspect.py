@@ -208,6 +208,7 @@ def test_logit_lens_last_layer_equals_the_models_logits(families, transformers_p
     assert report["sampling"]["pieces"] == [hf.decode([i]) for i in report["sampling"]["ids"]]
 
 
+@pytest.mark.slow  # renders the figures
 @pytest.mark.parametrize("name", FAMILIES)
 def test_positions_without_position_embeddings(families, name, tmp_path):
     """Rotary models have no position embeddings: the positions panel shows block 0's keys without and with the
