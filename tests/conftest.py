@@ -181,3 +181,24 @@ def topic_classifier(tmp_path_factory, tokenizer, mirror) -> dict[str, Any]:
         tokenizer_files=tokenizer_files(load_settings(mirror=mirror)),
     )
     return {"root": root, "data": data, "best": tuned.best, "report": report, "bundle": Path(report["bundle"])}
+
+
+def standalone_edge_script(*blocked: str) -> str:
+    """A script for `python -I -S SCRIPT EDGE_PARENT SITE_PACKAGES ARGS...`: `python -m edge ARGS` from a copy of
+    edge/, with torch, every package of ours and `blocked` unimportable (no site processing: sys.path is the stdlib
+    plus the copy's parent and the venv's site-packages, without the .pth that makes this repository importable)."""
+    names = {"torch", "pydantic", "prefect", "gptflow", "model", "eval", "data", "tasks", "flows", "cli", *blocked}
+    return f"""
+import runpy, sys
+BLOCKED = {sorted(names)!r}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is blocked in this test")
+sys.meta_path.insert(0, Block())
+sys.path += sys.argv[1:3]
+import edge
+assert edge.__file__.startswith(sys.argv[1]), edge.__file__
+sys.argv = ["edge", *sys.argv[3:]]
+runpy.run_module("edge", run_name="__main__")
+"""

@@ -8,14 +8,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from classify_data import make_texts
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, standalone_edge_script, tiny_config
 
 from edge import BundleError
 from edge.runtime import EdgeClassifier, verify_bundle
@@ -117,22 +116,7 @@ def test_tampered_bundle_is_refused(exported, tmp_path, settings, capsys):
         verify_bundle(bundle)
 
 
-# Run as `python -I -S`: no site processing, so sys.path is the stdlib plus what the script puts there (the copied
-# edge folder and the venv's site-packages, without the .pth that makes this repository importable).
-STANDALONE = textwrap.dedent("""
-    import runpy, sys
-    BLOCKED = {"torch", "pydantic", "prefect", "filelock", "gptflow", "model", "eval", "data", "tasks", "flows", "cli"}
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked in this test")
-    sys.meta_path.insert(0, Block())
-    sys.path += sys.argv[1:3]
-    import edge
-    assert edge.__file__.startswith(sys.argv[1]), edge.__file__
-    sys.argv = ["edge", *sys.argv[3:]]
-    runpy.run_module("edge", run_name="__main__")
-""")
+STANDALONE = standalone_edge_script("filelock")  # numpy, onnxruntime and tiktoken only
 
 
 def classify_with_edge_alone(bundle, texts: list[str], int8: bool, tmp_path) -> list[list[str]]:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, standalone_edge_script
 from hf_fixtures import write_tokenizer
 
 from cli import main
@@ -51,24 +51,8 @@ ENTRIES = [
 INSTRUCTION = "What does the river carry?"
 NEW_TOKENS = 12
 
-# `python -I -S` with edge/ copied alone and only the venv's site-packages added: every package of ours, torch and
-# tiktoken are blocked, so a bundle with its own tokenizer runs on numpy, onnxruntime, tokenizers and jinja2.
-STANDALONE = """
-import runpy, sys
-BLOCKED = {"torch", "tiktoken", "transformers", "pydantic", "prefect", "gptflow", "model", "eval", "data", "tasks",
-           "flows", "cli"}
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, Block())
-sys.path += sys.argv[1:3]
-import edge
-
-assert edge.__file__.startswith(sys.argv[1]), edge.__file__
-sys.argv = ["edge", *sys.argv[3:]]
-runpy.run_module("edge", run_name="__main__")
-"""
+# Own-tokenizer bundles run on numpy, onnxruntime, tokenizers and jinja2: tiktoken is blocked too.
+STANDALONE = standalone_edge_script("tiktoken", "transformers")
 
 
 def hf_model(name: str, vocab_size: int):
