@@ -1,5 +1,5 @@
 """Edge inference for exported bundles: onnxruntime, NumPy and the tokenizer package the bundle needs (tiktoken,
-or tokenizers and jinja2 for a model with its own vocabulary and chat template) only.
+or tokenizers for a model with its own vocabulary; its chat template comes rendered in the bundle) only.
 
     python -m edge classify BUNDLE "text" ["text" ...] [--int8]
     python -m edge generate BUNDLE "instruction" [--input TEXT] [--int8] [--max-new-tokens N] ...

@@ -1,5 +1,5 @@
 """Text generation with an exported language-model bundle: onnxruntime, NumPy and the bundle's tokenizer package
-only (tiktoken for GPT-2's vocabulary; tokenizers, and jinja2 for a chat template, for a model's own).
+only (tiktoken for GPT-2's vocabulary; tokenizers for a model's own, its chat template rendered by the export).
 
 The bundle's decoder is one ONNX graph for the prompt pass and every decoding step: inputs `input_ids`,
 `attention_mask` (past + new tokens, 1 = real), `position_ids` and `past_key_values.{i}.key|value`
@@ -179,10 +179,6 @@ class PromptTemplate:
     def chat(self) -> bool:
         return self.style == self.CHAT
 
-    @property
-    def chat_kwargs(self) -> dict:
-        return dict((self.spec or {}).get("chat_kwargs") or {})
-
     def format(self, instruction: str, input_text: str = "") -> str:
         if self.spec is None:
             return instruction + (f"\n{input_text}" if input_text else "")
@@ -214,7 +210,7 @@ class EdgeGenerator:
     @property
     def chat(self) -> bool:
         """Prompts go through the model's chat template: it was tuned in it, or it has one and no text template."""
-        return self.template.chat or (self.template.spec is None and self.text.chat_template is not None)
+        return self.template.chat or (self.template.spec is None and self.text.chat_frame is not None)
 
     def encode(self, text: str, *, truncate: bool = False, add_special_tokens: bool = False) -> list[int]:
         """Token ids of a prompt; longer than the context: an error, or its last `context_length` tokens."""
@@ -233,7 +229,7 @@ class EdgeGenerator:
             return fit_context(ids or [self.eos_id], self.context_length, truncate)
         if not raw and self.chat:
             content = instruction + (f"\n\n{input_text}" if input_text else "")
-            return self.encode(self.text.render_chat(content, **self.template.chat_kwargs), truncate=truncate)
+            return self.encode(self.text.render_chat(content), truncate=truncate)
         text = instruction + (f"\n{input_text}" if input_text else "")
         return self.encode(text, truncate=truncate, add_special_tokens=True)
 
@@ -287,10 +283,15 @@ def _until(ids: list[int], stops: set[int]) -> list[int]:
     return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
 
 
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
 class BundleText:
     """The bundle's tokenizer behind one interface: GPT-2's BPE through tiktoken (encoder.json, vocab.bpe), or the
-    model's own Hugging Face tokenizer (tokenizer.json and its configs, through `tokenizers`; a chat template
-    through jinja2). Only the package the bundle needs is imported."""
+    model's own Hugging Face tokenizer (tokenizer.json and its configs, through `tokenizers`). A chat template comes
+    rendered by the export as the frame around one user message (`chat_frame`), so no jinja2 is needed. Only the
+    package the bundle needs is imported."""
 
     def __init__(self, bundle: Path, manifest: dict[str, Any]) -> None:
         names = tokenizer_files(manifest, bundle / "manifest.json")
@@ -299,13 +300,16 @@ class BundleText:
             from edge.hf_tokenizer import HFTokenizer
 
             self.tokenizer = HFTokenizer.from_files(read_tokenizer_texts(bundle, names), origin=bundle)
-            self.chat_template = self.tokenizer.chat_template
+            frame = manifest.get("chat_frame")
+            if frame is not None and not (isinstance(frame, list) and len(frame) == 2 and all(map(_is_str, frame))):
+                raise BundleError(f"{bundle / 'manifest.json'}: chat_frame must be [text before, text after] a message")
+            self.chat_frame = tuple(frame) if frame is not None else None
             eos_ids = self.tokenizer.eos_ids
         else:
             from edge.text import ENDOFTEXT, load_gpt2_encoding
 
             self.tokenizer = load_gpt2_encoding(bundle / names[0], bundle / names[1])
-            self.chat_template = None
+            self.chat_frame = None
             self._special = {ENDOFTEXT}
             eos_ids = [GPT2_EOT]
         stored = manifest.get("eos_ids", [manifest["eos_id"]] if "eos_id" in manifest else None)
@@ -334,11 +338,13 @@ class BundleText:
             return self.tokenizer.decode([i for i in ids if not (skip_special_tokens and i == GPT2_EOT)])
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, content: str, **kwargs: Any) -> str:
-        """A one-message conversation from the user, with the assistant's turn opened, in the model's template;
-        `kwargs` reach the template (`enable_thinking=False` for a Qwen3 tuned without reasoning)."""
-        messages = [{"role": "user", "content": content}]
-        return self.tokenizer.render_chat(messages, add_generation_prompt=True, **kwargs)
+    def render_chat(self, content: str) -> str:
+        """A one-message conversation from the user, with the assistant's turn opened, in the model's template: the
+        frame the export rendered (with the keywords the model was tuned with, `enable_thinking=False` for Qwen3)."""
+        if self.chat_frame is None:
+            raise BundleError("this bundle's model has no chat template")
+        before, after = self.chat_frame
+        return before + content + after
 
     def stream(self, *, skip_special_tokens: bool = False) -> Callable[[int], str]:
         """A function of one row's next token -> the new text it completes (empty while a character is unfinished)."""

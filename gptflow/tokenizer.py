@@ -73,6 +73,6 @@ def model_tokenizer(files: dict[str, str] | None, settings=None):
     BPE for a checkpoint that stores none (every model whose vocabulary is GPT-2's)."""
     if files is None:
         return GPT2Text(get_tokenizer(settings))
-    from edge.hf_tokenizer import HFTokenizer
+    from gptflow.chat_template import ChatTokenizer
 
-    return HFTokenizer.from_files(files)
+    return ChatTokenizer.from_files(files)

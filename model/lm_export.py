@@ -296,6 +296,8 @@ def _export(
         documents = genai_files(cfg, None, ORT_FILES["fp32"], hf_tokenizer=tokenizer)
         kept = sorted(name for name in tokenizer.files if "/" not in name)
         info.update(tokenizer="hf", tokenizer_files=kept, bos_id=tokenizer.bos_id)
+        if tokenizer.chat_template is not None:  # the edge runtime frames prompts with it, without jinja2
+            info["chat_frame"] = list(tokenizer.chat_frame(**(CHAT_KWARGS if style == CHAT else {})))
     else:
         documents = genai_files(cfg, gpt2_files, ORT_FILES["fp32"])
         copies.update({"encoder.json": gpt2_files[0], "vocab.bpe": gpt2_files[1]})

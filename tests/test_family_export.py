@@ -3,7 +3,7 @@ head, Qwen3 with q/k norms and a head wider than emb/heads, GPT-2's architecture
 its locally trained tokenizer and chat template, converted with `load-hf` and exported with int8. The ONNX decoder
 (rotary positions, grouped-query KV cache) is within 1e-4 of PyTorch, onnxruntime-genai (the family's model type)
 generates our greedy tokens, and `python -m edge generate` answers as `gptflow generate` does with onnxruntime,
-numpy, tokenizers and jinja2 only (tiktoken and torch blocked). About 35 s on 2 cores.
+numpy and tokenizers only (tiktoken, jinja2 and torch blocked). About 35 s on 2 cores.
 
 Then a classifier fine-tuned on each of those backbones exports to a classifier bundle that reads text with the
 model's own tokenizer and pads with its pad id: fp32 ONNX within 1e-4 of PyTorch, the int8 gates, and `python -m
@@ -51,8 +51,8 @@ ENTRIES = [
 INSTRUCTION = "What does the river carry?"
 NEW_TOKENS = 12
 
-# Own-tokenizer bundles run on numpy, onnxruntime, tokenizers and jinja2: tiktoken is blocked too.
-STANDALONE = standalone_edge_script("tiktoken", "transformers")
+# Own-tokenizer bundles run on numpy, onnxruntime and tokenizers: tiktoken and jinja2 are blocked too.
+STANDALONE = standalone_edge_script("tiktoken", "transformers", "jinja2")
 
 
 def hf_model(name: str, vocab_size: int):
@@ -236,7 +236,7 @@ def test_chat_tuned_model_exports_without_data_and_answers_as_gptflow(families, 
     manifest = verify_bundle(bundle, "lm")
     assert manifest["prompt"] == {"style": "chat", "chat_kwargs": {"enable_thinking": False}}
     assert "model.int8.onnx" not in manifest["files"] and "perplexity" not in manifest["quality"]
-    assert EdgeGenerator(bundle).text.render_chat("hi", enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+    assert EdgeGenerator(bundle).text.render_chat("hi").endswith("<think>\n\n</think>\n\n")
     with pytest.raises(BundleError, match="holds no int8 model"):
         EdgeGenerator(bundle, int8=True)
     argv = [INSTRUCTION, "--input", "Be brief.", "--max-new-tokens", str(NEW_TOKENS)]

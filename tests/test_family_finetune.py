@@ -17,8 +17,8 @@ from conftest import tiny_config
 from hf_fixtures import write_hub_mirror, write_tokenizer
 
 from cli import main
-from edge.hf_tokenizer import HFTokenizer
 from edge.text import encode_texts
+from gptflow.chat_template import ChatTokenizer
 from gptflow.prompts import CHAT, chat_prompt
 from model.checkpoint import load_checkpoint
 from model.configs import ClassifierConfig, InstructConfig
@@ -85,7 +85,7 @@ def test_chat_examples_are_transformers_renders_with_the_assistant_turn_as_the_o
     the assistant's turn, and the targets the loss reads are exactly the answer and its end-of-turn token."""
     from transformers import AutoTokenizer
 
-    tok, theirs = HFTokenizer.from_folder(tiny_hf[name]), AutoTokenizer.from_pretrained(tiny_hf[name])
+    tok, theirs = ChatTokenizer.from_folder(tiny_hf[name]), AutoTokenizer.from_pretrained(tiny_hf[name])
     entries = [ENTRIES[0], ENTRIES[1]]  # with and without an input
     encoded = encode_entries(entries, tok, CHAT)
     for entry, (ids, n_prompt) in zip(entries, encoded):
@@ -159,7 +159,7 @@ def test_instruction_and_classifier_fine_tuning_lower_the_loss_and_keep_the_toke
     block = sum(p.numel() for p in _tiny_model(name, cfg.vocab_size).model.layers[-1].parameters())
     assert tuned.summary["trainable_params"] == block + cfg.emb_dim + cfg.emb_dim * 3 + 3  # block, norm, new head
     best = load_checkpoint(tuned.best)
-    tok = HFTokenizer.from_files(files)
+    tok = ChatTokenizer.from_files(files)
     assert best["tokenizer"] == files and best["pad_id"] == tok.pad_id
     loaded = open_model(tuned.best, CLASSIFIERS).classifier()
     assert loaded.model.pad_id == tok.pad_id and loaded.tokenizer().files == files
@@ -185,7 +185,7 @@ def test_domain_pretraining_reads_and_keeps_the_models_tokenizer(tiny_hf, tmp_pa
     files = config.init.tokenizer_files(settings)
     result = pretrain_domain(data, None, config)
     assert load_checkpoint(result.model_path)["tokenizer"] == files == load_checkpoint(result.checkpoint)["tokenizer"]
-    tok = HFTokenizer.from_files(files)
+    tok = ChatTokenizer.from_files(files)
     assert result.metrics["corpus_tokens"] == sum(len(ids) + 1 for ids in tok.encode_batch(make_texts(12, 0)["text"]))
     tuned = finetune_classifier(data, None, config.after_dapt(result.model_path))
     assert load_checkpoint(tuned.best)["tokenizer"] == files
@@ -258,7 +258,7 @@ def test_smollm2_recipe_runs_its_classify_and_instruct_stages_from_a_hub_mirror(
     files = load_checkpoint(base / "model.pt")["tokenizer"]
     deliverables = {k: Path(v) for k, v in summary["deliverables"].items()}
     best = load_checkpoint(deliverables["classifier checkpoint"])
-    assert best["tokenizer"] == files and best["pad_id"] == HFTokenizer.from_files(files).pad_id
+    assert best["tokenizer"] == files and best["pad_id"] == ChatTokenizer.from_files(files).pad_id
     model = deliverables["instruction model"]
     assert re.fullmatch(r"instructions-HuggingFaceTB--SmolLM2-135M-Instruct-chat-[0-9a-f]{8}", model.parent.name)
     assert load_checkpoint(model)["style"] == CHAT and load_checkpoint(model)["tokenizer"] == files

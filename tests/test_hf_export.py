@@ -152,7 +152,7 @@ def converted(tmp_path_factory, mirror) -> dict[str, dict]:
 def test_family_export_loads_in_transformers_with_equal_logits(converted, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge.hf_tokenizer import HFTokenizer
+    from gptflow.chat_template import ChatTokenizer
     from model.files import CHECKPOINT_LMS
     from model.gpt import mask_positions
     from model.opener import open_model
@@ -175,7 +175,7 @@ def test_family_export_loads_in_transformers_with_equal_logits(converted, name):
     original = AutoModelForCausalLM.from_pretrained(family["folder"], dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(original(ids[:1]).logits, hf(ids[:1]).logits)  # the same model as the one loaded
-    tok, theirs = HFTokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    tok, theirs = ChatTokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
     chat = [{"role": "user", "content": "Hello there, what's new?"}]
     assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.render_chat(chat)
     assert theirs("Order #123 costs $4.50")["input_ids"] == tok.encode(

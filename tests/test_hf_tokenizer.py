@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, GenerationConfig
 
 from edge import BundleError
-from edge.hf_tokenizer import ChatTemplateError, HFTokenizer
+from gptflow.chat_template import ChatTemplateError, ChatTokenizer
 
 HARD_TEXTS = [
     "",
@@ -87,7 +87,7 @@ def loaded(folders):
     """style -> (ours, tokenizers' Tokenizer, transformers' tokenizer), each loaded once."""
     return {
         style: (
-            HFTokenizer.from_folder(f.folder),
+            ChatTokenizer.from_folder(f.folder),
             Tokenizer.from_file(str(f.folder / "tokenizer.json")),
             AutoTokenizer.from_pretrained(f.folder),
         )
@@ -222,7 +222,7 @@ def test_from_files_rebuilds_the_same_tokenizer(loaded, style):
     ours, _, _ = loaded[style]
     files = ours.files
     assert set(files) == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"}
-    again = HFTokenizer.from_files(json.loads(json.dumps(files)))  # survives being stored as JSON
+    again = ChatTokenizer.from_files(json.loads(json.dumps(files)))  # survives being stored as JSON
     assert again.encode_batch(HARD_TEXTS, add_special_tokens=True) == ours.encode_batch(
         HARD_TEXTS, add_special_tokens=True
     )
@@ -244,7 +244,7 @@ def variant(folders, tmp_path, edit):
     folder = tmp_path / "variant"
     shutil.copytree(folders["qwen3"].folder, folder)
     edit(folder)
-    return HFTokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    return ChatTokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
 
 
 def edit_json(path, change):
@@ -298,34 +298,34 @@ def test_special_token_missing_from_tokenizer_json_is_added_like_transformers(fo
 
 def test_errors_name_the_file(folders, tmp_path):
     with pytest.raises(BundleError, match=r"tokenizer\.json is missing"):
-        HFTokenizer.from_folder(tmp_path)
+        ChatTokenizer.from_folder(tmp_path)
     with pytest.raises(BundleError, match="not a folder"):
-        HFTokenizer.from_folder(tmp_path / "absent")
+        ChatTokenizer.from_folder(tmp_path / "absent")
 
-    files = HFTokenizer.from_folder(folders["chatml"].folder).files
+    files = ChatTokenizer.from_folder(folders["chatml"].folder).files
     broken = {**files, "tokenizer_config.json": '{"eos_token": "<|im_end|>",'}
     with pytest.raises(BundleError, match=r"tokenizer_config\.json is not valid JSON") as raised:
-        HFTokenizer.from_files(broken, origin="model")
+        ChatTokenizer.from_files(broken, origin="model")
     assert str(raised.value).startswith("model/tokenizer_config.json") and "\n" not in str(raised.value)
     with pytest.raises(BundleError, match=r"generation_config\.json holds a JSON list"):
-        HFTokenizer.from_files({**files, "generation_config.json": "[1, 2]"})
+        ChatTokenizer.from_files({**files, "generation_config.json": "[1, 2]"})
     with pytest.raises(BundleError, match=r"generation_config\.json has eos_token_id"):
-        HFTokenizer.from_files({**files, "generation_config.json": '{"eos_token_id": "</s>"}'})
+        ChatTokenizer.from_files({**files, "generation_config.json": '{"eos_token_id": "</s>"}'})
     with pytest.raises(BundleError, match=r"tokenizer\.json is not a tokenizers serialization"):
-        HFTokenizer.from_files({**files, "tokenizer.json": '{"model": 3}'})
+        ChatTokenizer.from_files({**files, "tokenizer.json": '{"model": 3}'})
     with pytest.raises(BundleError, match="unknown tokenizer files vocab.txt"):
-        HFTokenizer.from_files({**files, "vocab.txt": ""})
+        ChatTokenizer.from_files({**files, "vocab.txt": ""})
 
-    plain = HFTokenizer.from_files({"tokenizer.json": files["tokenizer.json"]})
+    plain = ChatTokenizer.from_files({"tokenizer.json": files["tokenizer.json"]})
     assert plain.chat_template is None and plain.eos_ids == [] and plain.bos_token is None
     with pytest.raises(BundleError, match="no chat template"):
         plain.render_chat(USER_ONLY)
     with pytest.raises(ChatTemplateError, match="does not compile"):
-        HFTokenizer.from_files({**files, "chat_template.jinja": "{% for m in messages %}"}).render_chat(USER_ONLY)
+        ChatTokenizer.from_files({**files, "chat_template.jinja": "{% for m in messages %}"}).render_chat(USER_ONLY)
 
 
-def test_edge_module_imports_jinja2_only_to_render():
-    """A bundle without a chat template never needs jinja2; transformers and torch are never imported."""
+def test_edge_module_never_imports_jinja2():
+    """The edge tokenizer never imports jinja2 (bundles keep their chat frame rendered), nor transformers or torch."""
     source = (REPO_ROOT / "edge" / "hf_tokenizer.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     top_level = {
@@ -340,5 +340,5 @@ def test_edge_module_imports_jinja2_only_to_render():
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
-    assert "jinja2" not in top_level and "jinja2" in everywhere
+    assert "jinja2" not in everywhere and "tokenizers" in top_level
     assert not everywhere & {"transformers", "torch", "gptflow", "model", "huggingface_hub"}

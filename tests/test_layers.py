@@ -25,7 +25,7 @@ MAY_IMPORT = {
 }
 PREFECT_LAYERS = {"cli", "flows", "tasks"}
 # Copied alone onto a device, edge has the standard library and these.
-EDGE_THIRD_PARTY = {"numpy", "onnxruntime", "tiktoken", "tokenizers", "jinja2"}
+EDGE_THIRD_PARTY = {"numpy", "onnxruntime", "tiktoken", "tokenizers"}  # design.md: the bundle's tokenizer package
 
 
 def imported_modules(path):
