@@ -16,6 +16,7 @@ render and the loss covers the answer alone. Templates ignore the keyword they d
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from gptflow.errors import GptflowError
@@ -126,3 +127,44 @@ def chat_example(tokenizer: Any, entry: dict[str, str]) -> tuple[str, str]:
             "whose template keeps the prompt a prefix"
         )
     return prompt, full[len(prompt) :]
+
+
+# --- the prompt format as a frame, for runtimes without our code ------------------------------------------------
+
+_MESSAGE, _ANSWER = "\x00message\x00", "\x00answer\x00"
+
+
+def prompt_frame(tokenizer: Any, style: str | None) -> tuple[str, str, str] | None:
+    """(before, after, end): what the model's prompt format writes around one user message, and what closes the
+    model's answer (its end token; a chat template's end of turn). For runtimes that frame prompts themselves: an
+    Ollama template, a GGUF's chat template. None for a model with no prompt format (a base model)."""
+    if style in RESPONSE_MARKERS and style != CHAT:
+        before, after = format_prompt({"instruction": _MESSAGE, "input": ""}, style).split(_MESSAGE)
+        return before, after, tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        return None
+    kwargs = CHAT_KWARGS if style == CHAT else {}
+    messages = chat_messages({"instruction": _MESSAGE, "input": "", "output": _ANSWER}, with_output=True)
+    prompt = tokenizer.render_chat(messages[:1], add_generation_prompt=True, **kwargs)
+    full = tokenizer.render_chat(messages, add_generation_prompt=False, **kwargs)
+    if prompt.count(_MESSAGE) != 1:
+        raise PromptStyleError("the model's chat template changes the user's message: it cannot be kept as a frame")
+    before, after = prompt.split(_MESSAGE)
+    end = full.split(_ANSWER, 1)[1] if full.startswith(prompt) and full.count(_ANSWER) == 1 else ""
+    return before, after, end
+
+
+def frame_chat_template(before: str, after: str, end: str) -> str:
+    """A Jinja chat template (as transformers and llama.cpp render them) that writes each user message in the
+    frame and each assistant message followed by `end`: a text prompt format (Alpaca, Phi-3) as a chat template."""
+    literal = lambda text: "{{ " + json.dumps(text, ensure_ascii=False) + " }}"  # noqa: E731
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        + literal(before)
+        + "{{ message['content'] }}"
+        + literal(after)
+        + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}"
+        + literal(end)
+        + "{%- endif -%}{%- endfor -%}"
+    )
