@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 300
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= gptflow,data,model,eval
 
-.PHONY: setup run test check e2e server deploy worker image clean
+.PHONY: setup run test check e2e llama-cpp server deploy worker image clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# llama.cpp itself (llama-cpp-python, built from source: about 6 minutes on 2 cores the first time; the wheel is kept
+# in ~/.cache/gptflow/wheels, per CPU, and reused). The GGUF tests load our files in it; without it they are skipped.
+llama-cpp: $(STAMP)
+	PYTHON=$(BIN)/python scripts/install_llama_cpp.sh
 
 # The edit-test loop (about 2 minutes): lint plus the unit tier, the tests that need no Prefect server, start no
 # process and train no more than a few tiny steps (markers in pyproject.toml). `make test` runs them all.

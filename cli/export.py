@@ -1,5 +1,5 @@
-"""`gptflow export CHECKPOINT [--int8] [--format onnx|hf]`: a classifier or a language model (GPT-2, Llama, Qwen3) to
-its edge bundle (or a Hugging Face folder)."""
+"""`gptflow export CHECKPOINT [--int8] [--format onnx|hf|gguf] [--quant f16|q8_0|q4_0]`: a classifier or a language
+model (GPT-2, Llama, Qwen3) to its edge bundle (or a Hugging Face folder, or a GGUF bundle for llama.cpp and Ollama)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "load-hf, or instruction-tuned model.pt): one ONNX decoder with a KV cache, parity over a left-padded prompt "
         "pass and 32 cached steps (no data needed), and with --int8 validation perplexity fp32 vs int8 (fails above "
         "--max-ppl-increase percent) and greedy agreement on the test prompts, on --data encoded with the model's "
-        "own tokenizer; --format hf writes a Hugging Face folder of the model's family instead.",
+        "own tokenizer; --format hf writes a Hugging Face folder of the model's family instead, --format gguf a GGUF "
+        "bundle (model.gguf at --quant, a Modelfile) for llama.cpp and Ollama.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt or LM model.pt, or their folder")
     p.add_argument(
@@ -56,8 +57,10 @@ def run_export(args: argparse.Namespace) -> int:
     opened = open_model(args.checkpoint, EXPORTABLE)  # neither kind: one line before the flow
     if opened.kind in ("lm", "instruct"):
         return _export_lm(args, config, opened)
-    if config.format == "hf":
-        raise GptflowError(f"{opened.path} is not a language-model checkpoint: --format hf writes language models")
+    if config.format != "onnx":
+        raise GptflowError(
+            f"{opened.path} is not a language-model checkpoint: --format {config.format} writes language models"
+        )
     loaded = opened.classifier()
     data_dir = args.data or loaded.data_dir
     if not data_dir or not (Path(data_dir) / "test.csv").is_file():
@@ -79,9 +82,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _export_lm(args: argparse.Namespace, config, opened) -> int:
-    from flows.export import export_hf_flow, export_lm_flow
+    from flows.export import export_gguf_flow, export_hf_flow, export_lm_flow
     from model.lm_export import lm_data_dir, model_rows
 
+    if config.format == "gguf":
+        report = export_gguf_flow(args.checkpoint, config, args.out, force=args.force)
+        types = ", ".join(f"{n} {name}" for name, n in sorted(report["tensor_types"].items()))
+        print(
+            f"{'reused' if report['reused'] else 'wrote'} {report['family']} GGUF ({report['quant']}, "
+            f"{report['sizes_bytes']['model.gguf'] / 1e6:.1f} MB; tensors {types}): {report['gguf']}"
+        )
+        print(
+            f"bundle: {report['bundle']}  (Ollama: gptflow publish NAME {report['bundle']}; llama.cpp: llama-cli -m "
+            f"{report['gguf']})"
+        )
+        return 0
     if config.format == "hf":
         report = export_hf_flow(args.checkpoint, args.out, force=args.force)
         architecture = report.get("architecture", "GPT2LMHeadModel")

@@ -1,11 +1,12 @@
-"""Export flows: a classifier to its edge bundle; a language model to its LM bundle, or to a Hugging Face folder."""
+"""Export flows: a classifier to its edge bundle; a language model to its LM bundle, a Hugging Face folder or a GGUF
+bundle."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from model.configs import ExportConfig
-from tasks.export import export_bundle, export_hf_folder, export_lm_bundle
+from tasks.export import export_bundle, export_gguf_bundle, export_hf_folder, export_lm_bundle
 
 
 @flow(name="export")
@@ -42,3 +43,12 @@ def export_hf_flow(checkpoint: str, out_dir: str | None = None, force: bool = Fa
     """A language model as a Hugging Face folder of its family (GPT2LMHeadModel, LlamaForCausalLM,
     Qwen3ForCausalLM) with its tokenizer: the stage folder's `hf/`."""
     return export_hf_folder(str(checkpoint), out_dir, force)
+
+
+@flow(name="export-gguf")
+def export_gguf_flow(
+    checkpoint: str, config: ExportConfig = ExportConfig(), out_dir: str | None = None, force: bool = False
+) -> dict:
+    """A language model as a GGUF bundle (`model.gguf`, `Modelfile`) for llama.cpp and Ollama: the stage folder's
+    `bundle/`, in `config.quant`."""
+    return export_gguf_bundle(str(checkpoint), config, out_dir, force)

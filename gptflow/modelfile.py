@@ -19,6 +19,7 @@ from typing import Any
 from gptflow.errors import GptflowError
 
 MODELFILE = "Modelfile"
+GGUF_KIND, GGUF_FILE = "gguf", "model.gguf"  # a GGUF bundle's kind (its manifest) and its model's file name
 _INSTRUCTION = re.compile(r"^(FROM|TEMPLATE|PARAMETER|SYSTEM)\s+(.*)$", re.S)
 # Parameters Ollama reads as numbers (the rest of what we write is `stop`, a string).
 _NUMBERS = {"num_ctx": int, "top_k": int, "seed": int, "num_predict": int, "temperature": float, "top_p": float}
@@ -97,7 +98,9 @@ class Modelfile:
                     except ValueError:
                         raise ModelfileError(f"{where}: PARAMETER {name} expects a number, got {raw!r}") from None
                 else:
-                    raise ModelfileError(f"{where}: unknown PARAMETER {name!r} (expected stop or {', '.join(_NUMBERS)})")
+                    raise ModelfileError(
+                        f"{where}: unknown PARAMETER {name!r} (expected stop or {', '.join(_NUMBERS)})"
+                    )
         if source is None:
             raise ModelfileError(f"{path}: no FROM line (expected FROM ./model.gguf)")
         return cls(source, template, tuple(stops), parameters, system)

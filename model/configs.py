@@ -380,9 +380,13 @@ class ExportConfig(StrictConfig):
     device: DeviceSpec = Field(
         default="cpu", description="device of the PyTorch reference pass (the ONNX graph is always traced on the CPU)"
     )
-    format: Literal["onnx", "hf"] = Field(
+    format: Literal["onnx", "hf", "gguf"] = Field(
         default="onnx",
-        description="onnx: the edge bundle; hf: a Hugging Face folder of the model's family (language models)",
+        description="onnx: the edge bundle; hf: a Hugging Face folder of the model's family; gguf: a GGUF bundle "
+        "for llama.cpp and Ollama (language models)",
+    )
+    quant: Literal["f16", "q8_0", "q4_0"] = Field(
+        default="q8_0", description="GGUF weight type (--format gguf): f16, q8_0 or q4_0"
     )
     # Language models (the LM bundle).
     max_ppl_increase: float = Field(
@@ -397,10 +401,10 @@ class ExportConfig(StrictConfig):
 
     def identity(self, kind: str) -> dict[str, Any]:
         """The stage key's config for a `kind` bundle: the fields that shape it. Not the device, the output format
-        (a Hugging Face folder is a stage of its own) or the other kind's fields, so that changing the LM gate
-        does not re-export the classifier."""
+        (a Hugging Face folder and a GGUF are stages of their own, the GGUF keyed by its quant) or the other kind's
+        fields, so that changing the LM gate does not re-export the classifier."""
         other = _LM_FIELDS if kind == CLASSIFIER else _CLASSIFIER_FIELDS
-        return self.model_dump(mode="json", exclude={"device", "format", *other})
+        return self.model_dump(mode="json", exclude={"device", "format", "quant", *other})
 
 
 _CLASSIFIER_FIELDS = {"max_int8_drop", "onnx_int8_ops", "batch_size"}

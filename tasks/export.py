@@ -1,5 +1,5 @@
-"""Prefect tasks of the export stage: the classifier's edge bundle, the language model's bundle and its Hugging
-Face folder; each publishes its figures."""
+"""Prefect tasks of the export stage: the classifier's edge bundle, the language model's bundle, its Hugging Face
+folder and its GGUF bundle; each publishes its figures."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.configs import ExportConfig
+from model.gguf_export import export_gguf
 from model.hf_export import export_hf
 from model.lm_export import export_lm, model_rows
 from model.onnx_export import MODEL_FILES, export_classifier
@@ -74,4 +75,25 @@ def export_hf_folder(checkpoint: str, out_dir: str | None = None, force: bool = 
         report.get("architecture", "GPT2LMHeadModel"),
         report["folder"],
     )
+    return report
+
+
+@task(cache_policy=NO_CACHE)
+def export_gguf_bundle(
+    checkpoint: str, config: ExportConfig, out_dir: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """The GGUF bundle (llama.cpp, Ollama) of a language model of any family, in `config.quant`."""
+    report = export_gguf(checkpoint, out_dir, config, force=force)
+    get_run_logger().info(
+        "%s %s GGUF bundle %s (%s, %.1f MB)",
+        "reused" if report["reused"] else "wrote",
+        report["family"],
+        report["bundle"],
+        report["quant"],
+        report["sizes_bytes"]["model.gguf"] / 1e6,
+    )
+    key = artifact_key("export-gguf", report["checkpoint_sha256"][:12])
+    rows = [{"tensor type": name, "tensors": n} for name, n in sorted(report["tensor_types"].items())]
+    publish_table(rows, f"{key}-types", f"GGUF export ({report['quant']}): tensors per type")
+    publish_markdown((Path(report["bundle"]) / "card.md").read_text(encoding="utf-8"), f"{key}-card", "GGUF card")
     return report

@@ -1,9 +1,22 @@
 """A loopback stand-in for the Ollama REST API, for tests that run the real `ollama` client.
 
-It implements the documented subset the judge uses (https://github.com/ollama/ollama/blob/main/docs/api.md):
-`POST /api/chat` (NDJSON stream or one JSON object), `POST /api/generate`, `GET /api/tags`,
-`GET /api/version`, `POST /api/show`, `POST /api/pull`. Replies are scripted with `reply(prompt, format)`;
-faults queued with `fail_next(...)` hit the next chat/generate requests one each:
+It implements the documented subset the judge and `gptflow publish` use
+(https://github.com/ollama/ollama/blob/main/docs/api.md): `POST /api/chat` (NDJSON stream or one JSON object),
+`POST /api/generate`, `GET /api/tags`, `GET /api/version`, `POST /api/show`, `POST /api/pull`, and the model
+creation API:
+
+  `HEAD /api/blobs/sha256:<hex>`  200 when the blob is stored, 404 when not
+  `POST /api/blobs/sha256:<hex>`  reads the body (Content-Length or chunked) and stores digest -> size: 201 Created
+                                  (200 when already stored); 400 `{"error": "digest mismatch, ..."}` when the body's
+                                  sha256 is not the digest, 400 `invalid digest format` for a malformed digest
+  `POST /api/create`              model, files {name: digest}, template, system, parameters, stream (default true),
+                                  or `from` an existing model; a file whose blob is not stored is a 400 naming it;
+                                  the model is then listed by /api/tags, known to /api/show (its template and
+                                  parameters) and to chat/generate; the reply is `{"status": "success"}`, or with
+                                  `stream` an NDJSON stream of statuses ending in success
+
+Replies are scripted with `reply(prompt, format)`; faults queued with `fail_next(...)` hit the next chat/generate
+requests one each:
 
   "http_500"   HTTP 500 with an error body
   "not_found"  HTTP 404 `{"error": "model 'x' not found"}`
@@ -11,11 +24,14 @@ faults queued with `fail_next(...)` hit the next chat/generate requests one each
   "cut"        a stream (or body) cut mid-way: the connection closes before the reply is complete
 
 Unknown models get the 404 too. `closed_port_host()` gives a host where the connection is refused.
-Every request is recorded in `requests` (method, path, JSON body) so tests can assert what was sent.
+Every request is recorded in `requests` (method, path, JSON body) so tests can assert what was sent; a blob upload
+is recorded with `{"bytes": N}`, the byte count of its body, not the bytes. `blobs` maps each stored digest to its
+size and `created` each created model's name to its create request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -26,6 +42,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 FAULTS = ("http_500", "not_found", "slow", "cut")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_BLOBS = "/api/blobs/"
 _RESPONSE_IN_PROMPT = re.compile(r"score the model response `(.*)` on a scale", re.S)
 _OUTPUT_IN_PROMPT = re.compile(r"and correct output `(.*)`, score the model response", re.S)
 
@@ -63,6 +81,8 @@ class FakeOllama:
         self.slow_s = slow_s
         self.reply: Callable[[str, Any], str] = default_reply
         self.requests: list[Recorded] = []
+        self.blobs: dict[str, int] = {}  # digest -> size of each stored blob
+        self.created: dict[str, dict] = {}  # model name (with its tag) -> its /api/create request
         self._faults: deque[str] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -108,8 +128,43 @@ class FakeOllama:
             return self._faults.popleft() if self._faults else None
 
     def _knows(self, model: str) -> bool:
-        name = model if ":" in model else model + ":latest"
-        return name in self.models
+        return _tagged(model) in self.models
+
+    def _create(self, name: str, request: dict) -> None:
+        with self._lock:
+            self.created[name] = request
+            if name not in self.models:
+                self.models.append(name)
+
+
+def _tagged(model: str) -> str:
+    """A model name with its tag (`:latest` unless it names one)."""
+    return model if ":" in model else model + ":latest"
+
+
+def _show_created(request: dict) -> dict:
+    """/api/show of a model made with /api/create: its Modelfile, template, system prompt and parameters."""
+    parameters = []
+    for key, value in (request.get("parameters") or {}).items():
+        for one in value if isinstance(value, list) else [value]:
+            parameters.append(f"{key} {json.dumps(one) if isinstance(one, str) else one}")
+    lines = [f"FROM {digest}" for digest in (request.get("files") or {}).values()] or [f"FROM {request.get('from')}"]
+    if request.get("template") is not None:
+        lines.append(f'TEMPLATE """{request["template"]}"""')
+    if request.get("system") is not None:
+        lines.append(f'SYSTEM """{request["system"]}"""')
+    lines += [f"PARAMETER {line}" for line in parameters]
+    out = {
+        "modelfile": "\n".join(lines) + "\n",
+        "parameters": "\n".join(parameters),
+        "template": request.get("template") or "{{ .Prompt }}",
+        "details": {"format": "gguf"},
+        "model_info": {},
+        "modified_at": _CREATED_AT,
+    }
+    if request.get("system") is not None:
+        out["system"] = request["system"]
+    return out
 
 
 def closed_port_host() -> str:
@@ -132,8 +187,12 @@ def _make_handler(fake: FakeOllama):
 
         # -- plumbing ---------------------------------------------------------------------------------
         def _body(self) -> dict | None:
-            length = int(self.headers.get("Content-Length") or 0)
-            return json.loads(self.rfile.read(length)) if length else None
+            """The JSON body; None when there is none, or it is not JSON (an upload to a wrong path, say)."""
+            data = b"".join(self._body_pieces())
+            try:
+                return json.loads(data) if data else None
+            except ValueError:
+                return None
 
         def _send_json(self, obj: dict, status: int = 200) -> None:
             data = json.dumps(obj).encode()
@@ -166,36 +225,56 @@ def _make_handler(fake: FakeOllama):
             if self.path == "/api/version":
                 self._send_json({"version": "0.6.5"})
             elif self.path == "/api/tags":
-                self._send_json(
-                    {
-                        "models": [
-                            {
-                                "name": m,
-                                "model": m,
-                                "modified_at": _CREATED_AT,
-                                "size": 4_661_224_676,
-                                "digest": "365c0bd3c000" + "0" * 52,
-                                "details": {
-                                    "format": "gguf",
-                                    "family": "llama",
-                                    "parameter_size": "8.0B",
-                                    "quantization_level": "Q4_0",
-                                },
-                            }
-                            for m in fake.models
-                        ]
-                    }
-                )
+                self._send_json({"models": [self._tag(m) for m in fake.models]})
             else:
                 self._send_json({"error": "404 page not found"}, status=404)
 
+        def _tag(self, name: str) -> dict:
+            """A model's entry in /api/tags: a created one's size is its blobs', its digest its request's hash."""
+            request = fake.created.get(name)
+            if request is None:
+                size, digest, family = 4_661_224_676, "365c0bd3c000" + "0" * 52, "llama"
+                details = {"parameter_size": "8.0B", "quantization_level": "Q4_0"}
+            else:
+                size = sum(fake.blobs.get(d, 0) for d in (request.get("files") or {}).values())
+                digest, family, details = (
+                    hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest(),
+                    "",
+                    {},
+                )
+            return {
+                "name": name,
+                "model": name,
+                "modified_at": _CREATED_AT,
+                "size": size,
+                "digest": digest,
+                "details": {"format": "gguf", "family": family, **details},
+            }
+
+        def do_HEAD(self) -> None:
+            fake._record("HEAD", self.path, None)
+            if not self.path.startswith(_BLOBS):
+                status = 404
+            elif not _DIGEST.fullmatch(digest := self.path[len(_BLOBS) :]):
+                status = 400
+            else:
+                status = 200 if digest in fake.blobs else 404
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         def do_POST(self) -> None:
+            if self.path.startswith(_BLOBS):
+                return self._upload_blob(self.path[len(_BLOBS) :])
             body = self._body()
             fake._record("POST", self.path, body)
             model = (body or {}).get("model", "")
             if self.path == "/api/show":
                 if not fake._knows(model):
                     return self._not_found(model)
+                request = fake.created.get(_tagged(model))
+                if request is not None:
+                    return self._send_json(_show_created(request))
                 self._send_json(
                     {
                         "modelfile": f"FROM {model}",
@@ -206,8 +285,10 @@ def _make_handler(fake: FakeOllama):
                         "modified_at": _CREATED_AT,
                     }
                 )
+            elif self.path == "/api/create":
+                self._create(body or {})
             elif self.path == "/api/pull":
-                fake.models.append(model if ":" in model else model + ":latest")
+                fake.models.append(_tagged(model))
                 statuses = [
                     {"status": "pulling manifest"},
                     {"status": "verifying sha256 digest"},
@@ -221,6 +302,68 @@ def _make_handler(fake: FakeOllama):
                 self._answer(body, chat=self.path == "/api/chat")
             else:
                 self._send_json({"error": "404 page not found"}, status=404)
+
+        def _upload_blob(self, digest: str) -> None:
+            """Ollama's blob upload: the body's sha256 must be the digest; 201 Created (200 when already stored)."""
+            sha256, size = hashlib.sha256(), 0
+            for piece in self._body_pieces():
+                sha256.update(piece)
+                size += len(piece)
+            fake._record("POST", self.path, {"bytes": size})
+            if not _DIGEST.fullmatch(digest):
+                return self._send_json({"error": "invalid digest format"}, status=400)
+            found = f"sha256:{sha256.hexdigest()}"
+            if found != digest:
+                return self._send_json({"error": f'digest mismatch, expected "{digest}", got "{found}"'}, status=400)
+            with fake._lock:
+                stored = digest in fake.blobs
+                fake.blobs[digest] = size
+            self.send_response(200 if stored else 201)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _body_pieces(self):
+            """The raw request body, piece by piece: Content-Length bytes, or a chunked body."""
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    yield self.rfile.read(size)
+                    self.rfile.readline()  # the CRLF after each chunk
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers, then the blank line
+                    pass
+                return
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                piece = self.rfile.read(min(left, 1 << 16))
+                if not piece:
+                    return
+                left -= len(piece)
+                yield piece
+
+        def _create(self, body: dict) -> None:
+            """Ollama's /api/create from blobs (`files`) or from an existing model (`from`)."""
+            name, files, source = body.get("model"), body.get("files"), body.get("from")
+            if not isinstance(name, str) or not name:
+                return self._send_json({"error": "invalid model name"}, status=400)
+            if not files and not source:
+                return self._send_json({"error": "neither 'from' or 'files' was specified"}, status=400)
+            if source and not fake._knows(source):
+                return self._not_found(source)
+            if files is not None and not isinstance(files, dict):
+                return self._send_json({"error": "files must map each file name to its blob digest"}, status=400)
+            for file, digest in (files or {}).items():
+                if not isinstance(digest, str) or digest not in fake.blobs:
+                    error = f"blob {digest} of file {file!r} not found: upload it with POST /api/blobs/{digest} first"
+                    return self._send_json({"error": error}, status=400)
+            if not isinstance(body.get("parameters", {}), dict):
+                return self._send_json({"error": "parameters must be an object"}, status=400)
+            fake._create(_tagged(name), body)
+            statuses = [{"status": "parsing GGUF"}] if files else []
+            statuses += [{"status": f"using existing layer {d}"} for d in (files or {}).values()]
+            statuses += [{"status": "writing manifest"}, {"status": "success"}]
+            if body.get("stream", True):
+                self._send_stream(statuses)
+            else:
+                self._send_json(statuses[-1])
 
         def _answer(self, body: dict, chat: bool) -> None:
             model = body.get("model", "")
