@@ -20,6 +20,7 @@ from edge.runtime import ORT_FILES, EdgeClassifier
 from eval.metrics import classification_report
 from gptflow.errors import GptflowError
 from gptflow.gates import reaches
+from gptflow.settings import ollama_model_name
 from gptflow.splits import read_labelled, read_labels
 from gptflow.storage import sha256_file
 from gptflow.strict import StrictConfig
@@ -52,6 +53,16 @@ class PromotionConfig(StrictConfig):
     enabled: bool = Field(default=True, description="challenge the champions after the run (off: register nothing)")
     classifier: PromotionRule = PromotionRule(metric="accuracy", margin=0.0, alert_worse_by=0.02)
     lm: PromotionRule = PromotionRule(metric="val_perplexity", margin=0.0, alert_worse_by=1.0)
+    ollama_model: str | None = Field(
+        default=None,
+        description="publish each new language-model champion's GGUF to the Ollama server (OLLAMA_HOST) under this "
+        "name (None: publish nothing)",
+    )
+
+    @field_validator("ollama_model")
+    @classmethod
+    def _ollama_name(cls, value: str | None) -> str | None:
+        return None if value is None else ollama_model_name(value)
 
     @field_validator("classifier", "lm")
     @classmethod

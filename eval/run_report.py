@@ -100,9 +100,16 @@ def promotion_rows(promotions: dict[str, dict[str, Any]]) -> list[dict[str, Any]
                 "champion before": outcome["champion_before"] or "-",
                 "champion now": outcome["champion"] or "-",
                 "reason": verdict["reason"],
+                "ollama": _ollama(outcome.get("ollama")),
             }
         )
     return rows
+
+
+def _ollama(published: dict[str, Any] | None) -> str:
+    if not published:
+        return "-"
+    return f"published as {published['model']}" if published["published"] else f"not published: {published['reason']}"
 
 
 def render_run_report(

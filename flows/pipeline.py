@@ -1,6 +1,7 @@
 """The end-to-end pipeline: data check -> data -> base model (pretrained, GPT-2 weights or a Hugging Face model) ->
-classifier -> edge bundle; instruction model -> judge and LM edge bundle; each bundle then challenges its registry's
-champion; last, a look inside the base and the instruction model on a probe text.
+classifier -> edge bundle; instruction model -> judge, LM edge bundle and GGUF bundle (llama.cpp, Ollama); each
+edge bundle then challenges its registry's champion, and a new LM champion goes to Ollama when a name is set; last,
+a look inside the base and the instruction model on a probe text.
 
 Entry point for `gptflow pipeline`, `make run` and the `prefect.yaml` deployments: `flows/pipeline.py:pipeline`.
 Every stage is a subflow whose outputs live in content-addressed stage folders under GPTFLOW_HOME (reused
@@ -13,7 +14,7 @@ from prefect import flow
 
 from flows.classify import finetune_classifier_flow
 from flows.evaluate import evaluate_responses_flow
-from flows.export import export_flow, export_lm_flow
+from flows.export import export_flow, export_gguf_flow, export_lm_flow
 from flows.inspect import inspect_flow
 from flows.instruct import finetune_instructions
 from flows.limits import time_limit
@@ -23,7 +24,7 @@ from flows.pretrain import load_gpt2_flow, load_hf_flow, pretrain_flow
 from tasks.alerts import ALERT_HOOKS
 from tasks.pipeline import write_run_report
 from tasks.prepare import check_data_source
-from tasks.registry import challenge_champion, registry_task
+from tasks.registry import challenge_champion, publish_champion, registry_task
 
 
 @flow(name="pipeline", log_prints=True, **ALERT_HOOKS)
@@ -55,6 +56,7 @@ def run_stages(params: PipelineParams) -> dict:
     instruct = finetune_instructions(instructions["out_dir"], params.instruct.model_copy(update={"init": init}))
     judged = evaluate_responses_flow(instruct["responses"], judge=params.judge, require_judge=params.require_judge)
     lm_bundle = export_lm_flow(instruct["model"], instructions["out_dir"], params.export)
+    gguf_bundle = export_gguf_flow(instruct["model"], params.export)
 
     promotions = {}
     if params.promotion.enabled:
@@ -67,6 +69,7 @@ def run_stages(params: PipelineParams) -> dict:
         promotions["lm"] = challenge_champion(
             "lm", name, lm_bundle["bundle"], instructions["out_dir"], rules.lm, judged.summary
         )
+        promotions["lm"]["ollama"] = publish_champion(promotions["lm"], gguf_bundle["bundle"], rules.ollama_model)
 
     inspect_base = inspect_flow(base["model"], params.probe_text, params.inspect)
     inspect_instruct = inspect_flow(instruct["model"], params.probe_text, params.inspect)
@@ -80,6 +83,7 @@ def run_stages(params: PipelineParams) -> dict:
         "instruct": instruct,
         "evaluate": judged.model_dump(),
         "export-lm": lm_bundle,
+        "export-gguf": gguf_bundle,
         "inspect-base": inspect_base,
         "inspect-instruct": inspect_instruct,
     }

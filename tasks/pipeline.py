@@ -24,6 +24,7 @@ def _deliverables(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
         "test responses": ("instruct", "responses"),
         "evaluation report": ("evaluate", "out_dir"),
         "LM edge bundle": ("export-lm", "bundle"),
+        "GGUF bundle (llama.cpp, Ollama)": ("export-gguf", "bundle"),
         "base model inspection": ("inspect-base", "report"),
         "instruction model inspection": ("inspect-instruct", "report"),
     }

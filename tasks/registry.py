@@ -1,4 +1,5 @@
-"""Prefect task of the promotion stage: this run's bundle challenges its task's champion in the registry.
+"""Prefect tasks of the promotion stage: this run's bundle challenges its task's champion in the registry, and a
+new language-model champion goes to Ollama.
 
 Both are scored on the current data version (eval.champion), the rule decides, a promotion is atomic
 (gptflow.registry), the UI gets the challenger-vs-champion table, and a promotion or a clearly worse challenger
@@ -17,6 +18,8 @@ from prefect.runtime import flow_run
 
 from eval.champion import ChampionError, PromotionRule, Verdict, comparison_rows, data_key, decide
 from eval.champion import score_classifier_bundle as score_classifier
+from gptflow.errors import GptflowError
+from gptflow.ollama_publish import publish_bundle
 from gptflow.registry import Registry, bundle_sha256
 from model.lm_quality import bundle_perplexity
 from tasks.alerts import RunRef, notify
@@ -146,3 +149,31 @@ def _details(record: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
         "champion path": record["path"],
         verdict.metric: verdict.challenger,
     }
+
+
+@task(name="publish-champion", cache_policy=NO_CACHE)
+def publish_champion(outcome: dict[str, Any], gguf_bundle: str, ollama_model: str | None) -> dict[str, Any]:
+    """A promoted language model's GGUF bundle into the Ollama server (OLLAMA_HOST) as `ollama_model`; otherwise one
+    line says why not (the champion was kept, no name is configured, or the server failed: the run goes on, the
+    registry already holds the champion)."""
+    logger = get_run_logger()
+    if outcome["status"] != "promoted":
+        reason = f"the champion {outcome['champion']} was kept"
+    elif ollama_model is None:
+        reason = "no Ollama model name is configured (promotion.ollama_model)"
+    else:
+        try:
+            report = publish_bundle(ollama_model, gguf_bundle)
+        except GptflowError as exc:
+            logger.warning("champion %s not published to Ollama: %s", outcome["champion"], exc)
+            return {"published": False, "reason": str(exc)}
+        logger.info(
+            "champion %s published to Ollama at %s as %s (%s)",
+            outcome["champion"],
+            report["host"],
+            ollama_model,
+            "uploaded" if report["uploaded"] else "its GGUF was already there",
+        )
+        return {"published": True, "model": ollama_model, "host": report["host"], "digest": report["digest"]}
+    logger.info("not published to Ollama: %s", reason)
+    return {"published": False, "reason": reason}

@@ -94,10 +94,13 @@ def _stage_status(summary: dict) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harness, settings):
+def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harness, settings, fake_ollama, monkeypatch):
     from flows.pipeline import pipeline
 
-    params = load_params(TINY).merged({**QUICK, "judge": {"host": "http://127.0.0.1:9", "retries": 0}})
+    monkeypatch.setenv("OLLAMA_HOST", fake_ollama.host)  # where a new LM champion is published
+    params = load_params(TINY).merged(
+        {**QUICK, "judge": {"host": "http://127.0.0.1:9", "retries": 0}, "promotion": {"ollama_model": "gptflow-tiny"}}
+    )
     first = pipeline(params)
 
     deliverables = {k: Path(v) for k, v in first["deliverables"].items()}
@@ -116,6 +119,15 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     assert lm_manifest["kind"] == "lm" and lm_manifest["prompt"]["style"] == "alpaca"
     assert {"model.onnx", "model.int8.onnx", "genai_config.json", "card.md"} <= set(lm_manifest["files"])
     assert "LM edge bundle" in Path(first["report"]).read_text()
+    gguf_bundle = deliverables["GGUF bundle (llama.cpp, Ollama)"]
+    assert sorted(p.name for p in gguf_bundle.iterdir()) == ["Modelfile", "card.md", "manifest.json", "model.gguf"]
+    gguf_manifest = json.loads((gguf_bundle / "manifest.json").read_text())
+    assert (gguf_manifest["quant"], gguf_manifest["prompt_style"], gguf_manifest["family"]) == (
+        "q8_0",
+        "alpaca",
+        "gpt2",
+    )
+    assert gguf_bundle.parent.parent == lm_bundle.parent.parent  # next to the ONNX bundle: <home>/export/
     responses = json.loads(deliverables["test responses"].read_text())
     assert len(responses) == 4 and all("model_response" in r for r in responses)
     report = Path(first["report"])
@@ -137,6 +149,15 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
         "classifier": ("classifier-spam", "promoted", "v0001"),
         "lm": ("lm-instructions", "promoted", "v0001"),
     }
+    assert promoted["lm"]["ollama"]["published"] and promoted["lm"]["ollama"]["model"] == "gptflow-tiny"
+    create = fake_ollama.requests_to("/api/create")[-1].body
+    assert create["model"] == "gptflow-tiny" and create["files"] == {
+        "model.gguf": "sha256:" + gguf_manifest["files"]["model.gguf"]
+    }
+    assert create["template"].startswith("Below is an instruction") and create["parameters"]["stop"] == [
+        "<|endoftext|>"
+    ]
+    assert "published as gptflow-tiny" in report.read_text()
     champion = settings.home / "registry" / "classifier-spam" / "champion"
     assert json.loads((champion / "manifest.json").read_text()) == json.loads((bundle / "manifest.json").read_text())
     assert (
@@ -161,6 +182,7 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
             "export",
             "instruct",
             "export-lm",
+            "export-gguf",
             "inspect-base",
             "inspect-instruct",
         )
@@ -170,6 +192,8 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
         "classifier": ("kept", "the challenger is the champion v0001 (same bundle)"),
         "lm": ("kept", "the challenger is the champion v0001 (same bundle)"),
     }
+    assert second["promotions"]["lm"]["ollama"] == {"published": False, "reason": "the champion v0001 was kept"}
+    assert len(fake_ollama.requests_to("/api/create")) == 1
 
     third = pipeline(params.merged({"instruct": {"max_steps": QUICK["instruct"]["max_steps"] + 2}}))
     status = _stage_status(third)
