@@ -323,3 +323,29 @@ def test_chat_template_renders_the_prompt_we_train_on(llama_cpp, exports, name):
     before, after, _ = prompt_frame(tokenizer, style)
     assert modelfile.template.startswith(before + "{{ .Prompt }}" + after + "{{ .Response }}")
     assert before + entry["instruction"] + after == rendered
+
+
+@pytest.mark.slow
+def test_export_verb_writes_the_bundle_and_publish_puts_it_into_ollama(
+    prefect_harness, settings, fake_ollama, tmp_path, capsys
+):
+    from cli import main
+
+    checkpoint = _tiny_gpt2(tmp_path / "tiny" / "model.pt")
+    assert main(["export", str(checkpoint), "--format", "gguf", "--quant", "f16"]) == 0
+    out = capsys.readouterr().out
+    bundle = next((settings.home / "export").glob("gguf-tiny-*/bundle"))
+    assert f"wrote gpt2 GGUF (f16, {(bundle / 'model.gguf').stat().st_size / 1e6:.1f} MB" in out
+    assert f"bundle: {bundle}" in out
+    assert main(["publish", "tiny-alpaca", str(bundle), "--host", fake_ollama.host]) == 0
+    assert main(["publish", "tiny-alpaca", str(bundle), "--host", fake_ollama.host]) == 0
+    assert len(fake_ollama.requests_to(f"/api/blobs/sha256:{_sha256(bundle / 'model.gguf')}")) == 3  # HEAD, POST, HEAD
+    create = fake_ollama.requests_to("/api/create")[-1].body
+    assert create["parameters"] == {"num_ctx": 128, "temperature": 0, "stop": ["<|endoftext|>"]}
+    assert create["template"] == Modelfile.read(bundle / "Modelfile").template
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
