@@ -1,22 +1,34 @@
 """Language-model generation speed on the CPU, greedy, from one set of weights: our PyTorch loop without and with
-the KV cache, the exported ONNX decoder (fp32 and weight-only int8) run by edge.lm, and Hugging Face transformers.
+the KV cache, the exported ONNX decoder (fp32 and weight-only int8) run by edge.lm, Hugging Face transformers, and
+llama.cpp (llama-cpp-python) on GGUF files of our writer.
 
     .venv/bin/python -m bench.lm_generate [--preset gpt2-small | --checkpoint MODEL.pt] [--threads 2] [--repeats 1]
-        [--engines torch-nocache,torch-kv,onnx-fp32,onnx-int8,transformers] [--batches 1,8] [--warmup-tokens N]
-        [--prompt-tokens 64] [--new-tokens 128] [--work DIR] [--json FILE]
+        [--engines torch-nocache,torch-kv,onnx-fp32,onnx-int8,transformers,llamacpp-f16,llamacpp-q8_0,llamacpp-q4_0]
+        [--batches 1,8] [--warmup-tokens N] [--prompt-tokens 64] [--new-tokens 128] [--work DIR] [--json FILE]
 
 Engines: torch-nocache / torch-kv = `model.generate.generate(use_cache=False / True)`, fp32; onnx-fp32 / onnx-int8
 = `edge.lm.Decoder.generate` on `model.lm_export.export_decoder` / `quantize_decoder`; transformers =
 `GPT2LMHeadModel.from_pretrained` on the folder `model.hf_export.save_hf_model` wrote, `generate(do_sample=False,
-use_cache=True, min_new_tokens = max_new_tokens)`. Every engine generates exactly --new-tokens tokens per row
-(eos_id None) after a prompt of --prompt-tokens random token ids, at batch 1 and at batch 8 (8 such prompts).
+use_cache=True, min_new_tokens = max_new_tokens)`; llamacpp-f16 / -q8_0 / -q4_0 = `llama_cpp.Llama` on the GGUF
+`model.gguf_file.write_gguf` wrote in that type (n_threads and n_threads_batch = --threads; llama-cpp-python's
+defaults otherwise: f16 KV cache, no flash attention), driven token by token: `Llama.eval` of the prompt, then of
+each new token, the argmax of the last logits picking the next (what llama.cpp's greedy sampler, `generate(temp=0.0)`,
+picks, without its per-token sampler chain). Every engine generates exactly --new-tokens tokens per row (eos_id
+None) after a prompt of --prompt-tokens random token ids, at batch 1 and at batch 8 (8 such prompts); the llama.cpp
+engines run batch 1 only (llama-cpp-python decodes one sequence) and say so for the others. The default --engines
+leaves them out: they need llama-cpp-python (`make llama-cpp`).
+The GGUF's vocabulary is GPT-2's BPE (GPTFLOW_MIRROR or the network): cut to a smaller vocab_size (merges kept only
+where both parts and the result are kept, `<|endoftext|>` moved to the last id) or padded with UNUSED `[PADn]` rows;
+the bench feeds token ids, so the texts do not matter.
 
 Per run: tok/s = all new tokens of the batch over the whole generate call; TTFT = the prompt pass and the first
 token, from the call's start to the moment the first token exists; steady tok/s = the remaining tokens over the
 time from the first token to the last (per-token time stamps: a forward hook on our model, edge.lm's on_step, a
-transformers streamer). One warm-up run per engine and batch (--warmup-tokens new tokens, default all), then
---repeats timed runs (medians reported). torch-nocache is slow at gpt2-small shapes (minutes per batch-8 run):
-`--engines torch-nocache,torch-kv --batches 1` measures it alone.
+transformers streamer, after each argmax for llama.cpp). One warm-up run per engine and batch (--warmup-tokens new
+tokens, default all), then --repeats timed runs (medians reported). torch-nocache is slow at gpt2-small shapes
+(minutes per batch-8 run): `--engines torch-nocache,torch-kv --batches 1` measures it alone.
+Files: the size of each engine's file (ONNX fp32 and int8, every GGUF, transformers' safetensors) and the time
+it took to write.
 Random weights (--preset) come from torch.manual_seed(0) with GPT-2 init. The 2 cores are shared with other
 work: timings are noisy.
 """
@@ -45,6 +57,7 @@ from edge.text import EOT_ID
 from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
 from model.generate import generate
+from model.gguf_file import Vocabulary, gpt2_vocabulary, write_gguf
 from model.gpt import GPTModel
 from model.hf_export import save_hf_model
 from model.lm_export import export_decoder
@@ -53,8 +66,12 @@ from model.opener import open_model
 from model.quantize import quantize_decoder
 from model.training import set_threads
 
-ENGINES = ("torch-nocache", "torch-kv", "onnx-fp32", "onnx-int8", "transformers")
+# Table order. llama.cpp's engines are not in the default --engines: they need llama-cpp-python (`make llama-cpp`).
+LLAMACPP = {"llamacpp-f16": "f16", "llamacpp-q8_0": "q8_0", "llamacpp-q4_0": "q4_0"}  # engine -> GGUF type
+ENGINES = ("torch-nocache", "torch-kv", "onnx-fp32", "onnx-int8", "transformers", *LLAMACPP)
+DEFAULT_ENGINES = tuple(e for e in ENGINES if e not in LLAMACPP)
 BASELINE = "torch-kv"
+GPT2_VOCAB = 50257  # GPT-2's BPE: 256 bytes, 50000 merges, <|endoftext|>
 BATCHES = (1, 8)
 # The issue's targets, defined at GPT-2 small shapes and 2 threads.
 TARGET_INT8_SPEEDUP = 2.5  # onnx-int8 batch-1 tok/s over torch-kv
@@ -153,6 +170,126 @@ def measure(
     return {**summary, "runs": runs}, tokens
 
 
+def llama_cpp_module() -> Any:
+    """`llama_cpp`, or a one-line exit saying how to get it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit(
+            "the llamacpp-* engines need llama-cpp-python, which is not installed: run `make llama-cpp`"
+        ) from None
+    return llama_cpp
+
+
+def bench_vocabulary(vocab_size: int, settings: Any = None) -> Vocabulary:
+    """A vocabulary llama.cpp loads for a model of `vocab_size` ids, from GPT-2's BPE files
+    (`gptflow.tokenizer.tokenizer_files`: the mirror or the network). The bench feeds token ids, so only its
+    validity matters: at 50257 or more GPT-2's own (padded with UNUSED `[PADn]` rows); below, GPT-2's first
+    vocab_size - 1 tokens, `<|endoftext|>` (CONTROL, the end and padding token) at the last id, and the merges
+    whose two parts and result are all kept."""
+    from gptflow.tokenizer import tokenizer_files
+
+    if vocab_size <= 256:
+        raise SystemExit(f"a GGUF vocabulary needs the 256 byte tokens and one more; the model has {vocab_size}")
+    encoder_json, vocab_bpe = tokenizer_files(settings)
+    full = gpt2_vocabulary(encoder_json, vocab_bpe, max(vocab_size, GPT2_VOCAB), chat_template=None)
+    if vocab_size >= GPT2_VOCAB:
+        return full
+    last = vocab_size - 1
+    tokens = [*full.tokens[:last], full.tokens[full.eos_id]]
+    types = [*full.types[:last], full.types[full.eos_id]]
+    kept = set(tokens)
+
+    def inside(merge: str) -> bool:
+        left, _, right = merge.partition(" ")
+        return left in kept and right in kept and left + right in kept
+
+    merges = [m for m in full.merges if inside(m)]
+    return Vocabulary(tokens, types, merges, "gpt-2", last, last, last, False, None)
+
+
+def write_engine_gguf(model: GPTModel, vocabulary: Vocabulary, path: Path, quant: str) -> dict[str, Any]:
+    """Write the GGUF a llama.cpp engine runs: its path, size (MB), write time (s) and tensor count per type."""
+    started = time.perf_counter()
+    types = write_gguf(model, vocabulary, path, quant, name="gptflow bench.lm_generate")
+    return {
+        "path": str(path),
+        "mb": path.stat().st_size / 1e6,
+        "write_s": time.perf_counter() - started,
+        "tensor_types": types,
+    }
+
+
+def open_llama(llama_cpp: Any, path: str | Path, n_ctx: int, threads: int, n_batch: int = 512) -> Any:
+    """A CPU llama.cpp context on `path`: `threads` for decoding and for the prompt pass, logits of the last
+    position only."""
+    n_batch = max(1, min(n_batch, n_ctx))
+    return llama_cpp.Llama(
+        str(path),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=0,
+        logits_all=False,
+        seed=0,
+        verbose=False,
+    )
+
+
+def _last_logits(llama_cpp: Any, llm: Any) -> np.ndarray:
+    """The logits of the last position llama.cpp decoded (a view of its buffer: read before the next eval)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def llamacpp_runner(llama_cpp: Any, llm: Any) -> Runner:
+    """Greedy decoding of one prompt: `eval` of the prompt (from an empty cache: `reset`, so that no run reuses the
+    previous one's prompt), then of each new token; the next token is the argmax of the last logits (the first
+    maximum, as llama.cpp's greedy sampler picks)."""
+
+    def run(prompts: np.ndarray, n: int):
+        if len(prompts) != 1:
+            raise SystemExit(f"llama-cpp-python decodes one sequence: batch {len(prompts)} is not measured")
+        new: list[int] = []
+        stamps: list[float] = []
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompts[0].tolist())
+        for i in range(n):
+            new.append(int(np.argmax(_last_logits(llama_cpp, llm))))
+            stamps.append(time.perf_counter())
+            if i + 1 < n:
+                llm.eval(new[-1:])
+        end = time.perf_counter()
+        return np.asarray([new], dtype=np.int64), start, stamps, end
+
+    return run
+
+
+def llamacpp_teacher_forced(llama_cpp: Any, llm: Any, prompts: np.ndarray, reference: np.ndarray) -> float:
+    """Share of positions where llama.cpp's greedy pick, given the reference continuation so far, is the reference
+    token (fed one token at a time: logits of the last position only)."""
+    same = 0
+    for prompt, ref in zip(prompts, reference):
+        llm.reset()
+        llm.eval(prompt.tolist())
+        for i, token in enumerate(ref.tolist()):
+            same += int(np.argmax(_last_logits(llama_cpp, llm))) == token
+            if i + 1 < len(ref):
+                llm.eval([token])
+    return same / reference.size
+
+
+def engine_file_key(engine: str) -> str:
+    """The key of `sizes` holding the size of what `engine` loads."""
+    if engine in LLAMACPP:
+        return f"gguf_{LLAMACPP[engine]}_mb"
+    return {"onnx-fp32": "onnx_fp32_mb", "onnx-int8": "onnx_int8_mb", "transformers": "hf_safetensors_mb"}.get(
+        engine, "torch_state_mb"
+    )
+
+
 def match_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float((a == b).mean())
 
@@ -179,25 +316,37 @@ def versions() -> dict[str, str]:
         out["transformers"] = transformers.__version__
     except ImportError:
         out["transformers"] = "not installed"
+    try:
+        import llama_cpp
+
+        out["llama_cpp"] = llama_cpp.__version__
+    except ImportError:
+        out["llama_cpp"] = "not installed"
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gpt2-small", help="random weights of this preset (default gpt2-small)")
     ap.add_argument("--checkpoint", default=None, help="a gptflow LM checkpoint (model.pt) instead of --preset")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up run (default 1)")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
+    ap.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help=f"comma-separated subset of {', '.join(ENGINES)} (default: all but the llamacpp ones)",
+    )
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes (default 1,8)")
     ap.add_argument(
         "--warmup-tokens", type=int, default=None, help="new tokens of the warm-up run (default: --new-tokens)"
     )
-    ap.add_argument("--work", default=None, help="keep the ONNX and Hugging Face files here (default: a temp folder)")
+    ap.add_argument(
+        "--work", default=None, help="keep the ONNX, GGUF and Hugging Face files here (default: a temp folder)"
+    )
     ap.add_argument("--json", default=None, help="write every record to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown or not engines:
@@ -211,6 +360,8 @@ def main() -> None:
         ap.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
     if not batches or batches[0] < 1:
         ap.error("--batches: expected positive batch sizes")
+    llama_engines = [e for e in engines if e in LLAMACPP]
+    llama_cpp = llama_cpp_module() if llama_engines else None  # before minutes of export: one line if missing
 
     threads = set_threads(args.threads)
     if args.checkpoint:
@@ -248,9 +399,10 @@ def main() -> None:
     )
     print(f"model: {name}; {shape}")
     print(
-        f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores; {threads} threads (torch and "
-        f"onnxruntime); torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
-        f"transformers {machine['transformers']}; {machine['date']}; load average {machine['load_average_start']:.2f}"
+        f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores; {threads} threads (torch, "
+        f"onnxruntime{' and llama.cpp' if llama_engines else ''}); torch {machine['torch']}, onnxruntime "
+        f"{machine['onnxruntime']}, transformers {machine['transformers']}, llama-cpp-python {machine['llama_cpp']}; "
+        f"{machine['date']}; load average {machine['load_average_start']:.2f}"
     )
     print(
         f"prompt {prompt_len} random tokens, {n} new tokens, greedy, batches {', '.join(map(str, batches))}; "
@@ -282,13 +434,47 @@ def main() -> None:
         f"model.int8.onnx {sizes['onnx_int8_mb']:.1f} MB (int8/fp32 {sizes['int8_over_fp32']:.3f}x); "
         f"export {export_s:.0f} s, int8 {quantize_s:.0f} s; in {work}"
     )
+    ggufs: dict[str, dict[str, Any]] = {}
+    if llama_engines:
+        started = time.perf_counter()
+        vocabulary = bench_vocabulary(cfg.vocab_size)
+        vocabulary_s = time.perf_counter() - started
+        logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # three INFO lines per file
+        for engine in llama_engines:
+            quant = LLAMACPP[engine]
+            ggufs[quant] = write_engine_gguf(model, vocabulary, work / f"model.{quant}.gguf", quant)
+            sizes[f"gguf_{quant}_mb"] = ggufs[quant]["mb"]
+            sizes[f"gguf_{quant}_over_onnx_int8"] = ggufs[quant]["mb"] / sizes["onnx_int8_mb"]
+        print(
+            "files: "
+            + ", ".join(
+                f"model.{q}.gguf {g['mb']:.1f} MB ({g['mb'] / sizes['onnx_int8_mb']:.2f}x model.int8.onnx, written in "
+                f"{g['write_s']:.1f} s)"
+                for q, g in ggufs.items()
+            )
+            + f"; vocabulary {vocabulary_s:.1f} s ({len(vocabulary.tokens)} tokens, {len(vocabulary.merges)} merges)"
+        )
 
     records: list[dict[str, Any]] = []
     tokens: dict[tuple[str, int], np.ndarray] = {}
     int8_teacher: dict[int, float] = {}
+    llama_teacher: dict[str, float] = {}
+    skipped: list[dict[str, Any]] = []
     for engine in engines:
         started = time.perf_counter()
-        if engine in ("torch-nocache", "torch-kv"):
+        engine_batches = batches
+        llm = decoder = hf_model = None
+        if engine in LLAMACPP:
+            engine_batches = [b for b in batches if b == 1]
+            for batch in (b for b in batches if b != 1):
+                reason = "llama-cpp-python decodes one sequence: batch 1 only"
+                skipped.append({"engine": engine, "batch": batch, "reason": reason})
+                print(f"  {engine:<13} batch {batch}: skipped ({reason})", flush=True)
+            if not engine_batches:
+                continue
+            llm = open_llama(llama_cpp, ggufs[LLAMACPP[engine]]["path"], cfg.context_length, threads)
+            run = llamacpp_runner(llama_cpp, llm)
+        elif engine in ("torch-nocache", "torch-kv"):
             run = torch_runner(model, use_cache=engine == "torch-kv")
         elif engine in ("onnx-fp32", "onnx-int8"):
             decoder = Decoder(fp32_path if engine == "onnx-fp32" else int8_path, cfg.context_length, threads)
@@ -296,10 +482,17 @@ def main() -> None:
         else:
             from transformers import GPT2LMHeadModel
 
+            started_write = time.perf_counter()
             save_hf_model(model, hf_dir)
+            sizes["hf_safetensors_mb"] = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 1e6
+            print(
+                f"  files: transformers' safetensors {sizes['hf_safetensors_mb']:.1f} MB, written in "
+                f"{time.perf_counter() - started_write:.1f} s",
+                flush=True,
+            )
             hf_model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
             run = transformers_runner(hf_model, pad_id=min(EOT_ID, cfg.vocab_size - 1))
-        for batch in batches:
+        for batch in engine_batches:
             result, out = measure(run, prompt_sets[batch], n, args.repeats, warmup)
             tokens[(engine, batch)] = out
             records.append({"engine": engine, "batch": batch, "new_tokens": n, "prompt_tokens": prompt_len, **result})
@@ -312,9 +505,15 @@ def main() -> None:
                 reference = tokens.get(("onnx-fp32", batch), tokens.get((BASELINE, batch)))
                 if reference is not None:
                     int8_teacher[batch] = teacher_forced(decoder, prompt_sets[batch], reference)
+            if engine in LLAMACPP and (BASELINE, batch) in tokens:
+                llama_teacher[engine] = llamacpp_teacher_forced(
+                    llama_cpp, llm, prompt_sets[batch], tokens[(BASELINE, batch)]
+                )
         print(f"  ({engine}: {time.perf_counter() - started:.0f} s with warm-ups)", flush=True)
         del run
-        decoder = hf_model = None
+        if llm is not None:
+            llm.close()
+        llm = decoder = hf_model = None
         gc.collect()
 
     machine["load_average_end"] = os.getloadavg()[0]
@@ -329,7 +528,8 @@ def main() -> None:
     print(
         f"\n{name}; {shape}; prompt {prompt_len} tokens, {n} new tokens, greedy; {threads} threads; "
         f"{machine['cpu']}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
-        f"transformers {machine['transformers']}; load average {machine['load_average_start']:.2f} at the start, "
+        f"transformers {machine['transformers']}, llama-cpp-python {machine['llama_cpp']}; "
+        f"load average {machine['load_average_start']:.2f} at the start, "
         f"{machine['load_average_end']:.2f} at the end (other work on the cores slows every engine)"
     )
     print(
@@ -338,15 +538,19 @@ def main() -> None:
     print(
         "tokens = torch-kv: new tokens equal position by position (after a first difference the continuations diverge)"
     )
-    print("| engine | batch | tok/s | steady tok/s | TTFT ms | speedup vs torch-kv | tokens = torch-kv |")
-    print("|---|---|---|---|---|---|---|")
+    print("file MB: what the engine loads (torch: the fp32 state in memory; transformers: its safetensors)")
+    print("| engine | batch | tok/s | steady tok/s | TTFT ms | speedup vs torch-kv | tokens = torch-kv | file MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in sorted(records, key=lambda r: (r["batch"], ENGINES.index(r["engine"]))):
         speedup = f"{r['speedup_vs_torch_kv']:.2f}x" if r["speedup_vs_torch_kv"] else "-"
         same = f"{100 * r['token_match_vs_torch_kv']:.1f}%" if r["token_match_vs_torch_kv"] is not None else "-"
+        mb = sizes.get(engine_file_key(r["engine"]))
         print(
             f"| {r['engine']} | {r['batch']} | {r['tok_s']:.1f} | {r['steady_tok_s']:.1f} | {r['ttft_ms']:.1f} | "
-            f"{speedup} | {same} |"
+            f"{speedup} | {same} | {'-' if mb is None else f'{mb:.1f}'} |"
         )
+    for skip in skipped:
+        print(f"{skip['engine']} batch {skip['batch']}: not measured ({skip['reason']})")
 
     # Correctness, then the targets.
     checks: list[dict[str, Any]] = []
@@ -388,6 +592,28 @@ def main() -> None:
             }
         )
         print(info)
+
+    for engine in (e for e in llama_engines if (e, 1) in tokens):
+        ref = tokens.get((BASELINE, 1))
+        if ref is None:
+            print(f"INFO {engine} vs torch-kv greedy tokens (batch 1): needs torch-kv")
+            continue
+        got = tokens[(engine, 1)]
+        where = first_divergence(got, ref)
+        checks.append(
+            {
+                "check": f"{engine} vs torch-kv tokens (batch 1)",
+                "result": "INFO",
+                "free_running_match": match_rate(got, ref),
+                "first_difference": where,
+                "teacher_forced_agreement": llama_teacher[engine],
+            }
+        )
+        print(
+            f"INFO {engine} vs torch-kv greedy tokens (batch 1): free-running match {100 * match_rate(got, ref):.1f}% "
+            f"({'identical' if where is None else f'first difference at new token {where}'}), teacher-forced "
+            f"agreement {100 * llama_teacher[engine]:.1f}%"
+        )
 
     for batch in batches:
         hf, ref = tokens.get(("transformers", batch)), tokens.get((BASELINE, batch))
@@ -451,7 +677,9 @@ def main() -> None:
             "sizes": sizes,
             "export_s": export_s,
             "quantize_s": quantize_s,
+            "gguf": ggufs,
             "records": records,
+            "skipped": skipped,
             "checks": checks,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
