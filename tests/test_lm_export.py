@@ -323,4 +323,5 @@ def test_each_bundle_kind_is_keyed_by_its_own_export_fields():
         "classifier"
     )
     keyed = set(base.identity("classifier")) | set(base.identity("lm"))
-    assert keyed | {"device", "format"} == set(ExportConfig.model_fields)  # a new field lands in a key
+    # a new field lands in a key; `quant` keys the GGUF stage (model.gguf_export), `format` picks the stage
+    assert keyed | {"device", "format", "quant"} == set(ExportConfig.model_fields)
