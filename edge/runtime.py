@@ -26,15 +26,21 @@ from edge.text import encode_texts, load_gpt2_encoding, pad_batch, softmax
 BUNDLE_FORMAT = "gptflow-edge-bundle/1"
 BUNDLE_MANIFEST = "manifest.json"
 ORT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-CLASSIFIER, LM = "classifier", "lm"
+GGUF_FILE = "model.gguf"
+CLASSIFIER, LM, GGUF = "classifier", "lm", "gguf"
 # Files each kind must list (int8 is optional); bundles written before kinds existed are classifiers.
 GPT2_FILES = ("encoder.json", "vocab.bpe")
 HF_TOKENIZER = "tokenizer.json"
-REQUIRED = {  # and, for either kind, its tokenizer's files (`tokenizer_files`)
+REQUIRED = {  # and, for an ONNX kind, its tokenizer's files (`tokenizer_files`); a GGUF holds its tokenizer
     CLASSIFIER: (ORT_FILES["fp32"], "labels.json"),
     LM: (ORT_FILES["fp32"],),
+    GGUF: (GGUF_FILE, "Modelfile"),  # run by llama.cpp or Ollama, not by edge/
 }
-RUN_WITH = {CLASSIFIER: "python -m edge classify BUNDLE TEXT...", LM: 'python -m edge generate BUNDLE "instruction"'}
+RUN_WITH = {
+    CLASSIFIER: "python -m edge classify BUNDLE TEXT...",
+    LM: 'python -m edge generate BUNDLE "instruction"',
+    GGUF: "gptflow publish NAME BUNDLE, or llama-cli -m BUNDLE/model.gguf",
+}
 
 
 def bundle_kind(manifest: dict) -> str:
@@ -67,9 +73,9 @@ def tokenizer_files(manifest: dict, manifest_path: Path | str = BUNDLE_MANIFEST)
     return tuple(names)
 
 
-def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
-    """The bundle's manifest, after checking that it is of `kind` (when given) and the sha256 of every file
-    it lists."""
+def read_manifest(bundle: str | Path, kind: str | None = None) -> dict:
+    """The bundle's manifest, checked without reading the files: its format, its kind (`kind` when given), and every
+    file its kind needs listed, beside it and present."""
     bundle = Path(bundle)
     manifest_path = bundle / BUNDLE_MANIFEST
     if not manifest_path.is_file():
@@ -84,27 +90,35 @@ def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
     if found not in REQUIRED:
         raise BundleError(f"{manifest_path}: unknown bundle kind {found!r}; kinds: {', '.join(REQUIRED)}")
     if kind is not None and found != kind:
-        what = {CLASSIFIER: "a classifier", LM: "a language-model"}[found]
+        what = {CLASSIFIER: "a classifier", LM: "a language-model", GGUF: "a GGUF"}[found]
         raise BundleError(f"{bundle} is {what} bundle, not {kind}; run it with `{RUN_WITH[found]}`")
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise BundleError(f"{manifest_path}: 'files' must map each file name to its sha256; refusing the bundle")
     if found == CLASSIFIER:
         check_classifier_fields(manifest, manifest_path)
-    required = REQUIRED[found][:1] + tokenizer_files(manifest, manifest_path) + REQUIRED[found][1:]
+    tokenizer = tokenizer_files(manifest, manifest_path) if found != GGUF else ()
+    required = REQUIRED[found][:1] + tokenizer + REQUIRED[found][1:]
     unlisted = [name for name in required if name not in files]
     if unlisted:
         raise BundleError(f"{manifest_path} does not list {', '.join(unlisted)}; refusing the bundle")
-    for name, digest in files.items():
-        path = bundle / name
+    for name in files:
         if Path(name).name != name:
             where = "outside the bundle" if Path(name).is_absolute() or ".." in Path(name).parts else "into a folder"
             raise BundleError(
                 f"{manifest_path}: file {name!r} points {where}; a bundle's files sit beside its manifest: "
                 "refusing the bundle"
             )
-        if not path.is_file():
+        if not (bundle / name).is_file():
             raise BundleError(f"{bundle}: {name} is missing; refusing the bundle")
+    return manifest
+
+
+def verify_bundle(bundle: str | Path, kind: str | None = None) -> dict:
+    """The bundle's manifest (`read_manifest`), after checking the sha256 of every file it lists."""
+    manifest = read_manifest(bundle, kind)
+    for name, digest in manifest["files"].items():
+        path = Path(bundle) / name
         if sha256_file(path) != digest:
             raise BundleError(
                 f"{path} does not match its sha256 in {BUNDLE_MANIFEST} (altered after export); "

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.runtime import GGUF as GGUF_KIND  # noqa: F401  (a GGUF bundle's kind, and its model's file name)
+from edge.runtime import GGUF_FILE  # noqa: F401
 from gptflow.errors import GptflowError
 
 MODELFILE = "Modelfile"
-GGUF_KIND, GGUF_FILE = "gguf", "model.gguf"  # a GGUF bundle's kind (its manifest) and its model's file name
 _INSTRUCTION = re.compile(r"^(FROM|TEMPLATE|PARAMETER|SYSTEM)\s+(.*)$", re.S)
 # Parameters Ollama reads as numbers (the rest of what we write is `stop`, a string).
 _NUMBERS = {"num_ctx": int, "top_k": int, "seed": int, "num_predict": int, "temperature": float, "top_p": float}

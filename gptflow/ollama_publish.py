@@ -20,7 +20,6 @@ refused request names the host (and the HTTP status).
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,8 +27,8 @@ from typing import Any, Iterator
 import httpx
 import ollama
 
-from edge import sha256_file
-from edge.runtime import BUNDLE_FORMAT, BUNDLE_MANIFEST
+from edge import BundleError
+from edge.runtime import BUNDLE_MANIFEST, GGUF_FILE, read_manifest, verify_bundle
 from gptflow.errors import GptflowError
 from gptflow.modelfile import GGUF_KIND, MODELFILE, Modelfile
 from gptflow.settings import Settings, get_settings, ollama_model_name, ollama_url
@@ -65,63 +64,28 @@ class GgufBundle:
 
 
 def read_bundle(bundle: str | Path, verify: bool = True) -> GgufBundle:
-    """The GGUF bundle in `bundle`, checked: manifest format and kind, the GGUF and the Modelfile listed and present,
-    the Modelfile's FROM naming the manifest's GGUF, and (`verify`) both files' sha256 equal to the manifest's.
-    Raises GgufBundleError (or the Modelfile's ModelfileError) naming the file and field."""
+    """The GGUF bundle in `bundle`, checked as every bundle is (`edge.runtime.read_manifest`: format, kind "gguf", the
+    GGUF and the Modelfile listed and present; with `verify`, every file's sha256), and the Modelfile's FROM naming
+    the manifest's GGUF. Raises GgufBundleError (or the Modelfile's ModelfileError) naming the file and field."""
     folder = Path(bundle)
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is not a folder"
         raise GgufBundleError(f"{folder} {what}; expected a GGUF bundle folder ({MAKE_ONE})")
-    manifest_path = folder / BUNDLE_MANIFEST
-    if not manifest_path.is_file():
-        raise GgufBundleError(f"{folder} is not a GGUF bundle: no {BUNDLE_MANIFEST} ({MAKE_ONE})")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GgufBundleError(f"{manifest_path} is unreadable ({_one_line(exc)}); expected a JSON object") from None
-    if not isinstance(manifest, dict):
-        raise GgufBundleError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise GgufBundleError(f"{manifest_path}: 'format' is {manifest.get('format')!r}; expected {BUNDLE_FORMAT!r}")
-    kind = manifest.get("kind")
-    if kind != GGUF_KIND:
-        raise GgufBundleError(
-            f"{manifest_path}: 'kind' is {kind!r}, not {GGUF_KIND!r}: Ollama takes a GGUF bundle ({MAKE_ONE})"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise GgufBundleError(f"{manifest_path}: 'files' must map each file name to its sha256, got {files!r}")
-    name = manifest.get("gguf")
-    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-        raise GgufBundleError(f"{manifest_path}: 'gguf' must name the GGUF file beside it (model.gguf), got {name!r}")
-    for listed in (name, MODELFILE):
-        if listed not in files:
-            raise GgufBundleError(f"{manifest_path}: 'files' does not list {listed}; expected its sha256 there")
-        if not (folder / listed).is_file():
-            raise GgufBundleError(
-                f"{folder}: {listed} is missing (listed in {BUNDLE_MANIFEST}); export the bundle again"
-            )
-    modelfile_path, gguf = folder / MODELFILE, folder / name
-    if verify:
-        _check_sha256(modelfile_path, files[MODELFILE])
-    modelfile = Modelfile.read(modelfile_path)
+        manifest = verify_bundle(folder, GGUF_KIND) if verify else read_manifest(folder, GGUF_KIND)
+    except BundleError as exc:
+        raise GgufBundleError(str(exc)) from None
+    name = manifest.get("gguf", GGUF_FILE)
+    if name not in manifest["files"]:
+        raise GgufBundleError(f"{folder / BUNDLE_MANIFEST}: 'gguf' names {name!r}, which 'files' does not list")
+    modelfile = Modelfile.read(folder / MODELFILE)
     if modelfile.source != name:
         raise GgufBundleError(
-            f"{modelfile_path}: FROM names ./{modelfile.source}, but {BUNDLE_MANIFEST}'s 'gguf' is {name}; "
+            f"{folder / MODELFILE}: FROM names ./{modelfile.source}, but {BUNDLE_MANIFEST}'s 'gguf' is {name}; "
             "expected the same file"
         )
-    if verify:
-        _check_sha256(gguf, files[name])
-    return GgufBundle(folder, manifest, gguf, files[name], gguf.stat().st_size, modelfile)
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    found = sha256_file(path)
-    if found != expected:
-        raise GgufBundleError(
-            f"{path} does not match its sha256 in {BUNDLE_MANIFEST} (expected {expected[:12]}..., got "
-            f"{found[:12]}...): it changed after export; export the bundle again"
-        )
+    gguf = folder / name
+    return GgufBundle(folder, manifest, gguf, manifest["files"][name], gguf.stat().st_size, modelfile)
 
 
 def check_model_name(name: str) -> str:

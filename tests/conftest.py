@@ -148,6 +148,19 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python (llama.cpp itself, built by `make llama-cpp`); its tests skip without it, unless
+    GPTFLOW_REQUIRE_LLAMA_CPP is set (`.ci/run`), where its absence fails them."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("GPTFLOW_REQUIRE_LLAMA_CPP"):
+            pytest.fail("llama-cpp-python is not installed (GPTFLOW_REQUIRE_LLAMA_CPP is set): run `make llama-cpp`")
+        pytest.skip("llama-cpp-python is not installed: `make llama-cpp` builds it")
+    return llama_cpp
+
+
 @pytest.fixture
 def fake_ollama():
     """A loopback Ollama API with scripted replies and fault modes (tests/fake_ollama.py)."""

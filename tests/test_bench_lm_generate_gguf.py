@@ -9,7 +9,6 @@ Needs llama-cpp-python (`make llama-cpp`): skipped without it, a failure when GP
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import gguf
@@ -42,17 +41,6 @@ PROMPT, NEW = 8, 12
 TINY_LLAMA = GPTConfig.from_preset(
     "smollm2-135m", vocab_size=512, context_length=128, emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=96
 )
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("GPTFLOW_REQUIRE_LLAMA_CPP"):
-            pytest.fail("llama-cpp-python is not installed (GPTFLOW_REQUIRE_LLAMA_CPP is set): run `make llama-cpp`")
-        pytest.skip("llama-cpp-python is not installed: `make llama-cpp` builds it")
-    return llama_cpp
 
 
 @pytest.fixture(autouse=True)

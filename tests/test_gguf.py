@@ -10,7 +10,6 @@ template rendering the prompt the model was tuned on.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -185,17 +184,6 @@ def test_written_file_reads_back_with_llama_cpp_s_names_and_types(tmp_path, mirr
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("GPTFLOW_REQUIRE_LLAMA_CPP"):
-            pytest.fail("llama-cpp-python is not installed (GPTFLOW_REQUIRE_LLAMA_CPP is set): run `make llama-cpp`")
-        pytest.skip("llama-cpp-python is not installed: `make llama-cpp` builds it")
-    return llama_cpp
 
 
 @pytest.fixture(scope="module")

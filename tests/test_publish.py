@@ -144,36 +144,41 @@ def test_a_changed_gguf_fails_before_any_request(fake_ollama, bundle):
     gguf.write_bytes(gguf.read_bytes()[:-1] + b"!")
     with pytest.raises(GgufBundleError) as exc:
         publish_bundle(NAME, bundle, host=fake_ollama.host)
-    assert one_line(exc).startswith(f"{gguf} does not match its sha256 in manifest.json (expected ")
-    assert one_line(exc).endswith("): it changed after export; export the bundle again")
+    assert one_line(exc) == (
+        f"{gguf} does not match its sha256 in manifest.json (altered after export); refusing the bundle: "
+        "export it again"
+    )
     assert fake_ollama.requests == []
 
 
 @pytest.mark.parametrize(
     "damage, expected",
     [
-        (lambda b: write_manifest(b, kind="lm"), "{b}/manifest.json: 'kind' is 'lm', not 'gguf': Ollama takes a GGUF"),
+        (
+            lambda b: write_manifest(b, kind="lm"),
+            "{b} is a language-model bundle, not gguf; run it with `python -m edge",
+        ),
         (
             lambda b: write_manifest(b, format="x/1"),
-            "{b}/manifest.json: 'format' is 'x/1'; expected 'gptflow-edge-bundle/1'",
+            "{b}/manifest.json: expected format 'gptflow-edge-bundle/1'",
         ),
         (
             lambda b: write_manifest(b, gguf="../model.gguf"),
-            "{b}/manifest.json: 'gguf' must name the GGUF file beside it",
+            "{b}/manifest.json: 'gguf' names '../model.gguf', which 'files' does not list",
         ),
-        (lambda b: write_manifest(b, gguf="other.gguf"), "{b}/manifest.json: 'files' does not list other.gguf"),
+        (lambda b: write_manifest(b, gguf="other.gguf"), "{b}/manifest.json: 'gguf' names 'other.gguf', which 'files'"),
         (
             lambda b: (b / "manifest.json").unlink(),
-            "{b} is not a GGUF bundle: no manifest.json (make one with `gptflow",
+            "{b} is not an edge bundle: no manifest.json (make one with `gptflow export`)",
         ),
-        (lambda b: (b / "manifest.json").write_text("{"), "{b}/manifest.json is unreadable ("),
+        (lambda b: (b / "manifest.json").write_text("{"), "{b}/manifest.json is unreadable: "),
         (
             lambda b: (b / "Modelfile").unlink(),
-            "{b}: Modelfile is missing (listed in manifest.json); export the bundle",
+            "{b}: Modelfile is missing; refusing the bundle",
         ),
         (
             lambda b: ((b / "Modelfile").unlink(), write_manifest(b)),
-            "{b}/manifest.json: 'files' does not list Modelfile; expected its sha256 there",
+            "{b}/manifest.json does not list Modelfile; refusing the bundle",
         ),
         (
             lambda b: ((b / "Modelfile").write_text("FROM ./weights.gguf\n"), write_manifest(b)),
@@ -321,7 +326,7 @@ def test_cli_publish_bad_input_is_one_line_before_any_flow(settings, fake_ollama
         (["publish", NAME, str(bundle), "--host", "ftp://x"], "--host: 'ftp://x': scheme 'ftp' is not http or https"),
     ]
     write_manifest(bundle, kind="lm")
-    cases.append((["publish", NAME, str(bundle)], f"{bundle}/manifest.json: 'kind' is 'lm', not 'gguf'"))
+    cases.append((["publish", NAME, str(bundle)], f"{bundle} is a language-model bundle, not gguf; run it with"))
     for argv, expected in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
