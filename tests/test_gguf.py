@@ -126,6 +126,20 @@ def family_model(name: str, vocab_size: int):
     return LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False, rope_scaling=scaling))
 
 
+def test_a_base_model_without_a_prompt_format_gets_a_plain_template(tokenizer):
+    """A pretrained GPT-2 base has no prompt format: Ollama passes the prompt through and stops at its end token."""
+    from gptflow.tokenizer import GPT2Text
+    from model.gguf_export import ollama_modelfile
+
+    text = GPT2Text(tokenizer)
+    assert prompt_frame(text, None) is None
+    modelfile = ollama_modelfile(text, None, 1024)
+    assert modelfile.text() == (
+        'FROM ./model.gguf\nTEMPLATE """{{ .Prompt }}"""\nPARAMETER stop "<|endoftext|>"\n'
+        "PARAMETER num_ctx 1024\nPARAMETER temperature 0\n"
+    )
+
+
 def trained(model: GPTModel, tokenizer, steps: int = 40, rows: int = 8, length: int = 64) -> GPTModel:
     """`model` after `steps` of next-token training on `rows` x `length` tokens of the fixtures' corpus: a random
     model's greedy choices are near ties that any rounding flips; a little training gives it the margins a real
