@@ -17,21 +17,16 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from bench.lm_generate import (
-    GPT2_VOCAB,
-    LLAMACPP,
+from bench.llamacpp_engine import (
     bench_vocabulary,
-    first_divergence,
     llamacpp_runner,
     llamacpp_teacher_forced,
-    main,
-    match_rate,
-    measure,
     open_llama,
-    torch_runner,
     write_engine_gguf,
 )
+from bench.lm_generate import LLAMACPP, first_divergence, main, match_rate, measure, torch_runner
 from gptflow.settings import load_settings
+from model.config import GPT2_VOCAB_SIZE as GPT2_VOCAB
 from model.config import GPTConfig
 from model.gpt import GPTModel
 
