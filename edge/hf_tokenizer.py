@@ -106,6 +106,7 @@ class HFTokenizer:
                 added.add(text)
                 self._tokenizer.add_special_tokens([_added_token(token)])
 
+        self._generation = generation
         self._eos_generation = self._generation_ids(generation.get("eos_token_id"), where)
         self._templates = self._read_templates(files, config, where)
 
@@ -273,6 +274,11 @@ class HFTokenizer:
         return pad if pad is not None else self.eos_id
 
     # Chat.
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        """generation_config.json as the model ships it (its end tokens, and its sampling defaults when it samples)."""
+        return dict(self._generation)
 
     @property
     def chat_templates(self) -> dict[str, str]:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.runtime import GGUF as GGUF_KIND  # noqa: F401  (a GGUF bundle's kind, and its model's file name)
-from edge.runtime import GGUF_FILE  # noqa: F401
 from gptflow.errors import GptflowError
 
 MODELFILE = "Modelfile"

@@ -29,8 +29,9 @@ import ollama
 
 from edge import BundleError
 from edge.runtime import BUNDLE_MANIFEST, GGUF_FILE, read_manifest, verify_bundle
+from edge.runtime import GGUF as GGUF_KIND
 from gptflow.errors import GptflowError
-from gptflow.modelfile import GGUF_KIND, MODELFILE, Modelfile
+from gptflow.modelfile import MODELFILE, Modelfile
 from gptflow.settings import Settings, get_settings, ollama_model_name, ollama_url
 
 DEFAULT_TIMEOUT_S = 600.0  # per request phase (connect, each read or write): a create of a large GGUF takes a while

@@ -131,7 +131,7 @@ def chat_example(tokenizer: Any, entry: dict[str, str]) -> tuple[str, str]:
 
 # --- the prompt format as a frame, for runtimes without our code ------------------------------------------------
 
-_MESSAGE, _ANSWER = "\x00message\x00", "\x00answer\x00"
+_MESSAGE, _ANSWER = "\x00message\x00", "\x00answer\x00"  # placeholders no text holds
 
 
 def prompt_frame(tokenizer: Any, style: str | None) -> tuple[str, str, str] | None:
@@ -144,12 +144,10 @@ def prompt_frame(tokenizer: Any, style: str | None) -> tuple[str, str, str] | No
     if tokenizer.chat_template is None:
         return None
     kwargs = CHAT_KWARGS if style == CHAT else {}
-    messages = chat_messages({"instruction": _MESSAGE, "input": "", "output": _ANSWER}, with_output=True)
-    prompt = tokenizer.render_chat(messages[:1], add_generation_prompt=True, **kwargs)
+    before, after = tokenizer.chat_frame(**kwargs)  # the frame an ONNX bundle keeps, too
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _ANSWER}]
     full = tokenizer.render_chat(messages, add_generation_prompt=False, **kwargs)
-    if prompt.count(_MESSAGE) != 1:
-        raise PromptStyleError("the model's chat template changes the user's message: it cannot be kept as a frame")
-    before, after = prompt.split(_MESSAGE)
+    prompt = before + "x" + after
     end = full.split(_ANSWER, 1)[1] if full.startswith(prompt) and full.count(_ANSWER) == 1 else ""
     return before, after, end
 

@@ -51,6 +51,7 @@ class GPT2Text:
     eos_token = ENDOFTEXT
     chat_template = None
     files = None
+    generation_config: dict = {}  # GPT-2 ships none: greedy
 
     def __init__(self, encoding: tiktoken.Encoding) -> None:
         self.encoding = encoding

@@ -9,14 +9,15 @@ Before the stage certifies the file it reads it back with `gguf`'s reader: every
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import gguf
 
-from gptflow.modelfile import GGUF_FILE, GGUF_KIND, MODELFILE, Modelfile, frame_template
+from edge.runtime import GGUF as GGUF_KIND
+from edge.runtime import GGUF_FILE
+from gptflow.modelfile import MODELFILE, Modelfile, frame_template
 from gptflow.prompts import frame_chat_template, prompt_frame
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, write_json_atomic
@@ -165,7 +166,7 @@ def ollama_modelfile(tokenizer: Any, frame: tuple[str, str, str] | None, context
     template = frame_template(*frame) if frame is not None else "{{ .Prompt }}"
     stops = tuple(dict.fromkeys(tokenizer.decode([i]) for i in tokenizer.eos_ids))
     parameters: dict[str, int | float] = {"num_ctx": context_length}
-    generation = _generation_config(tokenizer)
+    generation = tokenizer.generation_config
     if generation.get("do_sample"):
         for key in ("temperature", "top_p", "top_k"):
             if isinstance(generation.get(key), (int, float)):
@@ -173,15 +174,6 @@ def ollama_modelfile(tokenizer: Any, frame: tuple[str, str, str] | None, context
     else:
         parameters["temperature"] = 0
     return Modelfile(GGUF_FILE, template, stops, parameters)
-
-
-def _generation_config(tokenizer: Any) -> dict[str, Any]:
-    text = (tokenizer.files or {}).get("generation_config.json")
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def gguf_card(cfg, info: dict[str, Any], modelfile: Modelfile, size: int) -> str:
