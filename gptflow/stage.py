@@ -68,7 +68,7 @@ class StageError(GptflowError, ValueError):
     """A stage input is missing, or a checkpoint belongs to another stage."""
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """sha256 of a file, remembered for as long as its inode, size and mtime stay the same (a stage is often
     declared twice in one run: by a task naming its artifacts, then by the stage itself)."""
     st = path.stat()
@@ -93,7 +93,7 @@ def verify_output(path: str | Path) -> None:
         digest = recorded.get(path.relative_to(folder).as_posix()) if isinstance(recorded, dict) else None
         if digest is None:
             continue
-        if _file_digest(path) != digest:
+        if file_digest(path) != digest:
             raise StageError(
                 f"{path} no longer matches the sha256 that {manifest_path} records for it (it changed after its stage "
                 "wrote it): run the stage again, or restore the file"
@@ -174,7 +174,7 @@ class Stage:
             if isinstance(value, Path):
                 if not value.is_file():
                     raise StageError(f"{name}: input {key} {value} does not exist")
-                digests[key] = _file_digest(value)
+                digests[key] = file_digest(value)
             else:
                 digests[key] = str(value)
         if isinstance(config, BaseModel):

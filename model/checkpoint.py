@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from gptflow.storage import atomic_path
+from model import lora
 from model.config import GPTConfig
 from model.files import CheckpointError, check_torch_archive
 from model.gpt import GPTModel
@@ -77,18 +78,31 @@ def _reason(exc: Exception) -> str:
 
 
 def save_model(path: str | Path, model: GPTModel, **extra: Any) -> Path:
-    """A model-only checkpoint in our format (what `load-gpt2` writes and `generate` reads)."""
-    return save_checkpoint(path, format=FORMAT, config=model.cfg.to_dict(), model=model.state_dict(), **extra)
+    """A model-only checkpoint in our format (what `load-gpt2` writes and `generate` reads); a LoRA model's holds
+    its adapters and the base they adapt (model.lora)."""
+    fields = lora.weights_fields(model)
+    config = model.cfg.to_dict()
+    if "lora" in fields:
+        config = lora.merged_config(config, fields["lora"])
+    return save_checkpoint(path, format=FORMAT, config=config, **fields, **extra)
 
 
-def model_from_state(state: dict[str, Any], path: str | Path) -> tuple[GPTModel, GPTConfig]:
-    """The `GPTModel` (on the CPU) of a loaded checkpoint; `path` names it in errors."""
+def model_from_state(
+    state: dict[str, Any], path: str | Path, *, merged: bool = True, settings=None
+) -> tuple[GPTModel, GPTConfig]:
+    """The `GPTModel` (on the CPU) of a loaded checkpoint; `path` names it in errors. A LoRA checkpoint's is its base
+    with the adapters, merged into plain weights unless `merged` is False."""
     if state.get("format") != FORMAT or "config" not in state or "model" not in state:
         raise CheckpointError(
             f"{path} is not a gptflow model checkpoint (expected format {FORMAT!r} with 'config' and 'model'); "
             "convert Hugging Face weights with `gptflow load-gpt2`"
         )
     check_finite_weights(state["model"], path)
+    if "lora" in state:
+        model = lora.restore(lora.base_language_model(state, path, settings), state, path)
+        if merged:
+            lora.merge(model)
+        return model, model.cfg
     cfg = GPTConfig.from_dict(state["config"])
     model = GPTModel(cfg)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)

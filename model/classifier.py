@@ -32,6 +32,7 @@ from torch import nn
 from edge.text import PAD_ID, encode_texts, pad_batch
 from gptflow.errors import GptflowError
 from gptflow.splits import read_labelled, read_labels
+from model import lora
 from model.checkpoint import CheckpointError, check_finite_weights, save_checkpoint
 from model.config import GPTConfig
 from model.configs import Pooling, Trainable
@@ -210,7 +211,7 @@ def save_classifier(
         path,
         format=FORMAT,
         config=model.cfg.to_dict(),
-        model=model.state_dict(),
+        **lora.weights_fields(model),
         labels=labels,
         pooling=model.pooling,
         max_length=max_length,
@@ -243,8 +244,9 @@ class LoadedClassifier:
         return [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
 
 
-def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
-    """The classifier (or ensemble) of a loaded checkpoint, in eval mode; `path` names it."""
+def classifier_from_state(ckpt: dict[str, Any], path: Path, *, merged: bool = True) -> LoadedClassifier:
+    """The classifier (or ensemble) of a loaded checkpoint, in eval mode; `path` names it. A LoRA classifier's
+    adapters are merged into plain weights unless `merged` is False."""
     if ckpt.get("format") == ENSEMBLE_FORMAT:
         ensemble = ClassifierEnsemble([_member_model(m, len(ckpt["labels"]), path) for m in ckpt["members"]])
         members = [{k: v for k, v in m.items() if k not in ("config", "model")} for m in ckpt["members"]]
@@ -265,7 +267,7 @@ def classifier_from_state(ckpt: dict[str, Any], path: Path) -> LoadedClassifier:
             "fine-tune one with `gptflow finetune-classifier`"
         )
     return LoadedClassifier(
-        _member_model(ckpt, len(ckpt["labels"]), path).eval(),
+        _member_model(ckpt, len(ckpt["labels"]), path, merged).eval(),
         dict(ckpt["labels"]),
         int(ckpt["max_length"]),
         dict(ckpt["source"]),
@@ -279,9 +281,13 @@ def _files(files: Any) -> dict[str, str] | None:
     return dict(files) if files else None
 
 
-def _member_model(ckpt: dict[str, Any], n_classes: int, path: Path) -> SequenceClassifier:
+def _member_model(ckpt: dict[str, Any], n_classes: int, path: Path, merged: bool = True) -> SequenceClassifier:
     check_finite_weights(ckpt["model"], path)
     pad_id = int(ckpt.get("pad_id", PAD_ID))  # checkpoints older than the field padded with GPT-2's 50256
+    if "lora" in ckpt:  # adapters and head over the base language model it names
+        model = SequenceClassifier(lora.base_language_model(ckpt, path), n_classes, ckpt["pooling"], pad_id)
+        lora.restore(model, ckpt, path)
+        return lora.merge(model) if merged else model
     model = SequenceClassifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), n_classes, ckpt["pooling"], pad_id)
     model.load_state_dict(ckpt["model"])
     return model

@@ -56,11 +56,58 @@ Precision = Annotated[
 OptimizerName = Literal["adamw", "muon"]
 # A classifier's head: which hidden state it reads, which weights train, which weights it keeps.
 Pooling = Literal["last_real", "last_position", "mean"]
-Trainable = Literal["head", "last_k", "all"]
+Trainable = Literal["head", "last_k", "all", "lora"]
 Keep = Literal["best_val", "last"]
+# LoRA targets in every family's terms (litgpt's names): single layers, then the sets `attention` and `all`.
+LoraTarget = Literal["query", "key", "value", "projection", "mlp", "head", "attention", "all"]
 
 
 # --- training --------------------------------------------------------------------------------------------
+
+
+class LoraSpec(StrictConfig):
+    """The adapters of a LoRA fine-tune (model.lora): rank, alpha (the update is scaled by alpha / rank, as in peft
+    and litgpt), dropout on the adapters' input, and the layers adapted."""
+
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: tuple[LoraTarget, ...] = Field(default=("query", "value"), min_length=1)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraFields(StrictConfig):
+    """The LoRA knobs of a stage that can train adapters instead of weights (`trainable: lora`); flat fields, so
+    that each is a flag of the verb as well as a key of its recipe."""
+
+    lora_rank: int = Field(default=8, gt=0, description="LoRA rank (trainable=lora)")
+    lora_alpha: float = Field(default=16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout on the LoRA adapters' input")
+    lora_targets: tuple[LoraTarget, ...] = Field(
+        default=("query", "value"),
+        min_length=1,
+        description="layers given adapters: query key value projection mlp head, or the sets attention "
+        "(q, k, v, projection) and all (every linear layer); a classifier's new head always trains fully",
+    )
+
+    def lora_spec(self) -> LoraSpec | None:
+        """The adapters to train, or None when `trainable` is not lora."""
+        if getattr(self, "trainable", None) != "lora":
+            return None
+        return LoraSpec(
+            rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets
+        )
+
+    def _check_lora_base(self, init: Any, has_base: bool = False) -> None:
+        """LoRA adapts a trained model: a random one has no weights worth keeping frozen (and no file to refer to)."""
+        if getattr(self, "trainable", None) == "lora" and getattr(init, "kind", None) == "random" and not has_base:
+            raise ValueError(
+                "trainable lora adapts a trained model: set init to gpt2:<preset>, checkpoint:<path> or "
+                "hf:<repo-or-folder> (a random model has no weights to keep frozen)"
+            )
 
 
 class Launcher(StrictConfig):
@@ -112,6 +159,8 @@ class TrainConfig(StrictConfig):
         (the global batch is batch_size x grad_accum x world_size). The model is keyed on its resolved shape, not
         on the preset's name: a preset whose shape changes is another model."""
         fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY | {"preset"}}
+        if getattr(self, "trainable", "lora") != "lora":  # LoRA knobs shape nothing when no adapters train
+            fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
         return {**fields, "model": self.model_shape(), "world_size": self.world_size}
 
     def model_shape(self) -> dict[str, Any] | None:
@@ -173,9 +222,18 @@ class PretrainConfig(TrainConfig):
         return self.model_config_for().to_dict()
 
 
-class DaptConfig(StrictConfig):
+class DomainTrainConfig(PretrainConfig, LoraFields):
+    """The training config of a domain-adaptive pretraining run: pretraining's, from the classifier's starting model,
+    training its weights or (`trainable: lora`) adapters on them."""
+
+    trainable: Literal["all", "lora"] = Field(default="all", description="all weights, or LoRA adapters")
+
+
+class DaptConfig(LoraFields):
     """The knobs of domain-adaptive pretraining; the run settings (device, precision, threads, seed, optimizer
     betas, weight decay, clipping) are the classifier's."""
+
+    trainable: Literal["all", "lora"] = Field(default="all", description="all weights, or LoRA adapters (lora_*)")
 
     steps: int = Field(default=800, gt=0, description="optimizer steps")
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -185,11 +243,13 @@ class DaptConfig(StrictConfig):
     warmup_steps: WarmupSteps = 40
     min_lr_ratio: MinLrRatio = 0.05
 
-    def train_config(self, run: TrainConfig) -> PretrainConfig:
+    def train_config(self, run: TrainConfig) -> DomainTrainConfig:
         """The training config of a DAPT run for the classifier config `run`: its run settings and seed."""
         shared = ("weight_decay", "betas", "grad_clip", "grad_accum", "seed", "device", "precision")
-        return PretrainConfig(
+        lora = ("trainable", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+        return DomainTrainConfig(
             **{name: getattr(run, name) for name in (*shared, "launcher", "threads")},
+            **{name: getattr(self, name) for name in lora},
             dropout=self.dropout,
             context_length=self.window,
             steps=self.steps,
@@ -204,7 +264,7 @@ class DaptConfig(StrictConfig):
         )
 
 
-class InstructConfig(TrainConfig):
+class InstructConfig(TrainConfig, LoraFields):
     """Every knob of an instruction fine-tune and its test responses (also the flow's parameters)."""
 
     RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
@@ -218,6 +278,9 @@ class InstructConfig(TrainConfig):
     }
 
     init: InitSpec = Field(default=InitSpec("random"), description=INIT_HELP)
+    trainable: Literal["all", "lora"] = Field(
+        default="all", description="all: every weight; lora: LoRA adapters on the frozen model (lora_*)"
+    )
     context_length: int | None = Field(default=None, gt=1, description="override the preset's (random init)")
     style: Style = Field(
         default="alpaca",
@@ -246,11 +309,16 @@ class InstructConfig(TrainConfig):
         overrides = {} if self.context_length is None else {"context_length": self.context_length}
         return GPTConfig.from_preset(self.preset, **overrides).to_dict()
 
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> "InstructConfig":
+        self._check_lora_base(self.init)
+        return self
+
     def generation_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_k", "max_test_entries", "seed")}
 
 
-class ClassifierConfig(TrainConfig):
+class ClassifierConfig(TrainConfig, LoraFields):
     """Every knob of a fine-tuning run (also the flow's parameters and the stage's config)."""
 
     RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_batch_size"}
@@ -270,7 +338,8 @@ class ClassifierConfig(TrainConfig):
     )
     pooling: Pooling = Field(default="last_real", description="which hidden state the head reads")
     trainable: Trainable = Field(
-        default="last_k", description="head | last_k (last k blocks + final norm + head) | all"
+        default="last_k",
+        description="head | last_k (last k blocks + final norm + head) | all | lora (LoRA adapters (lora_*) + head)",
     )
     last_k: int = Field(default=1, ge=1, description="blocks trained with trainable=last_k")
     max_length: int | None = Field(default=None, gt=0, description="truncate texts (default: context length)")
@@ -301,6 +370,9 @@ class ClassifierConfig(TrainConfig):
             raise ValueError(f"shape builds the model from scratch: init must be random, not {self.init}")
         if len(self.ensemble) == 1 or len(set(self.ensemble)) != len(self.ensemble):
             raise ValueError(f"ensemble: expected 2 or more different seeds, got {list(self.ensemble)}")
+        self._check_lora_base(self.init, has_base=self.dapt is not None)
+        if self.dapt is not None:
+            self.dapt._check_lora_base(self.init)
         return self
 
     def members(self) -> list["ClassifierConfig"]:

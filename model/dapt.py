@@ -23,6 +23,7 @@ from gptflow.splits import read_labelled, read_labels
 from gptflow.stage import Stage
 from gptflow.storage import sha256_bytes
 from gptflow.tokenizer import EOT_ID
+from model import lora
 from model.configs import PretrainConfig
 from model.gpt import GPTModel
 from model.pretrain import LMResult, TokenWindows, finish_lm_stage, lm_loss, run_lm_stage
@@ -89,14 +90,20 @@ def domain_pretrain(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
     tokenizer_files: dict[str, str] | None = None,
+    base: dict[str, str] | None = None,
 ) -> LMResult:
     """Pretrain the model `start()` builds (seeded) on `tokens` in `stage` (`dapt_stage`), whose `model.pt` is
-    the full-vocabulary result (with `tokenizer_files`, the starting model's own tokenizer, where it has one).
-    Reused, resumed or run as the stage contract decides."""
-    return run_lm_stage(stage, resume, lambda ckpt: _train(stage, ckpt, start, tokens, config, on_log, tokenizer_files))
+    the full-vocabulary result (with `tokenizer_files`, the starting model's own tokenizer, where it has one); with
+    `config.trainable` lora, LoRA adapters on the frozen model `base` (model.lora.base_record) names. Reused, resumed
+    or run as the stage contract decides."""
+    return run_lm_stage(
+        stage, resume, lambda ckpt: _train(stage, ckpt, start, tokens, config, on_log, tokenizer_files, base)
+    )
 
 
-def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig, on_log, tokenizer_files=None):
+def _train(
+    stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig, on_log, tokenizer_files=None, base=None
+):
     keep, compact_ids = np.unique(tokens, return_inverse=True)
     full = start()
     if config.context_length > full.cfg.context_length:
@@ -104,13 +111,17 @@ def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig,
             f"dapt.window {config.context_length} exceeds the model's context length {full.cfg.context_length}"
         )
     model = compact_vocab(full, torch.from_numpy(keep))
+    spec = config.lora_spec() if hasattr(config, "lora_spec") else None
+    if spec is not None:
+        torch.manual_seed(config.seed)
+        lora.apply_lora(model, spec, base)
     windows = TokenWindows(
         compact_ids.astype(np.int64), config.context_length, config.batch_size, "random", config.seed
     )
 
     def loss(batch):
         x, y = batch
-        return lm_loss(model.features(x), model.out_head.weight, y), {"tokens": x.numel()}
+        return lm_loss(model.features(x), model.head_weight(), y), {"tokens": x.numel()}
 
     if tokenizer_files:
         checkpoint.extra = {"tokenizer": tokenizer_files}
@@ -124,7 +135,10 @@ def _train(stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig,
         loss=loss,
         on_log=on_log,
     )
-    expand_vocab(full, model.cpu(), torch.from_numpy(keep))
+    if spec is not None:
+        expand_adapters(full, model.cpu(), torch.from_numpy(keep))
+    else:
+        expand_vocab(full, model.cpu(), torch.from_numpy(keep))
     return finish_lm_stage(
         stage, full, state, tokenizer=tokenizer_files, corpus_tokens=len(tokens), vocab_used=len(keep)
     )
@@ -150,3 +164,14 @@ def expand_vocab(full: GPTModel, compact: GPTModel, keep: torch.Tensor) -> None:
             target[keep] = state.pop(name)
         missing = full.load_state_dict(state, strict=False).missing_keys
     assert set(missing) <= {"tok_emb.weight", "out_head.weight"}, missing
+
+
+def expand_adapters(full: GPTModel, compact: GPTModel, keep: torch.Tensor) -> None:
+    """Give `full` the LoRA adapters of `compact` (vocabulary `keep`), in place: the head adapter's rows `keep` are
+    the trained ones, every other token's update is zero; the frozen weights are `full`'s own already."""
+    lora.apply_lora(full, compact.lora["spec"], compact.lora["base"])
+    state = lora.trainable_state(compact)
+    for name, rows in list(state.items()):
+        if name.startswith("out_head.lora_B."):
+            state[name] = rows.new_zeros(full.cfg.vocab_size, rows.shape[1]).index_copy(0, keep, rows)
+    lora.load_weights(full, state, "the domain-pretrained adapters")

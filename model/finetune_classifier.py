@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gptflow.splits import LABELLED_FILES, read_labelled, read_labels
 from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
+from model import lora
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.classifier import (
     BEST,
@@ -136,7 +137,11 @@ def _finetune(
     torch.manual_seed(config.seed)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     model = SequenceClassifier(backbone, len(labels), config.pooling, pad_id)
-    n_trainable = model.set_trainable(config.trainable, config.last_k)
+    if (spec := config.lora_spec()) is not None:  # adapters on the frozen backbone, and the new head
+        base = lora.base_record(config.init, config.init.file(settings), stage.inputs["init"])
+        n_trainable = lora.apply_lora(model, spec, base)
+    else:
+        n_trainable = model.set_trainable(config.trainable, config.last_k)
     order = EpochBatches(len(train_split), config.batch_size, config.seed)
     steps_per_epoch = max(1, order.per_epoch // (config.grad_accum * config.world_size))
     log.info(
@@ -255,6 +260,9 @@ def pretrain_domain(
         on_log=on_log,
         resume=resume,
         tokenizer_files=config.init.tokenizer_files(settings),
+        base=lora.base_record(config.init, config.init.file(settings), stage.inputs["start"])
+        if config.dapt.trainable == "lora"
+        else None,
     )
 
 

@@ -324,6 +324,12 @@ class GPTModel(nn.Module):
         """Next-token logits, (B, T, vocab_size)."""
         return self.out_head(self.features(input_ids, attention_mask, kv_cache, position_ids))
 
+    def head_weight(self) -> torch.Tensor:
+        """The output head's matrix as the forward pass applies it (with a LoRA adapter's update where it has one),
+        for losses that multiply by it themselves (model.fused_loss)."""
+        effective = getattr(self.out_head, "effective_weight", None)
+        return effective() if effective is not None else self.out_head.weight
+
     def num_params(self) -> int:
         """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())

@@ -124,9 +124,9 @@ class InitSpec(str):
             return load_gpt2(self.ref, settings, dropout=dropout)[0]
         from model.opener import open_model  # the opener imports the classifier, which imports this module
 
-        opened = open_model(self.file(settings), CHECKPOINT_LMS)
-        model = GPTModel(opened.config.model_copy(update={"dropout": dropout}))
-        model.load_state_dict(opened.language_model().state_dict())
+        loaded = open_model(self.file(settings), CHECKPOINT_LMS).language_model(settings)  # a LoRA one merged
+        model = GPTModel(loaded.cfg.model_copy(update={"dropout": dropout}))
+        model.load_state_dict(loaded.state_dict())
         return model
 
     def tokenizer_files(self, settings: Settings | None = None) -> dict[str, str] | None:

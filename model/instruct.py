@@ -29,6 +29,7 @@ from gptflow.splits import read_instructions
 from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json, sha256_bytes, write_json_atomic
 from gptflow.tokenizer import EOT_ID
+from model import lora
 from model.config import GPTConfig
 from model.configs import InstructConfig
 from model.device import autocast, check_fits, resolve_device
@@ -188,7 +189,7 @@ def evaluate(
         for s in starts:
             x, y = (t.to(device) for t in batcher(examples[s : s + config.batch_size]))
             n = int((y != IGNORE_INDEX).sum())
-            total += lm_loss(model.features(x), model.out_head.weight, y).item() * n
+            total += lm_loss(model.features(x), model.head_weight(), y).item() * n
             count += n
     return total / max(count, 1)
 
@@ -264,6 +265,9 @@ def _finetune(
     model = config.init.build(
         config.preset, dropout=config.dropout, seed=config.seed, context_length=config.context_length, settings=settings
     )
+    if (spec := config.lora_spec()) is not None:  # adapters on the frozen model
+        torch.manual_seed(config.seed)
+        lora.apply_lora(model, spec, lora.base_record(config.init, config.init.file(settings), stage.inputs["init"]))
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:
@@ -285,7 +289,7 @@ def _finetune(
 
     def loss(tensors):
         x, y = tensors
-        return lm_loss(model.features(x), model.out_head.weight, y), {"tokens": x.numel()}
+        return lm_loss(model.features(x), model.head_weight(), y), {"tokens": x.numel()}
 
     if files:
         checkpoint.extra = {"tokenizer": files}

@@ -55,23 +55,29 @@ class OpenedModel:
         files = self.state.get("tokenizer") if self.state is not None else None
         return model_tokenizer(files, settings)
 
-    def language_model(self, settings=None) -> GPTModel:
-        """The language model, in eval mode on the CPU (a classifier's: its backbone)."""
+    def language_model(self, settings=None, *, merged: bool = True) -> GPTModel:
+        """The language model, in eval mode on the CPU (a classifier's: its backbone); a LoRA checkpoint's with its
+        adapters merged into plain weights, unless `merged` is False."""
         if self.kind == "gpt2":
             from model.weights import load_gpt2
 
             return load_gpt2(self.spec, settings)[0]
         if self.kind == "classifier":
-            return self.classifier().model.backbone
+            return self.classifier(merged=merged).model.backbone
         if self.kind == "ensemble":
             raise CheckpointError(f"{self.path} is {WHAT['ensemble']}: it has no single language model")
-        return model_from_state(self.state, self.path)[0].eval()
+        return model_from_state(self.state, self.path, merged=merged, settings=settings)[0].eval()
 
-    def classifier(self) -> LoadedClassifier:
-        """The classifier (or ensemble), in eval mode."""
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """A LoRA checkpoint's adapters (rank, alpha, dropout, targets, modules); None for plain weights."""
+        return self.state.get("lora") if self.state is not None else None
+
+    def classifier(self, *, merged: bool = True) -> LoadedClassifier:
+        """The classifier (or ensemble), in eval mode (a LoRA classifier's adapters merged unless `merged` is False)."""
         if self.kind not in ("classifier", "ensemble"):
             raise CheckpointError(f"{self.path} is {WHAT[self.kind]}, not a classifier checkpoint")
-        return classifier_from_state(self.state, self.path)
+        return classifier_from_state(self.state, self.path, merged=merged)
 
 
 def open_model(spec: str | Path, kinds: Collection[Kind], *, hint: str = "", settings=None) -> OpenedModel:

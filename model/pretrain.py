@@ -107,7 +107,7 @@ def evaluate(
     with eval_mode(model), autocast(precision, device):
         for i in range(0, n, batch_size):
             x, y = (t.to(device) for t in windows.rows(chosen[i : i + batch_size]))
-            total += lm_loss(model.features(x), model.out_head.weight, y).item() * len(x)
+            total += lm_loss(model.features(x), model.head_weight(), y).item() * len(x)
             count += len(x)
     return total / count
 
@@ -234,7 +234,7 @@ def _train(
 
     def loss(batch):
         x, y = batch
-        return lm_loss(features(x), model.out_head.weight, y), {"tokens": x.numel()}
+        return lm_loss(features(x), model.head_weight(), y), {"tokens": x.numel()}
 
     def validate(final: bool) -> dict[str, Any]:
         val = evaluate(model, val_tokens, ctx, config.batch_size, config.eval_batches, config.runtime().precision)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gptflow.errors import GptflowError
 from gptflow.ranks import process_ranks
 from gptflow.stage import Stage
-from model import distributed
+from model import distributed, lora
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.configs import TrainConfig
 from model.device import allow_tf32
@@ -145,7 +145,7 @@ class TrainingCheckpoint:
             self.path,
             format=FORMAT,
             config=cfg.to_dict() if cfg is not None else None,
-            model=model.state_dict(),
+            model=lora.weights_fields(model)["model"],  # a LoRA model's: its adapters (and head) only
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),
@@ -171,7 +171,7 @@ class TrainingCheckpoint:
         for key in ("model", "optimizer", "train_state"):
             if key not in ckpt:
                 raise CheckpointError(f"{self.path} is not a training checkpoint: no {key!r} entry")
-        model.load_state_dict(ckpt["model"])
+        lora.load_weights(model, ckpt["model"], self.path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
