@@ -452,10 +452,10 @@ class ExportConfig(StrictConfig):
     device: DeviceSpec = Field(
         default="cpu", description="device of the PyTorch reference pass (the ONNX graph is always traced on the CPU)"
     )
-    format: Literal["onnx", "hf", "gguf"] = Field(
+    format: Literal["onnx", "hf", "gguf", "peft"] = Field(
         default="onnx",
         description="onnx: the edge bundle; hf: a Hugging Face folder of the model's family; gguf: a GGUF bundle "
-        "for llama.cpp and Ollama (language models)",
+        "for llama.cpp and Ollama (language models); peft: a LoRA checkpoint's adapters as peft loads them",
     )
     quant: Literal["f16", "q8_0", "q4_0"] = Field(
         default="q8_0", description="GGUF weight type (--format gguf): f16, q8_0 or q4_0"
