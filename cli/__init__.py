@@ -29,6 +29,7 @@ VERB_MODULES = [
     "cli.model",
     "cli.classify",
     "cli.export",
+    "cli.merge",
     "cli.publish",
     "cli.instruct",
     "cli.inspect",

@@ -53,6 +53,7 @@ class LoRALinear(nn.Linear):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(end - start, spec.rank, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+        self.train(linear.training)  # a model in eval mode stays so: no adapter dropout at inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
