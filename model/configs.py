@@ -222,7 +222,7 @@ class PretrainConfig(TrainConfig):
         return self.model_config_for().to_dict()
 
 
-class DomainTrainConfig(PretrainConfig, LoraFields):
+class DomainTrainConfig(LoraFields, PretrainConfig):
     """The training config of a domain-adaptive pretraining run: pretraining's, from the classifier's starting model,
     training its weights or (`trainable: lora`) adapters on them."""
 
@@ -264,7 +264,7 @@ class DaptConfig(LoraFields):
         )
 
 
-class InstructConfig(TrainConfig, LoraFields):
+class InstructConfig(LoraFields, TrainConfig):
     """Every knob of an instruction fine-tune and its test responses (also the flow's parameters)."""
 
     RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {
@@ -318,7 +318,7 @@ class InstructConfig(TrainConfig, LoraFields):
         return {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_k", "max_test_entries", "seed")}
 
 
-class ClassifierConfig(TrainConfig, LoraFields):
+class ClassifierConfig(LoraFields, TrainConfig):
     """Every knob of a fine-tuning run (also the flow's parameters and the stage's config)."""
 
     RUN_ONLY: ClassVar[frozenset[str]] = TrainConfig.RUN_ONLY | {"eval_batch_size"}

@@ -27,6 +27,7 @@ from model.classifier import (
     FORMAT,
     ClassifierError,
     SequenceClassifier,
+    classifier_from_state,
     collate,
     encode_split,
     evaluate_split,
@@ -302,6 +303,9 @@ def _write_ensemble(stage: Stage, data_dir: Path, labels: dict[str, int], paths:
         ckpt = load_checkpoint(path)
         if ckpt.get("format") != FORMAT:
             raise ClassifierError(f"ensemble member {path} is not a single classifier checkpoint ({FORMAT!r})")
+        if "lora" in ckpt:  # the ensemble holds plain weights: a LoRA member's adapters are merged into its base
+            merged = classifier_from_state(ckpt, path).model
+            ckpt = {**ckpt, "model": merged.state_dict(), "config": merged.cfg.to_dict()}
         if ckpt["labels"] != labels:
             raise ClassifierError(f"ensemble member {path}: labels {ckpt['labels']} differ from {labels}")
         tokenizers.append(ckpt.get("tokenizer") or None)

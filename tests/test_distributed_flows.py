@@ -18,8 +18,10 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 
 from flows.pretrain import pretrain_flow
+from model.checkpoint import save_model
 from model.configs import PretrainConfig
 from model.finetune_classifier import finetune
+from model.gpt import GPTModel
 from model.launch import launch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,11 +114,16 @@ def test_failed_rank_fails_the_task_with_its_log(prefect_harness, settings, tmp_
 
 
 @pytest.mark.slow
-def test_classifier_data_parallel_matches_one_process(settings, tmp_path, tokenizer):
-    """Two ranks with grad_accum 1 take the same steps over the same epochs as one process with grad_accum 2."""
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_classifier_data_parallel_matches_one_process(settings, tmp_path, tokenizer, trainable):
+    """Two ranks with grad_accum 1 take the same steps over the same epochs as one process with grad_accum 2, training
+    every weight or LoRA adapters (without adapter dropout, whose masks differ between ranks)."""
     data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 texts, batch 4: 8 batches (the last short) per epoch
-    base = dict(trainable="all", lr=1e-3, epochs=2, batch_size=4, eval_every=2, precision="fp32")
+    base = dict(trainable=trainable, lr=1e-3, epochs=2, batch_size=4, eval_every=2, precision="fp32")
     base |= dict(threads=1, patience=None, keep="last")
+    if trainable == "lora":
+        start = save_model(tmp_path / "base" / "model.pt", GPTModel(tiny_config("gpt")))
+        base |= dict(init=f"checkpoint:{start}", lora_targets=("all",), lora_dropout=0.0)
     records: list[dict] = []
     config = tiny_config("classifier", **base, launcher={"kind": "torchrun", "nproc_per_node": 2})
     launch(
