@@ -106,7 +106,7 @@ CLASSIFIER |= dict(checkpoint_every=3, patience=None, keep="last")
 
 
 @pytest.mark.slow
-def test_a_lora_classifier_keeps_adapters_and_head_resumes_exactly_and_merges(tmp_path, tokenizer):
+def test_a_lora_classifier_keeps_adapters_and_head_resumes_exactly_and_merges(tmp_path, tokenizer, settings):
     data = write_splits(tmp_path / "data", (10, 3, 3))  # 30 train texts: 4 steps per epoch, 8 steps
     init = base_checkpoint(tmp_path)
     config = tiny_config("classifier", init=init, **CLASSIFIER)
@@ -158,6 +158,14 @@ def test_a_lora_classifier_keeps_adapters_and_head_resumes_exactly_and_merges(tm
     with torch.no_grad():
         assert (again(x, mask) - merged(x, mask)).abs().max() < 1e-6
     assert merge_checkpoint(full.best, tmp_path / "merged")["reused"]
+
+    # the edge bundle holds the merged weights: ONNX logits equal PyTorch's
+    from model.configs import ExportConfig
+    from model.onnx_export import export_classifier
+
+    report = export_classifier(full.best, data, tmp_path / "export", ExportConfig(int8=False), tokenizer=tokenizer)
+    assert report["parity"]["fp32_max_abs_logit_diff"] < 1e-4
+    assert report["parity"]["fp32_prediction_matches"] == report["parity"]["n"] == 9
 
 
 def test_a_missing_or_changed_base_is_one_line_that_names_it(tmp_path):
@@ -212,6 +220,19 @@ def test_instruction_lora_then_generate_and_export_merged(tmp_path, tokenizer, s
     assert json.loads((tmp_path / "hf" / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
     assert report["roundtrip_max_abs_logit_diff"] < 1e-5
     assert main(["generate", "What is 1 plus one?", "--model", str(result.model_path), "--max-new-tokens", "3"]) == 0
+
+    # the GGUF holds the merged head
+    import gguf
+
+    from model.configs import ExportConfig
+    from model.gguf_export import export_gguf
+
+    written = export_gguf(result.model_path, tmp_path / "gguf", ExportConfig(format="gguf", quant="f16"))
+    tensors = {t.name: t for t in gguf.GGUFReader(written["gguf"]).tensors}
+    merged = open_model(result.model_path, CHECKPOINT_LMS).language_model()
+    output = torch.from_numpy(tensors["output.weight"].data.astype("float32")).reshape(merged.out_head.weight.shape)
+    assert (output - merged.out_head.weight).abs().max() < 1e-3
+    assert not torch.allclose(output, merged.tok_emb.weight, atol=1e-3)
 
 
 @pytest.mark.slow
