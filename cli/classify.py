@@ -107,7 +107,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         kept = "final weights" if s.get("keep") == "last" else "best validation accuracy"
         print(
             f"{'reused' if out['reused'] else 'fine-tuned'}: {s['steps']} steps, kept the {kept}: validation "
-            f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}"
+            f"accuracy {100 * s['best_val_accuracy']:.2f}% at step {s['best_step']}; "
+            + (f"LoRA rank {s['lora']['rank']} on {' '.join(s['lora']['targets'])} + head: " if s.get("lora") else "")
+            + f"{s['trainable_params']:,} trainable parameters"
         )
     print(
         table(

@@ -63,6 +63,12 @@ def run_finetune_instructions(args: argparse.Namespace) -> int:
         f"{'reused' if out['reused'] else 'trained'} {config.init.label(config.preset)} "
         f"({m.get('style') or config.style}): "
         f"{m['steps']} steps, train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}"
+        + (
+            f"; LoRA rank {m['lora']['rank']} on {' '.join(m['lora']['targets'])}: "
+            f"{m['trainable_params']:,} trainable parameters"
+            if m.get("lora")
+            else ""
+        )
     )
     print(f"model: {out['model']}")
     print(f"checkpoint: {out['checkpoint']}")

@@ -207,6 +207,7 @@ def _finetune(
         "best_val_loss": kept["val_loss"],
         "early_stopped": state.stopped_early,
         "trainable_params": n_trainable,
+        **({"lora": lora.summary(model)} if lora.is_lora(model) else {}),
         "max_length": max_length,
         "n_classes": len(labels),
         **state.setup,

@@ -158,6 +158,12 @@ def apply_lora(
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def summary(model: nn.Module) -> dict[str, Any]:
+    """Rank, alpha and targets of a LoRA model's adapters, for metrics and reports."""
+    spec = model.lora["spec"]
+    return {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)}
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gptflow.errors import GptflowError
 from gptflow.stage import Built, Stage
 from gptflow.storage import read_json, write_json_atomic
+from model import lora
 from model.checkpoint import save_model
 from model.configs import PretrainConfig
 from model.device import autocast, check_fits
@@ -155,6 +156,8 @@ def finish_lm_stage(
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min((e["val_loss"] for e in evals), default=None),
         "params": model.num_params(),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **({"lora": lora.summary(model)} if lora.is_lora(model) else {}),
         **state.setup,
         **extra,
     }

@@ -11,7 +11,8 @@
 # 3. bench.loss_head --device cuda: fused vs plain LM-head loss, and which one pretraining uses on CUDA;
 # 4. a pretraining smoke run (the-verdict, preset tiny, 20 steps, --device cuda): 2 ranks under torchrun when
 #    2+ GPUs are visible, else 1 process; its metrics.json must say it trained on cuda with that many ranks;
-# 5. `gptflow inspect` of that model on cuda and on the CPU: same next tokens, attention and lens within 1e-3.
+# 5. `gptflow inspect` of that model on cuda and on the CPU: same next tokens, attention and lens within 1e-3;
+# 6. a LoRA instruction fine-tune of that model on cuda (10 steps, every linear layer), then `gptflow merge` of it.
 #
 # Everything printed also goes to outputs/gpu_check/gpu_check-<UTC time>.log. A failed step does not stop the
 # later ones; the exit status is non-zero when any step failed (or at once when there is no usable GPU).
@@ -190,6 +191,13 @@ main() {
 			"Every effort moves you" --device "$device" --out "$SMOKE_HOME/inspect-$device"
 	done
 	step "inspect on cuda equals inspect on the CPU" check_inspect "$SMOKE_HOME/inspect-cuda" "$SMOKE_HOME/inspect-cpu"
+
+	step "LoRA instruction fine-tune of the smoke model on cuda" env GPTFLOW_HOME="$SMOKE_HOME" "$BIN/gptflow" \
+		finetune-instructions --init "checkpoint:${model:-missing}" --trainable lora --lora-targets all --max-steps 10 \
+		--device cuda --max-test-entries 2 --max-new-tokens 8
+	local tuned
+	tuned=$(find "$SMOKE_HOME/instruct" -name model.pt 2>/dev/null | head -n 1)
+	step "merge the LoRA checkpoint" env GPTFLOW_HOME="$SMOKE_HOME" "$BIN/gptflow" merge "${tuned:-missing}"
 
 	echo
 	echo "=== summary"
