@@ -91,6 +91,7 @@ def _check_data(args: argparse.Namespace) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     config = stage_config(args)
     check_init(config.init)
+    config.check_lora()
 
     from flows.classify import finetune_classifier_flow
     from tasks.classify import CONFUSION, CURVES
@@ -145,6 +146,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     config = stage_config(args)
     check_init(config.init)
+    config.check_lora()
     grid: dict[str, list[str]] = {}
     for name, values in args.grid:
         if name in grid:

@@ -54,6 +54,7 @@ def _check_data(args: argparse.Namespace) -> None:
 def run_finetune_instructions(args: argparse.Namespace) -> int:
     config = stage_config(args)
     check_init(config.init)
+    config.check_lora()
 
     from flows.instruct import finetune_instructions
 

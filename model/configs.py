@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, Field, PositiveFloat, model_validator
 
 from edge.runtime import CLASSIFIER
+from gptflow.errors import GptflowError
 from gptflow.prompts import Style
 from gptflow.ranks import process_ranks
 from gptflow.strict import StrictConfig
@@ -65,6 +66,10 @@ LoraTarget = Literal["query", "key", "value", "projection", "mlp", "head", "atte
 # --- training --------------------------------------------------------------------------------------------
 
 
+class LoraConfigError(GptflowError, ValueError):
+    """LoRA asked of a model that has no trained weights to adapt."""
+
+
 class LoraSpec(StrictConfig):
     """The adapters of a LoRA fine-tune (model.lora): rank, alpha (the update is scaled by alpha / rank, as in peft
     and litgpt), dropout on the adapters' input, and the layers adapted."""
@@ -101,11 +106,13 @@ class LoraFields(StrictConfig):
             rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets
         )
 
-    def _check_lora_base(self, init: Any, has_base: bool = False) -> None:
-        """LoRA adapts a trained model: a random one has no weights worth keeping frozen (and no file to refer to)."""
+    def check_lora_base(self, init: Any, has_base: bool = False, field: str = "trainable") -> None:
+        """LoRA adapts a trained model: a random one has no weights worth keeping frozen (and no file to refer to).
+        Checked when a stage is declared (and by the verbs before any flow), not when the config is read: the
+        pipeline's recipe names no init, which the pipeline sets to the model it pretrained or imported."""
         if getattr(self, "trainable", None) == "lora" and getattr(init, "kind", None) == "random" and not has_base:
-            raise ValueError(
-                "trainable lora adapts a trained model: set init to gpt2:<preset>, checkpoint:<path> or "
+            raise LoraConfigError(
+                f"{field} lora adapts a trained model: set init to gpt2:<preset>, checkpoint:<path> or "
                 "hf:<repo-or-folder> (a random model has no weights to keep frozen)"
             )
 
@@ -309,10 +316,8 @@ class InstructConfig(LoraFields, TrainConfig):
         overrides = {} if self.context_length is None else {"context_length": self.context_length}
         return GPTConfig.from_preset(self.preset, **overrides).to_dict()
 
-    @model_validator(mode="after")
-    def _lora_needs_a_base(self) -> "InstructConfig":
-        self._check_lora_base(self.init)
-        return self
+    def check_lora(self) -> None:
+        self.check_lora_base(self.init)
 
     def generation_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("max_new_tokens", "temperature", "top_k", "max_test_entries", "seed")}
@@ -370,10 +375,13 @@ class ClassifierConfig(LoraFields, TrainConfig):
             raise ValueError(f"shape builds the model from scratch: init must be random, not {self.init}")
         if len(self.ensemble) == 1 or len(set(self.ensemble)) != len(self.ensemble):
             raise ValueError(f"ensemble: expected 2 or more different seeds, got {list(self.ensemble)}")
-        self._check_lora_base(self.init, has_base=self.dapt is not None)
-        if self.dapt is not None:
-            self.dapt._check_lora_base(self.init)
         return self
+
+    def check_lora(self) -> None:
+        """Adapters need a trained model under them: the init's, or the domain-pretrained one."""
+        self.check_lora_base(self.init, has_base=self.dapt is not None)
+        if self.dapt is not None:
+            self.dapt.check_lora_base(self.init, field="dapt.trainable")
 
     def members(self) -> list["ClassifierConfig"]:
         """The configs of the classifiers to train: one per ensemble seed, or this one."""

@@ -66,6 +66,7 @@ def classifier_stage(
     data_dir: str | Path, config: ClassifierConfig, out_dir: str | Path | None = None, settings=None, force=False
 ) -> Stage:
     data_dir = Path(data_dir)
+    config.check_lora()
     read_labels(data_dir)  # a missing or bad data folder: its own message before anything is hashed
     inputs: dict[str, Path | str] = {n: data_dir / n for n in LABELLED_FILES}
     inputs["init"] = config.start_input(settings)
@@ -230,6 +231,7 @@ def domain_stage(
     `data_dir` as tokens."""
     if config.dapt is None:
         raise ClassifierError("domain-adaptive pretraining needs a config with dapt set")
+    config.check_lora()
     tokens = corpus_tokens(data_dir, config.init.tokenizer(settings, tokenizer))
     train_config = config.dapt.train_config(config)
     return dapt_stage(

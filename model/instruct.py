@@ -205,6 +205,7 @@ def instruct_stage(
     force: bool = False,
 ) -> Stage:
     data_dir = Path(data_dir)
+    config.check_lora()
     inputs: dict[str, Path | str] = {n: data_dir / n for n in ("train.json", "validation.json")}
     for path in inputs.values():  # a missing split: what to run, before anything is hashed (content: in training)
         if not path.is_file():

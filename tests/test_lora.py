@@ -5,6 +5,8 @@ and exports that merge on the way."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from classify_data import write_splits
@@ -23,6 +25,7 @@ from model.gpt import GPTModel
 from model.merge import merge_checkpoint
 from model.opener import open_model
 
+REPO = Path(__file__).resolve().parent.parent
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_heads=1, bias=False, qkv_bias=False)
 X = torch.tensor([[15496, 11, 995, 318, 257, 1332], [464, 3290, 13, 50256, 50256, 50256]])
 
@@ -248,3 +251,24 @@ def test_domain_pretraining_with_adapters_under_a_lora_classifier(tmp_path, toke
     state = load_checkpoint(tuned.best)
     assert state["base"]["path"] == str(adapted.model_path.resolve())  # a LoRA model over a LoRA model
     assert open_model(tuned.best, CLASSIFIERS).classifier().model.n_classes == 3
+
+
+def test_lora_needs_a_trained_model_and_the_books_recipe_is_its_scale(settings, capsys):
+    import yaml
+
+    from model.configs import ClassifierConfig, LoraConfigError
+    from model.finetune_classifier import classifier_stage
+
+    config = ClassifierConfig(trainable="lora")  # the pipeline's recipe names no init: it sets the model it built
+    with pytest.raises(LoraConfigError, match="trainable lora adapts a trained model: set init to gpt2:<preset>"):
+        classifier_stage(settings.home / "data", config)
+    assert main(["finetune-instructions", "--trainable", "lora"]) == 2
+    assert capsys.readouterr().err.count("trainable lora adapts a trained model") == 1
+    dapt = ClassifierConfig(dapt=DaptConfig(trainable="lora"), trainable="lora")
+    with pytest.raises(LoraConfigError, match="^dapt.trainable lora adapts"):
+        dapt.check_lora()
+
+    # appendix E in our terms: the book's update scale of 16 (alpha alone) is alpha 256 over rank 16
+    recipe = ClassifierConfig(**yaml.safe_load((REPO / "configs" / "spam-lora-gpt2.yaml").read_text()))
+    assert recipe.lora_spec() == LoraSpec(rank=16, alpha=256, dropout=0.0, targets=("all",))
+    assert recipe.lora_spec().scale == 16 and recipe.init == "gpt2:gpt2-small"
