@@ -30,9 +30,13 @@ LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_heads=1, bias=
 X = torch.tensor([[15496, 11, 995, 318, 257, 1332], [464, 3290, 13, 50256, 50256, 50256]])
 
 
+QWEN3 = dict(LLAMA, qk_norm=True, head_size=48)  # q/k norms, heads wider than emb / heads: q rows 96, kv rows 48
+FAMILIES = {"gpt2": {}, "llama": LLAMA, "qwen3": QWEN3}
+
+
 def gpt(family: str = "gpt2", seed: int = 0, **fields) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(GPTConfig.from_preset("tiny", **(LLAMA if family == "llama" else {}), **fields)).eval()
+    return GPTModel(GPTConfig.from_preset("tiny", **FAMILIES[family], **fields)).eval()
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
@@ -60,6 +64,7 @@ def base_checkpoint(tmp_path, family: str = "gpt2") -> str:
         # Llama: 2 heads of 32, one key/value head (value rows 32); SwiGLU gate and up are separate adapters
         ("llama", ("query", "value"), 2 * (8 * (64 + 64) + 8 * (64 + 32))),
         ("llama", ("mlp",), 2 * (8 * (64 + 256) * 3)),
+        ("qwen3", ("attention",), 2 * (8 * (64 + 96) + 8 * (64 + 48) * 2 + 8 * (96 + 64))),
     ],
 )
 def test_trainable_parameters_are_exactly_the_adapters(family, targets, expected):
@@ -76,7 +81,7 @@ def test_the_book_count_every_linear_layer_of_gpt2_small_rank_16():
     assert lora.apply_lora(model, LoraSpec(rank=16, alpha=16, targets=("all",))) == 2_654_208 + 768 * 2 + 2
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 def test_adapters_start_as_the_base_and_merge_into_the_same_model(family):
     model = gpt(family, tie_weights=True)
     reference = model(X)
