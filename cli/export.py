@@ -1,5 +1,6 @@
-"""`gptflow export CHECKPOINT [--int8] [--format onnx|hf|gguf] [--quant f16|q8_0|q4_0]`: a classifier or a language
-model (GPT-2, Llama, Qwen3) to its edge bundle (or a Hugging Face folder, or a GGUF bundle for llama.cpp and Ollama)."""
+"""`gptflow export CHECKPOINT [--int8] [--format onnx|hf|gguf|peft] [--quant f16|q8_0|q4_0]`: a classifier or a
+language model (GPT-2, Llama, Qwen3) to its edge bundle (or a Hugging Face folder, a GGUF bundle for llama.cpp and
+Ollama, or a LoRA model's adapters as a peft adapter folder)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "pass and 32 cached steps (no data needed), and with --int8 validation perplexity fp32 vs int8 (fails above "
         "--max-ppl-increase percent) and greedy agreement on the test prompts, on --data encoded with the model's "
         "own tokenizer; --format hf writes a Hugging Face folder of the model's family instead, --format gguf a GGUF "
-        "bundle (model.gguf at --quant, a Modelfile) for llama.cpp and Ollama.",
+        "bundle (model.gguf at --quant, a Modelfile) for llama.cpp and Ollama, --format peft a LoRA checkpoint's "
+        "adapters as a peft adapter folder for the Hugging Face export of its base.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="classifier best.pt or LM model.pt, or their folder")
     p.add_argument(
@@ -55,6 +57,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     config = stage_config(args)
     opened = open_model(args.checkpoint, EXPORTABLE)  # neither kind: one line before the flow
+    if config.format == "peft":
+        from model.peft_export import check_exportable
+
+        check_exportable(opened)  # a classifier or whole weights: one line that says what to export instead
     if opened.kind in ("lm", "instruct"):
         return _export_lm(args, config, opened)
     if config.format != "onnx":
@@ -82,7 +88,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _export_lm(args: argparse.Namespace, config, opened) -> int:
-    from flows.export import export_gguf_flow, export_hf_flow, export_lm_flow
+    from flows.export import export_gguf_flow, export_hf_flow, export_lm_flow, export_peft_flow
     from model.lm_export import lm_data_dir, model_rows
 
     if config.format == "gguf":
@@ -102,6 +108,16 @@ def _export_lm(args: argparse.Namespace, config, opened) -> int:
         architecture = report.get("architecture", "GPT2LMHeadModel")
         print(f"{'reused' if report['reused'] else 'wrote'} Hugging Face {architecture} folder: {report['folder']}")
         print("  (transformers: AutoModelForCausalLM.from_pretrained(folder); AutoTokenizer.from_pretrained(folder))")
+        return 0
+    if config.format == "peft":
+        from model.peft_export import PEFT_HINT
+
+        report = export_peft_flow(args.checkpoint, args.out, force=args.force)
+        print(
+            f"{'reused' if report['reused'] else 'wrote'} peft adapter (rank {report['rank']}, modules "
+            f"{', '.join(report['target_modules'])}): {report['folder']}"
+        )
+        print(f"  ({PEFT_HINT.format(folder=report['folder'])})")
         return 0
     data_dir = lm_data_dir(opened, args.data, config.int8)  # int8 without data: one line before the flow
     report = export_lm_flow(args.checkpoint, str(data_dir) if data_dir else None, config, args.out, force=args.force)

@@ -1,12 +1,12 @@
 """Export flows: a classifier to its edge bundle; a language model to its LM bundle, a Hugging Face folder or a GGUF
-bundle."""
+bundle; a LoRA language model's adapters to a peft adapter folder."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from model.configs import ExportConfig
-from tasks.export import export_bundle, export_gguf_bundle, export_hf_folder, export_lm_bundle
+from tasks.export import export_bundle, export_gguf_bundle, export_hf_folder, export_lm_bundle, export_peft_adapter
 
 
 @flow(name="export")
@@ -43,6 +43,14 @@ def export_hf_flow(checkpoint: str, out_dir: str | None = None, force: bool = Fa
     """A language model as a Hugging Face folder of its family (GPT2LMHeadModel, LlamaForCausalLM,
     Qwen3ForCausalLM) with its tokenizer: the stage folder's `hf/`."""
     return export_hf_folder(str(checkpoint), out_dir, force)
+
+
+@flow(name="export-peft")
+def export_peft_flow(checkpoint: str, out_dir: str | None = None, force: bool = False) -> dict:
+    """A LoRA language model's adapters as a peft adapter folder (adapter_config.json, adapter_model.safetensors,
+    README.md) that `PeftModel.from_pretrained` loads onto the Hugging Face export of its base: the stage folder's
+    `adapter/`."""
+    return export_peft_adapter(str(checkpoint), out_dir, force)
 
 
 @flow(name="export-gguf")

@@ -1,5 +1,5 @@
 """Prefect tasks of the export stage: the classifier's edge bundle, the language model's bundle, its Hugging Face
-folder and its GGUF bundle; each publishes its figures."""
+folder, its GGUF bundle and a LoRA model's peft adapter; each publishes its figures."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from model.gguf_export import export_gguf
 from model.hf_export import export_hf
 from model.lm_export import export_lm, model_rows
 from model.onnx_export import MODEL_FILES, export_classifier
+from model.peft_export import export_peft
 from tasks.artifacts import artifact_key, publish_markdown, publish_table
 
 
@@ -73,6 +74,21 @@ def export_hf_folder(checkpoint: str, out_dir: str | None = None, force: bool = 
         "%s Hugging Face %s folder %s",
         "reused" if report["reused"] else "wrote",
         report.get("architecture", "GPT2LMHeadModel"),
+        report["folder"],
+    )
+    return report
+
+
+@task(cache_policy=NO_CACHE)
+def export_peft_adapter(checkpoint: str, out_dir: str | None = None, force: bool = False) -> dict[str, Any]:
+    """A LoRA language model's adapters as a peft adapter folder, for our Hugging Face export of its base."""
+    report = export_peft(checkpoint, out_dir, force=force)
+    get_run_logger().info(
+        "%s peft adapter (rank %s, %s; %.2f MB) %s",
+        "reused" if report["reused"] else "wrote",
+        report["rank"],
+        ", ".join(report["target_modules"]),
+        report["sizes_bytes"]["adapter_model.safetensors"] / 1e6,
         report["folder"],
     )
     return report
