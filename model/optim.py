@@ -2,9 +2,9 @@
 
 `adamw`: AdamW on every trainable parameter. `muon`: Muon (torch.optim.Muon, momentum orthogonalized by
 Newton-Schulz iterations) on the hidden 2-D weights, the attention and MLP matrices of every block, and AdamW on
-the rest: embeddings, the tied head, norms, biases and a classifier's head. That is the split of the current GPT-2
-speed-run records; Muon's `match_rms_adamw` scaling lets it reuse the AdamW learning rate and weight decay.
-Measured on `mini` pretraining: docs/benchmarks.md.
+the rest: embeddings, the tied head, norms, biases, a classifier's head and LoRA adapters. That is the split of
+the current GPT-2 speed-run records; Muon's `match_rms_adamw` scaling lets it reuse the AdamW learning rate and
+weight decay. Measured on `mini` pretraining: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def build_optimizer(
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
-    hidden = [p for name, p in named if kind == "muon" and p.ndim == 2 and ".blocks." in f".{name}"]
+    # LoRA's rank-r factors are no hidden weights to orthogonalize: they stay with AdamW, as peft and litgpt train them
+    hidden = [
+        p for name, p in named if kind == "muon" and p.ndim == 2 and ".blocks." in f".{name}" and ".lora_" not in name
+    ]
     muon_ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in muon_ids]
     groups = [
