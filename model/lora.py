@@ -56,18 +56,15 @@ class LoRALinear(nn.Linear):
         self.train(linear.training)  # a model in eval mode stays so: no adapter dropout at inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's output with each slice's update added in place: the scale multiplies the rank-wide
+        intermediate, and nothing as wide as the output is allocated besides the output itself (the linear's
+        backward needs its input, not its output, so writing into the output is safe for autograd)."""
         y = F.linear(x, self.weight, self.bias)
         h = self.lora_dropout(x)
-        parts, at = [], 0
         for name, (start, end) in self.slices.items():
-            if start > at:
-                parts.append(y.new_zeros(*y.shape[:-1], start - at))
-            parts.append(F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]))
-            at = end
-        if at < self.out_features:
-            parts.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
-        update = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return y + update * self.scale
+            update = F.linear(F.linear(h, self.lora_A[name]) * self.scale, self.lora_B[name])
+            y[..., start:end] += update
+        return y
 
     def delta_weight(self) -> torch.Tensor:
         """The adapters' update of the weight, (out, in): scale x B @ A on each slice's rows."""
