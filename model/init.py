@@ -125,8 +125,11 @@ class InitSpec(str):
         from model.opener import open_model  # the opener imports the classifier, which imports this module
 
         loaded = open_model(self.file(settings), CHECKPOINT_LMS).language_model(settings)  # a LoRA one merged
-        model = GPTModel(loaded.cfg.model_copy(update={"dropout": dropout}))
-        model.load_state_dict(loaded.state_dict())
+        with torch.device("meta"):  # the loaded tensors are taken over: no random init, no second copy
+            model = GPTModel(loaded.cfg.model_copy(update={"dropout": dropout}))
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        if model.cfg.tie_weights:  # assigning gives the head a parameter of its own: tie it again
+            model.out_head.weight = model.tok_emb.weight
         return model
 
     def tokenizer_files(self, settings: Settings | None = None) -> dict[str, str] | None:
