@@ -30,7 +30,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # llama.cpp itself (llama-cpp-python, built from source: about 6 minutes on 2 cores the first time; the wheel is kept
 # in ~/.cache/gptflow/wheels, per CPU, and reused). The GGUF tests load our files in it; without it they are skipped.
