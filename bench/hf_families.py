@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from bench.memory import reset_peak, status_kib
 from model.config import GPTConfig
 
 PARTS = ("import", "train", "generate")
@@ -102,23 +103,6 @@ def write_hf_folder(folder: str | Path, cfg: GPTConfig, *, dtype: torch.dtype = 
 # ----------------------------------------------------------------------------------------- memory, models
 
 
-def _status_kib(field: str) -> int:
-    """A /proc/self/status figure (VmRSS: resident now, VmHWM: peak resident), in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak() -> bool:
-    """Reset the peak resident memory (VmHWM) to the current figure (Linux >= 4.0); False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def load(engine: str, folder: Path, dtype: torch.dtype | None = torch.float32):
     """The model, in eval mode; `dtype` None keeps the files' own (bf16)."""
     if engine == "ours":
@@ -145,7 +129,7 @@ def measure_import(engine: str, folder: str | Path, dtype: str = "fp32") -> dict
         import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401
     imported = time.perf_counter()
-    after_imports = _status_kib("VmRSS")
+    after_imports = status_kib("VmRSS")
     reset_peak()
     start_load = time.perf_counter()
     model = load(engine, folder, torch.float32 if dtype == "fp32" else None)
@@ -158,8 +142,8 @@ def measure_import(engine: str, folder: str | Path, dtype: str = "fp32") -> dict
         "load_s": load_s,
         "params": params,
         "rss_after_imports_mib": after_imports / 1024,
-        "peak_mib": _status_kib("VmHWM") / 1024,
-        "peak_over_imports_mib": (_status_kib("VmHWM") - after_imports) / 1024,
+        "peak_mib": status_kib("VmHWM") / 1024,
+        "peak_over_imports_mib": (status_kib("VmHWM") - after_imports) / 1024,
         "file_mib": sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20,
     }
 
@@ -208,7 +192,7 @@ def measure_train(
     vocab = model.cfg.vocab_size if engine == "ours" else model.config.vocab_size
     rows = _batches(vocab, batch, context, warmup + steps)
     step = train_step_fn(engine, model)
-    loaded = _status_kib("VmRSS")
+    loaded = status_kib("VmRSS")
     reset_peak()
     losses = [step(r) for r in rows[:warmup]]
     times = []
@@ -223,8 +207,8 @@ def measure_train(
         "step_s": times,
         "losses": losses,
         "loaded_mib": loaded / 1024,
-        "peak_mib": _status_kib("VmHWM") / 1024,
-        "peak_over_model_mib": (_status_kib("VmHWM") - loaded) / 1024,
+        "peak_mib": status_kib("VmHWM") / 1024,
+        "peak_over_model_mib": (status_kib("VmHWM") - loaded) / 1024,
     }
 
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from bench.lm_engines import Runner
 from model.config import GPT2_VOCAB_SIZE
 from model.gguf_file import Vocabulary, gpt2_vocabulary, write_gguf
 from model.gpt import GPTModel
-
-Runner = Callable[[np.ndarray, int], tuple[np.ndarray, float, list[float], float]]  # as bench.lm_generate's
 
 
 def llama_cpp_module() -> Any:

@@ -40,12 +40,11 @@ import gc
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +59,23 @@ from bench.llamacpp_engine import (
     open_llama,
     write_engine_gguf,
 )
+from bench.lm_engines import (
+    first_divergence,
+    match_rate,
+    measure,
+    onnx_runner,
+    teacher_forced,
+    torch_runner,
+    transformers_runner,
+    versions,
+)
 from edge.lm import Decoder
 from edge.text import EOT_ID
 from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS
-from model.generate import generate
 from model.gpt import GPTModel
 from model.hf_export import save_hf_model
 from model.lm_export import export_decoder
-from model.lm_quality import teacher_forced_matches
 from model.opener import open_model
 from model.quantize import quantize_decoder
 from model.training import set_threads
@@ -83,98 +90,6 @@ BATCHES = (1, 8)
 TARGET_INT8_SPEEDUP = 2.5  # onnx-int8 batch-1 tok/s over torch-kv
 TARGET_INT8_SIZE = 0.27  # int8 file over fp32 file
 
-# A runner: (prompts (B, T) int64, n) -> (new tokens (B, n), start, per-token time stamps, end).
-Runner = Callable[[np.ndarray, int], tuple[np.ndarray, float, list[float], float]]
-
-
-def torch_runner(model: GPTModel, use_cache: bool) -> Runner:
-    def run(prompts: np.ndarray, n: int):
-        stamps: list[float] = []
-        hook = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
-        try:
-            start = time.perf_counter()
-            out = generate(model, torch.from_numpy(prompts), n, eos_id=None, use_cache=use_cache)
-            end = time.perf_counter()
-        finally:
-            hook.remove()
-        return out[:, prompts.shape[1] :].numpy(), start, stamps, end
-
-    return run
-
-
-def onnx_runner(decoder: Decoder) -> Runner:
-    def run(prompts: np.ndarray, n: int):
-        stamps: list[float] = []
-        start = time.perf_counter()
-        new = decoder.generate(prompts.tolist(), n, eos_id=None, on_step=lambda _: stamps.append(time.perf_counter()))
-        end = time.perf_counter()
-        return np.asarray(new, dtype=np.int64), start, stamps, end
-
-    return run
-
-
-def transformers_runner(hf_model: Any, pad_id: int) -> Runner:
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamps(BaseStreamer):
-        """Time stamps of the new tokens (generate first puts the prompt: skipped)."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.prompt_seen = False
-
-        def put(self, value) -> None:
-            if self.prompt_seen:
-                self.times.append(time.perf_counter())
-            self.prompt_seen = True
-
-        def end(self) -> None:
-            pass
-
-    def run(prompts: np.ndarray, n: int):
-        ids = torch.from_numpy(prompts)
-        streamer = Stamps()
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = hf_model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_id,
-                streamer=streamer,
-            )
-            end = time.perf_counter()
-        return out[:, prompts.shape[1] :].numpy(), start, streamer.times, end
-
-    return run
-
-
-def measure(
-    run: Runner, prompts: np.ndarray, n: int, repeats: int, warmup_tokens: int
-) -> tuple[dict[str, Any], np.ndarray]:
-    """One warm-up run of `warmup_tokens`, then `repeats` timed runs of `n`: medians of tok/s, steady tok/s and
-    TTFT, and the tokens of the last run."""
-    run(prompts, warmup_tokens)
-    runs, tokens = [], None
-    for _ in range(repeats):
-        tokens, start, stamps, end = run(prompts, n)
-        if tokens.shape != (len(prompts), n) or len(stamps) != n:
-            raise SystemExit(f"expected {n} new tokens per row and {n} time stamps, got {tokens.shape}, {len(stamps)}")
-        batch = len(prompts)
-        runs.append(
-            {
-                "seconds": end - start,
-                "tok_s": batch * n / (end - start),
-                "steady_tok_s": batch * (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan"),
-                "ttft_ms": 1e3 * (stamps[0] - start),
-            }
-        )
-    summary = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    return {**summary, "runs": runs}, tokens
-
 
 def engine_file_key(engine: str) -> str:
     """The key of `sizes` holding the size of what `engine` loads."""
@@ -185,39 +100,125 @@ def engine_file_key(engine: str) -> str:
     )
 
 
-def match_rate(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a == b).mean())
+def check_results(
+    tokens: dict[tuple[str, int], np.ndarray],
+    by_key: dict[tuple[str, int], dict[str, Any]],
+    sizes: dict[str, float],
+    batches: list[int],
+    llama_engines: list[str],
+    int8_teacher: dict[int, float],
+    llama_teacher: dict[str, float],
+    at_target_shape: bool,
+) -> list[dict[str, Any]]:
+    """Correctness (every engine's greedy tokens against torch-kv's), then the issue's targets; each printed as a
+    PASS, FAIL, SKIP or INFO line, and returned."""
+    checks: list[dict[str, Any]] = []
 
+    def check(label: str, ok: bool | None, detail: str) -> None:
+        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        checks.append({"check": label, "result": verdict, "detail": detail})
+        print(f"{verdict} {label}: {detail}")
 
-def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
-    """The first token index where any row differs (None: identical)."""
-    differs = np.flatnonzero((a != b).any(axis=0))
-    return int(differs[0]) if len(differs) else None
+    print()
+    for batch in batches:
+        a, b = tokens.get(("onnx-fp32", batch)), tokens.get((BASELINE, batch))
+        if a is None or b is None:
+            check(f"onnx-fp32 greedy tokens == torch-kv (batch {batch})", None, "needs onnx-fp32 and torch-kv")
+        else:
+            where = first_divergence(a, b)
+            detail = "match yes" if where is None else f"match no (first difference at new token {where})"
+            check(f"onnx-fp32 greedy tokens == torch-kv (batch {batch})", where is None, detail)
+    for batch in batches:
+        q = tokens.get(("onnx-int8", batch))
+        ref_name = "onnx-fp32" if ("onnx-fp32", batch) in tokens else BASELINE
+        ref = tokens.get((ref_name, batch))
+        if q is None or ref is None:
+            print(f"INFO int8 vs fp32 tokens (batch {batch}): needs onnx-int8 and onnx-fp32 or torch-kv")
+            continue
+        where = first_divergence(q, ref)
+        info = (
+            f"INFO int8 vs {ref_name} greedy tokens (batch {batch}): free-running match {100 * match_rate(q, ref):.1f}%"
+            f" ({'identical' if where is None else f'first difference at new token {where}'}), teacher-forced "
+            f"agreement {100 * int8_teacher[batch]:.1f}%"
+        )
+        checks.append(
+            {
+                "check": f"int8 vs {ref_name} tokens (batch {batch})",
+                "result": "INFO",
+                "free_running_match": match_rate(q, ref),
+                "first_difference": where,
+                "teacher_forced_agreement": int8_teacher[batch],
+            }
+        )
+        print(info)
 
+    for engine in (e for e in llama_engines if (e, 1) in tokens):
+        ref = tokens.get((BASELINE, 1))
+        if ref is None:
+            print(f"INFO {engine} vs torch-kv greedy tokens (batch 1): needs torch-kv")
+            continue
+        got = tokens[(engine, 1)]
+        where = first_divergence(got, ref)
+        checks.append(
+            {
+                "check": f"{engine} vs torch-kv tokens (batch 1)",
+                "result": "INFO",
+                "free_running_match": match_rate(got, ref),
+                "first_difference": where,
+                "teacher_forced_agreement": llama_teacher[engine],
+            }
+        )
+        print(
+            f"INFO {engine} vs torch-kv greedy tokens (batch 1): free-running match {100 * match_rate(got, ref):.1f}% "
+            f"({'identical' if where is None else f'first difference at new token {where}'}), teacher-forced "
+            f"agreement {100 * llama_teacher[engine]:.1f}%"
+        )
 
-def teacher_forced(decoder: Decoder, prompts: np.ndarray, reference: np.ndarray) -> float:
-    """Share of positions where `decoder`'s greedy pick, given the reference continuation so far, is the
-    reference token (one pass per row over prompt + reference)."""
-    return sum(teacher_forced_matches(decoder, p, ref) for p, ref in zip(prompts, reference)) / reference.size
+    for batch in batches:
+        hf, ref = tokens.get(("transformers", batch)), tokens.get((BASELINE, batch))
+        if hf is None or ref is None:
+            continue
+        label = f"transformers greedy tokens == torch-kv up to torch-kv's first end-of-text (batch {batch})"
+        firsts = [(row, int(np.flatnonzero(h != r)[0])) for row, (h, r) in enumerate(zip(hf, ref)) if (h != r).any()]
+        at_eot = [ref[row, k] == EOT_ID and EOT_ID not in ref[row, :k] for row, k in firsts]
+        if not firsts:
+            detail = "identical"
+        elif all(at_eot):
+            detail = (
+                f"{len(firsts)} of {len(ref)} rows differ, each first where torch-kv produced end-of-text "
+                f"({EOT_ID}), which min_new_tokens forbids transformers"
+            )
+        else:
+            detail = f"{sum(not e for e in at_eot)} row(s) differ before any end-of-text (first differences {firsts})"
+        check(label, all(at_eot), detail)
 
-
-def versions() -> dict[str, str]:
-    import onnxruntime
-
-    out = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    try:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:
-        out["transformers"] = "not installed"
-    try:
-        import llama_cpp
-
-        out["llama_cpp"] = llama_cpp.__version__
-    except ImportError:
-        out["llama_cpp"] = "not installed"
-    return out
+    if not at_target_shape:
+        print("(the targets are defined at gpt2-small shapes and 2 threads: informative only here)")
+    int8, kv = by_key.get(("onnx-int8", 1)), by_key.get((BASELINE, 1))
+    if int8 and kv:
+        ratio = int8["tok_s"] / kv["tok_s"]
+        check(
+            f"onnx-int8 batch-1 tok/s >= {TARGET_INT8_SPEEDUP}x torch-kv",
+            ratio >= TARGET_INT8_SPEEDUP,
+            f"{ratio:.2f}x ({int8['tok_s']:.1f} vs {kv['tok_s']:.1f} tok/s; steady "
+            f"{int8['steady_tok_s'] / kv['steady_tok_s']:.2f}x)",
+        )
+    else:
+        check(f"onnx-int8 batch-1 tok/s >= {TARGET_INT8_SPEEDUP}x torch-kv", None, "needs onnx-int8 and torch-kv")
+    for batch in batches:
+        int8, hf = by_key.get(("onnx-int8", batch)), by_key.get(("transformers", batch))
+        label = f"onnx-int8 ahead of transformers (batch {batch})"
+        if int8 and hf:
+            ratio = int8["tok_s"] / hf["tok_s"]
+            check(label, ratio > 1, f"{ratio:.2f}x ({int8['tok_s']:.1f} vs {hf['tok_s']:.1f} tok/s)")
+        else:
+            check(label, None, "needs onnx-int8 and transformers")
+    check(
+        f"int8 file <= {TARGET_INT8_SIZE}x fp32 file",
+        sizes["int8_over_fp32"] <= TARGET_INT8_SIZE,
+        f"{sizes['int8_over_fp32']:.3f}x ({sizes['onnx_int8_mb']:.1f} vs {sizes['onnx_fp32_mb']:.1f} MB)",
+    )
+    return checks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,114 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     for skip in skipped:
         print(f"{skip['engine']} batch {skip['batch']}: not measured ({skip['reason']})")
 
-    # Correctness, then the targets.
-    checks: list[dict[str, Any]] = []
-
-    def check(label: str, ok: bool | None, detail: str) -> None:
-        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
-        checks.append({"check": label, "result": verdict, "detail": detail})
-        print(f"{verdict} {label}: {detail}")
-
-    print()
-    for batch in batches:
-        a, b = tokens.get(("onnx-fp32", batch)), tokens.get((BASELINE, batch))
-        if a is None or b is None:
-            check(f"onnx-fp32 greedy tokens == torch-kv (batch {batch})", None, "needs onnx-fp32 and torch-kv")
-        else:
-            where = first_divergence(a, b)
-            detail = "match yes" if where is None else f"match no (first difference at new token {where})"
-            check(f"onnx-fp32 greedy tokens == torch-kv (batch {batch})", where is None, detail)
-    for batch in batches:
-        q = tokens.get(("onnx-int8", batch))
-        ref_name = "onnx-fp32" if ("onnx-fp32", batch) in tokens else BASELINE
-        ref = tokens.get((ref_name, batch))
-        if q is None or ref is None:
-            print(f"INFO int8 vs fp32 tokens (batch {batch}): needs onnx-int8 and onnx-fp32 or torch-kv")
-            continue
-        where = first_divergence(q, ref)
-        info = (
-            f"INFO int8 vs {ref_name} greedy tokens (batch {batch}): free-running match {100 * match_rate(q, ref):.1f}%"
-            f" ({'identical' if where is None else f'first difference at new token {where}'}), teacher-forced "
-            f"agreement {100 * int8_teacher[batch]:.1f}%"
-        )
-        checks.append(
-            {
-                "check": f"int8 vs {ref_name} tokens (batch {batch})",
-                "result": "INFO",
-                "free_running_match": match_rate(q, ref),
-                "first_difference": where,
-                "teacher_forced_agreement": int8_teacher[batch],
-            }
-        )
-        print(info)
-
-    for engine in (e for e in llama_engines if (e, 1) in tokens):
-        ref = tokens.get((BASELINE, 1))
-        if ref is None:
-            print(f"INFO {engine} vs torch-kv greedy tokens (batch 1): needs torch-kv")
-            continue
-        got = tokens[(engine, 1)]
-        where = first_divergence(got, ref)
-        checks.append(
-            {
-                "check": f"{engine} vs torch-kv tokens (batch 1)",
-                "result": "INFO",
-                "free_running_match": match_rate(got, ref),
-                "first_difference": where,
-                "teacher_forced_agreement": llama_teacher[engine],
-            }
-        )
-        print(
-            f"INFO {engine} vs torch-kv greedy tokens (batch 1): free-running match {100 * match_rate(got, ref):.1f}% "
-            f"({'identical' if where is None else f'first difference at new token {where}'}), teacher-forced "
-            f"agreement {100 * llama_teacher[engine]:.1f}%"
-        )
-
-    for batch in batches:
-        hf, ref = tokens.get(("transformers", batch)), tokens.get((BASELINE, batch))
-        if hf is None or ref is None:
-            continue
-        label = f"transformers greedy tokens == torch-kv up to torch-kv's first end-of-text (batch {batch})"
-        firsts = [(row, int(np.flatnonzero(h != r)[0])) for row, (h, r) in enumerate(zip(hf, ref)) if (h != r).any()]
-        at_eot = [ref[row, k] == EOT_ID and EOT_ID not in ref[row, :k] for row, k in firsts]
-        if not firsts:
-            detail = "identical"
-        elif all(at_eot):
-            detail = (
-                f"{len(firsts)} of {len(ref)} rows differ, each first where torch-kv produced end-of-text "
-                f"({EOT_ID}), which min_new_tokens forbids transformers"
-            )
-        else:
-            detail = f"{sum(not e for e in at_eot)} row(s) differ before any end-of-text (first differences {firsts})"
-        check(label, all(at_eot), detail)
-
     at_target_shape = not args.checkpoint and args.preset == "gpt2-small" and threads == 2
-    if not at_target_shape:
-        print("(the targets are defined at gpt2-small shapes and 2 threads: informative only here)")
-    int8, kv = by_key.get(("onnx-int8", 1)), by_key.get((BASELINE, 1))
-    if int8 and kv:
-        ratio = int8["tok_s"] / kv["tok_s"]
-        check(
-            f"onnx-int8 batch-1 tok/s >= {TARGET_INT8_SPEEDUP}x torch-kv",
-            ratio >= TARGET_INT8_SPEEDUP,
-            f"{ratio:.2f}x ({int8['tok_s']:.1f} vs {kv['tok_s']:.1f} tok/s; steady "
-            f"{int8['steady_tok_s'] / kv['steady_tok_s']:.2f}x)",
-        )
-    else:
-        check(f"onnx-int8 batch-1 tok/s >= {TARGET_INT8_SPEEDUP}x torch-kv", None, "needs onnx-int8 and torch-kv")
-    for batch in batches:
-        int8, hf = by_key.get(("onnx-int8", batch)), by_key.get(("transformers", batch))
-        label = f"onnx-int8 ahead of transformers (batch {batch})"
-        if int8 and hf:
-            ratio = int8["tok_s"] / hf["tok_s"]
-            check(label, ratio > 1, f"{ratio:.2f}x ({int8['tok_s']:.1f} vs {hf['tok_s']:.1f} tok/s)")
-        else:
-            check(label, None, "needs onnx-int8 and transformers")
-    check(
-        f"int8 file <= {TARGET_INT8_SIZE}x fp32 file",
-        sizes["int8_over_fp32"] <= TARGET_INT8_SIZE,
-        f"{sizes['int8_over_fp32']:.3f}x ({sizes['onnx_int8_mb']:.1f} vs {sizes['onnx_fp32_mb']:.1f} MB)",
-    )
+    checks = check_results(tokens, by_key, sizes, batches, llama_engines, int8_teacher, llama_teacher, at_target_shape)
 
     if args.json:
         out = {

@@ -11,7 +11,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT, command_env
 
-from bench.lora_finetune import BASE_SHAPE, shape_config
+from bench.lora_cost import shape_config
+from bench.lora_finetune import BASE_SHAPE
 
 
 def lora_params(cfg, rank: int, layers: set[str]) -> int:
