@@ -166,8 +166,8 @@ class TrainConfig(StrictConfig):
         (the global batch is batch_size x grad_accum x world_size). The model is keyed on its resolved shape, not
         on the preset's name: a preset whose shape changes is another model."""
         fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RUN_ONLY | {"preset"}}
-        if getattr(self, "trainable", "lora") != "lora":  # LoRA knobs shape nothing when no adapters train
-            fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
+        if isinstance(self, LoraFields) and self.lora_spec() is None:  # LoRA knobs shape nothing without adapters
+            fields = {k: v for k, v in fields.items() if k not in LoraFields.model_fields}
         return {**fields, "model": self.model_shape(), "world_size": self.world_size}
 
     def model_shape(self) -> dict[str, Any] | None:
@@ -253,10 +253,9 @@ class DaptConfig(LoraFields):
     def train_config(self, run: TrainConfig) -> DomainTrainConfig:
         """The training config of a DAPT run for the classifier config `run`: its run settings and seed."""
         shared = ("weight_decay", "betas", "grad_clip", "grad_accum", "seed", "device", "precision")
-        lora = ("trainable", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
         return DomainTrainConfig(
             **{name: getattr(run, name) for name in (*shared, "launcher", "threads")},
-            **{name: getattr(self, name) for name in lora},
+            **{name: getattr(self, name) for name in ("trainable", *LoraFields.model_fields)},
             dropout=self.dropout,
             context_length=self.window,
             steps=self.steps,

@@ -24,7 +24,7 @@ from gptflow.stage import Stage
 from gptflow.storage import sha256_bytes
 from gptflow.tokenizer import EOT_ID
 from model import lora
-from model.configs import PretrainConfig
+from model.configs import DomainTrainConfig, PretrainConfig
 from model.gpt import GPTModel
 from model.pretrain import LMResult, TokenWindows, finish_lm_stage, lm_loss, run_lm_stage
 from model.training import train
@@ -85,7 +85,7 @@ def domain_pretrain(
     stage: Stage,
     start: Callable[[], GPTModel],
     tokens: np.ndarray,
-    config: PretrainConfig,
+    config: DomainTrainConfig,
     *,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
@@ -102,7 +102,7 @@ def domain_pretrain(
 
 
 def _train(
-    stage, checkpoint, start, tokens: np.ndarray, config: PretrainConfig, on_log, tokenizer_files=None, base=None
+    stage, checkpoint, start, tokens: np.ndarray, config: DomainTrainConfig, on_log, tokenizer_files=None, base=None
 ):
     keep, compact_ids = np.unique(tokens, return_inverse=True)
     full = start()
@@ -111,7 +111,7 @@ def _train(
             f"dapt.window {config.context_length} exceeds the model's context length {full.cfg.context_length}"
         )
     model = compact_vocab(full, torch.from_numpy(keep))
-    spec = config.lora_spec() if hasattr(config, "lora_spec") else None
+    spec = config.lora_spec()
     if spec is not None:
         torch.manual_seed(config.seed)
         lora.apply_lora(model, spec, base)

@@ -140,7 +140,7 @@ def _finetune(
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     model = SequenceClassifier(backbone, len(labels), config.pooling, pad_id)
     if (spec := config.lora_spec()) is not None:  # adapters on the frozen backbone, and the new head
-        base = lora.base_record(config.init, config.init.file(settings), stage.inputs["init"])
+        base = lora.base_record(config.init, stage.inputs["init"], settings)
         n_trainable = lora.apply_lora(model, spec, base)
     else:
         n_trainable = model.set_trainable(config.trainable, config.last_k)
@@ -264,7 +264,7 @@ def pretrain_domain(
         on_log=on_log,
         resume=resume,
         tokenizer_files=config.init.tokenizer_files(settings),
-        base=lora.base_record(config.init, config.init.file(settings), stage.inputs["start"])
+        base=lora.base_record(config.init, stage.inputs["start"], settings)
         if config.dapt.trainable == "lora"
         else None,
     )

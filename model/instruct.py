@@ -268,7 +268,7 @@ def _finetune(
     )
     if (spec := config.lora_spec()) is not None:  # adapters on the frozen model
         torch.manual_seed(config.seed)
-        lora.apply_lora(model, spec, lora.base_record(config.init, config.init.file(settings), stage.inputs["init"]))
+        lora.apply_lora(model, spec, lora.base_record(config.init, stage.inputs["init"], settings))
     ctx = model.cfg.context_length
     max_length = config.max_length or ctx
     if max_length > ctx:

@@ -198,16 +198,21 @@ def weights_fields(model: nn.Module) -> dict[str, Any]:
     """What a checkpoint stores of `model`: its whole state dict, or for a LoRA model its trainable tensors (the
     adapters, a classifier's head) with `lora` and `base`: megabytes instead of the whole model."""
     if not is_lora(model):
-        return {"model": model.state_dict()}
+        return {"model": saved_tensors(model)}
     lora = model.lora
     return {
-        "model": trainable_state(model),
+        "model": saved_tensors(model),
         "lora": {
             **lora["spec"].model_dump(mode="json"),
             "modules": {name: {k: list(v) for k, v in slices.items()} for name, slices in lora["modules"].items()},
         },
         "base": lora["base"],
     }
+
+
+def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `model` keeps: its state dict, or a LoRA model's trainable tensors."""
+    return trainable_state(model) if is_lora(model) else model.state_dict()
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -232,9 +237,10 @@ def spec_of(lora: dict[str, Any]) -> LoraSpec:
     return LoraSpec(**{k: v for k, v in lora.items() if k in LoraSpec.model_fields})
 
 
-def base_record(init: str, path: Path, sha256: str) -> dict[str, str]:
-    """Where a LoRA model's frozen weights come from: the init spec, the file and its sha256."""
-    return {"init": str(init), "path": str(Path(path).resolve()), "sha256": sha256}
+def base_record(init: Any, sha256: str, settings=None) -> dict[str, str]:
+    """Where a LoRA model's frozen weights come from: the init spec (an `InitSpec`), its file and the sha256 the stage
+    keyed it by."""
+    return {"init": str(init), "path": str(init.file(settings).resolve()), "sha256": sha256}
 
 
 def base_file(state: dict[str, Any], path: str | Path, settings=None) -> Path:

@@ -145,7 +145,7 @@ class TrainingCheckpoint:
             self.path,
             format=FORMAT,
             config=cfg.to_dict() if cfg is not None else None,
-            model=lora.weights_fields(model)["model"],  # a LoRA model's: its adapters (and head) only
+            model=lora.saved_tensors(model),  # a LoRA model's: its adapters (and head) only
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),

@@ -22,6 +22,7 @@ from model.configs import DaptConfig, LoraSpec
 from model.files import CHECKPOINT_LMS, CLASSIFIERS, CheckpointError
 from model.finetune_classifier import finetune, pretrain_domain
 from model.gpt import GPTModel
+from model.init import InitSpec
 from model.merge import merge_checkpoint
 from model.opener import open_model
 
@@ -180,7 +181,7 @@ def test_a_missing_or_changed_base_is_one_line_that_names_it(tmp_path):
     base = tmp_path / "base" / "model.pt"
     save_model(base, gpt(seed=3))
     model = gpt(seed=3)
-    lora.apply_lora(model, LoraSpec(), lora.base_record(f"checkpoint:{base}", base, file_digest(base)))
+    lora.apply_lora(model, LoraSpec(), lora.base_record(InitSpec(f"checkpoint:{base}"), file_digest(base)))
     randomize_adapters(model)
     tuned = save_model(tmp_path / "tuned" / "model.pt", model)
     unmerged = open_model(tuned, CHECKPOINT_LMS).language_model(merged=False)

@@ -26,6 +26,7 @@ from model.configs import LoraSpec  # noqa: E402
 from model.files import CHECKPOINT_LMS  # noqa: E402
 from model.gpt import GPTModel  # noqa: E402
 from model.hf_export import export_hf  # noqa: E402
+from model.init import InitSpec  # noqa: E402
 from model.onnx_export import ExportError  # noqa: E402
 from model.opener import open_model  # noqa: E402
 from model.peft_export import ADAPTER_DIR, export_peft  # noqa: E402
@@ -48,7 +49,7 @@ def base_model(family: str, seed: int = 3, **fields) -> GPTModel:
 def lora_checkpoint(path: Path, model, base: Path, targets: tuple, seed: int = 1, modules=None, **spec) -> Path:
     """`model` (the base's weights) with adapters whose B is random (B = 0 would prove nothing), saved; `modules`:
     the adapted slices, if not those `targets` plans."""
-    record = lora.base_record(f"checkpoint:{base}", base, file_digest(base))
+    record = lora.base_record(InitSpec(f"checkpoint:{base}"), file_digest(base))
     lora.apply_lora(model, LoraSpec(targets=targets, **spec), record, modules)
     torch.manual_seed(seed)
     for _, layer in lora.lora_layers(model):
@@ -170,7 +171,7 @@ def test_whole_weights_and_classifiers_are_refused_in_one_line(tmp_path, setting
     assert "holds whole weights, not LoRA adapters" in capsys.readouterr().err
 
     classifier = SequenceClassifier(base_model("gpt2"), 2)
-    lora.apply_lora(classifier, LoraSpec(), lora.base_record(f"checkpoint:{base}", base, file_digest(base)))
+    lora.apply_lora(classifier, LoraSpec(), lora.base_record(InitSpec(f"checkpoint:{base}"), file_digest(base)))
     best = save_classifier(tmp_path / "clf" / "best.pt", classifier, {"ham": 0, "spam": 1}, 32, {"data": "test"})
     with pytest.raises(ExportError, match=r"is a classifier checkpoint: .*export the classifier to ONNX") as info:
         export_peft(best, tmp_path / "peft", settings=settings)
