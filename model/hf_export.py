@@ -25,7 +25,7 @@ from model.config import GPTConfig
 from model.files import CHECKPOINT_LMS, WEIGHTS_FILE, WeightsError
 from model.genai import tokenizer_config
 from model.gpt import GPTModel
-from model.hf_models import load_hf_model, tensor_map
+from model.hf_models import load_hf_model, part_rows, tensor_map
 from model.lm_export import LM_EXPORT_HINT
 from model.lm_quality import torch_logits
 from model.onnx_export import REPORT, ExportError
@@ -132,12 +132,10 @@ def hf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
     if cfg.family == "gpt2":
         return hf_state_dict(model)
     params = dict(model.named_parameters(remove_duplicate=False))
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     tensors = {}
     for ours, parts in tensor_map(cfg).items():
         tensor = params[ours].detach().to("cpu")
-        sizes = {3: [q, kv, kv], 2: [cfg.hidden_dim, cfg.hidden_dim], 1: [tensor.shape[0]]}[len(parts)]
-        for (theirs, transpose), chunk in zip(parts, tensor.split(sizes, dim=0)):
+        for (theirs, transpose), chunk in zip(parts, tensor.split(part_rows(cfg, len(parts), len(tensor)), dim=0)):
             tensors[theirs] = (chunk.t() if transpose else chunk).contiguous()
     return tensors
 

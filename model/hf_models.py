@@ -213,6 +213,13 @@ def tensor_map(cfg: GPTConfig) -> dict[str, Parts]:
     return names
 
 
+def part_rows(cfg: GPTConfig, n_parts: int, rows: int) -> list[int]:
+    """The rows of each Hugging Face tensor fused into one of ours of `rows` rows and `n_parts` parts (`tensor_map`):
+    q, k, v (query and key/value heads), gate and up, or the one tensor itself."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    return {3: [q, kv, kv], 2: [cfg.hidden_dim, cfg.hidden_dim], 1: [rows]}[n_parts]
+
+
 def load_hf_model(
     folder: str | Path, *, dtype: torch.dtype = torch.float32, dropout: float = 0.0
 ) -> tuple[GPTModel, GPTConfig]:

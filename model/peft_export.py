@@ -25,7 +25,7 @@ from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
 from model.files import EXPORTABLE
 from model.hf_export import ARCHITECTURES, hf_export_config
-from model.hf_models import tensor_map
+from model.hf_models import part_rows, tensor_map
 from model.onnx_export import REPORT, ExportError
 from model.opener import OpenedModel, open_model
 
@@ -71,9 +71,8 @@ def hf_modules(cfg: GPTConfig) -> dict[str, list[Part]]:
         if not ours.endswith(".weight") or layer not in widths:
             continue
         rows, width = widths[layer]
-        sizes = {3: [q, kv, kv], 2: [hidden, hidden], 1: [rows]}[len(parts)]
         start, modules[module] = 0, []
-        for (theirs, _), size in zip(parts, sizes):
+        for (theirs, _), size in zip(parts, part_rows(cfg, len(parts), rows)):
             modules[module].append((theirs.removesuffix(".weight"), start, start + size, width))
             start += size
     return modules
