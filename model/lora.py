@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import GPTConfig
 from model.configs import LoraSpec
 from model.files import CheckpointError
 
@@ -172,14 +173,11 @@ def is_lora(model: nn.Module) -> bool:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer's weight, in place: a plain model with the same outputs (a tied head that
     was adapted is untied). Returns `model`."""
-    gpt, prefix = backbone_of(model)
+    gpt, _ = backbone_of(model)  # a classifier's head is no adapter: only an LM's config can change
+    gpt.cfg = GPTConfig.from_dict(merged_config(gpt.cfg.to_dict(), model.lora))
     for name, layer in list(lora_layers(model)):
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.merged())
-        if name == prefix + "out_head" and gpt.cfg.tie_weights:
-            gpt.cfg = gpt.cfg.model_copy(update={"tie_weights": False})
-            if hasattr(model, "cfg") and model is not gpt:
-                model.cfg = gpt.cfg
     model.lora = None
     return model
 
