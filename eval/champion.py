@@ -3,7 +3,9 @@
 Both bundles are scored as they ship (the int8 model when the bundle has one, through onnxruntime alone), on
 the current data version: a classifier on the test split, a language model by its validation perplexity.
 A score is kept per data version (the sha256 of the split file), so the champion is re-scored only when the
-data changed.
+data changed. A language model is decided by pairwise judging when a judge answers: the champion's bundle
+answers the test instructions the challenger answered, with the same settings, and the challenger is promoted
+when the lower bound of its win rate's 95% interval is above 50% (plus a margin).
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from edge import BundleError
+from edge.lm import EdgeGenerator
 from edge.runtime import ORT_FILES, EdgeClassifier
+from eval.judge import JudgeConfig
 from eval.metrics import classification_report
+from eval.report import DEFAULT_RESPONSE_KEY
 from gptflow.errors import GptflowError
 from gptflow.gates import reaches
+from gptflow.prompts import CHAT, clean_response
 from gptflow.settings import ollama_model_name
 from gptflow.splits import read_labelled, read_labels
-from gptflow.storage import sha256_file
+from gptflow.stage import Built, Stage
+from gptflow.storage import read_json, sha256_file, sha256_json, write_json_atomic
 from gptflow.strict import StrictConfig
 
 # The metrics each registry may be compared on, and how an error names the model.
@@ -30,7 +38,15 @@ METRICS_OF = {
     "classifier": (("accuracy", "macro_f1"), "a classifier"),
     "lm": (("val_perplexity", "judge_score"), "a language model"),
 }
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "val_perplexity": False, "judge_score": True}
+HIGHER_IS_BETTER = {
+    "accuracy": True,
+    "macro_f1": True,
+    "val_perplexity": False,
+    "judge_score": True,
+    "pairwise_win_rate": True,
+}
+PAIRWISE = "pairwise_win_rate"
+RESPONSES_NAME = "test_responses.json"
 
 
 class ChampionError(GptflowError, ValueError):
@@ -47,12 +63,24 @@ class PromotionRule(StrictConfig):
     )
 
 
+class PairwiseRule(StrictConfig):
+    """How a language-model challenger is decided when a judge answers: judged against the champion, both orders."""
+
+    enabled: bool = Field(default=True, description="decide by pairwise judging when the judge answers")
+    margin: float = Field(
+        default=0.0, ge=0, lt=0.5, description="promote when the win rate's 95% lower bound is above 0.5 + this"
+    )
+
+
 class PromotionConfig(StrictConfig):
     """The rule of each registry the pipeline feeds: its classifier bundle and its language-model bundle."""
 
     enabled: bool = Field(default=True, description="challenge the champions after the run (off: register nothing)")
     classifier: PromotionRule = PromotionRule(metric="accuracy", margin=0.0, alert_worse_by=0.02)
     lm: PromotionRule = PromotionRule(metric="val_perplexity", margin=0.0, alert_worse_by=1.0)
+    pairwise: PairwiseRule = Field(
+        default_factory=PairwiseRule, description="the language model's rule when a judge answers (else `lm`'s)"
+    )
     ollama_model: str | None = Field(
         default=None,
         description="publish each new language-model champion's GGUF to the Ollama server (OLLAMA_HOST) under this "
@@ -173,3 +201,68 @@ def _round(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4) if math.isfinite(value) else str(value)
     return value
+
+
+class PairwiseChallenge(StrictConfig):
+    """What a pairwise decision needs besides the bundles: the challenger's test responses, the settings they were
+    generated with (`InstructConfig.generation_key()`), the judge and the rule."""
+
+    responses: str
+    generation: dict[str, Any]
+    judge: JudgeConfig
+    rule: PairwiseRule
+
+
+def bundle_responses(bundle: str | Path, responses: str | Path, generation: dict[str, Any]) -> Path:
+    """The answers of a bundle's fp32 decoder to the instructions of a responses file, with the same generation
+    settings; a stage keyed on the bundle, the instructions and the settings (a champion answers once per test
+    set). fp32 greedy tokens equal PyTorch's (`edge.lm`), so a champion answers as the instruct stage answered for
+    its challenger."""
+    bundle, responses = Path(bundle), Path(responses)
+    entries = [{k: e.get(k, "") for k in ("instruction", "input", "output")} for e in read_json(responses)]
+    digest = sha256_file(bundle / "manifest.json")
+    stage = Stage.declare(
+        "bundle-responses",
+        inputs={"bundle": digest, "instructions": sha256_json(entries)},
+        config=generation,
+        code=__name__,
+        label=bundle.resolve().name,
+    )
+
+    def build(decision) -> Built:
+        try:
+            generator = EdgeGenerator(bundle)
+        except BundleError as exc:  # a champion that cannot answer: not comparable on this data
+            raise ChampionError(f"{bundle}: cannot answer the test instructions: {exc}") from None
+        style = CHAT if generator.chat else (generator.manifest.get("prompt") or {}).get("style", "alpaca")
+        sampling = {k: generation.get(k) for k in ("temperature", "top_k", "seed")}
+        answers = []
+        for entry in entries:
+            ids = generator.instruction_ids(entry["instruction"], entry["input"], truncate=True)
+            (text,) = generator.generate([ids], int(generation["max_new_tokens"]), **sampling)
+            answers.append({**entry, DEFAULT_RESPONSE_KEY: clean_response(text, style)})
+        write_json_atomic(stage.dir / RESPONSES_NAME, answers)
+        return Built([RESPONSES_NAME], {"entries": len(answers)})
+
+    stage.run(build)
+    return stage.dir / RESPONSES_NAME
+
+
+def decide_pairwise(summary: dict[str, Any], rule: PairwiseRule) -> Verdict:
+    """Promote when the lower bound of the challenger's (A's) win-rate interval is above 0.5 + margin; alert when
+    its upper bound is below 0.5 (the champion answers clearly better)."""
+    win, ci = summary["win_rate"], summary["ci95"]
+    if win is None:
+        reasons = ", ".join(f"{k}: {v}" for k, v in summary["unjudged_reasons"].items()) or "no pairs"
+        return Verdict("keep", f"no pair got a verdict in both orders ({reasons})", PAIRWISE, None, None, None, False)
+    low, high = ci
+    threshold = 0.5 + rule.margin
+    shown = (
+        f"win rate {win:.1%}, 95% CI [{low:.1%}, {high:.1%}], {summary['wins']}/{summary['ties']}/"
+        f"{summary['losses']} wins/ties/losses over {summary['n_judged']} pairs"
+    )
+    improvement = low - threshold
+    if improvement > 0:
+        return Verdict("promote", f"judged better: {shown}", PAIRWISE, win, 1 - win, improvement, False)
+    why = f"lower bound not above {threshold:.0%}: {shown}"
+    return Verdict("keep", why, PAIRWISE, win, 1 - win, improvement, high < 0.5)

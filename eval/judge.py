@@ -1,9 +1,11 @@
-"""Score model responses 0-100 with an LLM judge served by Ollama (the book's chapter 7 judge, hardened).
+"""An LLM judge served by Ollama: the book's chapter 7 judge (a score 0-100), hardened, and any other rubric.
 
 What the book's judge lacked and this one adds: a preflight that asks the server (not the process table),
-structured output with a text fallback, retries with backoff for transient failures, a bounded thread pool,
-a disk cache of judgements (an interrupted evaluation resumes, a rerun asks nothing new), and unscored items
-counted with their reason instead of silently dropped.
+structured output (a JSON schema in `format`, temperature 0) with a text fallback, retries with backoff for
+transient failures, a bounded thread pool, a disk cache of judgements (an interrupted evaluation resumes, a rerun
+asks nothing new), and unscored items counted with their reason instead of silently dropped. A `Rubric` is what
+a judge is asked for: the schema and how a reply is read (`SCORE` here; `eval.pairwise.VERDICT` compares two
+responses).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import httpx
 import ollama
@@ -41,6 +43,16 @@ SCORE_SCHEMA = {
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 
 
+@dataclass(frozen=True)
+class Rubric:
+    """What a judge is asked for: the JSON schema sent as `format`, and how a reply is read into a value
+    (`parse(reply)` gives (value, None) or (None, why)): JSON first, free text for judges that ignore `format`."""
+
+    name: str
+    schema: dict[str, Any]
+    parse: Callable[[str], tuple[Any, str | None]]
+
+
 class JudgeUnavailable(GptflowError):
     """The Ollama server cannot be reached, or it does not have the judge model."""
 
@@ -59,7 +71,7 @@ class JudgeConfig(BaseModel):
     host: str = Field(default_factory=lambda: get_settings().ollama_host, description="Ollama server URL.")
     model: str = Field(default_factory=lambda: get_settings().judge_model, description="Judge model.")
     options: JudgeOptions = Field(default_factory=JudgeOptions)
-    structured_output: bool = Field(default=True, description="Ask for JSON matching SCORE_SCHEMA.")
+    structured_output: bool = Field(default=True, description="Ask for JSON under the rubric's schema.")
     stream: bool = Field(default=False, description="Read the reply as an NDJSON stream.")
     timeout_s: float = Field(default=120.0, gt=0, description="Per request (connect/read/write).")
     retries: int = Field(default=3, ge=0, description="Extra attempts on timeouts, HTTP 5xx, dropped links.")
@@ -79,20 +91,25 @@ class JudgeConfig(BaseModel):
     def _model_is_a_name(cls, value: str) -> str:
         return ollama_model_name(value)
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, rubric: Rubric | None = None) -> dict[str, Any]:
         """What decides a judgement (the cache key and stage fingerprint use it; host and timing do not)."""
         return {
             "model": self.model,
             "options": self.options.model_dump(),
-            "format": SCORE_SCHEMA if self.structured_output else None,
+            "format": (rubric or SCORE).schema if self.structured_output else None,
         }
+
+    def panel(self, models: Iterable[str] | None) -> list["JudgeConfig"]:
+        """This judge with each of `models` instead of its own (several judges, one setup); itself when None."""
+        models = list(dict.fromkeys(models or []))
+        return [self.model_copy(update={"model": ollama_model_name(m)}) for m in models] or [self]
 
 
 @dataclass(frozen=True)
 class Judgement:
-    score: int | None
+    value: Any  # the rubric's reading of the reply (a score, a verdict); None when there is none
     reply: str
-    reason: str | None = None  # why there is no score
+    reason: str | None = None  # why there is no value
     cached: bool = False
 
 
@@ -122,6 +139,9 @@ def parse_score(reply: str) -> tuple[int | None, str | None]:
     return value, None
 
 
+SCORE = Rubric("score", SCORE_SCHEMA, parse_score)
+
+
 def _clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -140,7 +160,8 @@ class JudgementCache:
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
-                    self._entries[rec["key"]] = Judgement(rec["score"], rec["reply"], rec["reason"], cached=True)
+                    value = rec["value"] if "value" in rec else rec["score"]  # "score": caches before rubrics
+                    self._entries[rec["key"]] = Judgement(value, rec["reply"], rec["reason"], cached=True)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
 
@@ -153,14 +174,14 @@ class JudgementCache:
 
     def put(self, key: str, judgement: Judgement) -> None:
         line = (
-            json.dumps({"key": key, "score": judgement.score, "reply": judgement.reply, "reason": judgement.reason})
+            json.dumps({"key": key, "value": judgement.value, "reply": judgement.reply, "reason": judgement.reason})
             + "\n"
         )
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(line)
-            self._entries[key] = Judgement(judgement.score, judgement.reply, judgement.reason, cached=True)
+            self._entries[key] = Judgement(judgement.value, judgement.reply, judgement.reason, cached=True)
 
 
 class _IncompleteStream(Exception):
@@ -176,8 +197,9 @@ class _ServerGone(Exception):
 
 
 class OllamaJudge:
-    def __init__(self, config: JudgeConfig, cache: JudgementCache | None = None):
+    def __init__(self, config: JudgeConfig, cache: JudgementCache | None = None, rubric: Rubric = SCORE):
         self.config = config
+        self.rubric = rubric
         self.client = ollama.Client(host=config.host, timeout=config.timeout_s)
         cache_dir = config.cache_dir or get_settings().home / "judge-cache"
         self.cache = cache if cache is not None else JudgementCache(cache_dir / "judgements.jsonl")
@@ -212,11 +234,14 @@ class OllamaJudge:
         tagged = listed.get(model) or listed.get(model + ":latest")
         return {"host": host, "model": model, "digest": tagged.digest if tagged else None}
 
-    # -- scoring ---------------------------------------------------------------------------------------
-    def cache_key(self, prompt: str) -> str:
-        return sha256_json({**self.config.identity(), "prompt": prompt})
+    # -- judging ---------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return self.config.identity(self.rubric)
 
-    def score(self, prompt: str) -> Judgement:
+    def cache_key(self, prompt: str) -> str:
+        return sha256_json({**self.identity(), "prompt": prompt})
+
+    def ask(self, prompt: str) -> Judgement:
         key = self.cache_key(prompt)
         if (hit := self.cache.get(key)) is not None:
             return hit
@@ -226,14 +251,14 @@ class OllamaJudge:
                 reply = self._ask(prompt)
             except _RequestFailed as exc:  # unscored but not cached: a rerun asks again
                 return Judgement(None, "", f"request failed: {exc}")
-            value, reason = parse_score(reply)
+            value, reason = self.rubric.parse(reply)
             if value is not None:
                 break
         judgement = Judgement(value, reply, reason)
         self.cache.put(key, judgement)  # usable or not, the reply is final for this prompt and judge
         return judgement
 
-    def score_many(self, prompts: Iterable[str]) -> list[Judgement]:
+    def ask_many(self, prompts: Iterable[str]) -> list[Judgement]:
         """Judge prompts with at most `concurrency` in flight; results in input order.
 
         If the server stops accepting connections, the rest are not attempted: JudgeUnavailable is raised
@@ -242,7 +267,7 @@ class OllamaJudge:
         prompts = list(prompts)
         unique = list(dict.fromkeys(prompts))  # identical prompts are asked once
         with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="judge") as pool:
-            futures = {p: pool.submit(self.score, p) for p in unique}
+            futures = {p: pool.submit(self.ask, p) for p in unique}
             try:
                 return [futures[p].result() for p in prompts]
             except BaseException as exc:
@@ -292,7 +317,7 @@ class OllamaJudge:
             model=self.config.model,
             messages=[{"role": "user", "content": prompt}],
             options=self.config.options.model_dump(),
-            format=SCORE_SCHEMA if self.config.structured_output else None,
+            format=self.rubric.schema if self.config.structured_output else None,
         )
         if not self.config.stream:
             return self.client.chat(**kwargs, stream=False).message.content or ""

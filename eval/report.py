@@ -102,13 +102,13 @@ def evaluate_responses(
     out_dir = Path(out_dir)
     keys = list(response_keys)
     n = len(entries)
-    judgements = judge.score_many(judge_prompt(e, k) for k in keys for e in entries)
+    judgements = judge.ask_many(judge_prompt(e, k) for k in keys for e in entries)
     per_key = {k: judgements[i * n : (i + 1) * n] for i, k in enumerate(keys)}
 
     fields = {}
     for key, js in per_key.items():
-        scores = [j.score for j in js if j.score is not None]
-        unscored = [{"index": i, "reason": j.reason} for i, j in enumerate(js) if j.score is None]
+        scores = [j.value for j in js if j.value is not None]
+        unscored = [{"index": i, "reason": j.reason} for i, j in enumerate(js) if j.value is None]
         histogram = f"hist-{_slug(key)}.png"
         write_histogram(scores, out_dir / histogram, title=f"{key}: judge scores (n={len(scores)})")
         stats = summarize(scores)
@@ -118,6 +118,7 @@ def evaluate_responses(
             **stats,
             "unscored_reasons": dict(Counter(_reason_kind(u["reason"]) for u in unscored)),
             "unscored": unscored,
+            "scores": [j.value for j in js],  # per entry, None when unscored: what agreement between judges reads
             "from_cache": sum(j.cached for j in js),
             "histogram": histogram,
         }
@@ -125,7 +126,7 @@ def evaluate_responses(
     paired = None
     if len(keys) == 2:
         a, b = per_key[keys[0]], per_key[keys[1]]
-        both = [(x.score, y.score) for x, y in zip(a, b) if x.score is not None and y.score is not None]
+        both = [(x.value, y.value) for x, y in zip(a, b) if x.value is not None and y.value is not None]
         paired = {
             "a": keys[0],
             "b": keys[1],
@@ -138,7 +139,7 @@ def evaluate_responses(
         "source": source,
         "n_entries": n,
         "response_keys": keys,
-        "judge": {**(judge_info or {"host": judge.config.host}), **judge.config.identity()},
+        "judge": {**(judge_info or {"host": judge.config.host}), **judge.identity()},
         "requests_sent": judge.requests_sent,
         "fields": fields,
         "paired": paired,
@@ -230,7 +231,7 @@ def scores_csv(entries: list[dict], per_key: dict[str, list[Judgement]]) -> str:
     for i, entry in enumerate(entries):
         row = [i, entry["instruction"], entry.get("input", ""), entry["output"]]
         for key, js in per_key.items():
-            row += [entry[key], "" if js[i].score is None else js[i].score, js[i].reply, js[i].reason or ""]
+            row += [entry[key], "" if js[i].value is None else js[i].value, js[i].reply, js[i].reason or ""]
         writer.writerow(row)
     return buffer.getvalue()
 

@@ -128,6 +128,10 @@ def render_run_report(
         lines += markdown_table(source_rows(sources)) + [""]
     if promotions:
         lines += ["## Champion vs challenger", ""] + markdown_table(promotion_rows(promotions)) + [""]
+        for outcome in promotions.values():
+            if outcome.get("pairwise"):
+                lines += [f"{outcome['registry']}, judged pairwise (A: this run's model, B: the champion):", ""]
+                lines += markdown_table([outcome["pairwise"]["row"]]) + [""]
     lines += [
         "## Stages",
         "",

@@ -1,6 +1,7 @@
 """The end-to-end pipeline: data check -> data -> base model (pretrained, GPT-2 weights or a Hugging Face model) ->
 classifier -> edge bundle; instruction model -> judge, LM edge bundle and GGUF bundle (llama.cpp, Ollama); each
-edge bundle then challenges its registry's champion, and a new LM champion goes to Ollama when a name is set; last,
+edge bundle then challenges its registry's champion (the LM judged against it pairwise when a judge answers), and a
+new LM champion goes to Ollama when a name is set; last,
 a look inside the base and the instruction model on a probe text.
 
 Entry point for `gptflow pipeline`, `make run` and the `prefect.yaml` deployments: `flows/pipeline.py:pipeline`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from eval.champion import PairwiseChallenge
 from flows.classify import finetune_classifier_flow
 from flows.evaluate import evaluate_responses_flow
 from flows.export import export_flow, export_gguf_flow, export_lm_flow
@@ -66,8 +68,14 @@ def run_stages(params: PipelineParams) -> dict:
             "classifier", name, bundle["bundle"], labelled["out_dir"], rules.classifier
         )
         name = registry_task("lm", params.instructions_data)
+        pairwise = None
+        if rules.pairwise.enabled:
+            generation = params.instruct.generation_key()
+            pairwise = PairwiseChallenge(
+                responses=instruct["responses"], generation=generation, judge=params.judge, rule=rules.pairwise
+            )
         promotions["lm"] = challenge_champion(
-            "lm", name, lm_bundle["bundle"], instructions["out_dir"], rules.lm, judged.summary
+            "lm", name, lm_bundle["bundle"], instructions["out_dir"], rules.lm, judged.summary, pairwise
         )
         promotions["lm"]["ollama"] = publish_champion(promotions["lm"], gguf_bundle["bundle"], rules.ollama_model)
 

@@ -26,7 +26,7 @@ from eval.report import (
 )
 from gptflow.stage import Built, Decision
 from gptflow.storage import read_json
-from tasks.artifacts import publish_markdown, publish_plot, publish_table
+from tasks.artifacts import artifact_key, publish_markdown, publish_plot, publish_table
 
 
 @task(name="plan-evaluation", cache_policy=NO_CACHE)
@@ -115,11 +115,15 @@ def record_skipped(plan: dict, reason: str, path: str, response_keys: list[str])
 
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE)
-def publish_evaluation(summary: dict, out_dir: str) -> None:
+def publish_evaluation(summary: dict, out_dir: str, suffix: str = "") -> None:
+    """`suffix`: the judge's name in the artifact keys, when several judges score the same file."""
+    report = artifact_key("evaluation-report", suffix)
     if summary["status"] == "skipped":
-        publish_markdown(report_markdown(summary), "evaluation-report", "Judge evaluation: skipped")
+        publish_markdown(report_markdown(summary), report, "Judge evaluation: skipped")
         return
-    publish_table(summary_rows(summary), "evaluation-summary", "Judge scores per response field")
-    publish_markdown(report_markdown(summary), "evaluation-report", f"Judge evaluation report ({out_dir})")
+    publish_table(summary_rows(summary), artifact_key("evaluation-summary", suffix), "Judge scores per response field")
+    publish_markdown(report_markdown(summary), report, f"Judge evaluation report ({out_dir})")
     for key, f in summary["fields"].items():
-        publish_plot(Path(out_dir) / f["histogram"], f"evaluation-histogram-{key}", f"Judge scores: {key}")
+        publish_plot(
+            Path(out_dir) / f["histogram"], artifact_key("evaluation-histogram", key, suffix), f"Judge scores: {key}"
+        )

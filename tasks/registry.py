@@ -9,6 +9,7 @@ sends an alert.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,22 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from eval.champion import ChampionError, PromotionRule, Verdict, comparison_rows, data_key, decide
+from eval.champion import (
+    PAIRWISE,
+    ChampionError,
+    PairwiseChallenge,
+    PromotionRule,
+    Verdict,
+    bundle_responses,
+    comparison_rows,
+    data_key,
+    decide,
+    decide_pairwise,
+)
 from eval.champion import score_classifier_bundle as score_classifier
+from eval.judge import JudgeUnavailable, OllamaJudge
+from eval.pairwise import result_line, run_pairwise, summary_row
+from eval.report import DEFAULT_RESPONSE_KEY
 from gptflow.errors import GptflowError
 from gptflow.ollama_publish import publish_bundle
 from gptflow.registry import Registry, bundle_sha256
@@ -54,17 +69,19 @@ def challenge_champion(
     data_dir: str,
     rule: PromotionRule,
     judge_summary: dict[str, Any] | None = None,
+    pairwise: PairwiseChallenge | None = None,
 ) -> dict[str, Any]:
     """Score this run's `bundle` and the champion of registry `name` on `data_dir`; promote by `rule`.
     `judge_summary`: this run's evaluation of the LM's responses; when the judge ran, its mean score is the
-    challenger's `judge_score`."""
+    challenger's `judge_score`. `pairwise`: decide a language model by judging its responses against the
+    champion's when the judge answers (`rule` otherwise, and the reason says so)."""
     logger, run = get_run_logger(), flow_run.get_name() or "local"
     registry = Registry(name)
     key = data_key(_split_file(kind, Path(data_dir)))
     digest = bundle_sha256(Path(bundle))
     challenger = {**_score(kind, bundle, data_dir), **_judge_score(judge_summary)}
     champion = registry.champion()
-    champion_scores, value = None, challenger.get(rule.metric)
+    champion_scores, value, compared = None, challenger.get(rule.metric), None
     if champion is None:
         verdict = decide(challenger, None, rule)
     elif champion["bundle_sha256"] == digest:
@@ -75,6 +92,8 @@ def challenge_champion(
         try:
             champion_scores = _champion_scores(kind, registry, champion, key, data_dir)
             verdict = decide(challenger, champion_scores, rule)
+            if pairwise is not None:
+                verdict, compared = _pairwise_verdict(bundle, champion, pairwise, verdict)
         except ChampionError as exc:
             logger.warning("champion %s cannot be scored on this data: %s", champion["version"], exc)
             verdict = Verdict(
@@ -84,7 +103,8 @@ def challenge_champion(
 
     promoted = None
     if verdict.decision == "promote":
-        record = {"kind": kind, "scores": {key: challenger}, "data_dir": data_dir, "rule": rule.model_dump()}
+        decided_by = pairwise.rule if compared is not None else rule
+        record = {"kind": kind, "scores": {key: challenger}, "data_dir": data_dir, "rule": decided_by.model_dump()}
         promoted = registry.promote(
             bundle, record, reason=verdict.reason, run=run, on_step=lambda step: logger.info("promotion %s", step)
         )
@@ -104,13 +124,20 @@ def challenge_champion(
             reason=verdict.reason,
             details={"champion": champion["version"], "challenger bundle": bundle, "rule": rule.model_dump_json()},
         )
+    shown = (challenger, champion_scores)
+    if compared is not None:  # the pair's win rates: in the table, not in the bundles' kept scores
+        shown = ({**challenger, PAIRWISE: verdict.challenger}, {**champion_scores, PAIRWISE: verdict.champion})
     publish_table(
-        comparison_rows(challenger, champion_scores, verdict),
+        comparison_rows(*shown, verdict),
         f"{name}-challenger-vs-champion",
         f"{name}: this run's bundle vs the champion"
         + (f" {champion['version']}" if champion else "")
         + f" on data {key[:12]}",
     )
+    if compared is not None:
+        publish_table(
+            [summary_row(compared)], f"{name}-pairwise", f"{name}: this run's model (A) vs the champion (B), judged"
+        )
     after = promoted or champion
     return {
         "status": "promoted" if promoted else "kept",
@@ -122,6 +149,7 @@ def challenge_champion(
         "champion_path": str(registry.link),
         "data_key": key,
         "metrics": {"challenger": challenger, "champion": champion_scores},
+        "pairwise": None if compared is None else {"row": summary_row(compared), "line": result_line(compared)},
     }
 
 
@@ -130,6 +158,31 @@ def _judge_score(summary: dict[str, Any] | None) -> dict[str, float]:
         return {}
     means = [f["mean"] for f in summary["fields"].values() if f.get("mean") is not None]
     return {"judge_score": means[0]} if means else {}
+
+
+def _pairwise_verdict(
+    bundle: str, champion: dict[str, Any], challenge: PairwiseChallenge, fallback: Verdict
+) -> tuple[Verdict, dict[str, Any] | None]:
+    """The challenger's responses against the champion bundle's, judged both ways (A: the challenger), and the
+    verdict of the pairwise rule; without an answering judge, `fallback` (the metric rule's) with the reason."""
+    logger = get_run_logger()
+    try:
+        info = OllamaJudge(challenge.judge).preflight()
+    except JudgeUnavailable as exc:
+        reason = f"no judge for a pairwise decision ({exc}); by {fallback.metric}: {fallback.reason}"
+        logger.info("%s", reason)
+        return replace(fallback, reason=reason), None
+    theirs = bundle_responses(champion["path"], challenge.responses, challenge.generation)
+    sides = {"a": f"this run ({Path(bundle).name})", "b": f"champion {champion['version']}"}
+    keys = (DEFAULT_RESPONSE_KEY, DEFAULT_RESPONSE_KEY)
+    try:
+        summary, folder = run_pairwise(challenge.responses, theirs, keys, challenge.judge, sides, info)
+    except JudgeUnavailable as exc:
+        reason = f"the judge stopped answering ({exc}); by {fallback.metric}: {fallback.reason}"
+        logger.warning("%s", reason)
+        return replace(fallback, reason=reason), None
+    logger.info("pairwise against champion %s: %s (report %s)", champion["version"], result_line(summary), folder)
+    return decide_pairwise(summary, challenge.rule), summary
 
 
 def _champion_scores(kind: Kind, registry: Registry, champion: dict, key: str, data_dir: str) -> dict[str, Any]:

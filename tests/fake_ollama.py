@@ -15,13 +15,24 @@ creation API:
                                   parameters) and to chat/generate; the reply is `{"status": "success"}`, or with
                                   `stream` an NDJSON stream of statuses ending in success
 
-Replies are scripted with `reply(prompt, format)`; faults queued with `fail_next(...)` hit the next chat/generate
-requests one each:
+Replies are scripted with `reply(prompt, format)`, or per model with `model_replies[tagged name]`. The default,
+`default_reply`, judges by word overlap with the reference: a score prompt gets the overlap x 100 (`{"score": N}`
+with a format, else the bare integer); a pairwise prompt (`eval.pairwise.pairwise_prompt`) gets the response with
+more words in common with the reference, `{"explanation": ..., "verdict": "A" | "B" | "tie"}` with a format, else
+a sentence ending in [[A]], [[B]] or [[C]] (a tie), as MT-Bench's judges answer. `prefer_first_position` is a
+judge with position bias: "A" for every pairwise prompt. Faults queued with `fail_next(...)` hit the next
+chat/generate requests one each:
 
   "http_500"   HTTP 500 with an error body
   "not_found"  HTTP 404 `{"error": "model 'x' not found"}`
   "slow"       answers only after `slow_s` seconds (set it beyond the client's timeout)
   "cut"        a stream (or body) cut mid-way: the connection closes before the reply is complete
+  "garble"     a complete 200 reply (streamed or not, as asked) that holds no number and no verdict
+
+`flaky(share, faults, seed)` makes a deterministic share of chat/generate requests fail: the k-th request for a
+(tagged model, prompt) pair since the call gets a fault when sha256(f"{seed}|{model}|{prompt}|{k}") says so, which
+depends on neither timing nor thread interleaving; a queued fault takes precedence (that request still counts
+toward k). `flaky_served` counts the flaky faults served, by name, across calls; `flaky(0.0)` turns it off.
 
 Unknown models get the 404 too. `closed_port_host()` gives a host where the connection is refused.
 Every request is recorded in `requests` (method, path, JSON body) so tests can assert what was sent; a blob upload
@@ -36,16 +47,23 @@ import json
 import re
 import socket
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-FAULTS = ("http_500", "not_found", "slow", "cut")
+FAULTS = ("http_500", "not_found", "slow", "cut", "garble")
+GARBLED = "I would rather not judge this one."  # the "garble" fault's reply: no number, no verdict
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOBS = "/api/blobs/"
 _RESPONSE_IN_PROMPT = re.compile(r"score the model response `(.*)` on a scale", re.S)
 _OUTPUT_IN_PROMPT = re.compile(r"and correct output `(.*)`, score the model response", re.S)
+_PAIRWISE_IN_PROMPT = re.compile(
+    r"\[Reference answer\]\n(.*?)\n\n\[Response A\]\n(.*?)\n\[End of response A\]\n\n"
+    r"\[Response B\]\n(.*?)\n\[End of response B\]\n\n",
+    re.S,
+)
+_BRACKETED = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
 
 
 def response_in_prompt(prompt: str) -> str:
@@ -53,19 +71,65 @@ def response_in_prompt(prompt: str) -> str:
     return _RESPONSE_IN_PROMPT.search(prompt).group(1)
 
 
+def pairwise_in_prompt(prompt: str) -> tuple[str, str, str] | None:
+    """(reference, first response, second response) of a pairwise judge prompt; None for any other prompt."""
+    found = _PAIRWISE_IN_PROMPT.search(prompt)
+    return (found.group(1), found.group(2), found.group(3)) if found else None
+
+
+def word_overlap(a: str, b: str) -> float:
+    """Jaccard similarity of the lowercased word sets (1.0 when both are empty): the fake judge's sense of quality."""
+    x, y = set(a.lower().split()), set(b.lower().split())
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
 def overlap_score(prompt: str) -> int:
     """Default scripted judge: word overlap (Jaccard x 100) of the model response with the correct output."""
     response, output = _RESPONSE_IN_PROMPT.search(prompt), _OUTPUT_IN_PROMPT.search(prompt)
     if not response or not output:
         return 0
-    a, b = set(response.group(1).lower().split()), set(output.group(1).lower().split())
-    return round(100 * len(a & b) / len(a | b)) if a | b else 100
+    return round(100 * word_overlap(response.group(1), output.group(1)))
+
+
+def pairwise_verdict(prompt: str) -> str:
+    """Default pairwise judge: "A" when the first response shares more words with the reference (Jaccard), "B"
+    when the second does, "tie" when they share as much."""
+    parts = pairwise_in_prompt(prompt)
+    if parts is None:
+        raise ValueError("not a pairwise judge prompt")
+    reference, first, second = parts
+    a, b = word_overlap(first, reference), word_overlap(second, reference)
+    return "A" if a > b else "B" if a < b else "tie"
+
+
+def verdict_reply(verdict: str, format: Any, explanation: str) -> str:
+    """A pairwise judge's answer: JSON under the schema when a format was asked for, else MT-Bench's free text
+    ending in [[A]], [[B]] or [[C]] (a tie)."""
+    if format:
+        return json.dumps({"explanation": explanation, "verdict": verdict})
+    return f"{explanation} {_BRACKETED[verdict]}"
 
 
 def default_reply(prompt: str, format: Any) -> str:
-    """What a well-behaved judge says: JSON when a format schema was asked for, else the bare integer."""
+    """What a well-behaved judge says: JSON when a format schema was asked for, else the bare integer (a score
+    prompt) or a sentence ending in the bracketed verdict (a pairwise prompt)."""
+    if pairwise_in_prompt(prompt) is not None:
+        verdict = pairwise_verdict(prompt)
+        explanation = (
+            "Both responses share as many words with the reference."
+            if verdict == "tie"
+            else f"Response {verdict} shares more words with the reference."
+        )
+        return verdict_reply(verdict, format, explanation)
     score = overlap_score(prompt)
     return json.dumps({"score": score}) if format else str(score)
+
+
+def prefer_first_position(prompt: str, format: Any) -> str:
+    """A judge with position bias: whichever response is shown first wins; other prompts get `default_reply`."""
+    if pairwise_in_prompt(prompt) is None:
+        return default_reply(prompt, format)
+    return verdict_reply("A", format, "Response A, the first one, is better.")
 
 
 @dataclass
@@ -80,10 +144,14 @@ class FakeOllama:
         self.models = list(models)
         self.slow_s = slow_s
         self.reply: Callable[[str, Any], str] = default_reply
+        self.model_replies: dict[str, Callable[[str, Any], str]] = {}  # tagged model name -> its own `reply`
+        self.flaky_served: Counter[str] = Counter()  # flaky faults served, by fault name
         self.requests: list[Recorded] = []
         self.blobs: dict[str, int] = {}  # digest -> size of each stored blob
         self.created: dict[str, dict] = {}  # model name (with its tag) -> its /api/create request
         self._faults: deque[str] = deque()
+        self._flaky: tuple[float, tuple[str, ...], int] = (0.0, (), 0)  # share, faults, seed
+        self._asked: Counter[tuple[str, str]] = Counter()  # (tagged model, prompt) -> requests since flaky()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -114,6 +182,21 @@ class FakeOllama:
         with self._lock:
             self._faults.extend(faults)
 
+    def flaky(self, share: float, faults: tuple[str, ...] = ("cut", "garble"), seed: int = 0) -> None:
+        """From now on, fail a deterministic `share` of chat/generate requests with one of `faults` each: the k-th
+        request for a (model, prompt) pair since this call fails when sha256(f"{seed}|{model}|{prompt}|{k}") falls
+        below the share, which depends on neither timing nor thread interleaving. `flaky(0.0)` turns it off."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be between 0 and 1, not {share!r}")
+        for fault in faults:
+            if fault not in FAULTS:
+                raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
+        if share and not faults:
+            raise ValueError("flaky needs at least one fault")
+        with self._lock:
+            self._flaky = (share, tuple(faults), seed)
+            self._asked.clear()
+
     def requests_to(self, path: str) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.path == path]
@@ -123,9 +206,28 @@ class FakeOllama:
         with self._lock:
             self.requests.append(Recorded(method, path, body))
 
-    def _next_fault(self) -> str | None:
+    def _next_fault(self, model: str, prompt: str) -> str | None:
+        """The queued fault, else the flaky one this request draws (each request counts toward its pair's k)."""
         with self._lock:
-            return self._faults.popleft() if self._faults else None
+            share, faults, seed = self._flaky
+            k = None
+            if share:
+                key = (_tagged(model), prompt)
+                k = self._asked[key]
+                self._asked[key] += 1
+            if self._faults:
+                return self._faults.popleft()
+            if k is None:
+                return None
+            digest = hashlib.sha256(f"{seed}|{_tagged(model)}|{prompt}|{k}".encode()).hexdigest()
+            if int(digest[:8], 16) / 2**32 >= share:
+                return None
+            fault = faults[int(digest[8:16], 16) % len(faults)]
+            self.flaky_served[fault] += 1
+            return fault
+
+    def _reply(self, model: str, prompt: str, format: Any) -> str:
+        return self.model_replies.get(_tagged(model), self.reply)(prompt, format)
 
     def _knows(self, model: str) -> bool:
         return _tagged(model) in self.models
@@ -181,6 +283,7 @@ _CREATED_AT = "2024-06-01T12:00:00.000000Z"
 def _make_handler(fake: FakeOllama):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, as Ollama serves them
+        disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stall
 
         def log_message(self, *args) -> None:  # keep pytest output clean
             pass
@@ -367,15 +470,15 @@ def _make_handler(fake: FakeOllama):
 
         def _answer(self, body: dict, chat: bool) -> None:
             model = body.get("model", "")
-            fault = fake._next_fault()
+            prompt = ((body.get("messages") or [{}])[-1].get("content") or "") if chat else body.get("prompt", "")
+            fault = fake._next_fault(model, prompt)
             if fault == "not_found" or not fake._knows(model):
                 return self._not_found(model)
             if fault == "http_500":
                 return self._send_json({"error": "llama runner process has terminated: exit status 2"}, 500)
             if fault == "slow" and fake._stopping.wait(fake.slow_s):
                 return
-            prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
-            text = fake.reply(prompt, body.get("format"))
+            text = GARBLED if fault == "garble" else fake._reply(model, prompt, body.get("format"))
             cut = fault == "cut"
 
             def part(content: str, done: bool) -> dict:

@@ -181,9 +181,9 @@ def test_cli_evaluate(prefect_harness, responses, fake_ollama, settings, capsys,
     captured = capsys.readouterr()
     assert rc == 0
     lines = captured.out.splitlines()
-    assert lines[0].split() == ["field", "scored", "unscored", "mean", "median", "std", "95%", "CI"]
-    assert lines[1].split()[:5] == ["model_response", "3", "1", "91.67", "90.00"]
-    assert lines[2].split()[:6] == ["baseline", "4", "0", "42.50", "35.00", "46.46"]
+    assert lines[0].split() == ["judge", "field", "scored", "unscored", "mean", "median", "std", "95%", "CI"]
+    assert lines[1].split()[:6] == ["llama3", "model_response", "3", "1", "91.67", "90.00"]
+    assert lines[2].split()[:7] == ["llama3", "baseline", "4", "0", "42.50", "35.00", "46.46"]
     assert "wins/ties/losses 2/1/0" in lines[3]
     assert lines[-1] == f"report: {tmp_path / 'cli'}/report.md"
 

@@ -54,15 +54,24 @@ def test_evaluate_exits_3_when_no_reply_holds_a_score(prefect_harness, responses
     rc = main(["evaluate", str(responses), "--host", fake_ollama.host, "--backoff-s", "0"])
     captured = capsys.readouterr()
     assert rc == 3
-    assert captured.out.splitlines()[1].split()[:3] == ["model_response", "0", "1"]
+    assert captured.out.splitlines()[1].split()[:4] == ["llama3", "model_response", "0", "1"]
     assert captured.err == "nothing judged: no reply held a usable score (the report lists each reason)\n"
+
+    fake_ollama.reply = lambda prompt, fmt: "I cannot say."  # no verdict either: nothing compared
+    rc = main(
+        ["evaluate", "--pairwise", str(responses), str(responses), "--host", fake_ollama.host, "--backoff-s", "0"]
+    )
+    captured = capsys.readouterr()
+    assert rc == 3
+    assert captured.out.splitlines()[1].split()[:5] == ["llama3", "0", "0", "0", "1"]
+    assert captured.err == "nothing judged: no pair got a verdict in both orders (the report lists each reason)\n"
 
 
 def test_evaluate_help_documents_the_exit_status(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "Exit status: 0 when responses were scored; 3 when nothing could be judged" in help_text
+    assert "Exit status: 0 when responses were judged; 3 when nothing could be judged" in help_text
 
 
 @pytest.mark.slow

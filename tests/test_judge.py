@@ -56,8 +56,8 @@ def test_prompt_is_the_books():
 
 
 def test_sends_book_options_and_schema(fake_ollama, make_judge):
-    judgement = make_judge().score(BOOK_PROMPT)
-    assert (judgement.score, judgement.reason, judgement.cached) == (OVERLAP, None, False)
+    judgement = make_judge().ask(BOOK_PROMPT)
+    assert (judgement.value, judgement.reason, judgement.cached) == (OVERLAP, None, False)
     [body] = chats(fake_ollama)
     assert body["model"] == "llama3" and body["stream"] is False
     assert body["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
@@ -68,7 +68,7 @@ def test_sends_book_options_and_schema(fake_ollama, make_judge):
 def test_streaming_and_custom_options(fake_ollama, make_judge):
     judge = make_judge(stream=True, model="llama3.1:8b", options=JudgeOptions(seed=7, num_ctx=4096, top_k=1))
     fake_ollama.models.append("llama3.1:8b")
-    assert judge.score(BOOK_PROMPT).score == OVERLAP
+    assert judge.ask(BOOK_PROMPT).value == OVERLAP
     [body] = chats(fake_ollama)
     assert body["stream"] is True and body["model"] == "llama3.1:8b"
     assert body["options"] == {"seed": 7, "temperature": 0, "num_ctx": 4096, "top_k": 1}
@@ -96,8 +96,8 @@ def test_parse_score(reply, score, reason):
 
 def test_score_with_extra_text_without_structured_output(fake_ollama, make_judge):
     fake_ollama.reply = lambda prompt, fmt: "Score: 85. The response is accurate but less vivid."
-    judgement = make_judge(structured_output=False).score(BOOK_PROMPT)
-    assert judgement.score == 85
+    judgement = make_judge(structured_output=False).ask(BOOK_PROMPT)
+    assert judgement.value == 85
     assert "format" not in chats(fake_ollama)[0]
 
 
@@ -110,34 +110,34 @@ def test_score_with_extra_text_without_structured_output(fake_ollama, make_judge
 )
 def test_unusable_reply_is_retried_once_then_unscored_and_cached(fake_ollama, make_judge, reply, reason):
     fake_ollama.reply = lambda prompt, fmt: reply
-    judgement = make_judge().score(BOOK_PROMPT)
-    assert (judgement.score, judgement.reason, judgement.reply) == (None, reason, reply)
+    judgement = make_judge().ask(BOOK_PROMPT)
+    assert (judgement.value, judgement.reason, judgement.reply) == (None, reason, reply)
     assert len(chats(fake_ollama)) == 2  # the first ask and one retry
-    again = make_judge().score(BOOK_PROMPT)  # a final answer: a rerun does not ask again
-    assert (again.score, again.reason, again.cached) == (None, reason, True)
+    again = make_judge().ask(BOOK_PROMPT)  # a final answer: a rerun does not ask again
+    assert (again.value, again.reason, again.cached) == (None, reason, True)
     assert len(chats(fake_ollama)) == 2
 
 
 def test_unusable_reply_then_a_good_one(fake_ollama, make_judge):
     replies = iter(["Great answer!", '{"score": 72}'])
     fake_ollama.reply = lambda prompt, fmt: next(replies)
-    assert make_judge().score(BOOK_PROMPT).score == 72
+    assert make_judge().ask(BOOK_PROMPT).value == 72
 
 
 def test_http_500_is_retried(fake_ollama, make_judge):
     fake_ollama.fail_next("http_500", "http_500")
-    assert make_judge(retries=2).score(BOOK_PROMPT).score == OVERLAP
+    assert make_judge(retries=2).ask(BOOK_PROMPT).value == OVERLAP
     assert len(chats(fake_ollama)) == 3
 
 
 def test_http_500_exhausts_retries_unscored_and_not_cached(fake_ollama, make_judge):
     fake_ollama.fail_next("http_500", "http_500")
-    judgement = make_judge(retries=1).score(BOOK_PROMPT)
-    assert judgement.score is None
+    judgement = make_judge(retries=1).ask(BOOK_PROMPT)
+    assert judgement.value is None
     assert judgement.reason == (
         "request failed: HTTP 500: llama runner process has terminated: exit status 2; gave up after 2 attempts"
     )
-    assert make_judge(retries=1).score(BOOK_PROMPT).score == OVERLAP  # not cached: asked again
+    assert make_judge(retries=1).ask(BOOK_PROMPT).value == OVERLAP  # not cached: asked again
     assert len(chats(fake_ollama)) == 3
 
 
@@ -145,7 +145,7 @@ def test_model_not_found_during_scoring_is_not_retried(fake_ollama, make_judge):
     fake_ollama.fail_next("not_found")
     judge = make_judge(retries=3)
     with pytest.raises(JudgeUnavailable) as exc:
-        judge.score_many([BOOK_PROMPT])
+        judge.ask_many([BOOK_PROMPT])
     assert str(exc.value) == f"model llama3 is not available on {fake_ollama.host}; run `ollama pull llama3`"
     assert len(chats(fake_ollama)) == 1
 
@@ -153,9 +153,9 @@ def test_model_not_found_during_scoring_is_not_retried(fake_ollama, make_judge):
 def test_slow_server_times_out_and_retries(fake_ollama, make_judge):
     fake_ollama.slow_s = 3.0
     fake_ollama.fail_next("slow")
-    assert make_judge(timeout_s=0.3, retries=1).score(BOOK_PROMPT).score == OVERLAP
+    assert make_judge(timeout_s=0.3, retries=1).ask(BOOK_PROMPT).value == OVERLAP
     fake_ollama.fail_next("slow")
-    judgement = make_judge(cache="other", timeout_s=0.3, retries=0).score(BOOK_PROMPT)
+    judgement = make_judge(cache="other", timeout_s=0.3, retries=0).ask(BOOK_PROMPT)
     assert judgement.reason == "request failed: timed out after 0.3 s; gave up after 1 attempt"
     assert len(chats(fake_ollama)) == 3
 
@@ -169,12 +169,12 @@ def test_slow_server_times_out_and_retries(fake_ollama, make_judge):
 )
 def test_cut_reply_is_retried(fake_ollama, make_judge, stream, detail):
     fake_ollama.fail_next("cut")
-    judgement = make_judge(stream=stream, retries=0).score(BOOK_PROMPT)
-    assert judgement.score is None
+    judgement = make_judge(stream=stream, retries=0).ask(BOOK_PROMPT)
+    assert judgement.value is None
     assert judgement.reason.startswith("request failed: reply cut off (RemoteProtocolError: ")
     assert detail in judgement.reason
     fake_ollama.fail_next("cut")
-    assert make_judge(stream=stream, retries=1).score(BOOK_PROMPT).score == OVERLAP
+    assert make_judge(stream=stream, retries=1).ask(BOOK_PROMPT).value == OVERLAP
 
 
 def test_preflight_reports_digest(fake_ollama, make_judge):
@@ -213,7 +213,7 @@ def test_server_gone_mid_evaluation_stops_and_keeps_judgements(tmp_path):
         match=r"Ollama stopped answering at .*connection refused 2 times.*"
         r"rerun to resume",
     ):
-        judge.score_many([BOOK_PROMPT, BOOK_PROMPT + " "])
+        judge.ask_many([BOOK_PROMPT, BOOK_PROMPT + " "])
 
 
 def test_interrupted_evaluation_resumes_and_rerun_asks_nothing(fake_ollama, make_judge):
@@ -221,25 +221,25 @@ def test_interrupted_evaluation_resumes_and_rerun_asks_nothing(fake_ollama, make
         judge_prompt({**ENTRY, "model_response": f"The car is as fast as {thing}."}, "model_response")
         for thing in ("a bullet", "lightning", "a snail", "a rocket", "a horse", "light")
     ]
-    first = make_judge().score_many(prompts[:3])  # the run that was interrupted after three judgements
+    first = make_judge().ask_many(prompts[:3])  # the run that was interrupted after three judgements
     assert len(chats(fake_ollama)) == 3
-    resumed = make_judge().score_many(prompts)
+    resumed = make_judge().ask_many(prompts)
     assert len(chats(fake_ollama)) == 6  # only the three missing ones were asked
     assert [j.cached for j in resumed] == [True] * 3 + [False] * 3
-    assert [j.score for j in resumed[:3]] == [j.score for j in first]
-    rerun = make_judge().score_many(prompts)
+    assert [j.value for j in resumed[:3]] == [j.value for j in first]
+    rerun = make_judge().ask_many(prompts)
     assert len(chats(fake_ollama)) == 6  # zero new chat requests
-    assert [j.score for j in rerun] == [j.score for j in resumed] == [62, 100, 62, 62, 62, 71]
+    assert [j.value for j in rerun] == [j.value for j in resumed] == [62, 100, 62, 62, 62, 71]
 
 
 def test_cache_skips_a_torn_line_and_keys_on_options(fake_ollama, make_judge, tmp_path):
-    make_judge().score(BOOK_PROMPT)
+    make_judge().ask(BOOK_PROMPT)
     path = tmp_path / "cache" / "judgements.jsonl"
     with open(path, "a") as handle:
         handle.write('{"key": "abc", "sco')  # a crash mid-append
     assert len(JudgementCache(path)) == 1
-    assert make_judge().score(BOOK_PROMPT).cached
-    make_judge(options=JudgeOptions(seed=1)).score(BOOK_PROMPT)  # another judge setup: a new judgement
+    assert make_judge().ask(BOOK_PROMPT).cached
+    make_judge(options=JudgeOptions(seed=1)).ask(BOOK_PROMPT)  # another judge setup: a new judgement
     assert len(chats(fake_ollama)) == 2
 
 
@@ -258,8 +258,8 @@ def test_concurrency_is_bounded_and_order_kept(fake_ollama, make_judge):
 
     fake_ollama.reply = reply
     prompts = [judge_prompt({**ENTRY, "model_response": "x" * n}, "model_response") for n in range(1, 10)]
-    judgements = make_judge(concurrency=limit, retries=0).score_many(prompts)
-    assert [j.score for j in judgements] == list(range(1, 10))
+    judgements = make_judge(concurrency=limit, retries=0).ask_many(prompts)
+    assert [j.value for j in judgements] == list(range(1, 10))
     assert peak[0] == limit
     assert len(chats(fake_ollama)) == 9
 
