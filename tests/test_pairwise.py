@@ -8,12 +8,14 @@ import csv
 import json
 
 import pytest
-from fake_ollama import pairwise_in_prompt, prefer_first_position
+from fake_ollama import overlap_score, pairwise_in_prompt, prefer_first_position
 
 from cli import main
+from eval.champion import PairwiseRule, decide_pairwise
 from eval.judge import JudgeConfig, OllamaJudge
 from eval.pairwise import VERDICT, compare_responses, load_pair, pairwise_prompt, parse_verdict
 from eval.report import ResponsesFileError
+from eval.stats import cohen_kappa
 
 ENTRIES = [
     ("Name the author of 'Pride and Prejudice'.", "", "Jane Austen wrote Pride and Prejudice."),
@@ -164,3 +166,73 @@ def test_cli_three_judges_kappa_and_rerun(prefect_harness, files, fake_ollama, s
     asked = len(fake_ollama.requests_to("/api/chat"))
     assert main(argv) == 0  # every stage done: nothing asked again
     assert len(fake_ollama.requests_to("/api/chat")) == asked
+
+
+def test_dropped_and_garbled_replies_are_retried_then_counted(files, fake_ollama, tmp_path):
+    """A fixed share of replies is cut mid-stream or garbled (a seeded draw per prompt and attempt): a cut is
+    retried, a garbled reply is asked again once, and what stays unusable is counted, not dropped."""
+    fake_ollama.flaky(0.5, seed=3)
+    config = JudgeConfig(host=fake_ollama.host, backoff_s=0, retries=1, unusable_retries=1, cache_dir=tmp_path)
+    pairs = load_pair(*files, "model_response", "model_response")
+    summary = compare_responses(pairs, OllamaJudge(config, rubric=VERDICT), tmp_path, {"a": "a", "b": "b"})
+    assert dict(fake_ollama.flaky_served) == {"cut": 7, "garble": 3}
+    assert [r["outcome"] for r in summary["rows"]] == ["win", None, None, "tie"]
+    assert [u["reason"].split(" (")[0] for u in summary["unjudged"]] == [
+        "A first: request failed: reply cut off",  # cut twice: not cached, asked again by the next run
+        "A first: no verdict in reply: 'I would rather not judge this one.'",  # garbled twice: a final answer
+    ]
+    assert (summary["wins"], summary["ties"], summary["losses"], summary["n_unjudged"]) == (1, 1, 0, 2)
+    assert summary["win_rate"] == 0.75 and summary["ci95"] == [0.5, 1.0]
+    again = compare_responses(pairs, OllamaJudge(config, rubric=VERDICT), tmp_path, {"a": "a", "b": "b"})
+    # Only the failed request is asked again (garbled once more, then answered); every other verdict is cached.
+    assert [r["outcome"] for r in again["rows"]] == ["win", "win", None, "tie"] and again["requests_sent"] == 2
+
+
+def test_single_answer_grading_with_two_judges_reports_weighted_kappa(prefect_harness, files, fake_ollama, settings):
+    from flows.evaluate import evaluate_responses_flow
+
+    fake_ollama.models.append("harsh:latest")  # the default judge's overlap score, halved
+    fake_ollama.model_replies["harsh:latest"] = lambda prompt, fmt: json.dumps({"score": overlap_score(prompt) // 2})
+    judge = JudgeConfig(host=fake_ollama.host, backoff_s=0)
+    outcome = evaluate_responses_flow(str(files[0]), judge=judge, judge_models=["llama3", "harsh"])
+    scores = [r.summary["fields"]["model_response"]["scores"] for r in outcome.panel]
+    assert scores == [[43, 100, 17, 62], [21, 50, 8, 31]]
+    (pair,) = outcome.agreement["pairs"]
+    assert (pair["judges"], pair["compared"], pair["n"], pair["weights"]) == (
+        ["llama3", "harsh"],
+        "model_response",
+        4,
+        "quadratic",
+    )
+    assert pair["kappa"] == pytest.approx(cohen_kappa(*scores, weights="quadratic")) and 0 < pair["kappa"] < 1
+
+
+@pytest.mark.parametrize(
+    "wins, ties, losses, margin, decision, alert",
+    [
+        (9, 1, 0, 0.0, "promote", False),  # lower bound 80%
+        (9, 1, 0, 0.35, "keep", False),  # not above 85%
+        (5, 0, 5, 0.0, "keep", False),
+        (0, 1, 9, 0.0, "keep", True),  # the champion answers clearly better
+    ],
+)
+def test_pairwise_rule(wins, ties, losses, margin, decision, alert):
+    from eval.pairwise import pairwise_stats
+
+    rows = [
+        {"index": i, "outcome": o, "consistent": True, "length_a": 10, "length_b": 10, "reason": None, "from_cache": 0}
+        for i, o in enumerate(["win"] * wins + ["tie"] * ties + ["loss"] * losses)
+    ]
+    verdict = decide_pairwise(pairwise_stats(rows), PairwiseRule(margin=margin))
+    assert (verdict.decision, verdict.alert, verdict.metric) == (decision, alert, "pairwise_win_rate")
+    assert verdict.challenger == pytest.approx((wins + ties / 2) / 10)
+    assert verdict.champion == pytest.approx(1 - verdict.challenger)
+
+
+def test_pairwise_rule_without_verdicts_keeps_the_champion():
+    from eval.pairwise import pairwise_stats
+
+    rows = [{"index": 0, "outcome": None, "length_a": 1, "length_b": 1, "reason": "A first: request failed: x"}]
+    rows[0].update(consistent=None, from_cache=False)
+    verdict = decide_pairwise(pairwise_stats(rows), PairwiseRule())
+    assert (verdict.decision, verdict.reason) == ("keep", "no pair got a verdict in both orders (request failed: 1)")

@@ -195,12 +195,24 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     assert second["promotions"]["lm"]["ollama"] == {"published": False, "reason": "the champion v0001 was kept"}
     assert len(fake_ollama.requests_to("/api/create")) == 1
 
-    third = pipeline(params.merged({"instruct": {"max_steps": QUICK["instruct"]["max_steps"] + 2}}))
+    # A new LM bundle with a judge that answers: judged against the champion's answers, both orders.
+    judged = {"instruct": {"max_steps": QUICK["instruct"]["max_steps"] + 2}, "judge": {"host": fake_ollama.host}}
+    third = pipeline(params.merged(judged))
     status = _stage_status(third)
     assert status["instruct"] == status["export-lm"] == status["inspect-instruct"] == "done"
-    lm = third["promotions"]["lm"]  # a new LM bundle: promoted or kept on validation perplexity, never the same
+    assert status["evaluate"] == "completed"
+    lm = third["promotions"]["lm"]
     assert lm["champion_before"] == "v0001" and lm["champion"] == ("v0002" if lm["status"] == "promoted" else "v0001")
-    assert lm["verdict"]["champion"] == promoted["lm"]["challenger"]["val_perplexity"]  # same data: not re-scored
+    assert lm["verdict"]["metric"] == "pairwise_win_rate"
+    row = lm["pairwise"]["row"]
+    assert row["wins"] + row["ties"] + row["losses"] + row["unjudged"] == 4
+    low = float(row["95% CI"].strip("[]").split(",")[0].rstrip("%")) / 100
+    assert (lm["status"] == "promoted") == (low > 0.5)
+    assert lm["metrics"]["champion"]["val_perplexity"] == promoted["lm"]["challenger"]["val_perplexity"]  # kept
+    # The champion answered from its bundle's fp32 decoder exactly as the instruct stage answered with PyTorch.
+    (champion_answers,) = (settings.home / "bundle-responses").glob("*/test_responses.json")
+    assert json.loads(champion_answers.read_text()) == responses
+    assert "judged pairwise (A: this run's model, B: the champion)" in Path(third["report"]).read_text()
     assert all(
         status[s] == "reused" for s in ("data-classifier", "base-model", "classifier", "export", "inspect-base")
     ), status
@@ -217,4 +229,5 @@ def test_tiny_pipeline_end_to_end_then_reuse_then_downstream_rerun(prefect_harne
     fourth = pipeline(params)
     status = _stage_status(fourth)
     assert status["base-model"] == "reused" and status["classifier"] == status["instruct"] == "done", status
+    assert fourth["promotions"]["lm"]["verdict"]["reason"].startswith("no judge for a pairwise decision (Ollama is")
     assert Path(fourth["deliverables"]["classifier checkpoint"]) != checkpoint
