@@ -65,11 +65,17 @@ def _check_responses(args: argparse.Namespace) -> None:
     """One responses file or --pairwise's two, each a file, in the words of `eval.report.load_responses`, which
     reads and checks their entries once the judge's modules (matplotlib, ollama: some 2 s) are imported."""
     from data.common import DataError, require_file
+    from gptflow.settings import ollama_model_name
 
     if (args.responses is None) == (args.pairwise is None):
         raise DataError("give RESPONSES.json to score, or --pairwise A.json B.json to compare (not both)")
     if args.judges and "model" in vars(args):
         raise DataError("give the judge as --model or as --judge, not both")
+    for model in args.judges or []:
+        try:
+            ollama_model_name(model)
+        except ValueError as exc:
+            raise DataError(f"--judge: {exc}") from None
     if args.pairwise and len(args.response_keys or []) > 2:
         raise DataError(
             f"--response-key: with --pairwise one for both files or one for each, got {len(args.response_keys)}"

@@ -52,7 +52,7 @@ def stage_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "stage": name,
-                "status": result.get("status") or ("reused" if result.get("reused") else "done"),
+                "status": "reused" if result.get("reused") else result.get("status") or "done",
                 "out_dir": str(result.get("out_dir", "")),
                 "code_version": manifest.get("code_version", ""),
                 "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in _flat(metrics).items()),

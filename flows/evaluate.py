@@ -34,6 +34,7 @@ class JudgeResult(BaseModel):
     reason: str | None = None
     out_dir: str
     summary: dict
+    reused: bool = False  # this judge's stage was done before: nothing asked
 
 
 class EvaluationOutcome(JudgeResult):
@@ -130,7 +131,7 @@ def _score(
         else:
             summary = record_skipped(plan, status["reason"], path, keys)
     publish_evaluation(summary, plan["out_dir"], suffix)
-    return JudgeResult(status=summary["status"], reason=summary.get("reason"), out_dir=plan["out_dir"], summary=summary)
+    return _result(plan, summary)
 
 
 def _compare(
@@ -152,7 +153,14 @@ def _compare(
         else:
             summary = record_skipped_pairwise(plan, status["reason"], path_a, path_b, keys)
     publish_pairwise(summary, plan["out_dir"], suffix)
-    return JudgeResult(status=summary["status"], reason=summary.get("reason"), out_dir=plan["out_dir"], summary=summary)
+    return _result(plan, summary)
+
+
+def _result(plan: dict, summary: dict) -> JudgeResult:
+    reused = plan["summary"] is not None
+    return JudgeResult(
+        status=summary["status"], reason=summary.get("reason"), out_dir=plan["out_dir"], summary=summary, reused=reused
+    )
 
 
 def _available(judge: JudgeConfig, require_judge: bool) -> dict:

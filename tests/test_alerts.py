@@ -266,10 +266,10 @@ def test_alert_url_apprise_cannot_parse_is_a_settings_error(settings, monkeypatc
 
 
 def test_entrypoint_flows_of_the_deployments_carry_the_alert_hooks():
-    from flows.evaluate import evaluate_responses_flow
+    from flows.evaluate import compare_responses_flow, evaluate_responses_flow
     from flows.pretrain import pretrain_flow
     from tasks.alerts import alert_on_crash, alert_on_failure
 
-    for entrypoint in (pretrain_flow, evaluate_responses_flow):
+    for entrypoint in (pretrain_flow, evaluate_responses_flow, compare_responses_flow):
         assert entrypoint.on_failure_hooks == [alert_on_failure]
         assert entrypoint.on_crashed_hooks == [alert_on_crash]

@@ -236,3 +236,24 @@ def test_pairwise_rule_without_verdicts_keeps_the_champion():
     rows[0].update(consistent=None, from_cache=False)
     verdict = decide_pairwise(pairwise_stats(rows), PairwiseRule())
     assert (verdict.decision, verdict.reason) == ("keep", "no pair got a verdict in both orders (request failed: 1)")
+
+
+def test_cli_refuses_bad_pairwise_input_in_one_line(files, tmp_path, capsys):
+    a, b = map(str, files)
+    write(tmp_path / "short.json", B[:3])
+    cases = [
+        (["evaluate"], "give RESPONSES.json to score, or --pairwise A.json B.json to compare (not both)"),
+        (["evaluate", a, "--pairwise", a, b], "give RESPONSES.json to score, or --pairwise A.json B.json to compare"),
+        (["evaluate", "--pairwise", a, str(tmp_path / "none.json")], f"{tmp_path / 'none.json'}: no such file"),
+        (["evaluate", "--pairwise", a, b, "--judge", "two words"], "--judge: 'two words' is not an Ollama model name"),
+        (["evaluate", "--pairwise", a, b, "--judge", "x", "--model", "y"], "give the judge as --model or as --judge"),
+        (
+            ["evaluate", "--pairwise", a, b, *["--response-key", "k"] * 3],
+            "--response-key: with --pairwise one for both",
+        ),
+        (["evaluate", "--pairwise", a, str(tmp_path / "short.json")], f"{tmp_path / 'short.json'}: no entry for"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gptflow evaluate: error: ") and message in err and err.count("\n") == 1, err
