@@ -100,15 +100,7 @@ def _score(args: argparse.Namespace, judge) -> int:
 
     from flows.evaluate import evaluate_responses_flow
 
-    outcome = evaluate_responses_flow(
-        args.responses,
-        keys,
-        judge,
-        require_judge=args.require_judge,
-        out_dir=args.out_dir,
-        force=args.force,
-        judge_models=args.judges,
-    )
+    outcome = evaluate_responses_flow(args.responses, keys, judge, **_flow_options(args))
     judged = False
     for result in outcome.panel or [outcome]:
         if result.status == "skipped":
@@ -133,15 +125,7 @@ def _compare(args: argparse.Namespace, judge) -> int:
 
     from flows.evaluate import compare_responses_flow
 
-    outcome = compare_responses_flow(
-        *args.pairwise,
-        keys,
-        judge,
-        require_judge=args.require_judge,
-        out_dir=args.out_dir,
-        force=args.force,
-        judge_models=args.judges,
-    )
+    outcome = compare_responses_flow(*args.pairwise, keys, judge, **_flow_options(args))
     results = outcome.panel or [outcome]
     completed = [r for r in results if r.status == "completed"]
     for result in results:
@@ -155,6 +139,15 @@ def _compare(args: argparse.Namespace, judge) -> int:
         print(f"report: {result.out_dir}/{REPORT_NAME}")
     judged = any(r.summary["n_judged"] for r in completed)
     return _finish(outcome, judged, "no pair got a verdict in both orders")
+
+
+def _flow_options(args: argparse.Namespace) -> dict:
+    return {
+        "require_judge": args.require_judge,
+        "out_dir": args.out_dir,
+        "force": args.force,
+        "judge_models": args.judges,
+    }
 
 
 def _preflight(args: argparse.Namespace, judge) -> None:

@@ -117,16 +117,21 @@ def judge_prompt(entry: dict, response_key: str) -> str:
     return JUDGE_PROMPT.format(prompt=format_instruction(entry), output=entry["output"], response=entry[response_key])
 
 
+def json_field(reply: str, key: str) -> tuple[bool, Any]:
+    """(True, value) when the reply is a JSON object holding `key` (a judge that honoured `format`), else
+    (False, None)."""
+    try:
+        obj = json.loads(reply)
+    except json.JSONDecodeError:
+        return False, None
+    return (True, obj[key]) if isinstance(obj, dict) and key in obj else (False, None)
+
+
 def parse_score(reply: str) -> tuple[int | None, str | None]:
     """(score, None) or (None, why): JSON `{"score": n}` first, else the first number in the text."""
     text = reply.strip()
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and "score" in obj:
-        value = obj["score"]
-    else:
+    found, value = json_field(text, "score")
+    if not found:
         match = _NUMBER.search(text)
         if match is None:
             return None, f"no number in reply: {_clip(text)!r}"

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval.judge import JudgeConfig, OllamaJudge, Rubric
+from eval.judge import JudgeConfig, OllamaJudge, Rubric, json_field
 from eval.report import ResponsesFileError, load_responses
 from eval.stats import bootstrap_ci, length_controlled_win_rate, standard_error
 from gptflow.markdown import markdown_table
@@ -62,12 +62,8 @@ def parse_verdict(reply: str) -> tuple[str | None, str | None]:
     """("A" | "B" | "tie", None) or (None, why): JSON `{"verdict": ...}` first, else MT-Bench's [[A]] / [[B]] /
     [[C]] (the last one in the text), else a reply that is only the verdict."""
     text = reply.strip()
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and "verdict" in obj:
-        verdict = obj["verdict"]
+    found, verdict = json_field(text, "verdict")
+    if found:
         if verdict in VERDICTS:
             return verdict, None
         return None, f"verdict not A, B or tie: {verdict!r}"

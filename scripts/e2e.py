@@ -2,9 +2,10 @@
 
 A throwaway server and outputs folder; the work pools and every deployment of prefect.yaml; the nightly pipeline
 run three times by a process worker on a user's CSV (first run promotes, second reuses everything, third sees new
-data), with alerts caught by a loopback webhook; then the API and headless Chromium check runs, artifacts and
-plots. Every process it starts is stopped on the way out, failure included. Step by step:
-docs/scheduled-runs.md, "The end-to-end check".
+data and a retrained instruction model, which the judge compares with the champion's answers), with alerts caught
+by a loopback webhook and the judge served by the tests' loopback Ollama-API server; then the API and headless
+Chromium check runs, artifacts and plots. Every process it starts is stopped on the way out, failure included.
+Step by step: docs/scheduled-runs.md, "The end-to-end check".
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from e2e_harness import (
 )
 from e2e_ui import challenger_table_check, save_failed_run_page, ui_checks
 
+sys.path.insert(0, str(REPO / "tests"))  # the loopback Ollama-API server the tests run serves the judge here too
+from fake_ollama import FakeOllama  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Expectation:
@@ -49,15 +53,15 @@ class Expectation:
     min_plots: int = 1
 
 
-def expectations(user_csv: Path) -> dict[str, Expectation]:
+def expectations(user_csv: Path, judge_host: str) -> dict[str, Expectation]:
     """Per deployment of prefect.yaml that the e2e can run: tiny parameters and what the run must show.
-    `user_csv`: the nightly pipeline's classifier data."""
+    `user_csv`: the nightly pipeline's classifier data; `judge_host`: the Ollama server of its judge."""
     from flows.params import load_params
 
     # Two epochs: one epoch on a few hundred messages leaves the tiny classifier near-constant, and int8 flips
     # such near-ties (the export's int8 agreement gate refuses it, rightly).
     tiny = load_params(REPO / "configs" / "tiny.yaml").merged(
-        {"classifier_data": str(user_csv), "classifier": {"epochs": 2}}
+        {"classifier_data": str(user_csv), "classifier": {"epochs": 2}, "judge": {"host": judge_host}}
     )
     pretrain_artifacts = {"data-corpus-the-verdict", "pretrain-the-verdict-tiny*", "pretrain-the-verdict-tiny*-loss"}
     return {
@@ -96,6 +100,7 @@ def expectations(user_csv: Path) -> dict[str, Expectation]:
                 "pipeline-stages",
                 "pipeline-report-file",
                 "evaluation-report",
+                "evaluation-summary",
                 "classify-*-confusion",
                 "classify-*-curves",
                 "export-*-accuracy",
@@ -235,6 +240,24 @@ LATER_RUNS = Expectation(
     artifacts={"pipeline-data-sources", "pipeline-promotions", "classifier-*-challenger-vs-champion"},
     min_plots=0,
 )
+# The third run also retrains the instruction model: a new LM bundle, judged against the champion pairwise.
+THIRD_RUN = Expectation(
+    parameters={},
+    subflows=LATER_RUNS.subflows | {"finetune-instructions", "evaluate"},
+    tasks=LATER_RUNS.tasks,
+    artifacts=LATER_RUNS.artifacts | {"lm-*-challenger-vs-champion", "lm-*-pairwise"},
+    min_plots=0,
+)
+
+
+def retrained_instructions(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The nightly parameters with two more instruction fine-tuning steps: the same data, a new LM bundle. The tiny
+    model's 8-token answers may still be the champion's: then every pair is a tie and the champion stays."""
+    from flows.params import PipelineParams
+
+    params = PipelineParams.model_validate(parameters["params"])
+    steps = params.instruct.max_steps + 2
+    return {"params": params.merged({"instruct": {"max_steps": steps}}).model_dump(mode="json")}
 
 
 def write_user_csv(path: Path, rows: int) -> Path:
@@ -286,18 +309,21 @@ def decision_checks(step: str, summary: dict[str, Any], first_run: str | None, a
             problems.append(f"third run: data {summary['data']!r}, expected a new classifier data version")
         if not status.get("data-classifier") == status.get("classifier") == status.get("export") == "done":
             problems.append(f"third run: the classifier stages did not run again: {status}")
-        classifier = promotions["classifier"]
+        # Its answers may equal the last run's (8 tokens of a tiny model): then their evaluation is reused.
+        if not status.get("instruct") == status.get("export-lm") == "done" or status.get("evaluate") == "skipped":
+            problems.append(f"third run: the instruction model was not retrained and judged: {status}")
+        classifier, lm = promotions["classifier"], promotions["lm"]
         if classifier["verdict"]["champion"] is None:
             problems.append(f"third run: the champion was not scored on the new data: {classifier['verdict']}")
-        expected = (
-            ["promoted"]
-            if classifier["status"] == "promoted"
-            else ["challenger-worse"]
-            if classifier["verdict"]["alert"]
-            else []
-        )
+        if lm["verdict"]["metric"] != "pairwise_win_rate" or not lm.get("pairwise"):
+            problems.append(f"third run: the language model was not decided pairwise: {lm['verdict']}")
+        expected = [
+            "promoted" if p["status"] == "promoted" else "challenger-worse"
+            for p in (classifier, lm)
+            if p["status"] == "promoted" or p["verdict"]["alert"]
+        ]
         if alerts != expected:
-            problems.append(f"third run: alerts {alerts}, expected {expected} for {decided['classifier']}")
+            problems.append(f"third run: alerts {alerts}, expected {expected} for {decided}")
     return problems
 
 
@@ -329,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="gptflow-e2e-"))
     user_csv = scratch / "user-data" / "sms.csv"
-    expect = expectations(user_csv)[args.deployment]
     receiver = AlertReceiver()
+    judge = FakeOllama()  # the judge of the evaluate stage and of the LM's pairwise promotion
+    judge.__enter__()
+    expect = expectations(user_csv, judge.host)[args.deployment]
     port = free_port()
     base, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     env = {
@@ -343,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "GPTFLOW_HOME": str(scratch / "outputs"),
         "GPTFLOW_ALERT_URL": receiver.url,
+        "OLLAMA_HOST": judge.host,
         "GPTFLOW_REPO": str(REPO),
         "PYTHONUNBUFFERED": "1",
     }
@@ -404,18 +433,22 @@ def main(argv: list[str] | None = None) -> int:
             services.append(worker)
             runs: dict[str, Any] = {}
             for step in steps:
+                parameters = expect.parameters
                 if step == "third":
                     write_user_csv(user_csv, 5574)  # the user's file grew: a new data version
                     log(f"{user_csv} changed: 5574 messages instead of 4500")
+                    parameters = retrained_instructions(parameters)
+                    log("instruction fine-tuning: two more steps (a new LM bundle to judge against the champion)")
                 flow_run = client.create_flow_run_from_deployment(
-                    deployments[args.deployment].id, parameters=expect.parameters
+                    deployments[args.deployment].id, parameters=parameters
                 )
                 log(f"{step} run of {args.deployment}: flow run {flow_run.name}")
                 t = time.monotonic()
                 run = wait_for_run(client, flow_run.id, worker, args.run_timeout)
                 summary[f"{step}_run_s"] = round(time.monotonic() - t, 1)
                 try:
-                    api = run_checks(client, run, expect if step in ("first", "only") else LATER_RUNS)
+                    later = THIRD_RUN if step == "third" else LATER_RUNS
+                    api = run_checks(client, run, expect if step in ("first", "only") else later)
                 except E2EError:
                     save_failed_run_page(chromium, scratch, report, env, services, base, run)
                     raise
@@ -479,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         for service in reversed(services):
             service.stop()
         receiver.close()
+        judge.__exit__(None, None, None)
+        summary["judge_requests"] = len(judge.requests_to("/api/chat"))
         summary["total_s"] = round(time.monotonic() - t0, 1)
         (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if not args.keep:

@@ -24,7 +24,7 @@ from eval.report import (
     skipped_report,
     summary_rows,
 )
-from gptflow.stage import Built, Decision
+from gptflow.stage import Built, Decision, Stage
 from gptflow.storage import read_json
 from tasks.artifacts import artifact_key, publish_markdown, publish_plot, publish_table
 
@@ -36,19 +36,25 @@ def plan_evaluation(
     """Check the responses file; let the stage contract pick the folder (`out_dir`: the user's, which `force` lets
     hold files gptflow did not write) and say whether it is already done."""
     entries = load_responses(path, response_keys)
-    stage = evaluation_stage(path, response_keys, judge, out_dir, force)
-    done = stage.plan().reused
+    plan = stage_plan(evaluation_stage(path, response_keys, judge, out_dir, force), out_dir is not None, force)
     get_run_logger().info(
         "%d entries in %s, scoring %s; outputs in %s%s",
         len(entries),
         path,
         ", ".join(response_keys),
-        stage.dir,
-        " (already evaluated: reusing it)" if done else "",
+        plan["out_dir"],
+        " (already evaluated: reusing it)" if plan["summary"] else "",
     )
+    return plan
+
+
+def stage_plan(stage: Stage, chosen: bool, force: bool) -> dict:
+    """What an evaluation's plan hands on: its folder, whether the user chose it (and `force`), and its summary
+    when the stage is already done."""
+    done = stage.plan().reused
     return {
         "out_dir": str(stage.dir),
-        "chosen": out_dir is not None,
+        "chosen": chosen,
         "force": force,
         "summary": read_json(stage.dir / SUMMARY_NAME) if done else None,
     }

@@ -28,6 +28,7 @@ from eval.pairwise import (
 from gptflow.stage import Built, Decision
 from gptflow.storage import read_json
 from tasks.artifacts import artifact_key, publish_markdown, publish_table
+from tasks.evaluate import stage_plan
 
 
 def sides(path_a: str, path_b: str, keys: tuple[str, str]) -> dict[str, str]:
@@ -47,23 +48,17 @@ def plan_pairwise(
     """Match the two files' entries (a mismatch: one line); let the stage contract pick the folder and say whether
     this judge already compared them."""
     pairs = load_pair(path_a, path_b, *keys)
-    stage = pairwise_stage(path_a, path_b, keys, judge, out_dir, force)
-    done = stage.plan().reused
+    plan = stage_plan(pairwise_stage(path_a, path_b, keys, judge, out_dir, force), out_dir is not None, force)
     get_run_logger().info(
         "%d pairs of %s and %s for judge %s; outputs in %s%s",
         len(pairs),
         path_a,
         path_b,
         judge.model,
-        stage.dir,
-        " (already judged: reusing it)" if done else "",
+        plan["out_dir"],
+        " (already judged: reusing it)" if plan["summary"] else "",
     )
-    return {
-        "out_dir": str(stage.dir),
-        "chosen": out_dir is not None,
-        "force": force,
-        "summary": read_json(stage.dir / SUMMARY_NAME) if done else None,
-    }
+    return plan
 
 
 @task(name="judge-pairs", cache_policy=NO_CACHE)

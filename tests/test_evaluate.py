@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from fake_ollama import closed_port_host, response_in_prompt
+from fake_judges import response_in_prompt
+from fake_ollama import closed_port_host
 
 from cli import main
 from eval.judge import JudgeConfig, JudgeUnavailable, OllamaJudge

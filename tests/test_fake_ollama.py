@@ -11,9 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import ollama
 import pytest
-from fake_ollama import (
-    GARBLED,
-    FakeOllama,
+from fake_judges import (
     default_reply,
     overlap_score,
     pairwise_in_prompt,
@@ -21,6 +19,7 @@ from fake_ollama import (
     prefer_first_position,
     word_overlap,
 )
+from fake_ollama import GARBLED, FakeOllama
 
 from eval.judge import judge_prompt, parse_score
 from eval.pairwise import VERDICT_SCHEMA, pairwise_prompt, parse_verdict

@@ -7,7 +7,8 @@ import threading
 import httpx
 import ollama
 import pytest
-from fake_ollama import closed_port_host, response_in_prompt
+from fake_judges import response_in_prompt
+from fake_ollama import closed_port_host
 
 from eval.judge import (
     SCORE_SCHEMA,

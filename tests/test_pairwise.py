@@ -8,7 +8,7 @@ import csv
 import json
 
 import pytest
-from fake_ollama import overlap_score, pairwise_in_prompt, prefer_first_position
+from fake_judges import overlap_score, pairwise_in_prompt, prefer_first_position
 
 from cli import main
 from eval.champion import PairwiseRule, decide_pairwise
@@ -163,6 +163,11 @@ def test_cli_three_judges_kappa_and_rerun(prefect_harness, files, fake_ollama, s
     assert (summary["wins"], summary["ties"], summary["losses"]) == (2, 1, 1)
     agreement = json.loads((out / "agreement" / "agreement.json").read_text())
     assert agreement["pairs"][1]["kappa"] == pytest.approx(-1 / 11)  # observed 1/4, chance 5/16
+    from prefect.artifacts import Artifact
+
+    table = Artifact.get("pairwise-fair")  # the result row of each judge, and the kappas, in the UI
+    assert table.type == "table" and "62.5%" in table.data and "[25.0%, 100.0%]" in table.data
+    assert Artifact.get("pairwise-terse-pairs").type == "table" and "-0.091" in Artifact.get("judge-agreement").data
     asked = len(fake_ollama.requests_to("/api/chat"))
     assert main(argv) == 0  # every stage done: nothing asked again
     assert len(fake_ollama.requests_to("/api/chat")) == asked
