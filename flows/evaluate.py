@@ -107,10 +107,10 @@ def _panel(
 ) -> EvaluationOutcome:
     """Each judge in turn (in `out_dir/<judge>` when several share a chosen folder), then their agreement."""
     several = len(judges) > 1
-    results = [
-        run_one(one, str(Path(out_dir) / _slug(one.model)) if out_dir and several else out_dir, one.model * several)
-        for one in judges
-    ]
+    results = []
+    for one in judges:
+        folder = str(Path(out_dir) / _slug(one.model)) if out_dir and several else out_dir
+        results.append(run_one(one, folder, one.model if several else ""))
     agreement = None
     completed = [r.out_dir for r in results if r.status == "completed"]
     if len(completed) > 1:
