@@ -134,7 +134,7 @@ def parse_score(reply: str) -> tuple[int | None, str | None]:
     if not found:
         match = _NUMBER.search(text)
         if match is None:
-            return None, f"no number in reply: {_clip(text)!r}"
+            return None, f"no number in reply: {clip(text)!r}"
         value = float(match.group())
         value = int(value) if value.is_integer() else value
     if not isinstance(value, int) or isinstance(value, bool):
@@ -147,7 +147,8 @@ def parse_score(reply: str) -> tuple[int | None, str | None]:
 SCORE = Rubric("score", SCORE_SCHEMA, parse_score)
 
 
-def _clip(text: str, n: int = 60) -> str:
+def clip(text: str, n: int = 60) -> str:
+    """`text` cut to `n` characters with an ellipsis: a reply quoted in a one-line reason."""
     return text if len(text) <= n else text[: n - 3] + "..."
 
 

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval.judge import JudgeConfig, OllamaJudge, Rubric, json_field
+from eval.judge import JudgeConfig, OllamaJudge, Rubric, clip, json_field
 from eval.report import ResponsesFileError, load_responses
 from eval.stats import bootstrap_ci, length_controlled_win_rate, standard_error
 from gptflow.markdown import markdown_table
@@ -71,14 +71,10 @@ def parse_verdict(reply: str) -> tuple[str | None, str | None]:
         return ("tie" if found[-1] == "C" else found[-1]), None
     if bare := _BARE.get(text.strip(" .*\"'").lower()):
         return bare, None
-    return None, f"no verdict in reply: {_clip(text)!r}"
+    return None, f"no verdict in reply: {clip(text)!r}"
 
 
 VERDICT = Rubric("verdict", VERDICT_SCHEMA, parse_verdict)
-
-
-def _clip(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # --- the two files -----------------------------------------------------------------------------------------
@@ -97,8 +93,8 @@ def load_pair(path_a: str | Path, path_b: str | Path, key_a: str, key_b: str) ->
         matches = by_key.get(_match_key(entry)) or []
         if not matches:
             raise ResponsesFileError(
-                f"{path_b}: no entry for instruction {_clip(entry['instruction'])!r} (input "
-                f"{_clip(entry.get('input') or '')!r}) of {path_a} entry {index}: both files must answer the same "
+                f"{path_b}: no entry for instruction {clip(entry['instruction'])!r} (input "
+                f"{clip(entry.get('input') or '')!r}) of {path_a} entry {index}: both files must answer the same "
                 "instructions"
             )
         j = matches.pop(0)
@@ -106,13 +102,13 @@ def load_pair(path_a: str | Path, path_b: str | Path, key_a: str, key_b: str) ->
         if b_entries[j]["output"] != entry["output"]:
             raise ResponsesFileError(
                 f"{path_b} entry {j}: its reference output differs from {path_a} entry {index} for instruction "
-                f"{_clip(entry['instruction'])!r}: the files answer different test sets"
+                f"{clip(entry['instruction'])!r}: the files answer different test sets"
             )
         pairs.append({**{k: entry.get(k, "") for k in ("instruction", "input", "output")}, "a": entry[key_a]})
         pairs[-1]["b"] = b_entries[j][key_b]
     if extra := sorted(set(range(len(b_entries))) - used):
         raise ResponsesFileError(
-            f"{path_b} entry {extra[0]}: instruction {_clip(b_entries[extra[0]]['instruction'])!r} is not in "
+            f"{path_b} entry {extra[0]}: instruction {clip(b_entries[extra[0]]['instruction'])!r} is not in "
             f"{path_a}: both files must answer the same instructions"
         )
     return pairs
@@ -361,7 +357,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines += ["Pairs without a verdict (counted, not dropped):", ""]
         lines += [f"- pair {u['index']}: {u['reason']}" for u in summary["unjudged"]] + [""]
     lines += ["## Per instruction", ""]
-    lines += markdown_table([{**r, "instruction": _clip(r["instruction"], 50)} for r in summary["rows"]])
+    lines += markdown_table([{**r, "instruction": clip(r["instruction"], 50)} for r in summary["rows"]])
     return "\n".join(lines) + "\n"
 
 

@@ -109,7 +109,7 @@ def evaluate_responses(
     for key, js in per_key.items():
         scores = [j.value for j in js if j.value is not None]
         unscored = [{"index": i, "reason": j.reason} for i, j in enumerate(js) if j.value is None]
-        histogram = f"hist-{_slug(key)}.png"
+        histogram = f"hist-{slug(key)}.png"
         write_histogram(scores, out_dir / histogram, title=f"{key}: judge scores (n={len(scores)})")
         stats = summarize(scores)
         fields[key] = {
@@ -257,5 +257,6 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "field"
+def slug(name: str, empty: str = "field") -> str:
+    """A name as a file or folder name: runs of other characters become one dash."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or empty

@@ -8,7 +8,6 @@ If a judge is unreachable its part ends as skipped, with the reason in the logs 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -16,7 +15,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from eval.judge import JudgeConfig, JudgeUnavailable
-from eval.report import DEFAULT_RESPONSE_KEY
+from eval.report import DEFAULT_RESPONSE_KEY, slug
 from flows.limits import time_limit
 from tasks.alerts import ALERT_HOOKS
 from tasks.evaluate import judge_responses, plan_evaluation, preflight_judge, publish_evaluation, record_skipped
@@ -109,7 +108,7 @@ def _panel(
     several = len(judges) > 1
     results = []
     for one in judges:
-        folder = str(Path(out_dir) / _slug(one.model)) if out_dir and several else out_dir
+        folder = str(Path(out_dir) / slug(one.model, "judge")) if out_dir and several else out_dir
         results.append(run_one(one, folder, one.model if several else ""))
     agreement = None
     completed = [r.out_dir for r in results if r.status == "completed"]
@@ -168,7 +167,3 @@ def _available(judge: JudgeConfig, require_judge: bool) -> dict:
     if not status["available"] and require_judge:
         raise JudgeUnavailable(status["reason"])
     return status
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "judge"
