@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from bench.lm_engines import hf_greedy
 from bench.memory import reset_peak, status_kib
 from model.config import GPTConfig
 
@@ -228,16 +229,7 @@ def measure_generate(
     else:
 
         def run() -> torch.Tensor:
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=0,
-            )
-            return out[0, prompt_tokens:]
+            return hf_greedy(model, prompt, new_tokens, pad_id=0)[0, prompt_tokens:]
 
     with torch.no_grad():
         run()

@@ -46,6 +46,21 @@ def onnx_runner(decoder: Decoder) -> Runner:
     return run
 
 
+def hf_greedy(hf_model: Any, ids: torch.Tensor, n: int, pad_id: int, streamer: Any = None) -> torch.Tensor:
+    """transformers' greedy generation of exactly `n` new tokens per row with its KV cache (no early stop): the
+    sequences, prompt included."""
+    return hf_model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad_id,
+        streamer=streamer,
+    )
+
+
 def transformers_runner(hf_model: Any, pad_id: int) -> Runner:
     from transformers.generation.streamers import BaseStreamer
 
@@ -69,16 +84,7 @@ def transformers_runner(hf_model: Any, pad_id: int) -> Runner:
         streamer = Stamps()
         with torch.no_grad():
             start = time.perf_counter()
-            out = hf_model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_id,
-                streamer=streamer,
-            )
+            out = hf_greedy(hf_model, ids, n, pad_id, streamer)
             end = time.perf_counter()
         return out[:, prompts.shape[1] :].numpy(), start, streamer.times, end
 

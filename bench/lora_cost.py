@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.memory import peak_kib, reset_peak, status_kib
+from gptflow.markdown import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS: dict[str, dict[str, Any]] = {
@@ -232,23 +233,26 @@ def measure_cost(args, spam: Path, out: Path) -> dict[str, Any]:
 
 
 def cost_table(cost: dict[str, Any]) -> str:
-    rows = [
-        "| shape | method | trainable params | vs full | s/step | vs full | peak RSS | training peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, shape in cost["shapes"].items():
         methods = shape["methods"]
         full = methods.get("full")
         for method, got in methods.items():
             params, step = got["trainable_params"], got["s_per_step"]
-            vs_params = f"{100 * params / full['trainable_params']:.2f}%" if full else ""
-            vs_step = f"{step / full['s_per_step']:.2f}x" if full else ""
-            training = f"{got['training_peak_gib']:.2f} GiB" if got["training_peak_gib"] is not None else "n/a"
+            training = got["training_peak_gib"]
             rows.append(
-                f"| {name} | {LABELS[method]} | {params:,} | {vs_params} | {step:.3f} | {vs_step} | "
-                f"{got['peak_gib']:.2f} GiB | {training} |"
+                {
+                    "shape": name,
+                    "method": LABELS[method],
+                    "trainable params": f"{params:,}",
+                    "vs full": f"{100 * params / full['trainable_params']:.2f}%" if full else "",
+                    "s/step": f"{step:.3f}",
+                    "time vs full": f"{step / full['s_per_step']:.2f}x" if full else "",
+                    "peak RSS": f"{got['peak_gib']:.2f} GiB",
+                    "training peak RSS": "n/a" if training is None else f"{training:.2f} GiB",
+                }
             )
-    return "\n".join(rows)
+    return "\n".join(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from bench.lora_cost import (
     measure_cost,
     write_cost_data,
 )
+from gptflow.markdown import markdown_table
 
 ACCURACY_METHODS = ("full", "last-block", "lora-r8", "lora-r16", "lora-r16-all")
 # The learning rates each method tries ("lora": every LoRA method), the one of best validation accuracy kept. A
@@ -150,18 +151,21 @@ def measure_accuracy(args, spam: Path, out: Path) -> dict[str, Any]:
 
 
 def accuracy_table(accuracy: dict[str, Any]) -> str:
-    rows = [
-        "| method | trainable params | lr | validation acc | test acc | test errors | fine-tuning time |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for method, got in accuracy["methods"].items():
         test = got["test"]
-        errors = round(test["n"] * (1 - test["accuracy"]))
         rows.append(
-            f"| {LABELS[method]} | {got['trainable_params']:,} | {got['lr']:g} | {100 * got['val_accuracy']:.2f}% | "
-            f"{100 * test['accuracy']:.2f}% | {errors} of {test['n']} | {got['seconds']:.0f} s |"
+            {
+                "method": LABELS[method],
+                "trainable params": f"{got['trainable_params']:,}",
+                "lr": f"{got['lr']:g}",
+                "validation acc": f"{100 * got['val_accuracy']:.2f}%",
+                "test acc": f"{100 * test['accuracy']:.2f}%",
+                "test errors": f"{round(test['n'] * (1 - test['accuracy']))} of {test['n']}",
+                "fine-tuning time": f"{got['seconds']:.0f} s",
+            }
         )
-    return "\n".join(rows)
+    return "\n".join(markdown_table(rows))
 
 
 # --- the command -----------------------------------------------------------------------------------------
